@@ -1,0 +1,32 @@
+"""Framework-neutral machinery (numpy only): configs, canonical checkpoints, tree utilities,
+parity reports, optimizer/schedule specs and their numpy reference implementations."""
+
+from mlperf_tutor.core.checkpoint import (
+    CheckpointError,
+    CheckpointMismatch,
+    Tree,
+    check_tree,
+    tree_specs,
+)
+from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec, state_key
+from mlperf_tutor.core.parity import Comparison, ParityReport, errors
+from mlperf_tutor.core.reference import ReferenceOptimizer, clip_by_global_norm, global_norm
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatch",
+    "Comparison",
+    "Config",
+    "OptimizerSpec",
+    "ParityReport",
+    "ReferenceOptimizer",
+    "ScheduleSpec",
+    "Tree",
+    "check_tree",
+    "clip_by_global_norm",
+    "errors",
+    "global_norm",
+    "state_key",
+    "tree_specs",
+]

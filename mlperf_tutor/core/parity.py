@@ -1,0 +1,171 @@
+"""Parity comparison: per-tensor max-abs and relative error, collected in a report.
+
+Bars (DESIGN.md, "Parity"): outputs max-abs <= 1e-5; gradients and parameters after N steps
+relative (||a-b|| / ||b||) <= 1e-4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+OUTPUT_ATOL = 1e-5
+STEP_RTOL = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One tensor compared between two frameworks.
+
+    Attributes:
+        group: what kind of tensor ("output", "gradient", "parameter", "optimizer state", ...).
+        name: tensor name (canonical for weights).
+        pair: e.g. "torch-jax".
+        max_abs: max |a - b|.
+        rel: ||a - b|| / ||b|| (0 when both are zero).
+        metric: "max_abs" or "rel": which of the two is held to ``bound``.
+        bound: the tolerance.
+    """
+
+    group: str
+    name: str
+    pair: str
+    max_abs: float
+    rel: float
+    metric: str
+    bound: float
+
+    @property
+    def error(self) -> float:
+        return self.max_abs if self.metric == "max_abs" else self.rel
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.error <= self.bound)
+
+
+def errors(a, b) -> tuple[float, float]:
+    """(max-abs, relative) error of ``a`` against ``b``, computed in float64."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare shapes {a.shape} and {b.shape}")
+    if a.size == 0:
+        return 0.0, 0.0
+    diff = a - b
+    max_abs = float(np.max(np.abs(diff)))
+    denom = float(np.linalg.norm(b))
+    num = float(np.linalg.norm(diff))
+    rel = num / denom if denom > 0 else (0.0 if num == 0 else float("inf"))
+    return max_abs, rel
+
+
+class ParityReport:
+    """A list of :class:`Comparison` rows with a verdict and printable tables."""
+
+    def __init__(self, rows: list[Comparison] | None = None):
+        self.rows: list[Comparison] = list(rows or [])
+
+    def add(self, group, name, pair, a, b, metric="max_abs", bound=OUTPUT_ATOL) -> Comparison:
+        """Compare ``a`` against ``b`` and record the row."""
+        max_abs, rel = errors(a, b)
+        row = Comparison(group, name, pair, max_abs, rel, metric, bound)
+        self.rows.append(row)
+        return row
+
+    def add_trees(
+        self,
+        group: str,
+        pair: str,
+        a: Mapping[str, object],
+        b: Mapping[str, object],
+        metric: str = "rel",
+        bound: float = STEP_RTOL,
+    ) -> None:
+        """Compare two dicts key by key; different key sets are an error."""
+        if set(a) != set(b):
+            raise ValueError(
+                f"{group} {pair}: key sets differ: only in first {sorted(set(a) - set(b))}, "
+                f"only in second {sorted(set(b) - set(a))}"
+            )
+        for name in sorted(a):
+            self.add(group, name, pair, a[name], b[name], metric, bound)
+
+    @property
+    def ok(self) -> bool:
+        return all(row.ok for row in self.rows)
+
+    def failures(self) -> list[Comparison]:
+        return [row for row in self.rows if not row.ok]
+
+    def worst(self, group: str | None = None) -> Comparison | None:
+        """The row with the largest error relative to its bound (optionally within a group)."""
+        rows = [r for r in self.rows if group is None or r.group == group]
+        if not rows:
+            return None
+        return max(rows, key=lambda r: r.error / r.bound if r.bound > 0 else np.inf)
+
+    def summary_rows(self) -> list[dict]:
+        """One row per (group, pair): the worst tensor of that group, for the printed table."""
+        keys = list(dict.fromkeys((r.group, r.pair) for r in self.rows))
+        out = []
+        for group, pair in keys:
+            rows = [r for r in self.rows if r.group == group and r.pair == pair]
+            worst = max(rows, key=lambda r: r.error / r.bound if r.bound > 0 else np.inf)
+            out.append(
+                {
+                    "group": group,
+                    "pair": pair,
+                    "tensors": len(rows),
+                    "worst tensor": worst.name,
+                    "max_abs": worst.max_abs,
+                    "rel": worst.rel,
+                    "bound": f"{worst.metric} <= {worst.bound:.0e}",
+                    "ok": all(r.ok for r in rows),
+                }
+            )
+        return out
+
+    def to_dataframe(self, summary: bool = True):
+        """A pandas DataFrame (summary per group and pair, or every row)."""
+        import pandas as pd
+
+        if summary:
+            return pd.DataFrame(self.summary_rows())
+        return pd.DataFrame(
+            [dataclasses.asdict(r) | {"ok": r.ok} for r in self.rows],
+        )
+
+    def table(self) -> str:
+        """Plain-text summary table, one line per (group, pair)."""
+        rows = self.summary_rows()
+        header = ["group", "pair", "tensors", "worst tensor", "max_abs", "rel", "bound", "ok"]
+        cells = [
+            [
+                r["group"],
+                r["pair"],
+                str(r["tensors"]),
+                r["worst tensor"],
+                f"{r['max_abs']:.2e}",
+                f"{r['rel']:.2e}",
+                r["bound"],
+                "yes" if r["ok"] else "NO",
+            ]
+            for r in rows
+        ]
+        widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
+                  for i, h in enumerate(header)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+        verdict = "PASS" if self.ok else f"FAIL ({len(self.failures())} tensors over the bar)"
+        lines.append(verdict)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def _repr_html_(self) -> str:
+        return self.to_dataframe().to_html(index=False)

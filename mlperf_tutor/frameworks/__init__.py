@@ -1,0 +1,78 @@
+"""Framework adapters: ``mlperf_tutor.frameworks.torch``, ``.jax`` and ``.tf``.
+
+Each adapter is a module with the same functions, so generic code (parity, convert, train, the
+CLI) never special-cases a framework. Get one with :func:`get`, which imports the framework only
+then and says which extra to install when it is missing.
+
+The adapter contract (every adapter module provides these names):
+
+Arrays, seeding, precision, devices
+    ``NAME``: "torch", "jax" or "tf".
+    ``to_numpy(x) -> np.ndarray`` and ``from_numpy(a, dtype=None)``.
+    ``seed(n)``: seeds the framework's global generators (JAX: also returns a ``jax.random.key``).
+    ``pin_precision()``: float32 math without TF32 / reduced-precision matmuls (parity mode).
+    ``devices() -> list[str]`` and ``device_summary() -> str`` (one line for notebooks).
+
+Layout rules (canonical = PyTorch ``state_dict`` names and layouts)
+    ``to_canonical(model) -> dict[str, np.ndarray]``: parameters and buffers (BatchNorm running
+    statistics; never ``num_batches_tracked``).
+    ``load_canonical(model, tree)``: strict; one ``CheckpointMismatch`` listing every missing,
+    unexpected and misshapen key, and the model unchanged on error.
+    ``trainable_names(model) -> list[str]``: canonical names of the trainable parameters.
+
+Models (a model's call takes a dict of framework tensors, returns a dict with "loss")
+    ``forward(model, batch, train=False) -> dict[str, np.ndarray]``.
+    ``loss_and_grads(model, batch, train=True) -> (float, dict[str, np.ndarray])``: gradients
+    in canonical names and layouts.
+
+Optimizers (realise ``core.OptimizerSpec`` + ``core.ScheduleSpec`` with the numbers of
+``core.reference.ReferenceOptimizer``)
+    ``make_optimizer(spec, schedule, model) -> Optimizer`` over the model's trainable parameters.
+    ``make_array_optimizer(spec, schedule, params: dict[str, np.ndarray]) -> ArrayOptimizer``:
+    the same optimizer over free-standing arrays (tests and the optimizer chapter);
+    ``.params() -> dict[str, np.ndarray]`` and ``.step(grads: dict[str, np.ndarray])``.
+    Both have ``.native`` (the ``torch.optim`` / ``optax`` / ``keras.optimizers`` object),
+    ``.state_dict() -> canonical state`` and ``.load_state_dict(state)`` (see
+    ``core.optim`` for the canonical state's keys).
+    ``train_step(model, optimizer, batch) -> float``: one update in place, returns the loss.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+NAMES = ("torch", "jax", "tf")
+
+# What must be importable for each adapter, and the pip extra that installs it.
+_REQUIRES = {"torch": ("torch",), "jax": ("jax", "flax", "optax"), "tf": ("tensorflow", "keras")}
+
+
+class FrameworkNotInstalled(ImportError):
+    """The requested framework (or one of its libraries) is not installed."""
+
+
+def check_name(framework: str) -> str:
+    """Return ``framework`` if it is a known name, else raise a ValueError listing the valid ones."""
+    if framework not in NAMES:
+        raise ValueError(f"unknown framework {framework!r}; choose one of {list(NAMES)}")
+    return framework
+
+
+def available(framework: str) -> bool:
+    """Whether the framework's libraries can be imported (without importing them)."""
+    check_name(framework)
+    return all(importlib.util.find_spec(mod) is not None for mod in _REQUIRES[framework])
+
+
+def get(framework: str) -> ModuleType:
+    """The adapter module of ``framework``; imports the framework now."""
+    check_name(framework)
+    if not available(framework):
+        missing = [m for m in _REQUIRES[framework] if importlib.util.find_spec(m) is None]
+        raise FrameworkNotInstalled(
+            f"framework {framework!r} needs {missing}, which are not installed; "
+            f"run `pip install 'mlperf-tutor[{framework}]'`"
+        )
+    return importlib.import_module(f"mlperf_tutor.frameworks.{framework}")

@@ -1,0 +1,93 @@
+"""The workload interface: what the CLI, parity, convert, train and the notebooks rely on."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from mlperf_tutor import frameworks
+from mlperf_tutor.core.checkpoint import Tree
+from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
+
+
+class Workload:
+    """One workload, implemented in every framework.
+
+    Subclasses set ``name``, ``config_class``, ``package`` (the module path holding
+    ``torch_model``, ``jax_model`` and ``tf_model``, each with a ``build(cfg)`` function) and
+    implement the analytic and numpy-side methods. Framework-side methods are generic: they go
+    through the framework adapter (``mlperf_tutor.frameworks``).
+    """
+
+    name: str = ""
+    description: str = ""
+    config_class: type[Config] = Config
+    package: str = ""
+
+    # --- framework-free -------------------------------------------------------------------
+    def config(self, preset: str = "tiny", **overrides) -> Config:
+        """The frozen config of ``preset`` with field overrides (unknown names raise)."""
+        return self.config_class.preset(preset, **overrides)
+
+    @property
+    def presets(self) -> list[str]:
+        return list(self.config_class.PRESETS)
+
+    def param_count(self, cfg: Config) -> int:
+        """Number of trainable parameters, computed analytically (no allocation)."""
+        raise NotImplementedError
+
+    def synthetic_batch(self, cfg: Config, batch_size: int = 2, seed: int = 0) -> dict:
+        """A seeded batch of the right shapes, dtypes and ranges (numpy arrays)."""
+        raise NotImplementedError
+
+    def init_canonical(self, cfg: Config, seed: int = 0) -> Tree:
+        """Initial weights in canonical names and layouts, from the config's init ranges."""
+        raise NotImplementedError
+
+    def optimizer(self, cfg: Config) -> tuple[OptimizerSpec, ScheduleSpec]:
+        """The workload's optimizer and learning-rate schedule."""
+        raise NotImplementedError
+
+    def info(self, cfg: Config) -> dict[str, Any]:
+        """Facts for ``mlperf-tutor info``: parameters, memory, FLOPs; nothing allocated."""
+        n = self.param_count(cfg)
+        return {
+            "workload": self.name,
+            "parameters": n,
+            "fp32 weights (GB)": n * 4 / 1e9,
+            "fp32 weights + grads + Adam state (GB)": n * 16 / 1e9,
+        }
+
+    # --- framework side -------------------------------------------------------------------
+    def adapter(self, framework: str):
+        return frameworks.get(framework)
+
+    def build(self, framework: str, cfg: Config, weights: Tree | str | os.PathLike | None = None):
+        """A model in ``framework``; ``weights`` is a canonical dict or a checkpoint path.
+
+        Without ``weights`` the model gets :meth:`init_canonical` with seed 0, so that every
+        framework starts from the same numbers.
+        """
+        adapter = self.adapter(framework)
+        module = importlib.import_module(f"{self.package}.{framework}_model")
+        model = module.build(cfg)
+        if weights is None:
+            weights = self.init_canonical(cfg, seed=0)
+        elif isinstance(weights, (str, os.PathLike)):
+            from mlperf_tutor import convert
+
+            weights = convert.load(weights, workload=self, cfg=cfg)
+        adapter.load_canonical(model, weights)
+        return model
+
+    def export(self, framework: str, model) -> Tree:
+        """The model's weights as a canonical dict."""
+        return self.adapter(framework).to_canonical(model)
+
+    def forward(self, framework: str, model, batch: dict, train: bool = False) -> dict:
+        """Named outputs (numpy), including ``loss``."""
+        return self.adapter(framework).forward(model, batch, train=train)
+

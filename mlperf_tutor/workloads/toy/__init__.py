@@ -1,0 +1,102 @@
+"""The toy workload: one of every foundational layer, in PyTorch, JAX and TensorFlow.
+
+Forward (same in all three frameworks; shapes for batch B)::
+
+    image (B, C, H, W) --conv1 3x3 s1 p1--> bn (BatchNorm, train: batch stats) --relu-->
+        --conv2 3x3 s2 p1--> gn (GroupNorm) --relu--> mean over H, W        -> x (B, channels)
+    tokens (B, T) --embed--> (B, T, D) --conv1d k3 p1--> relu --> mean over T -> t (B, D)
+    concat(x, t) --fc1--> ln (LayerNorm) --gelu (exact)--> head -> logits (B, num_classes)
+    loss = mean cross-entropy(logits, labels)
+
+JAX and TensorFlow take the NCHW image and transpose it to NHWC at the model's entry.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlperf_tutor.core.checkpoint import Tree
+from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
+from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.toy.config import ToyConfig
+
+
+def canonical_shapes(cfg: ToyConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical (PyTorch ``state_dict``) name -> shape, parameters then buffers."""
+    c, d = cfg.channels, cfg.embed_dim
+    return {
+        "conv1.weight": (c, cfg.in_channels, 3, 3),
+        "conv1.bias": (c,),
+        "bn.weight": (c,),
+        "bn.bias": (c,),
+        "bn.running_mean": (c,),
+        "bn.running_var": (c,),
+        "conv2.weight": (c, c, 3, 3),
+        "conv2.bias": (c,),
+        "gn.weight": (c,),
+        "gn.bias": (c,),
+        "embed.weight": (cfg.vocab_size, d),
+        "conv1d.weight": (d, d, 3),
+        "conv1d.bias": (d,),
+        "fc1.weight": (cfg.hidden, c + d),
+        "fc1.bias": (cfg.hidden,),
+        "ln.weight": (cfg.hidden,),
+        "ln.bias": (cfg.hidden,),
+        "head.weight": (cfg.num_classes, cfg.hidden),
+        "head.bias": (cfg.num_classes,),
+    }
+
+
+BUFFERS = ("bn.running_mean", "bn.running_var")
+
+
+class ToyWorkload(Workload):
+    name = "toy"
+    description = "Foundation demo model (Conv2d, BatchNorm, GroupNorm, Embedding, Conv1d, " \
+        "Linear, LayerNorm); not an MLPerf benchmark"
+    config_class = ToyConfig
+    package = "mlperf_tutor.workloads.toy"
+
+    def param_count(self, cfg: ToyConfig) -> int:
+        return sum(int(np.prod(s)) for k, s in canonical_shapes(cfg).items() if k not in BUFFERS)
+
+    def synthetic_batch(self, cfg: ToyConfig, batch_size: int = 2, seed: int = 0) -> dict:
+        rng = np.random.default_rng(seed)
+        s = cfg.image_size
+        return {
+            "image": rng.standard_normal((batch_size, cfg.in_channels, s, s), dtype=np.float32),
+            "tokens": rng.integers(0, cfg.vocab_size, (batch_size, cfg.seq_len), dtype=np.int32),
+            "labels": rng.integers(0, cfg.num_classes, (batch_size,), dtype=np.int32),
+        }
+
+    def init_canonical(self, cfg: ToyConfig, seed: int = 0) -> Tree:
+        # Norm weights and biases are random too (not 1 and 0) so a layout mistake shows up.
+        rng = np.random.default_rng(seed)
+        tree = {}
+        for name, shape in canonical_shapes(cfg).items():
+            if name.endswith("running_mean"):
+                value = 0.1 * rng.standard_normal(shape)
+            elif name.endswith("running_var"):
+                value = rng.uniform(0.5, 1.5, shape)
+            elif name.split(".")[0] in ("bn", "gn", "ln") and name.endswith("weight"):
+                value = 1.0 + 0.1 * rng.standard_normal(shape)
+            elif name.endswith("bias"):
+                value = 0.1 * rng.standard_normal(shape)
+            else:
+                value = cfg.init_std * rng.standard_normal(shape)
+            tree[name] = value.astype(np.float32)
+        return tree
+
+    def optimizer(self, cfg: ToyConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
+        spec = OptimizerSpec(
+            "adamw", weight_decay=cfg.weight_decay, no_decay=(r"bias$", r"^(bn|gn|ln)\."),
+            clip_norm=1.0,
+        )
+        schedule = ScheduleSpec(
+            cfg.lr, warmup_steps=cfg.warmup_steps, decay="cosine", total_steps=cfg.total_steps,
+            end_lr=0.1 * cfg.lr,
+        )
+        return spec, schedule
+
+
+WORKLOAD = ToyWorkload()
