@@ -67,6 +67,8 @@ class ParityReport:
 
     def __init__(self, rows: list[Comparison] | None = None):
         self.rows: list[Comparison] = list(rows or [])
+        # Training loss per step and framework, when the report comes from a training run.
+        self.losses: dict[str, list[float]] = {}
 
     def add(self, group, name, pair, a, b, metric="max_abs", bound=OUTPUT_ATOL) -> Comparison:
         """Compare ``a`` against ``b`` and record the row."""

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from mlperf_tutor import frameworks
-from mlperf_tutor.core.checkpoint import Tree
+from mlperf_tutor.core.checkpoint import Tree, tree_specs
 from mlperf_tutor.core.config import Config
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 
@@ -46,6 +46,11 @@ class Workload:
     def init_canonical(self, cfg: Config, seed: int = 0) -> Tree:
         """Initial weights in canonical names and layouts, from the config's init ranges."""
         raise NotImplementedError
+
+    def canonical_specs(self, cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Canonical name -> (shape, dtype name) of every weight; workloads with large presets
+        override this to avoid allocating."""
+        return tree_specs(self.init_canonical(cfg))
 
     def optimizer(self, cfg: Config) -> tuple[OptimizerSpec, ScheduleSpec]:
         """The workload's optimizer and learning-rate schedule."""

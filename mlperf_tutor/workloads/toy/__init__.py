@@ -60,6 +60,9 @@ class ToyWorkload(Workload):
     def param_count(self, cfg: ToyConfig) -> int:
         return sum(int(np.prod(s)) for k, s in canonical_shapes(cfg).items() if k not in BUFFERS)
 
+    def canonical_specs(self, cfg: ToyConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {k: (s, "float32") for k, s in canonical_shapes(cfg).items()}
+
     def synthetic_batch(self, cfg: ToyConfig, batch_size: int = 2, seed: int = 0) -> dict:
         rng = np.random.default_rng(seed)
         s = cfg.image_size

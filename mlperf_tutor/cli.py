@@ -1,0 +1,122 @@
+"""The ``mlperf-tutor`` command line: list, info, parity, convert."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mlperf_tutor import frameworks, workloads
+
+CONVERT_HELP = """\
+Formats are inferred from the paths:
+  *.safetensors        canonical names, PyTorch layouts (streamed tensor by tensor)
+  *.pt, *.pth, *.bin   a PyTorch state_dict (loaded with weights_only=True only)
+  *.weights.h5         Keras weights of the workload's TensorFlow model (needs --preset)
+  a directory          an Orbax checkpoint of the canonical dict (JAX)
+The source is checked against the workload's expected names, shapes and dtypes before
+anything is written; on any mismatch nothing is written.
+
+Example: mlperf-tutor convert toy model.safetensors ckpt_dir/ --preset tiny
+"""
+
+
+def _format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def cmd_list(args) -> int:
+    for name in workloads.names():
+        wl = workloads.get(name)
+        print(f"{name:20s} presets: {', '.join(wl.presets):24s} {wl.description}")
+    print(f"frameworks: {', '.join(frameworks.NAMES)}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    wl = workloads.get(args.workload)
+    cfg = wl.config(args.preset)
+    for key, value in wl.info(cfg).items():
+        print(f"{key:40s} {_format_value(value)}")
+    return 0
+
+
+def cmd_parity(args) -> int:
+    from mlperf_tutor import parity
+
+    report = parity.run(
+        args.workload, args.preset, frameworks=args.frameworks, steps=args.steps,
+        batch_size=args.batch_size, seed=args.seed, progress=True,
+    )
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def cmd_convert(args) -> int:
+    from mlperf_tutor import convert
+
+    wl = workloads.get(args.workload)
+    cfg = wl.config(args.preset)
+    convert.convert(
+        args.src, args.dst, workload=wl, cfg=cfg, expected=wl.canonical_specs(cfg),
+        progress=True,
+    )
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlperf-tutor",
+        description="MLPerf Training workloads in PyTorch, JAX and TensorFlow.",
+        allow_abbrev=False,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="workloads, presets and frameworks", allow_abbrev=False)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="parameters, memory, FLOPs (nothing allocated)",
+                       allow_abbrev=False)
+    p.add_argument("workload")
+    p.add_argument("--preset", default="tiny")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("parity", help="compare frameworks; exit 1 when a bar is missed",
+                       allow_abbrev=False)
+    p.add_argument("workload")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frameworks", nargs="+", default=list(frameworks.NAMES),
+                   choices=frameworks.NAMES)
+    p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser("convert", help="move a checkpoint between formats/frameworks",
+                       description=CONVERT_HELP, allow_abbrev=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workload")
+    p.add_argument("src", help="source checkpoint (format from the path)")
+    p.add_argument("dst", help="destination (format from the path)")
+    p.add_argument("--preset", default="tiny")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mlperf_tutor.core.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (ValueError, CheckpointError, frameworks.FrameworkNotInstalled) as err:
+        print(f"mlperf-tutor: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Cross-framework parity of a workload: outputs, gradients, parameters after N optimizer steps.
+
+Every framework gets the same canonical weights and the same numpy batches, in float32 with
+matmul precision pinned. Compared per framework pair (DESIGN.md, "Parity"):
+
+* ``output``: every named output of an eval-mode forward, max-abs <= 1e-5;
+* ``train loss``: the loss of a train-mode forward, max-abs <= 1e-5;
+* ``gradient``: every gradient of that forward, relative <= 1e-4;
+* ``parameter``: every parameter and buffer after ``steps`` optimizer steps, relative <= 1e-4;
+* ``optimizer state``: every optimizer slot after those steps, relative <= 1e-4.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from mlperf_tutor import frameworks as fw_registry
+from mlperf_tutor import workloads
+from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, ParityReport
+from mlperf_tutor.workloads.base import Workload
+
+
+def framework_results(
+    wl: Workload, cfg: Config, framework: str, steps: int, batch_size: int, seed: int
+) -> dict:
+    """Everything parity compares, computed in one framework (numpy arrays)."""
+    adapter = fw_registry.get(framework)
+    adapter.pin_precision()
+    tree = wl.init_canonical(cfg, seed=seed)
+    batch = wl.synthetic_batch(cfg, batch_size=batch_size, seed=seed)
+
+    model = wl.build(framework, cfg, weights=tree)
+    outputs = wl.forward(framework, model, batch, train=False)
+
+    # A fresh model for the train-mode pass: it may update buffers (BatchNorm statistics).
+    model = wl.build(framework, cfg, weights=tree)
+    loss, grads = adapter.loss_and_grads(model, batch, train=True)
+
+    model = wl.build(framework, cfg, weights=tree)
+    spec, schedule = wl.optimizer(cfg)
+    optimizer = adapter.make_optimizer(spec, schedule, model)
+    losses = []
+    for step in range(steps):
+        step_batch = wl.synthetic_batch(cfg, batch_size=batch_size, seed=seed + 1 + step)
+        losses.append(adapter.train_step(model, optimizer, step_batch))
+    return {
+        "outputs": outputs,
+        "train_loss": loss,
+        "grads": grads,
+        "params": adapter.to_canonical(model),
+        "opt_state": {k: v for k, v in optimizer.state_dict().items() if k != "step"},
+        "losses": losses,
+    }
+
+
+def run(
+    workload: str | Workload,
+    preset: str | Config = "tiny",
+    frameworks: Sequence[str] = fw_registry.NAMES,
+    steps: int = 10,
+    batch_size: int = 2,
+    seed: int = 0,
+    progress: bool = False,
+) -> ParityReport:
+    """Run ``workload`` in every framework and compare each pair.
+
+    Args:
+        workload: a workload name or object.
+        preset: a preset name or a config.
+        frameworks: at least two framework names.
+        steps: optimizer steps before parameters and optimizer state are compared.
+        batch_size: examples per batch.
+        seed: seeds the weights and the batches.
+        progress: show a progress bar over frameworks.
+
+    Returns:
+        A :class:`ParityReport`; ``report.ok`` says whether every bar was met.
+    """
+    wl = workloads.get(workload) if isinstance(workload, str) else workload
+    cfg = wl.config(preset) if isinstance(preset, str) else preset
+    names = [fw_registry.check_name(f) for f in dict.fromkeys(frameworks)]
+    if len(names) < 2:
+        raise ValueError(f"parity needs at least two frameworks, got {names}")
+    todo = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        todo = tqdm(names, desc=f"parity {wl.name}", unit="framework")
+    results = {f: framework_results(wl, cfg, f, steps, batch_size, seed) for f in todo}
+
+    report = ParityReport()
+    for a, b in itertools.combinations(names, 2):
+        pair = f"{a}-{b}"
+        ra, rb = results[a], results[b]
+        report.add_trees("output", pair, ra["outputs"], rb["outputs"], "max_abs", OUTPUT_ATOL)
+        report.add("train loss", "loss", pair, ra["train_loss"], rb["train_loss"])
+        report.add_trees("gradient", pair, ra["grads"], rb["grads"], "rel", STEP_RTOL)
+        report.add_trees(f"parameter after {steps} steps", pair, ra["params"], rb["params"])
+        report.add_trees(f"optimizer state after {steps} steps", pair, ra["opt_state"],
+                         rb["opt_state"])
+    report.losses = {f: results[f]["losses"] for f in names}
+    return report
