@@ -48,8 +48,13 @@ def cmd_parity(args) -> int:
     from mlperf_tutor import parity
 
     report = parity.run(
-        args.workload, args.preset, frameworks=args.frameworks, steps=args.steps,
-        batch_size=args.batch_size, seed=args.seed, progress=True,
+        args.workload,
+        args.preset,
+        frameworks=args.frameworks,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=True,
     )
     print(report.table())
     return 0 if report.ok else 1
@@ -61,7 +66,11 @@ def cmd_convert(args) -> int:
     wl = workloads.get(args.workload)
     cfg = wl.config(args.preset)
     convert.convert(
-        args.src, args.dst, workload=wl, cfg=cfg, expected=wl.canonical_specs(cfg),
+        args.src,
+        args.dst,
+        workload=wl,
+        cfg=cfg,
+        expected=wl.canonical_specs(cfg),
         progress=True,
     )
     print(f"wrote {args.dst}")
@@ -79,26 +88,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="workloads, presets and frameworks", allow_abbrev=False)
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("info", help="parameters, memory, FLOPs (nothing allocated)",
-                       allow_abbrev=False)
+    p = sub.add_parser(
+        "info", help="parameters, memory, FLOPs (nothing allocated)", allow_abbrev=False
+    )
     p.add_argument("workload")
     p.add_argument("--preset", default="tiny")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("parity", help="compare frameworks; exit 1 when a bar is missed",
-                       allow_abbrev=False)
+    p = sub.add_parser(
+        "parity", help="compare frameworks; exit 1 when a bar is missed", allow_abbrev=False
+    )
     p.add_argument("workload")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frameworks", nargs="+", default=list(frameworks.NAMES),
-                   choices=frameworks.NAMES)
+    p.add_argument(
+        "--frameworks", nargs="+", default=list(frameworks.NAMES), choices=frameworks.NAMES
+    )
     p.set_defaults(func=cmd_parity)
 
-    p = sub.add_parser("convert", help="move a checkpoint between formats/frameworks",
-                       description=CONVERT_HELP, allow_abbrev=False,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "convert",
+        help="move a checkpoint between formats/frameworks",
+        description=CONVERT_HELP,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("workload")
     p.add_argument("src", help="source checkpoint (format from the path)")
     p.add_argument("dst", help="destination (format from the path)")

@@ -98,7 +98,8 @@ def run(
         report.add("train loss", "loss", pair, ra["train_loss"], rb["train_loss"])
         report.add_trees("gradient", pair, ra["grads"], rb["grads"], "rel", STEP_RTOL)
         report.add_trees(f"parameter after {steps} steps", pair, ra["params"], rb["params"])
-        report.add_trees(f"optimizer state after {steps} steps", pair, ra["opt_state"],
-                         rb["opt_state"])
+        report.add_trees(
+            f"optimizer state after {steps} steps", pair, ra["opt_state"], rb["opt_state"]
+        )
     report.losses = {f: results[f]["losses"] for f in names}
     return report

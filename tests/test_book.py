@@ -44,8 +44,6 @@ def test_ipynb_twin_has_no_stored_outputs(md):
 
 def test_every_book_page_is_in_the_toc():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    listed = {toc["root"]} | {
-        ch["file"] for part in toc["parts"] for ch in part["chapters"]
-    }
+    listed = {toc["root"]} | {ch["file"] for part in toc["parts"] for ch in part["chapters"]}
     pages = {str(p.relative_to(ROOT).with_suffix("")) for p in (ROOT / "book").glob("*.md")}
     assert pages == listed

@@ -21,8 +21,14 @@ from mlperf_tutor.core.tree import flatten, unflatten
 
 def test_bert_warmup_with_negative_start_step():
     # MLPerf BERT README (TPU example): lr 0.00288293, 287 warmup steps, start_warmup_step -76.
-    s = ScheduleSpec(0.00288293, warmup_steps=287, start_warmup_step=-76, decay="polynomial",
-                     total_steps=600, power=1.0)
+    s = ScheduleSpec(
+        0.00288293,
+        warmup_steps=287,
+        start_warmup_step=-76,
+        decay="polynomial",
+        total_steps=600,
+        power=1.0,
+    )
     assert s.lr_at(0) == pytest.approx(0.00288293 * 76 / 287)
     assert s.lr_at(210) == pytest.approx(0.00288293 * 286 / 287)
     # After warmup the polynomial decay counts from step 0, as the reference's tf code does.

@@ -76,8 +76,8 @@ def test_cli_list_and_info(capsys):
     assert cli.main(["list"]) == 0
     assert "toy" in capsys.readouterr().out
     assert cli.main(["info", "toy", "--preset", "tiny"]) == 0
-    # conv1 224 + bn 16 + conv2 584 + gn 16 + embed 256 + conv1d 200 + fc1 272 + ln 32 + head 85
-    assert "1,685" in capsys.readouterr().out
+    # conv1 216 + bn 16 + conv2 584 + gn 16 + embed 256 + conv1d 200 + fc1 272 + ln 32 + head 85
+    assert "1,677" in capsys.readouterr().out
 
 
 def test_cli_bad_input_is_one_line_error(capsys):

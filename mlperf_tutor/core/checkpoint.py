@@ -21,7 +21,7 @@ class CheckpointError(ValueError):
 class CheckpointMismatch(CheckpointError):
     """Keys, shapes or dtypes of a checkpoint differ from what the model expects."""
 
-    def __init__(self, missing, unexpected, misshapen, where: str = "checkpoint"):
+    def __init__(self, missing, unexpected, misshapen, where: str = "checkpoint", hint=None):
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.misshapen = list(misshapen)
@@ -33,9 +33,10 @@ class CheckpointMismatch(CheckpointError):
         if self.misshapen:
             shown = [f"{k}: got {got}, expected {exp}" for k, got, exp in self.misshapen]
             parts.append(f"wrong shape or dtype [{'; '.join(shown)}]")
+        hint = hint or "check that it was saved from the same workload and preset"
         super().__init__(
-            f"{where} does not match the model: {', '.join(parts)}; check that it was saved "
-            "from the same workload and preset (nothing was loaded or written)"
+            f"{where} does not match the model: {', '.join(parts)}; {hint} "
+            "(nothing was loaded or written)"
         )
 
 
@@ -49,6 +50,7 @@ def check_tree(
     got: Mapping[str, object],
     where: str = "checkpoint",
     check_dtype: bool = True,
+    hint: str | None = None,
 ) -> None:
     """Raise :class:`CheckpointMismatch` unless ``got`` has exactly the expected keys and shapes.
 
@@ -57,6 +59,7 @@ def check_tree(
         got: name -> array (anything with ``shape`` and ``dtype``).
         where: what ``got`` is, for the message (a file path, "canonical tree").
         check_dtype: also require equal dtypes.
+        hint: what the user should do, for the message (default: about workload and preset).
     """
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
@@ -67,7 +70,7 @@ def check_tree(
         if shape != tuple(exp_shape) or (check_dtype and dtype != exp_dtype):
             misshapen.append((key, (shape, dtype), (tuple(exp_shape), exp_dtype)))
     if missing or unexpected or misshapen:
-        raise CheckpointMismatch(missing, unexpected, misshapen, where)
+        raise CheckpointMismatch(missing, unexpected, misshapen, where, hint)
 
 
 def tree_specs(tree: Mapping[str, object]) -> dict[str, tuple[tuple[int, ...], str]]:

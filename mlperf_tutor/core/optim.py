@@ -83,6 +83,8 @@ class ScheduleSpec:
             raise ValueError(f"a {self.decay!r} decay needs total_steps > 0")
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0")
+        if self.start_warmup_step > 0:
+            raise ValueError("start_warmup_step must be <= 0 (it would give negative rates)")
 
     def lr_at(self, step: int) -> float:
         """The learning rate of update ``step`` (a Python float, computed in float64)."""
@@ -159,4 +161,3 @@ class OptimizerSpec:
     def initial_slot_value(self, slot: str) -> float:
         """The value every element of ``slot`` starts at."""
         return self.initial_accumulator if slot == "sum" else 0.0
-

@@ -157,11 +157,13 @@ class ParityReport:
             ]
             for r in rows
         ]
-        widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
-                  for i, h in enumerate(header)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+        widths = [
+            max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
+            for i, h in enumerate(header)
+        ]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
         lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
         verdict = "PASS" if self.ok else f"FAIL ({len(self.failures())} tensors over the bar)"
         lines.append(verdict)
         return "\n".join(lines)

@@ -54,7 +54,7 @@ class FrameworkNotInstalled(ImportError):
 
 
 def check_name(framework: str) -> str:
-    """Return ``framework`` if it is a known name, else raise a ValueError listing the valid ones."""
+    """Return ``framework`` if it is known, else raise a ValueError listing the valid names."""
     if framework not in NAMES:
         raise ValueError(f"unknown framework {framework!r}; choose one of {list(NAMES)}")
     return framework

@@ -95,4 +95,3 @@ class Workload:
     def forward(self, framework: str, model, batch: dict, train: bool = False) -> dict:
         """Named outputs (numpy), including ``loss``."""
         return self.adapter(framework).forward(model, batch, train=train)
-

@@ -2,12 +2,14 @@
 
 Forward (same in all three frameworks; shapes for batch B)::
 
-    image (B, C, H, W) --conv1 3x3 s1 p1--> bn (BatchNorm, train: batch stats) --relu-->
+    image (B, C, H, W) --conv1 3x3 s1 p1, no bias--> bn (BatchNorm, train: batch stats) --relu-->
         --conv2 3x3 s2 p1--> gn (GroupNorm) --relu--> mean over H, W        -> x (B, channels)
     tokens (B, T) --embed--> (B, T, D) --conv1d k3 p1--> relu --> mean over T -> t (B, D)
     concat(x, t) --fc1--> ln (LayerNorm) --gelu (exact)--> head -> logits (B, num_classes)
     loss = mean cross-entropy(logits, labels)
 
+conv1 has no bias: BatchNorm would cancel it, leaving a gradient of pure round-off that Adam would
+turn into full-size steps (a classic source of false parity failures).
 JAX and TensorFlow take the NCHW image and transpose it to NHWC at the model's entry.
 """
 
@@ -26,7 +28,6 @@ def canonical_shapes(cfg: ToyConfig) -> dict[str, tuple[int, ...]]:
     c, d = cfg.channels, cfg.embed_dim
     return {
         "conv1.weight": (c, cfg.in_channels, 3, 3),
-        "conv1.bias": (c,),
         "bn.weight": (c,),
         "bn.bias": (c,),
         "bn.running_mean": (c,),
@@ -52,8 +53,10 @@ BUFFERS = ("bn.running_mean", "bn.running_var")
 
 class ToyWorkload(Workload):
     name = "toy"
-    description = "Foundation demo model (Conv2d, BatchNorm, GroupNorm, Embedding, Conv1d, " \
+    description = (
+        "Foundation demo model (Conv2d, BatchNorm, GroupNorm, Embedding, Conv1d, "
         "Linear, LayerNorm); not an MLPerf benchmark"
+    )
     config_class = ToyConfig
     package = "mlperf_tutor.workloads.toy"
 
@@ -92,11 +95,16 @@ class ToyWorkload(Workload):
 
     def optimizer(self, cfg: ToyConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
         spec = OptimizerSpec(
-            "adamw", weight_decay=cfg.weight_decay, no_decay=(r"bias$", r"^(bn|gn|ln)\."),
+            "adamw",
+            weight_decay=cfg.weight_decay,
+            no_decay=(r"bias$", r"^(bn|gn|ln)\."),
             clip_norm=1.0,
         )
         schedule = ScheduleSpec(
-            cfg.lr, warmup_steps=cfg.warmup_steps, decay="cosine", total_steps=cfg.total_steps,
+            cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            decay="cosine",
+            total_steps=cfg.total_steps,
             end_lr=0.1 * cfg.lr,
         )
         return spec, schedule

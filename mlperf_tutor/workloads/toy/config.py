@@ -34,10 +34,20 @@ class ToyConfig(Config):
 
     PRESETS = {
         "tiny": {},
-        "small": {"image_size": 32, "channels": 32, "groups": 8, "vocab_size": 1000,
-                  "seq_len": 64, "embed_dim": 64, "hidden": 256, "num_classes": 10},
+        "small": {
+            "image_size": 32,
+            "channels": 32,
+            "groups": 8,
+            "vocab_size": 1000,
+            "seq_len": 64,
+            "embed_dim": 64,
+            "hidden": 256,
+            "num_classes": 10,
+        },
     }
 
     def __post_init__(self):
         if self.channels % self.groups:
-            raise ValueError(f"channels ({self.channels}) must be divisible by groups ({self.groups})")
+            raise ValueError(
+                f"channels ({self.channels}) must be divisible by groups ({self.groups})"
+            )

@@ -1,0 +1,390 @@
+"""The PyTorch adapter: arrays, precision, devices, canonical layout, steps and optimizers.
+
+Canonical names and layouts *are* PyTorch's ``state_dict`` (minus the BatchNorm counter
+``num_batches_tracked``, which only matters for ``momentum=None`` and is never exported), so the
+layout rules here are copies with a strict check. See :mod:`mlperf_tutor.frameworks` for the
+contract every adapter meets.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from mlperf_tutor.core.checkpoint import Tree, check_tree
+from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec, state_key
+from mlperf_tutor.frameworks import torch_optim
+
+NAME = "torch"
+
+# Dtypes numpy lacks: moved through an integer view of the same width, typed by ml_dtypes.
+_VIA_INT = {
+    torch.bfloat16: (ml_dtypes.bfloat16, np.int16, torch.int16),
+    torch.float8_e4m3fn: (ml_dtypes.float8_e4m3fn, np.uint8, torch.uint8),
+    torch.float8_e5m2: (ml_dtypes.float8_e5m2, np.uint8, torch.uint8),
+}
+_FROM_ML = {np.dtype(ml): (t, np_int) for t, (ml, np_int, _) in _VIA_INT.items()}
+
+# --- arrays, seeding, precision, devices ---------------------------------------------------
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A numpy copy of a tensor (any device); bf16/fp8 come out as ml_dtypes arrays."""
+    if not isinstance(x, torch.Tensor):
+        return np.array(x)
+    t = x.detach().to("cpu", copy=True)
+    if t.dtype in _VIA_INT:
+        ml_dtype, _, int_dtype = _VIA_INT[t.dtype]
+        return t.view(int_dtype).numpy().view(ml_dtype)
+    return t.numpy()
+
+
+def from_numpy(a: Any, dtype: Any = None) -> torch.Tensor:
+    """A CPU tensor holding a copy of ``a`` (ml_dtypes bf16/fp8 included).
+
+    Args:
+        a: numpy array or array-like.
+        dtype: optional target dtype: a ``torch.dtype``, numpy dtype or name ("bfloat16").
+    """
+    a = np.asarray(a)
+    # A copy, so the tensor never aliases (or writes into) the caller's array.
+    if a.dtype in _FROM_ML:
+        torch_dtype, np_int = _FROM_ML[a.dtype]
+        t = torch.from_numpy(np.array(a.view(np_int), order="C", copy=True)).view(torch_dtype)
+    else:
+        t = torch.from_numpy(np.array(a, order="C", copy=True))
+    return t if dtype is None else t.to(torch_dtype_of(dtype))
+
+
+def torch_dtype_of(dtype: Any) -> torch.dtype:
+    """The ``torch.dtype`` of a torch dtype, numpy dtype (ml_dtypes included) or dtype name."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    result = getattr(torch, name, None)
+    if not isinstance(result, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} has no torch equivalent; use e.g. 'float32'")
+    return result
+
+
+@functools.cache
+def numpy_dtype_of(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype that :func:`to_numpy` gives a tensor of ``dtype``."""
+    if dtype in _VIA_INT:
+        return np.dtype(_VIA_INT[dtype][0])
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def seed(n: int) -> None:
+    """Seed torch's global generators (CPU and every accelerator)."""
+    torch.manual_seed(n)
+
+
+def pin_precision() -> None:
+    """Full float32 matmuls and convolutions: TF32 off (parity mode)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+def devices() -> list[str]:
+    """Device strings torch can use here, e.g. ``["cpu", "cuda:0"]``."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def device_summary() -> str:
+    """One line for notebooks: torch version, devices (with accelerator names), TF32 state."""
+    names = []
+    for dev in devices():
+        if dev.startswith("cuda"):
+            names.append(f"{dev} ({torch.cuda.get_device_name(int(dev.split(':')[1]))})")
+        else:
+            names.append(dev)
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    return f"torch {torch.__version__}: {', '.join(names)}; TF32 {'on' if tf32 else 'off'}"
+
+
+# --- layout ---------------------------------------------------------------------------------
+
+
+def _is_bookkeeping(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "num_batches_tracked"
+
+
+def _canonical_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # state_dict() tensors are detached but share storage with the model's.
+    return {k: v for k, v in model.state_dict().items() if not _is_bookkeeping(k)}
+
+
+def to_canonical(model: torch.nn.Module) -> Tree:
+    """The model's parameters and buffers as canonical numpy copies (dtypes kept).
+
+    Args:
+        model: any ``nn.Module``; its ``state_dict`` names are the canonical names.
+    """
+    return {k: to_numpy(v) for k, v in _canonical_tensors(model).items()}
+
+
+def load_canonical(model: torch.nn.Module, tree: Mapping[str, np.ndarray]) -> None:
+    """Copy a canonical tree into the model, all or nothing.
+
+    Args:
+        model: the model to fill (any device; values are copied there).
+        tree: canonical name -> numpy array; ``num_batches_tracked`` is not expected.
+
+    Raises:
+        CheckpointMismatch: keys, shapes or dtypes differ; lists every offending key, and the
+            model is unchanged.
+    """
+    targets = _canonical_tensors(model)
+    expected = {k: (tuple(v.shape), numpy_dtype_of(v.dtype).name) for k, v in targets.items()}
+    check_tree(expected, tree, where="canonical tree")
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(from_numpy(tree[name]))
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """Canonical names of the parameters that require gradients."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _to_tensors(batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    return {
+        k: (v if isinstance(v, torch.Tensor) else from_numpy(v)).to(device)
+        for k, v in batch.items()
+    }
+
+
+def forward(model: torch.nn.Module, batch: Mapping[str, Any], train: bool = False) -> Tree:
+    """Named outputs (numpy) of one forward pass without gradients.
+
+    Args:
+        model: a workload model (takes a dict of tensors, returns a dict with "loss").
+        batch: name -> numpy array, moved to the model's device.
+        train: training mode (BatchNorm batch statistics, which also update its running ones).
+    """
+    model.train(train)
+    with torch.no_grad():
+        outputs = model(_to_tensors(batch, _device_of(model)))
+    return {k: to_numpy(v) for k, v in outputs.items()}
+
+
+def loss_and_grads(
+    model: torch.nn.Module, batch: Mapping[str, Any], train: bool = True
+) -> tuple[float, Tree]:
+    """The loss and the gradient of every trainable parameter, canonical names and layouts.
+
+    The parameters' ``.grad`` are replaced (not accumulated) and left set afterwards.
+
+    Args:
+        model: a workload model.
+        batch: name -> numpy array.
+        train: training mode for the forward pass.
+    """
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    loss = model(_to_tensors(batch, _device_of(model)))["loss"]
+    loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # A parameter the loss does not use has no .grad; its gradient is zero.
+            grads[name] = to_numpy(p.grad) if p.grad is not None else to_numpy(torch.zeros_like(p))
+    return float(loss.detach()), grads
+
+
+def train_step(model: torch.nn.Module, optimizer: Optimizer, batch: Mapping[str, Any]) -> float:
+    """One training update in place (forward in train mode, backward, optimizer step).
+
+    Args:
+        model: a workload model.
+        optimizer: from :func:`make_optimizer` over this model.
+        batch: name -> numpy array.
+
+    Returns:
+        The loss before the update.
+    """
+    model.train(True)
+    optimizer.zero_grad()
+    loss = model(_to_tensors(batch, _device_of(model)))["loss"]
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+# --- optimizers -----------------------------------------------------------------------------
+
+
+class Optimizer:
+    """A ``torch.optim`` optimizer and LR scheduler realising an OptimizerSpec + ScheduleSpec.
+
+    Attributes:
+        spec: the optimizer spec.
+        schedule: the learning-rate schedule.
+        named: canonical name -> parameter being optimized.
+        native: the ``torch.optim.Optimizer``.
+        scheduler: the ``LRScheduler`` setting the rate of each update.
+
+    Args:
+        spec: the optimizer.
+        schedule: the learning-rate schedule.
+        named_params: canonical name -> parameter.
+    """
+
+    def __init__(
+        self,
+        spec: OptimizerSpec,
+        schedule: ScheduleSpec,
+        named_params: Mapping[str, torch.nn.Parameter],
+    ):
+        if not named_params:
+            raise ValueError("the optimizer got no trainable parameters; check requires_grad")
+        self.spec = spec
+        self.schedule = schedule
+        self.named = dict(named_params)
+        self.native = torch_optim.build_native(spec, self.named, schedule.lr_at(0))
+        self.scheduler = torch_optim.ScheduleLR(self.native, schedule)
+
+    @property
+    def step_count(self) -> int:
+        """Number of updates applied (the scheduler counts them)."""
+        return self.scheduler.last_epoch
+
+    def zero_grad(self) -> None:
+        """Drop every parameter's gradient."""
+        self.native.zero_grad(set_to_none=True)
+
+    def step(self, grads: Mapping[str, np.ndarray] | None = None) -> None:
+        """One update: clip, optimizer step, scheduler step.
+
+        Args:
+            grads: canonical name -> gradient to use; without it the ``.grad`` already on the
+                parameters is used.
+        """
+        if grads is not None:
+            self._set_grads(grads)
+        for p in self.named.values():
+            # torch.optim skips a parameter without .grad (no decay, no moment update); the spec,
+            # optax and Keras update it with a zero gradient, so give it one.
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.spec.clip_norm is not None:
+            torch_optim.clip_grad_norm(self.named.values(), self.spec.clip_norm)
+        self.native.step()
+        self.scheduler.step()
+
+    def _set_grads(self, grads: Mapping[str, np.ndarray]) -> None:
+        check_tree(self._specs(), grads, where="gradients", check_dtype=False)
+        for name, p in self.named.items():
+            p.grad = from_numpy(grads[name]).to(device=p.device, dtype=p.dtype)
+
+    def _specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {k: (tuple(p.shape), numpy_dtype_of(p.dtype).name) for k, p in self.named.items()}
+
+    def state_dict(self) -> Tree:
+        """The canonical optimizer state (keys documented in :mod:`mlperf_tutor.core.optim`).
+
+        Slots torch has not created yet (before the first update) export as their initial value.
+        """
+        state = {"step": np.array(self.step_count, dtype=np.int64)}
+        for name, p in self.named.items():
+            per_param = self.native.state.get(p, {})
+            for slot in self.spec.slots:
+                value = per_param.get(slot)
+                if value is None:
+                    value = torch.full_like(p, self.spec.initial_slot_value(slot))
+                state[state_key(slot, name)] = to_numpy(value)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore a canonical optimizer state; the schedule continues at its ``step``.
+
+        Args:
+            state: from :meth:`state_dict` of any framework's optimizer with the same spec.
+
+        Raises:
+            CheckpointMismatch: (a ValueError) missing, unexpected or misshapen keys; nothing
+                is changed.
+        """
+        expected = {"step": ((), "int64")}
+        for name, shape_dtype in self._specs().items():
+            for slot in self.spec.slots:
+                expected[state_key(slot, name)] = shape_dtype
+        check_tree(expected, state, where="optimizer state", check_dtype=False)
+        step = int(state["step"])
+        if step < 0:
+            raise ValueError(f"optimizer state has step {step}; it must be >= 0")
+        # Through torch's own load_state_dict, which casts each slot to its parameter's dtype
+        # and device and keeps the per-parameter `step` counters where torch expects them.
+        index = {id(p): i for i, p in enumerate(_params_in_order(self.native))}
+        native_state = {}
+        for name, p in self.named.items():
+            entry = {slot: from_numpy(state[state_key(slot, name)]) for slot in self.spec.slots}
+            if self.spec.name != "sgd":  # Adam(W), Adagrad and Lamb count steps per parameter
+                entry["step"] = torch.tensor(float(step), dtype=torch_optim.scalar_dtype())
+            if entry:
+                native_state[index[id(p)]] = entry
+        native = self.native.state_dict()
+        native["state"] = native_state
+        self.native.load_state_dict(native)
+        self.scheduler.jump_to(step)
+
+
+def _params_in_order(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    # The order torch numbers parameters in its state_dict: group by group.
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+class ArrayOptimizer(Optimizer):
+    """An :class:`Optimizer` over free-standing parameters made from numpy arrays.
+
+    Args:
+        spec: the optimizer.
+        schedule: the learning-rate schedule.
+        params: canonical name -> initial value; the parameters keep its dtype (float64 too).
+    """
+
+    def __init__(
+        self, spec: OptimizerSpec, schedule: ScheduleSpec, params: Mapping[str, np.ndarray]
+    ):
+        named = {k: torch.nn.Parameter(from_numpy(v)) for k, v in params.items()}
+        super().__init__(spec, schedule, named)
+
+    def params(self) -> Tree:
+        """The current parameters as numpy copies."""
+        return {k: to_numpy(p) for k, p in self.named.items()}
+
+
+def make_optimizer(
+    spec: OptimizerSpec, schedule: ScheduleSpec, model: torch.nn.Module
+) -> Optimizer:
+    """The optimizer of ``spec`` + ``schedule`` over the model's trainable parameters."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return Optimizer(spec, schedule, named)
+
+
+def make_array_optimizer(
+    spec: OptimizerSpec, schedule: ScheduleSpec, params: Mapping[str, np.ndarray]
+) -> ArrayOptimizer:
+    """The optimizer of ``spec`` + ``schedule`` over parameters created from numpy arrays."""
+    return ArrayOptimizer(spec, schedule, params)
