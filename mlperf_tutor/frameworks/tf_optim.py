@@ -129,6 +129,11 @@ class SpecOptimizer(keras.optimizers.Optimizer):
             )
             for slot in self.spec.slots
         }
+        # keras' Constant initializer passes the value through float32; set it exactly.
+        for slot, slot_vars in self._slot_vars.items():
+            value = self.spec.initial_slot_value(slot)
+            for var in slot_vars:
+                var.assign(np.full(var.shape, value, dtype=var.dtype))
 
     def slot(self, slot: str, variable) -> keras.Variable:
         """The optimizer variable ``slot`` (e.g. ``exp_avg``) of a model variable."""
@@ -148,9 +153,13 @@ class SpecOptimizer(keras.optimizers.Optimizer):
         dtype = variable.dtype
 
         def c(x):  # a float64 scalar into the parameter's dtype, as numpy casts a Python float
-            return tf.cast(x, dtype)
+            # tf.cast of a Python float goes through float32 first: make the constant directly.
+            return tf.constant(x, dtype) if isinstance(x, float | int) else tf.cast(x, dtype)
 
-        lr64 = tf.cast(learning_rate, tf.float64)
+        # Keras hands over the rate already cast to float32; recompute it in float64 so that a
+        # float64 run is not limited to float32 precision.
+        del learning_rate
+        lr64 = self._learning_rate.lr_at(self._iterations)
         lr = c(lr64)
         g = c(gradient)
         p = tf.convert_to_tensor(variable)
