@@ -2,7 +2,7 @@
 
 Writes a synthetic checkpoint (default 16 tensors of 128 MB, 2 GB), converts it to an Orbax
 directory and back to safetensors with :func:`mlperf_tutor.convert.convert`, each direction in a
-fresh subprocess so that its peak RSS is its own, and compares with a plain file copy
+fresh subprocess so that its peak RSS (``VmHWM``) is its own, and compares with a plain file copy
 (``shutil.copyfile``) of the same file. Target: peak RSS <= largest tensor x 1.5 + 500 MB, and
 throughput within 2x of the copy.
 
@@ -42,6 +42,21 @@ MB = 2**20
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process, MB.
+
+    Linux's ``VmHWM`` counts this program only; ``ru_maxrss`` would also count the parent's
+    peak before the fork (the kernel carries it across ``exec``), here the synthetic file's
+    generation.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _child(src: str, dst: str) -> None:
     """Run one conversion in this process; print seconds and RSS as JSON (the parent parses it)."""
     # Import the frameworks first: the timing is the conversion, not Python start-up.
@@ -49,12 +64,19 @@ def _child(src: str, dst: str) -> None:
 
     from mlperf_tutor import convert
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    base = _peak_rss_mb()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     convert.convert(src, dst)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "import_rss_mb": base}))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({
+        "seconds": seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "import_rss_mb": base,
+        "user_s": after.ru_utime - before.ru_utime,
+        "sys_s": after.ru_stime - before.ru_stime,
+    }))  # fmt: skip
 
 
 def _files(path: str) -> list[str]:
@@ -161,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             seconds = " ".join(mbs(r["seconds"]) for r in runs[key])
             peaks = ", ".join(f"{r['peak_rss_mb']:.0f}" for r in runs[key])
             base = max(r["import_rss_mb"] for r in runs[key])
-            print(f"  {label:28s} {seconds}   peak RSS MB {peaks} (after imports {base:.0f})")
+            cpu = ", ".join(f"{r['user_s']:.1f}+{r['sys_s']:.1f}" for r in runs[key])
+            print(
+                f"  {label:28s} {seconds}   peak RSS MB {peaks} (after imports {base:.0f}); "
+                f"CPU s user+sys {cpu}"
+            )
         print(f"round trip bit-identical: {identical}")
 
         copy_mbs = total_mb / statistics.median(runs["copy"])

@@ -147,3 +147,11 @@ def test_flatten_unflatten_roundtrip():
     nested = {"a": {"b": 1, "c": {"0": 2}}, "d": 3}
     assert flatten(nested) == {"a.b": 1, "a.c.0": 2, "d": 3}
     assert unflatten(flatten(nested)) == nested
+
+
+def test_mismatch_message_is_capped_but_keeps_every_key():
+    expected = {f"layer.{i}.weight": ((2,), "float32") for i in range(50)}
+    with pytest.raises(CheckpointMismatch) as err:
+        check_tree(expected, {})
+    assert "... and 30 more" in str(err.value) and str(err.value).count("layer.") == 20
+    assert len(err.value.missing) == 50

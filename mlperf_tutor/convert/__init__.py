@@ -31,13 +31,15 @@ from mlperf_tutor.convert.formats import (
     ACCEPTED,
     DTYPES,
     FORMATS,
+    PREFETCH_SLACK,
     TensorSpec,
     detect_format,
+    group_by_bytes,
     prefetch,
     specs_of,
 )
 from mlperf_tutor.convert.keras_io import load_keras, require_workload, save_keras
-from mlperf_tutor.convert.orbax_io import iter_orbax, orbax_specs, write_orbax
+from mlperf_tutor.convert.orbax_io import group_budget, iter_orbax, orbax_specs, write_orbax
 from mlperf_tutor.convert.safetensors_io import SafetensorsReader, write_safetensors
 from mlperf_tutor.convert.torch_io import load_torch, save_torch
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
@@ -91,6 +93,16 @@ class _Source:
         else:
             yield from iter_orbax(self.path, self.specs)
 
+    def costs(self) -> list[int]:
+        """Bytes that producing each tensor of :meth:`tensors` allocates (see ``prefetch``)."""
+        if self.format != "orbax":
+            return [s.nbytes for s in self.specs.values()]
+        # Orbax restores a group at once: its first tensor brings the others along.
+        costs = []
+        for group in group_by_bytes(self.specs, group_budget(self.specs)):
+            costs += [sum(self.specs[k].nbytes for k in group)] + [0] * (len(group) - 1)
+        return costs
+
     def mapped(self) -> dict[str, np.ndarray]:
         """The whole tree, lazily memory-mapped (safetensors only)."""
         assert self._reader is not None
@@ -125,7 +137,9 @@ def _write(
         save_keras(dict(tensors), path, workload, cfg)
 
 
-def tensor_specs(path: str | os.PathLike, workload: Any = None, cfg: Any = None) -> dict:
+def tensor_specs(
+    path: str | os.PathLike, workload: Any = None, cfg: Any = None
+) -> dict[str, TensorSpec]:
     """name -> :class:`TensorSpec` of a checkpoint (safetensors and Orbax: no data is read)."""
     with _Source(path, workload, cfg) as source:
         return dict(source.specs)
@@ -223,8 +237,11 @@ def convert(
         if expected is not None:
             check_tree(expected, source.specs, where=str(src))
         tensors = source.tensors()
-        if source.format in ("safetensors", "orbax"):
-            tensors = prefetch(tensors)
+        if source.format in ("safetensors", "orbax") and source.specs:
+            # Read ahead within half the largest tensor (plus slack): overlap without breaking
+            # the bound of ~1.5x the largest tensor.
+            largest = max(s.nbytes for s in source.specs.values())
+            tensors = prefetch(tensors, source.costs(), largest // 2 + PREFETCH_SLACK)
         if progress:
             tensors = _with_progress(tensors, source.specs, f"{Path(src).name} -> {Path(dst).name}")
         _write(dst, source.specs, tensors, workload, cfg)
@@ -240,3 +257,4 @@ def _with_progress(
         for name, array in tensors:
             yield name, array
             bar.update(specs[name].nbytes)
+            del array  # not held while the next one is read

@@ -8,6 +8,7 @@ failure at any point removes the temporary and leaves the previous destination a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import secrets
@@ -114,7 +115,7 @@ def native(array: np.ndarray) -> np.ndarray:
 def group_by_bytes(specs: Mapping[str, TensorSpec], budget: int) -> list[list[str]]:
     """Consecutive names in groups of at most ``budget`` bytes (a larger tensor goes alone)."""
     groups: list[list[str]] = []
-    size = budget + 1
+    size = budget + 1  # "the current group is full": the first name opens a group
     for name, spec in specs.items():
         if size + spec.nbytes > budget:
             groups.append([])
@@ -126,53 +127,80 @@ def group_by_bytes(specs: Mapping[str, TensorSpec], budget: int) -> list[list[st
 
 _END = object()
 
+# Memory a prefetch may hold beyond half the largest tensor (see ``prefetch``).
+PREFETCH_SLACK = 128 * 2**20
 
-def prefetch(items: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
-    """``items``, produced in a background thread one item ahead of the consumer.
 
-    Reading the next tensor overlaps with writing the current one, while memory grows by one
-    item at most: the producer starts the next read only once the consumer has taken the
-    previous item. Errors of the producer are raised in the consumer.
+def prefetch(
+    items: Iterable[tuple[str, np.ndarray]], costs: Iterable[int], ahead: int
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``items``, produced in a background thread ahead of the consumer within a byte budget.
+
+    Reading the next tensor overlaps with writing the current one. The producer reads an item
+    early only while the items read but not yet taken cost at most ``ahead`` bytes; a costlier
+    item waits until the consumer asks for it, so the consumer's current item plus ``ahead``
+    bounds the memory. Consumers must drop their previous item before asking for the next
+    (``del array`` at the end of the loop body), or a synchronous read would hold two as well.
+    Errors of the producer are raised in the consumer.
+
+    Args:
+        items: (name, array) pairs.
+        costs: bytes that producing each item allocates, in the same order (0 for an item that
+            arrived with an earlier one, as the later tensors of an Orbax group do).
+        ahead: the budget for items read early.
     """
     cond = threading.Condition()
-    slot: list = []
-    stop = threading.Event()
+    queue: collections.deque = collections.deque()
+    state = {"queued": 0, "wanted": False, "stop": False}
+
+    def may_read(cost: int) -> bool:
+        early = state["queued"] + cost <= ahead
+        return state["stop"] or early or (state["wanted"] and not queue)
 
     def produce() -> None:
         source = iter(items)
         try:
-            while True:
+            for cost in costs:
                 with cond:
-                    cond.wait_for(lambda: stop.is_set() or not slot)
-                if stop.is_set():
-                    return
+                    cond.wait_for(lambda c=cost: may_read(c))
+                    if state["stop"]:
+                        return
                 item = next(source, _END)  # the read itself runs outside the lock
-                with cond:
-                    slot.append(item)
-                    cond.notify_all()
                 if item is _END:
-                    return
+                    break
+                with cond:
+                    queue.append((item, cost))
+                    state["queued"] += cost
+                    cond.notify_all()
+                del item
+            item = (_END, 0)
         except BaseException as e:  # handed to the consumer, which re-raises it
-            with cond:
-                slot.append(e)
-                cond.notify_all()
+            item = (e, 0)
+        with cond:
+            queue.append(item)
+            cond.notify_all()
 
     thread = threading.Thread(target=produce, name="checkpoint-prefetch", daemon=True)
     thread.start()
     try:
         while True:
             with cond:
-                cond.wait_for(lambda: slot)
-                item = slot.pop()
+                state["wanted"] = True
+                cond.notify_all()
+                cond.wait_for(lambda: queue)
+                item, cost = queue.popleft()
+                state["queued"] -= cost
+                state["wanted"] = False
                 cond.notify_all()
             if item is _END:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item
+            item = None  # the consumer holds it now; waiting for the next must not
     finally:
-        stop.set()
         with cond:
+            state["stop"] = True
             cond.notify_all()
         thread.join()
 

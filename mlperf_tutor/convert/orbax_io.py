@@ -1,15 +1,18 @@
 """Orbax checkpoint directories of the canonical flat dict, written and read in slices.
 
-Saving a whole pytree at once makes Orbax hold every array (and copies while serialising:
-about 3x the checkpoint size in host memory for 2 GB, measured with orbax-checkpoint 0.12.8).
+Saving one pytree needs the whole tree in memory, and Orbax copies it while serialising (a
+one-shot save of a 2 GB tree of numpy arrays peaked at 6.2 GB RSS with orbax-checkpoint 0.12.8).
 We instead add the tensors a group at a time with Orbax's partial-save API
 (``orbax.checkpoint.experimental.v1.partial``), then finalize: the result is one ordinary
 checkpoint that ``ocp.load`` restores as a whole. Reading restores a group at a time with
 ``partial_load``. A group is at most ``max(largest tensor, 64 MiB)``, so peak memory stays near
 the largest tensor while small tensors are still batched into few Orbax calls.
 
-Arrays are stored uncompressed: zstd halves the throughput and doubles the write buffers, while
-trained float weights barely compress. jax and orbax are imported inside the functions.
+Arrays are stored uncompressed: zstd halved the throughput and doubled the write buffers in our
+measurements, while trained float weights barely compress. Each partial save re-reads the
+metadata of the earlier ones, so the cost per group grows with the number of groups (about
+0.1 s per group at 100 groups, 0.2 s at 300); grouping keeps that count near
+``checkpoint size / largest tensor``. jax and orbax are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from mlperf_tutor.convert.formats import TensorSpec, atomic_dir, group_by_bytes,
 from mlperf_tutor.core.checkpoint import CheckpointError
 
 MIN_GROUP_BYTES = 64 * 2**20
+CHUNK_BYTES = 32 * 2**20
 
 # Custom metadata key under which we keep the tree's key order (Orbax sorts keys).
 _META_KEY = "mlperf_tutor"
@@ -111,6 +115,20 @@ def iter_orbax(
             yield name, restored.pop(name)
 
 
+def _take(source: Iterator, group: list[str], specs: Mapping[str, TensorSpec], path) -> dict:
+    """The next ``len(group)`` tensors of ``source``, checked against ``group`` and ``specs``."""
+    batch = {}
+    for expected in group:
+        name, array = next(source, (None, None))
+        if name != expected or (array.shape, array.dtype) != tuple(specs[name]):
+            raise CheckpointError(
+                f"cannot write {path}: expected tensor {expected!r} {specs[expected].shape} "
+                f"{specs[expected].dtype} next, got {name!r}"
+            )
+        batch[name] = native(array)
+    return batch
+
+
 def write_orbax(
     path: str | os.PathLike,
     specs: Mapping[str, TensorSpec],
@@ -139,6 +157,10 @@ def write_orbax(
     ocp = _ocp()
     ctx = ocp.Context()
     ctx.array.saving.use_compression = False
+    # Chunks of at most 32 MiB: restoring a big tensor then reads chunk by chunk into the result
+    # instead of into a whole-tensor buffer first (measured, a 512 MB tensor: peak RSS -450 MB,
+    # restore 1.4x faster). Any Orbax reader handles chunked arrays.
+    ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
     # Orbax copies host arrays by default in case the caller mutates them mid-save; ours are
     # private to this call, and the copy would double the memory of every group.
     ctx.memory.deepcopy_host_arrays = False
@@ -146,19 +168,11 @@ def write_orbax(
     with atomic_dir(path) as target, ctx:
         try:
             for i, group in enumerate(group_by_bytes(specs, group_budget(specs))):
-                batch = {}
-                for expected in group:
-                    name, array = next(source, (None, None))
-                    if name != expected or (array.shape, array.dtype) != tuple(specs[name]):
-                        raise CheckpointError(
-                            f"cannot write {path}: expected tensor {expected!r} "
-                            f"{specs[expected].shape} {specs[expected].dtype} next, got {name!r}"
-                        )
-                    batch[name] = native(array)
+                batch = _take(source, group, specs, path)
                 # Orbax keeps keys sorted; the first call records the canonical order.
                 meta = {_META_KEY: {"order": list(specs)}} if i == 0 else None
                 ocp.partial.save(target, batch, custom_metadata=meta)
-                del batch
+                del batch  # streaming: not held while the producer reads the next group
             extra = next(source, None)
             if extra is not None:
                 raise CheckpointError(f"cannot write {path}: unexpected tensor {extra[0]!r}")

@@ -92,7 +92,7 @@ class SafetensorsReader:
                 dtype = _TO_NUMPY[entry["dtype"]]
                 shape = tuple(int(d) for d in entry["shape"])
                 begin, end = (int(o) for o in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
                 raise self._corrupt(f"bad header entry for {name!r}") from e
             spec = TensorSpec(shape, dtype)
             if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != spec.nbytes:
@@ -224,6 +224,7 @@ def write_safetensors(
             f.write(memoryview(native(array).reshape(-1).view(np.uint8)))
             _write_behind(f, offsets[name], spec.nbytes)
             written.add(name)
+            del array  # streaming: not held while the producer reads the next one
         missing = sorted(set(specs) - written)
         if missing:
             raise CheckpointError(f"tensors {missing} never arrived for {path}")

@@ -1,7 +1,8 @@
 """PyTorch ``.pt`` / ``.pth`` / ``.bin`` files holding a plain ``state_dict``.
 
 Reading uses ``torch.load(weights_only=True)`` only: a pickle is code, and a checkpoint that needs
-more than tensors in a dict is refused rather than executed. torch is imported inside the
+more than tensors in a dict is refused rather than executed. Files are memory-mapped where torch
+allows it, so tensors are read as they are used. torch is imported inside the
 functions so that ``mlperf_tutor.convert`` imports no framework.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -80,7 +80,13 @@ def load_torch(path: str | os.PathLike) -> Tree:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; check the path")
     try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
+        try:
+            # Memory-mapped, tensors are read only when used: a checkpoint larger than memory
+            # can still be converted tensor by tensor.
+            obj = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        except RuntimeError:
+            # Files from torch < 1.6 (not zip) cannot be mapped; damaged ones fail again below.
+            obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found:
@@ -92,7 +98,7 @@ def load_torch(path: str | os.PathLike) -> Tree:
             f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read "
             f"(corrupt, or not written by torch.save); {_RESAVE}"
         ) from e
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # garbage bytes fail anywhere in the unpickler (IndexError, ...)
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt); "
             "re-save or re-download it"

@@ -18,6 +18,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
 
 
+SHOWN_PER_KIND = 20  # a wrong preset of a large model mismatches thousands of keys
+
+
+def _shorten(items: list) -> list:
+    """At most SHOWN_PER_KIND items, then a count of the rest (the exception keeps them all)."""
+    if len(items) <= SHOWN_PER_KIND:
+        return items
+    return items[:SHOWN_PER_KIND] + [f"... and {len(items) - SHOWN_PER_KIND} more"]
+
+
 class CheckpointMismatch(CheckpointError):
     """Keys, shapes or dtypes of a checkpoint differ from what the model expects."""
 
@@ -27,12 +37,12 @@ class CheckpointMismatch(CheckpointError):
         self.misshapen = list(misshapen)
         parts = []
         if self.missing:
-            parts.append(f"missing keys {self.missing}")
+            parts.append(f"missing keys {_shorten(self.missing)}")
         if self.unexpected:
-            parts.append(f"unexpected keys {self.unexpected}")
+            parts.append(f"unexpected keys {_shorten(self.unexpected)}")
         if self.misshapen:
             shown = [f"{k}: got {got}, expected {exp}" for k, got, exp in self.misshapen]
-            parts.append(f"wrong shape or dtype [{'; '.join(shown)}]")
+            parts.append(f"wrong shape or dtype [{'; '.join(_shorten(shown))}]")
         hint = hint or "check that it was saved from the same workload and preset"
         super().__init__(
             f"{where} does not match the model: {', '.join(parts)}; {hint} "
@@ -41,7 +51,7 @@ class CheckpointMismatch(CheckpointError):
 
 
 def spec_of(array) -> tuple[tuple[int, ...], str]:
-    """(shape, dtype name) of an array-like."""
+    """(shape, dtype name) of a numpy array or anything with a numpy ``dtype``."""
     return tuple(array.shape), np.dtype(array.dtype).name
 
 
