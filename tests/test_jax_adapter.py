@@ -171,20 +171,6 @@ def test_canonical_roundtrip_is_bit_identical(model, tree, cfg):
     assert TOY.param_count(cfg) == sum(out[k].size for k in fj.trainable_names(model))
 
 
-def test_load_mismatch_lists_every_key_and_leaves_model_unchanged(model, tree):
-    before = fj.to_canonical(model)
-    bad = {k: v + 1.0 for k, v in tree.items() if k != "ln.bias"}
-    bad["extra.weight"] = np.zeros(3, np.float32)
-    bad["fc1.weight"] = bad["fc1.weight"][:, 1:].copy()
-    bad["head.bias"] = bad["head.bias"].astype(np.float64)
-    with pytest.raises(CheckpointMismatch) as info:
-        fj.load_canonical(model, bad)
-    for key in ("ln.bias", "extra.weight", "fc1.weight", "head.bias"):
-        assert key in str(info.value)
-    after = fj.to_canonical(model)
-    assert all(np.array_equal(after[k], before[k]) for k in before)
-
-
 def test_bf16_survives_conversion():
     linear = fj.init_empty(lambda: nnx.Linear(4, 3, param_dtype=jnp.bfloat16, rngs=rngs()))
     rng = np.random.default_rng(0)
@@ -235,33 +221,6 @@ def test_train_step_reduces_loss_and_compiles_once(model, batch, cfg):
     assert opt.step_count == 12
     with pytest.raises(ValueError, match="different model"):
         fj.train_step(TOY.build("jax", cfg), opt, batch)
-
-
-def test_optimizer_state_roundtrip_continues_identically(cfg, tree, batch):
-    spec = OptimizerSpec("lamb", weight_decay=0.01, no_decay=("bias", r"^(bn|gn|ln)\."))
-    schedule = ScheduleSpec(1e-2, warmup_steps=2, decay="polynomial", total_steps=10)
-    first = TOY.build("jax", cfg, weights=tree)
-    opt = fj.make_optimizer(spec, schedule, first)
-    for _ in range(3):
-        fj.train_step(first, opt, batch)
-    weights, state = fj.to_canonical(first), opt.state_dict()
-    names = fj.trainable_names(first)
-    assert set(state) == {"step"} | {f"{s}/{n}" for s in spec.slots for n in names}
-    assert state["exp_avg/fc1.weight"].shape == weights["fc1.weight"].shape  # canonical layout
-    assert state["step"].dtype == np.int64 and int(state["step"]) == 3
-    for _ in range(3):
-        fj.train_step(first, opt, batch)
-
-    second = TOY.build("jax", cfg, weights=weights)
-    moved = fj.make_optimizer(spec, schedule, second)
-    moved.load_state_dict(state)
-    for _ in range(3):
-        fj.train_step(second, moved, batch)
-    a, b = fj.to_canonical(first), fj.to_canonical(second)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    state.pop("exp_avg_sq/conv1.weight")
-    with pytest.raises(ValueError, match="exp_avg_sq/conv1.weight"):
-        moved.load_state_dict(state)
 
 
 def test_seed_and_devices():
