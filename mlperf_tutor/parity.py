@@ -1,7 +1,7 @@
 """Cross-framework parity of a workload: outputs, gradients, parameters after N optimizer steps.
 
 Every framework gets the same canonical weights and the same numpy batches, in float32 with
-matmul precision pinned. Compared per framework pair (DESIGN.md, "Parity"):
+matmul precision pinned and dropout off (``Workload.deterministic``). Compared per framework pair (DESIGN.md, "Parity"):
 
 * ``output``: every named output of an eval-mode forward, max-abs <= 1e-5;
 * ``train loss``: the loss of a train-mode forward, max-abs <= 1e-5;
@@ -79,7 +79,7 @@ def run(
         A :class:`ParityReport`; ``report.ok`` says whether every bar was met.
     """
     wl = workloads.get(workload) if isinstance(workload, str) else workload
-    cfg = wl.config(preset) if isinstance(preset, str) else preset
+    cfg = wl.deterministic(wl.config(preset) if isinstance(preset, str) else preset)
     names = [fw_registry.check_name(f) for f in dict.fromkeys(frameworks)]
     if len(names) < 2:
         raise ValueError(f"parity needs at least two frameworks, got {names}")

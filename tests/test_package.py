@@ -21,7 +21,7 @@ def test_import_loads_no_framework():
 
 
 def test_unknown_workload_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown workload 'nope'; choose one of \['toy'"):
+    with pytest.raises(ValueError, match=r"unknown workload 'nope'; choose one of \[.*'toy'"):
         mt.workloads.get("nope")
 
 
@@ -81,9 +81,9 @@ def test_cli_list_and_info(capsys):
 
 
 def test_cli_bad_input_is_one_line_error(capsys):
-    assert cli.main(["info", "bert"]) == 2
+    assert cli.main(["info", "gpt5"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("mlperf-tutor: error: unknown workload 'bert'")
+    assert err.startswith("mlperf-tutor: error: unknown workload 'gpt5'")
     assert err.count("\n") == 1
 
 

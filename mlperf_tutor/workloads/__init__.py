@@ -12,6 +12,7 @@ from mlperf_tutor.workloads.base import Workload
 
 # name -> "module:attribute" of the Workload instance.
 _REGISTRY = {
+    "bert": "mlperf_tutor.workloads.bert:WORKLOAD",
     "toy": "mlperf_tutor.workloads.toy:WORKLOAD",
 }
 

@@ -47,6 +47,11 @@ class Workload:
         """Initial weights in canonical names and layouts, from the config's init ranges."""
         raise NotImplementedError
 
+    def deterministic(self, cfg: Config) -> Config:
+        """``cfg`` with every source of randomness in the forward (dropout) turned off, as
+        parity runs need; workloads with dropout override this."""
+        return cfg
+
     def canonical_specs(self, cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
         """Canonical name -> (shape, dtype name) of every weight; workloads with large presets
         override this to avoid allocating."""

@@ -1,0 +1,174 @@
+"""BERT-large pre-training (MLPerf Training ``bert``): masked LM + next-sentence prediction.
+
+Reference: mlcommons/training ``language_model/tensorflow/bert`` (run_pretraining.py,
+modeling.py, optimization.py); Devlin et al., "BERT", NAACL 2019.
+
+Forward (same in all three frameworks; B batch, S tokens, P masked positions, D hidden)::
+
+    input_ids, segment_ids (B, S) -> word + position + token-type embeddings -> norm (LayerNorm)
+    -> L post-LN blocks: x = attention_norm(x + attention(x, mask)); x = mlp_norm(x + mlp(x))
+    mlm: gather x at masked_lm_positions (B, P, D) -> mlm_head.dense -> gelu -> mlm_head.norm
+         -> x @ word_embeddings.T + mlm_head.bias                    -> mlm_logits (B, P, V)
+    nsp: pooler.dense(x[:, 0]) -> tanh -> nsp_head                   -> nsp_logits (B, 2)
+    loss = mean CE over real masked positions (masked_lm_positions != 0) + mean NSP CE
+
+Padded keys get -10000 added to their attention scores, as in the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlperf_tutor.core.checkpoint import Tree
+from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
+from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.bert.config import BertConfig
+
+# Token ids of the synthetic data (the real WordPiece vocabulary has [CLS] 101, [SEP] 102,
+# [MASK] 103; [PAD] is 0 in both).
+PAD, CLS, SEP, MASK = 0, 1, 2, 3
+NUM_SPECIAL = 4
+
+# The reference excludes "LayerNorm", "layer_norm" and "bias" from weight decay and from LAMB's
+# trust ratio; in our canonical names every LayerNorm is a module called "...norm".
+NO_DECAY = (r"norm\.", r"bias$")
+
+
+def canonical_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every weight (PyTorch layouts: Linear weight is (out, in))."""
+    d, f, v = cfg.hidden, cfg.ffn, cfg.vocab_size
+
+    def linear(name, n_in, n_out):
+        return {f"{name}.weight": (n_out, n_in), f"{name}.bias": (n_out,)}
+
+    def norm(name):
+        return {f"{name}.weight": (d,), f"{name}.bias": (d,)}
+
+    shapes = {
+        "embeddings.word_embeddings.weight": (v, d),
+        "embeddings.position_embeddings.weight": (cfg.max_positions, d),
+        "embeddings.token_type_embeddings.weight": (cfg.type_vocab_size, d),
+        **norm("embeddings.norm"),
+    }
+    for i in range(cfg.num_layers):
+        block = f"layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes |= linear(f"{block}.attention.{proj}", d, d)
+        shapes |= norm(f"{block}.attention_norm")
+        shapes |= linear(f"{block}.mlp.fc_in", d, f) | linear(f"{block}.mlp.fc_out", f, d)
+        shapes |= norm(f"{block}.mlp_norm")
+    shapes |= linear("pooler.dense", d, d)
+    shapes |= linear("mlm_head.dense", d, d) | norm("mlm_head.norm")
+    shapes["mlm_head.bias"] = (v,)  # the decoder's weight is tied to the word embeddings
+    shapes |= linear("nsp_head", d, 2)
+    return shapes
+
+
+def encoder_flops_per_token(cfg: BertConfig) -> int:
+    """Forward multiply-adds x 2 of one token through the encoder (matmuls only)."""
+    d, f, s = cfg.hidden, cfg.ffn, cfg.seq_len
+    per_layer = 2 * (4 * d * d + 2 * d * f) + 2 * 2 * s * d  # projections, MLP, QK^T and AV
+    return cfg.num_layers * per_layer
+
+
+class BertWorkload(Workload):
+    name = "bert"
+    description = "BERT-large pre-training (masked LM + NSP), LAMB; MLPerf target 0.720 MLM acc"
+    config_class = BertConfig
+    package = "mlperf_tutor.workloads.bert"
+
+    def param_count(self, cfg: BertConfig) -> int:
+        return sum(int(np.prod(s)) for s in canonical_shapes(cfg).values())
+
+    def canonical_specs(self, cfg: BertConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {k: (s, "float32") for k, s in canonical_shapes(cfg).items()}
+
+    def deterministic(self, cfg: BertConfig) -> BertConfig:
+        return cfg.replace(dropout=0.0)
+
+    def init_canonical(self, cfg: BertConfig, seed: int = 0) -> Tree:
+        rng = np.random.default_rng(seed)
+        tree = {}
+        for name, shape in canonical_shapes(cfg).items():
+            if "norm." in name and name.endswith("weight"):
+                value = np.ones(shape)
+            elif len(shape) == 1:
+                value = np.zeros(shape)
+            else:
+                value = cfg.init_std * rng.standard_normal(shape)
+            tree[name] = value.astype(np.float32)
+        return tree
+
+    def synthetic_batch(self, cfg: BertConfig, batch_size: int = 2, seed: int = 0) -> dict:
+        """Sentence pairs of Zipf-distributed tokens, masked like the reference's data.
+
+        ``[CLS] A [SEP] B [SEP] [PAD]...``; 15% of the real tokens (at most ``max_predictions``)
+        are picked, and of those 80% become [MASK], 10% a random token and 10% stay.
+        ``masked_lm_positions``/``ids`` are zero-padded, as in the MLPerf HDF5 shards.
+        """
+        rng = np.random.default_rng(seed)
+        s, p = cfg.seq_len, cfg.max_predictions
+        words = np.arange(NUM_SPECIAL, cfg.vocab_size)
+        zipf = 1.0 / (np.arange(words.size) + 10.0)
+        zipf /= zipf.sum()
+        batch = {
+            "input_ids": np.zeros((batch_size, s), np.int32),
+            "segment_ids": np.zeros((batch_size, s), np.int32),
+            "input_mask": np.zeros((batch_size, s), np.int32),
+            "masked_lm_positions": np.zeros((batch_size, p), np.int32),
+            "masked_lm_ids": np.zeros((batch_size, p), np.int32),
+            "next_sentence_labels": rng.integers(0, 2, batch_size).astype(np.int32),
+        }
+        for b in range(batch_size):
+            n = int(rng.integers(s // 2, s + 1))  # real tokens, specials included
+            a = int(rng.integers(1, n - 3))  # tokens of sentence A
+            tokens = rng.choice(words, size=n, p=zipf).astype(np.int32)
+            tokens[0], tokens[a + 1], tokens[n - 1] = CLS, SEP, SEP
+            batch["input_ids"][b, :n] = tokens
+            batch["segment_ids"][b, a + 2 : n] = 1
+            batch["input_mask"][b, :n] = 1
+            candidates = np.flatnonzero(tokens >= NUM_SPECIAL)
+            k = min(p, max(1, round(n * cfg.mask_prob)), candidates.size)
+            positions = np.sort(rng.choice(candidates, size=k, replace=False))
+            batch["masked_lm_positions"][b, :k] = positions
+            batch["masked_lm_ids"][b, :k] = tokens[positions]
+            roll = rng.random(k)
+            replaced = tokens[positions].copy()
+            replaced[roll < 0.8] = MASK
+            random_tokens = rng.choice(words, size=k)
+            replaced[(roll >= 0.8) & (roll < 0.9)] = random_tokens[(roll >= 0.8) & (roll < 0.9)]
+            batch["input_ids"][b, positions] = replaced
+        return batch
+
+    def optimizer(self, cfg: BertConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
+        spec = OptimizerSpec(
+            "lamb", beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            no_decay=NO_DECAY, clip_norm=cfg.clip_norm,
+        )  # fmt: skip
+        schedule = ScheduleSpec(
+            cfg.lr, warmup_steps=cfg.warmup_steps, start_warmup_step=cfg.start_warmup_step,
+            decay="polynomial", total_steps=cfg.total_steps, power=1.0, end_lr=0.0,
+        )  # fmt: skip
+        return spec, schedule
+
+    def info(self, cfg: BertConfig) -> dict:
+        n = self.param_count(cfg)
+        d, v, s, p = cfg.hidden, cfg.vocab_size, cfg.seq_len, cfg.max_predictions
+        forward = s * encoder_flops_per_token(cfg) + 2 * p * (d * d + d * v) + 2 * 2 * d * d
+        # Activation memory of mixed-precision training without recomputation, per sequence:
+        # s*h*(34 + 5*a*s/h) bytes per layer (Korthikanti et al. 2022, "Reducing Activation
+        # Recomputation in Large Transformer Models", section 4.1).
+        activations = cfg.num_layers * s * d * (34 + 5 * cfg.num_heads * s / d)
+        return {
+            "workload": self.name,
+            "parameters": n,
+            "forward FLOPs per sequence": forward,
+            "training FLOPs per sequence (3x forward)": 3 * forward,
+            "fp32 weights (GB)": 4 * n / 1e9,
+            "weights + grads + LAMB moments, fp32 (GB)": 16 * n / 1e9,
+            "activations per sequence, 16-bit (GB)": activations / 1e9,
+            "global batch size": cfg.global_batch_size,
+        }
+
+
+WORKLOAD = BertWorkload()
