@@ -1,4 +1,4 @@
-"""The ``mlperf-tutor`` command line: list, info, parity, convert."""
+"""The ``mlperf-tutor`` command line: list, info, parity, train, convert."""
 
 from __future__ import annotations
 
@@ -60,6 +60,24 @@ def cmd_parity(args) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_train(args) -> int:
+    from mlperf_tutor import train
+
+    result = train.train(
+        args.workload, args.framework, args.preset, steps=args.steps,
+        batch_size=args.batch_size, seed=args.seed, deterministic=args.deterministic,
+        curve=args.curve,
+    )  # fmt: skip
+    print(
+        f"{args.workload} {args.framework}: {len(result.losses)} steps, loss "
+        f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
+        f"{result.samples_per_second:.1f} samples/s after the first step"
+    )
+    if args.curve:
+        print(f"loss curve: {args.curve}")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from mlperf_tutor import convert
 
@@ -107,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--frameworks", nargs="+", default=list(frameworks.NAMES), choices=frameworks.NAMES
     )
     p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser(
+        "train", help="train on synthetic data with a progress bar", allow_abbrev=False
+    )
+    p.add_argument("workload")
+    p.add_argument("--framework", required=True, choices=frameworks.NAMES)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument(
+        "--batch-size", type=int, default=None,
+        help="examples per step (default: the preset's global batch size)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true", help="dropout off")
+    p.add_argument("--curve", default=None, help="write step,loss rows to this CSV file")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
         "convert",
