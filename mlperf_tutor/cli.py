@@ -12,11 +12,18 @@ Formats are inferred from the paths:
   *.safetensors        canonical names, PyTorch layouts (streamed tensor by tensor)
   *.pt, *.pth, *.bin   a PyTorch state_dict (loaded with weights_only=True only)
   *.weights.h5         Keras weights of the workload's TensorFlow model (needs --preset)
-  a directory          an Orbax checkpoint of the canonical dict (JAX)
+  *.hf, or a directory holding config.json
+                       a Hugging Face save_pretrained directory (config.json +
+                       model.safetensors, transformers names; bert). As a source its
+                       config.json gives the architecture (--preset the rest); as a
+                       destination --preset gives config.json. Name a new one NAME.hf
+  any other directory  an Orbax checkpoint of the canonical dict (JAX)
 The source is checked against the workload's expected names, shapes and dtypes before
 anything is written; on any mismatch nothing is written.
 
-Example: mlperf-tutor convert toy model.safetensors ckpt_dir/ --preset tiny
+Examples: mlperf-tutor convert toy model.safetensors ckpt_dir/ --preset tiny
+          mlperf-tutor convert bert bert-large-uncased/ model.safetensors
+          mlperf-tutor convert bert model.safetensors bert-large.hf --preset mlperf
 """
 
 
@@ -83,6 +90,9 @@ def cmd_convert(args) -> int:
 
     wl = workloads.get(args.workload)
     cfg = wl.config(args.preset)
+    if wl.hf is not None and convert.detect_format(args.src) == "hf":
+        # The checkpoint's own config.json fixes the architecture; no preset has to match it.
+        cfg = wl.config_from_hf(args.src, preset=args.preset)
     convert.convert(
         args.src,
         args.dst,

@@ -1,13 +1,17 @@
 """Cross-framework parity of a workload: outputs, gradients, parameters after N optimizer steps.
 
 Every framework gets the same canonical weights and the same numpy batches, in float32 with
-matmul precision pinned and dropout off (``Workload.deterministic``). Compared per framework pair (DESIGN.md, "Parity"):
+matmul precision pinned and dropout off (``Workload.deterministic``). Compared per framework
+pair (DESIGN.md, "Parity"):
 
 * ``output``: every named output of an eval-mode forward, max-abs <= 1e-5;
 * ``train loss``: the loss of a train-mode forward, max-abs <= 1e-5;
 * ``gradient``: every gradient of that forward, relative <= 1e-4;
 * ``parameter``: every parameter and buffer after ``steps`` optimizer steps, relative <= 1e-4;
 * ``optimizer state``: every optimizer slot after those steps, relative <= 1e-4.
+
+A relative comparison also passes below an absolute floor of 1e-7 (``core.parity.REL_ABS_FLOOR``)
+for tensors that are zero in exact arithmetic.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ def is_notebook(page: Path) -> bool:
     return text.startswith("---") and "jupytext:" in text.split("---")[1]
 
 
-NOTEBOOKS = sorted(p for p in (ROOT / "book").glob("*.md") if is_notebook(p))
+NOTEBOOKS = sorted(p for p in (ROOT / "book").rglob("*.md") if is_notebook(p))
 
 
 def cells(notebook):
@@ -45,5 +45,5 @@ def test_ipynb_twin_has_no_stored_outputs(md):
 def test_every_book_page_is_in_the_toc():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     listed = {toc["root"]} | {ch["file"] for part in toc["parts"] for ch in part["chapters"]}
-    pages = {str(p.relative_to(ROOT).with_suffix("")) for p in (ROOT / "book").glob("*.md")}
+    pages = {str(p.relative_to(ROOT).with_suffix("")) for p in (ROOT / "book").rglob("*.md")}
     assert pages == listed

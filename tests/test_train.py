@@ -11,8 +11,7 @@ from mlperf_tutor import cli, frameworks, train
 @pytest.fixture(scope="module")
 def curves():
     return {
-        f: train.train("toy", f, "tiny", steps=20, progress=False).losses
-        for f in frameworks.NAMES
+        f: train.train("toy", f, "tiny", steps=20, progress=False).losses for f in frameworks.NAMES
     }
 
 

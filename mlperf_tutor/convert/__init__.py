@@ -8,8 +8,11 @@ format          path                                notes
 ==============  ==================================  =========================================
 safetensors     ``*.safetensors``                   streamed; ``load`` memory-maps lazily
 torch           ``*.pt``, ``*.pth``, ``*.bin``      plain state_dict; ``weights_only`` loads
-orbax           a directory                         the flat dict; streamed a group at a time
+orbax           any other directory                 the flat dict; streamed a group at a time
 keras           ``*.weights.h5``                    needs ``workload`` and ``cfg`` (TF model)
+hf              ``*.hf``, or a directory holding    Hugging Face ``save_pretrained``; needs a
+                ``config.json``                     workload with ``hf`` interop (and ``cfg``
+                                                    to write); memory-mapped, written whole
 ==============  ==================================  =========================================
 
 Every write is atomic (a crash leaves the previous file or directory intact) and is validated
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from mlperf_tutor.convert import hf_io
 from mlperf_tutor.convert.formats import (
     ACCEPTED,
     DTYPES,
@@ -76,6 +80,13 @@ class _Source:
         elif self.format == "torch":
             # torch and Keras files come whole; their specs need the data.
             self._tree = load_torch(path)
+            self.specs = specs_of(self._tree, str(path))
+        elif self.format == "hf":
+            # Memory-mapped: the specs come without reading data, each tensor when used.
+            hf = hf_io.require_hf(path, workload)
+            found, self._tree = hf.load_pretrained(path)
+            if cfg is not None:
+                hf_io.check_architecture(hf, found, cfg, path)
             self.specs = specs_of(self._tree, str(path))
         else:
             self._tree = load_keras(path, workload, cfg)
@@ -133,6 +144,10 @@ def _write(
         write_orbax(path, specs, tensors)
     elif fmt == "torch":
         save_torch(dict(tensors), path)
+    elif fmt == "hf":
+        hf_io.require_hf(path, workload, cfg, need_cfg=True).save_pretrained(
+            dict(tensors), cfg, path
+        )
     else:
         save_keras(dict(tensors), path, workload, cfg)
 
@@ -152,7 +167,7 @@ def iter_tensors(
 
     Args:
         path: any checkpoint :func:`detect_format` accepts.
-        workload, cfg: needed for ``.weights.h5`` only.
+        workload, cfg: needed for ``.weights.h5`` and Hugging Face directories.
     """
     with _Source(path, workload, cfg) as source:
         yield from source.tensors()
@@ -165,7 +180,8 @@ def load(
 
     Args:
         path: any checkpoint :func:`detect_format` accepts.
-        workload, cfg: the workload and preset config; needed for ``.weights.h5`` only.
+        workload, cfg: the workload and preset config; needed for ``.weights.h5`` and Hugging
+            Face directories (whose config.json must then match ``cfg``'s architecture).
         expected: name -> (shape, dtype name); checked before any tensor data is read (for
             safetensors and Orbax).
 
@@ -193,7 +209,8 @@ def save(
     Args:
         tree: name -> numpy array (canonical names, layouts and dtypes).
         path: destination; see :func:`detect_format`.
-        workload, cfg: the workload and preset config; needed for ``.weights.h5`` only.
+        workload, cfg: the workload and preset config; needed for ``.weights.h5`` and Hugging
+            Face directories (``cfg`` becomes the config.json).
         expected: name -> (shape, dtype name); a mismatch raises before anything is written.
 
     Raises:
@@ -221,7 +238,7 @@ def convert(
         src: source checkpoint; its format comes from the path.
         dst: destination; written atomically, its format comes from the path.
         workload, cfg: the workload and preset config; needed when either side is
-            ``.weights.h5``.
+            ``.weights.h5`` or a Hugging Face directory.
         expected: name -> (shape, dtype name); the source is checked against it before
             anything is written.
         progress: show a tqdm bar over the bytes converted.
@@ -231,8 +248,11 @@ def convert(
         CheckpointMismatch: the source does not match ``expected``.
     """
     # A destination that cannot work fails before the source is read.
-    if detect_format(dst) == "keras":
+    dst_format = detect_format(dst)
+    if dst_format == "keras":
         require_workload(Path(dst), workload, cfg)
+    elif dst_format == "hf":
+        hf_io.require_hf(dst, workload, cfg, need_cfg=True)
     with _Source(src, workload, cfg) as source:
         if expected is not None:
             check_tree(expected, source.specs, where=str(src))

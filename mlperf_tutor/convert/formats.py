@@ -15,7 +15,7 @@ import secrets
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,14 +24,16 @@ import numpy as np
 
 from mlperf_tutor.core.checkpoint import CheckpointError
 
-FORMATS = ("safetensors", "torch", "orbax", "keras")
+FORMATS = ("safetensors", "torch", "orbax", "keras", "hf")
 
 ACCEPTED = (
     "'.safetensors', '.pt'/'.pth'/'.bin' (PyTorch state_dict), '.weights.h5' (Keras), "
-    "or a directory (Orbax checkpoint; a new one is a path without extension or ending in '/')"
+    "a Hugging Face save_pretrained directory (one holding config.json, or a path ending in "
+    "'.hf'), or a directory (Orbax checkpoint; a new one is a path without extension or ending "
+    "in '/')"
 )
 
-# Every dtype a canonical tree may hold: the dtypes all four formats store bit-exactly.
+# Every dtype a canonical tree may hold: the dtypes every format stores bit-exactly.
 DTYPES = tuple(
     np.dtype(d)
     for d in (
@@ -44,6 +46,11 @@ DTYPES = tuple(
 
 # Files inside an Orbax checkpoint directory (v0 or v1 layout, top level or one level down).
 _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "orbax.checkpoint")
+
+# Files that make an existing directory a Hugging Face ``save_pretrained`` one. The weight files
+# count too, so that a directory whose config.json went missing is reported as such rather than
+# as a broken Orbax checkpoint.
+HF_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 class TensorSpec(NamedTuple):
@@ -60,15 +67,23 @@ class TensorSpec(NamedTuple):
 def detect_format(path: str | os.PathLike) -> str:
     """The checkpoint format of ``path``, from its extension or from being a directory.
 
+    A Hugging Face ``save_pretrained`` directory ("hf") is an existing directory holding one of
+    :data:`HF_MARKERS`, or any path whose name ends in ``.hf`` (how a new one is named); any
+    other directory is an Orbax checkpoint.
+
     Returns:
-        "safetensors", "torch", "keras" or "orbax".
+        "safetensors", "torch", "keras", "orbax" or "hf".
 
     Raises:
         ValueError: the path is none of the accepted forms; the message lists them.
     """
     text = os.fspath(path)
     name = os.path.basename(text.rstrip("/" + os.sep)).lower()
-    if os.path.isdir(text) or text.endswith(("/", os.sep)):
+    if name.endswith(".hf"):
+        return "hf"
+    if os.path.isdir(text):
+        return "hf" if any(os.path.isfile(os.path.join(text, m)) for m in HF_MARKERS) else "orbax"
+    if text.endswith(("/", os.sep)):
         return "orbax"
     if name.endswith(".safetensors"):
         return "safetensors"
@@ -270,18 +285,28 @@ def is_replaceable_dir(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(
+    path: str | os.PathLike,
+    replaceable: Callable[[Path], bool] = is_replaceable_dir,
+    kind: str = "an Orbax checkpoint",
+) -> Iterator[Path]:
     """Yield a not-yet-existing directory path in a staging area; on success move it to ``path``.
 
-    An existing ``path`` is replaced only after the new directory is complete (and only if it
-    is empty or an Orbax checkpoint, so a mistyped path never deletes unrelated files).
+    An existing ``path`` is replaced only after the new directory is complete, and only if
+    ``replaceable(path)`` says it is absent, empty or a directory of the same ``kind``, so a
+    mistyped path never deletes unrelated files.
+
+    Args:
+        path: the destination directory.
+        replaceable: whether an existing ``path`` may be replaced.
+        kind: what is written, for the refusal message.
     """
     path = Path(os.fspath(path).rstrip("/" + os.sep))
     parent = _parent_of(path)
-    if not is_replaceable_dir(path):
+    if not replaceable(path):
         raise CheckpointError(
-            f"refusing to write an Orbax checkpoint to {path}: it exists and is not an Orbax "
-            "checkpoint; choose a new path or remove it first"
+            f"refusing to write {kind} to {path}: it exists and is not {kind}; choose a new "
+            "path or remove it first"
         )
     # Everything the writer leaves (its own temporaries included) lives under one staging
     # directory, so a failure is cleaned up by removing that one directory.

@@ -1,9 +1,18 @@
-"""Flax NNX building blocks that the workloads share, where ``flax.nnx`` lacks PyTorch's numbers.
+"""Flax NNX building blocks that the workloads share (same class, attribute and argument names
+as ``torch_layers`` and ``tf_layers``), and layers where ``flax.nnx`` lacks PyTorch's numbers.
 
 BatchNorm: https://arxiv.org/abs/1502.03167; semantics of ``torch.nn.BatchNorm{1,2,3}d``.
+Attention, MLP, TransformerBlock: https://arxiv.org/abs/1706.03762; grouped-query attention
+https://arxiv.org/abs/2305.13245; post-LN as in BERT (https://arxiv.org/abs/1810.04805), pre-LN
+as in GPT-2. Dimension letters: B batch, T query time, S key time, D model, N heads, K kv heads,
+G = N // K query heads per kv head, H head dim, F MLP width.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -86,3 +95,234 @@ class BatchNorm(nnx.Module):
 
 
 register_rules(BatchNorm, BATCHNORM_RULES)
+
+
+# --- transformer blocks ---------------------------------------------------------------------
+# Added to the scores of padded keys: the MLPerf BERT reference's value. Not -inf, so a row
+# without any real key gives finite weights (the reference's numbers), never NaN.
+KEY_MASK_VALUE = -10000.0
+# Replaces the scores of future keys (causal=True), whatever padding added to them.
+CAUSAL_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+# Explicit approximations: jax.nn.gelu defaults to the tanh form, PyTorch's to the exact one.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation function called ``name`` ("gelu" is exact, "gelu_tanh" approximate)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {list(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def _layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Two-pass variance, as PyTorch computes it (Flax's default is E[x^2] - E[x]^2).
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with optional grouped-query heads, key padding and causality.
+
+    Scores are computed and softmaxed in float32 at least; padded keys (``key_mask == 0``) get
+    :data:`KEY_MASK_VALUE` added, future keys (``causal=True``) :data:`CAUSAL_MASK_VALUE`.
+    Query head ``n`` reads kv head ``n // G`` (the order of ``repeat_interleave``).
+
+    Args:
+        dim: model width D.
+        num_heads: query heads N; the head dim is H = D / N.
+        num_kv_heads: key/value heads K (N must be a multiple); default N.
+        bias: whether the four projections have biases.
+        dropout: dropout rate on the attention probabilities (train mode only).
+        causal: mask keys after the query's position.
+        fused: use ``jax.nn.dot_product_attention`` instead of the explicit einsums: cuDNN's
+            fused kernel on GPU for bfloat16/float16 inputs, XLA's implementation otherwise.
+            It has no attention dropout, so ``dropout`` must be 0. Off by default: the explicit
+            path is the parity reference. (Measured on an H200, bf16, B 32, T 512, D 768, 12
+            heads, key mask: this module's forward + backward 1.4 ms fused, 2.1 ms explicit.)
+        rngs: initialisers' keys and the dropout stream.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        causal: bool = False,
+        fused: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        num_kv_heads = num_kv_heads or num_heads
+        if dim % num_heads or num_heads % num_kv_heads:
+            raise ValueError(
+                f"dim ({dim}) must be a multiple of num_heads ({num_heads}), and num_heads of "
+                f"num_kv_heads ({num_kv_heads})"
+            )
+        if fused and dropout:
+            raise ValueError(
+                "fused attention (jax.nn.dot_product_attention) has no attention-probability "
+                f"dropout; pass dropout=0.0 (got {dropout}) or fused=False"
+            )
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.causal, self.fused = causal, fused
+        kv_dim = num_kv_heads * self.head_dim
+        self.q_proj = nnx.Linear(dim, dim, use_bias=bias, rngs=rngs)
+        self.k_proj = nnx.Linear(dim, kv_dim, use_bias=bias, rngs=rngs)
+        self.v_proj = nnx.Linear(dim, kv_dim, use_bias=bias, rngs=rngs)
+        self.o_proj = nnx.Linear(dim, dim, use_bias=bias, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        b, t, _ = x.shape  # (B, T, D)
+        n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).reshape(b, t, n, h)  # (B, T, N, H)
+        keys = self.k_proj(x).reshape(b, t, k, h)  # (B, S, K, H); self-attention: S = T
+        values = self.v_proj(x).reshape(b, t, k, h)  # (B, S, K, H)
+        pad = None
+        if key_mask is not None:
+            pad = (1.0 - key_mask.astype(jnp.float32)) * KEY_MASK_VALUE  # (B, S)
+        if self.fused:
+            out = self._fused(q, keys, values, pad)
+        else:
+            out = self._explicit(q, keys, values, pad)
+        return self.o_proj(out.reshape(b, t, n * h))  # (B, T, D)
+
+    def _explicit(self, q, keys, values, pad):
+        b, t, n, h = q.shape
+        k = self.num_kv_heads
+        q = q.reshape(b, t, k, n // k, h)  # (B, T, K, G, H)
+        # Scores and softmax in float32 at least: in bf16 the row sums and small probabilities
+        # would keep 8 bits.
+        acc = jnp.promote_types(q.dtype, jnp.float32)
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys, preferred_element_type=acc)
+        scores = scores * (1.0 / math.sqrt(h))  # scaled after the product, as the reference
+        if pad is not None:
+            scores = scores + pad[:, None, None, None, :]
+        if self.causal:
+            s = keys.shape[1]
+            allowed = jnp.tril(jnp.ones((t, s), bool))  # (T, S): key position <= query's
+            scores = jnp.where(allowed, scores, CAUSAL_MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)  # (B, K, G, T, S)
+        probs = self.dropout(probs)
+        return jnp.einsum("BKGTS,BSKH->BTKGH", probs, values)  # (B, T, K, G, H)
+
+    def _fused(self, q, keys, values, pad):
+        b, t = q.shape[:2]
+        half = q.dtype in (jnp.bfloat16, jnp.float16)
+        # cuDNN's kernel takes only half-precision inputs, and a bias broadcast over T
+        # (not over N): (B, 1, 1, S) is refused, (B, 1, T, S) accepted.
+        implementation = "cudnn" if half and jax.default_backend() == "gpu" else None
+        bias = None
+        if pad is not None:
+            bias = jnp.broadcast_to(pad[:, None, None, :], (b, 1, t, keys.shape[1]))
+            bias = bias.astype(q.dtype)  # (B, 1, T, S)
+        return jax.nn.dot_product_attention(
+            q, keys, values, bias=bias, scale=1.0 / math.sqrt(q.shape[-1]),
+            is_causal=self.causal, implementation=implementation,
+        )  # fmt: skip  # (B, T, N, H)
+
+
+class MLP(nnx.Module):
+    """Two-layer feed-forward network: ``fc_out(dropout(activation(fc_in(x))))``.
+
+    Args:
+        dim: model width D (input and output).
+        hidden: inner width F.
+        activation: "gelu" (exact, erf), "gelu_tanh", "relu" or "silu".
+        bias: whether ``fc_in`` and ``fc_out`` have biases.
+        dropout: dropout rate on the hidden activations (train mode only); a transformer
+            block's residual dropout on the output is the block's, not this.
+        rngs: initialisers' keys and the dropout stream.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        activation: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
+        get_activation(activation)  # fail at construction on a bad name
+        self.activation = activation
+        self.fc_in = nnx.Linear(dim, hidden, use_bias=bias, rngs=rngs)
+        self.fc_out = nnx.Linear(hidden, dim, use_bias=bias, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = get_activation(self.activation)(self.fc_in(x))  # (..., F)
+        return self.fc_out(self.dropout(hidden))  # (..., D)
+
+
+class TransformerBlock(nnx.Module):
+    """Self-attention and MLP, each with a residual connection, LayerNorm and dropout.
+
+    ``norm_position="post"`` (BERT)::
+
+        x = attention_norm(x + dropout(attention(x, key_mask)))
+        x = mlp_norm(x + dropout(mlp(x)))
+
+    ``norm_position="pre"`` (GPT)::
+
+        x = x + dropout(attention(attention_norm(x), key_mask))
+        x = x + dropout(mlp(mlp_norm(x)))
+
+    Args:
+        dim: model width D.
+        num_heads: attention heads N.
+        ffn: MLP width F.
+        norm_eps: LayerNorm epsilon (always explicit: frameworks' defaults differ).
+        norm_position: "post" or "pre".
+        activation: the MLP's activation (see :class:`MLP`).
+        bias: biases in the attention projections and the MLP.
+        dropout: residual dropout on the attention and MLP outputs.
+        attention_dropout: dropout on the attention probabilities.
+        causal: causal self-attention.
+        fused: the attention's fused path (see :class:`Attention`).
+        rngs: initialisers' keys and the dropout streams.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn: int,
+        *,
+        norm_eps: float,
+        norm_position: str = "post",
+        activation: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        causal: bool = False,
+        fused: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        if norm_position not in ("post", "pre"):
+            raise ValueError(f"norm_position must be 'post' or 'pre', got {norm_position!r}")
+        self.norm_position = norm_position
+        self.attention = Attention(
+            dim, num_heads, bias=bias, dropout=attention_dropout, causal=causal, fused=fused,
+            rngs=rngs,
+        )  # fmt: skip
+        self.attention_norm = _layer_norm(dim, norm_eps, rngs)
+        self.mlp = MLP(dim, ffn, activation=activation, bias=bias, rngs=rngs)
+        self.mlp_norm = _layer_norm(dim, norm_eps, rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        if self.norm_position == "post":
+            x = self.attention_norm(x + self.dropout(self.attention(x, key_mask)))
+            return self.mlp_norm(x + self.dropout(self.mlp(x)))  # (B, T, D)
+        x = x + self.dropout(self.attention(self.attention_norm(x), key_mask))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))  # (B, T, D)

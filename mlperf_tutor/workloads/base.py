@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from types import ModuleType
 from typing import Any
 
 from mlperf_tutor import frameworks
@@ -19,12 +20,20 @@ class Workload:
     ``torch_model``, ``jax_model`` and ``tf_model``, each with a ``build(cfg)`` function) and
     implement the analytic and numpy-side methods. Framework-side methods are generic: they go
     through the framework adapter (``mlperf_tutor.frameworks``).
+
+    Workloads with a public checkpoint naming set ``hf`` to their interop module (framework-free
+    at import), which provides ``config_from_hf(hf_config, preset, **overrides)``,
+    ``config_to_hf(cfg)``, ``load_pretrained(directory) -> (cfg, tree)``,
+    ``save_pretrained(tree, cfg, directory)`` and ``ARCHITECTURE`` (the config fields a
+    checkpoint fixes). ``mlperf_tutor.convert`` then reads and writes ``save_pretrained``
+    directories wherever a checkpoint path is accepted.
     """
 
     name: str = ""
     description: str = ""
     config_class: type[Config] = Config
     package: str = ""
+    hf: ModuleType | None = None
 
     # --- framework-free -------------------------------------------------------------------
     def config(self, preset: str = "tiny", **overrides) -> Config:
@@ -34,6 +43,24 @@ class Workload:
     @property
     def presets(self) -> list[str]:
         return list(self.config_class.PRESETS)
+
+    def config_from_hf(self, hf_config: Any, **kwargs) -> Config:
+        """The config of a Hugging Face model: its architecture from ``hf_config``, the rest
+        from a preset.
+
+        Args:
+            hf_config: a transformers config object, its dict, a ``config.json`` path or a
+                ``save_pretrained`` directory.
+            **kwargs: ``preset=`` and field overrides, as the workload's
+                ``hf.config_from_hf`` takes them.
+
+        Raises:
+            ValueError: the workload has no Hugging Face interop, or the model is not of its
+                architecture (the message names the field).
+        """
+        if self.hf is None:
+            raise ValueError(f"workload {self.name!r} has no Hugging Face interop")
+        return self.hf.config_from_hf(hf_config, **kwargs)
 
     def param_count(self, cfg: Config) -> int:
         """Number of trainable parameters, computed analytically (no allocation)."""
@@ -76,7 +103,8 @@ class Workload:
         return frameworks.get(framework)
 
     def build(self, framework: str, cfg: Config, weights: Tree | str | os.PathLike | None = None):
-        """A model in ``framework``; ``weights`` is a canonical dict or a checkpoint path.
+        """A model in ``framework``; ``weights`` is a canonical dict or a checkpoint path (any
+        format of ``mlperf_tutor.convert``, a ``save_pretrained`` directory included).
 
         Without ``weights`` the model gets :meth:`init_canonical` with seed 0, so that every
         framework starts from the same numbers.

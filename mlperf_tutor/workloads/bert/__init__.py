@@ -22,6 +22,7 @@ import numpy as np
 from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.bert import hf
 from mlperf_tutor.workloads.bert.config import BertConfig
 
 # Token ids of the synthetic data (the real WordPiece vocabulary has [CLS] 101, [SEP] 102,
@@ -51,7 +52,7 @@ def canonical_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
         **norm("embeddings.norm"),
     }
     for i in range(cfg.num_layers):
-        block = f"layers.{i}"
+        block = f"blocks.{i}"
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             shapes |= linear(f"{block}.attention.{proj}", d, d)
         shapes |= norm(f"{block}.attention_norm")
@@ -76,6 +77,7 @@ class BertWorkload(Workload):
     description = "BERT-large pre-training (masked LM + NSP), LAMB; MLPerf target 0.720 MLM acc"
     config_class = BertConfig
     package = "mlperf_tutor.workloads.bert"
+    hf = hf  # transformers BertForPreTraining interop (framework-free)
 
     def param_count(self, cfg: BertConfig) -> int:
         return sum(int(np.prod(s)) for s in canonical_shapes(cfg).values())

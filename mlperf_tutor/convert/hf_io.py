@@ -1,0 +1,184 @@
+"""Hugging Face ``save_pretrained`` directories, read and written without transformers.
+
+Layout (what ``PreTrainedModel.save_pretrained`` writes with transformers 5): ``config.json``
+and either one ``model.safetensors`` or shards ``model-00001-of-0000N.safetensors`` listed by
+``model.safetensors.index.json`` (``{"metadata": {...}, "weight_map": {name: shard file}}``).
+Tensors carry the library's own names (e.g. ``bert.encoder.layer.0.attention.self.query.weight``)
+in PyTorch layouts; the workload's ``hf`` module renames them to and from canonical names.
+
+This module handles the files; the naming and the config belong to the workload, whose ``hf``
+module provides ``load_pretrained(directory) -> (cfg, tree)``, ``save_pretrained(tree, cfg,
+directory)``, ``config_from_hf`` and ``ARCHITECTURE`` (the config fields a checkpoint fixes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from mlperf_tutor.convert.formats import TensorSpec, atomic_dir
+from mlperf_tutor.convert.safetensors_io import SafetensorsReader, write_safetensors
+from mlperf_tutor.core.checkpoint import CheckpointError
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+# What a save_pretrained of a model writes; a directory holding only these may be replaced.
+_MODEL_FILES = re.compile(
+    r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?"
+    r"|model-\d+-of-\d+\.safetensors"
+)
+
+
+def require_hf(path: str | os.PathLike, workload: Any, cfg: Any = None, need_cfg: bool = False):
+    """The ``hf`` module of ``workload``, or a CheckpointError saying what is missing."""
+    if workload is None:
+        raise CheckpointError(
+            f"{path} is a Hugging Face directory, whose tensor names only the workload knows; "
+            "pass workload= (CLI: mlperf-tutor convert WORKLOAD ...)"
+        )
+    if workload.hf is None:
+        raise CheckpointError(
+            f"{path} is a Hugging Face directory, but workload {workload.name!r} has no Hugging "
+            "Face interop; use .safetensors, .pt, .weights.h5 or an Orbax directory"
+        )
+    if need_cfg and cfg is None:
+        raise CheckpointError(
+            f"writing {path} needs the config for its config.json; pass cfg= (CLI: --preset PRESET)"
+        )
+    return workload.hf
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """The parsed ``config.json`` of a ``save_pretrained`` directory.
+
+    Raises:
+        CheckpointError: no such directory, no config.json, or one that is not a JSON object.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} does not exist or is not a directory; check the path")
+    path = directory / CONFIG
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} has no {CONFIG}; a Hugging Face save_pretrained directory holds "
+            f"{CONFIG} and {WEIGHTS} (save the model with save_pretrained)"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the model") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object; re-save the model")
+    return config
+
+
+def _index(path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index: tensor name -> shard file name."""
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{path} is not a valid safetensors index (no weight_map); re-save the model"
+        ) from e
+    # Shard names are plain file names; anything else could point outside the directory.
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and v == Path(v).name for v in weight_map.values()
+    ):
+        raise CheckpointError(f"{path} has a malformed weight_map; re-save the model")
+    return weight_map
+
+
+def read_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a ``save_pretrained`` directory under its library name, memory-mapped.
+
+    Nothing is read until a tensor is used (copy-on-write views, as ``convert.load`` gives).
+
+    Raises:
+        CheckpointError: no weights, a corrupt file, or an index naming a tensor that its shard
+            does not hold.
+    """
+    directory = Path(directory)
+    if not (directory / INDEX).is_file():
+        if not (directory / WEIGHTS).is_file():
+            legacy = sorted(p.name for p in directory.glob("pytorch_model*.bin"))
+            hint = (
+                f"; it holds {legacy[0]} (the pre-safetensors format): load it with "
+                "transformers and save_pretrained it again"
+                if legacy
+                else ""
+            )
+            raise CheckpointError(f"{directory} has no {WEIGHTS} nor {INDEX}{hint}")
+        with SafetensorsReader(directory / WEIGHTS) as reader:
+            return reader.mapped()
+    weight_map = _index(directory / INDEX)
+    shards: dict[str, dict[str, np.ndarray]] = {}
+    for file in dict.fromkeys(weight_map.values()):
+        with SafetensorsReader(directory / file) as reader:
+            shards[file] = reader.mapped()
+    missing = [k for k, file in weight_map.items() if k not in shards[file]]
+    if missing:
+        raise CheckpointError(
+            f"{directory / INDEX} lists tensors its shards do not hold ({missing[:5]}); the "
+            "directory is incomplete, re-save or re-download it"
+        )
+    return {k: shards[file][k] for k, file in weight_map.items()}
+
+
+def is_model_dir(path: Path) -> bool:
+    """Whether ``path`` is absent, empty, or holds only what ``save_pretrained`` writes."""
+    if not path.exists():
+        return True
+    return path.is_dir() and all(
+        e.is_file() and _MODEL_FILES.fullmatch(e.name) for e in path.iterdir()
+    )
+
+
+def write_pretrained(
+    directory: str | os.PathLike,
+    config: Mapping[str, Any],
+    specs: Mapping[str, TensorSpec],
+    tensors: Iterable[tuple[str, np.ndarray]],
+) -> None:
+    """Write ``config.json`` and one ``model.safetensors`` as a new directory, atomically.
+
+    The directory is assembled in a staging directory beside ``directory`` and renamed into
+    place when complete; on any failure nothing is left. An existing ``directory`` is replaced
+    only if it holds nothing but a model's config and weights (tokenizer files, for example,
+    are never deleted: the write is refused).
+
+    Args:
+        directory: destination.
+        config: the config.json content.
+        specs: library name -> spec of every tensor that will come.
+        tensors: (library name, array) pairs, each name of ``specs`` once.
+    """
+    with atomic_dir(directory, is_model_dir, "a Hugging Face model directory") as target:
+        target.mkdir()
+        (target / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        # {"format": "pt"}: transformers expects it of PyTorch-layout safetensors files.
+        write_safetensors(target / WEIGHTS, specs, tensors, metadata={"format": "pt"})
+
+
+def check_architecture(hf: ModuleType, found: Any, cfg: Any, where: str | os.PathLike) -> None:
+    """Raise a CheckpointError when the checkpoint's config differs from ``cfg`` in a field of
+    ``hf.ARCHITECTURE`` (layer count, widths, heads, eps: fields that change the model but not
+    always the tensor shapes)."""
+    diff = [
+        f"{f} {getattr(found, f)} in the checkpoint, {getattr(cfg, f)} in the config"
+        for f in hf.ARCHITECTURE
+        if getattr(found, f) != getattr(cfg, f)
+    ]
+    if diff:
+        raise CheckpointError(
+            f"{where}/{CONFIG} does not match the config: {'; '.join(diff)}; build the config "
+            f"from the checkpoint with wl.config_from_hf({str(where)!r}) (nothing was loaded)"
+        )

@@ -1,0 +1,235 @@
+"""PyTorch building blocks that the transformer workloads share (BERT, GPT-3, GPT-J, Llama 2, SD).
+
+Attention: Vaswani et al. 2017 (https://arxiv.org/abs/1706.03762); grouped-query attention:
+Ainslie et al. 2023 (https://arxiv.org/abs/2305.13245). Post-LN blocks as in BERT
+(mlcommons/training ``language_model/tensorflow/bert/modeling.py``), pre-LN as in GPT-2.
+Class, attribute and argument names equal those of ``jax_layers`` and ``tf_layers``, so the
+adapters' generic layout rules map every leaf. Dimension letters: B batch, T query time, S key
+time, D model, N heads, K kv heads, H head dim, F ffn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Added to the scores of padded keys: the MLPerf BERT reference's value (modeling.py). It is
+# not -inf so that a fully padded row still has a well-defined (uniform) softmax.
+KEY_MASK_VALUE = -10000.0
+# Put on the scores of future keys; the most negative float32, so exp() gives exactly 0 even
+# where a padded key's -10000 was added before.
+CAUSAL_MASK_VALUE = float(torch.finfo(torch.float32).min)
+
+# Activation name -> function, every approximation explicit (never a framework default).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": lambda x: F.gelu(x, approximate="none"),  # exact, with erf (BERT)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2 / GPT-3 / GPT-J
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation function called ``name`` (a key of :data:`ACTIVATIONS`)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional grouped-query heads, key padding and causality.
+
+    ``scores = q k^T / sqrt(H)``; padded keys get ``-10000`` added (the MLPerf BERT reference's
+    value), future keys are set to the most negative float32 when ``causal``; softmax in float32
+    (float64 for float64 models), dropout on the probabilities, then the weighted values go
+    through ``o_proj``. With ``num_kv_heads = K < N``, query head ``n`` uses key/value head
+    ``n // (N / K)`` (Llama 2's layout of grouped heads).
+
+    Args:
+        dim: model width D (input and output).
+        num_heads: query heads N; head dim H = D / N.
+        num_kv_heads: key/value heads K (grouped-query attention); N when None.
+        bias: whether the four projections have biases.
+        dropout: dropout rate on the attention probabilities.
+        causal: mask keys after the query (decoder self-attention).
+        fused: use ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
+            Same math, but its dropout draws different random numbers and its softmax runs in
+            the input dtype; the default explicit path is the reference.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        causal: bool = False,
+        fused: bool = False,
+    ):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if dim % num_heads or num_heads % num_kv_heads:
+            raise ValueError(
+                f"Attention needs dim ({dim}) divisible by num_heads ({num_heads}) and num_heads "
+                f"divisible by num_kv_heads ({num_kv_heads})"
+            )
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.causal, self.fused = causal, fused
+        kv_dim = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, kv_dim, bias=bias)
+        self.o_proj = nn.Linear(dim, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # (B, T, N, H)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # (B, S, K, H)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # (B, S, K, H)
+        if self.fused:
+            out = self._fused(q, k, v, key_mask)  # (B, T, N, H)
+        else:
+            group = self.num_heads // self.num_kv_heads
+            # Each kv head serves `group` consecutive query heads: (B, S, K, H) -> (B, S, N, H).
+            k = k.repeat_interleave(group, dim=2)
+            v = v.repeat_interleave(group, dim=2)
+            scores = torch.einsum("BTNH,BSNH->BNTS", q, k) / math.sqrt(self.head_dim)
+            # Softmax in float32 at least (bf16 scores lose the -10000 mask's precision);
+            # float64 models, as in gradient checks, stay float64.
+            scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+            probs = torch.softmax(self._masked(scores, key_mask), dim=-1)  # (B, N, T, S)
+            probs = self.dropout(probs.to(v.dtype))
+            out = torch.einsum("BNTS,BSNH->BTNH", probs, v)  # (B, T, N, H)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))  # (B, T, D)
+
+    def _masked(self, scores: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        # scores (B, N, T, S) or (B, 1, T, S), float32 or float64
+        if key_mask is not None:
+            pad = 1.0 - key_mask.to(scores.dtype)  # (B, S): 1 where the key is padding
+            scores = scores + pad[:, None, None, :] * KEY_MASK_VALUE
+        if self.causal:
+            t, s = scores.shape[-2:]
+            future = torch.ones(t, s, dtype=torch.bool, device=scores.device).triu(1)  # (T, S)
+            scores = scores.masked_fill(future, CAUSAL_MASK_VALUE)
+        return scores
+
+    def _fused(self, q, k, v, key_mask):
+        # F.scaled_dot_product_attention wants heads first: (B, N, T, H) and (B, K, S, H).
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        bias = None
+        if key_mask is not None:
+            t, s = q.shape[2], k.shape[2]
+            zeros = torch.zeros(q.shape[0], 1, t, s, dtype=torch.float32, device=q.device)
+            # (B, 1, T, S), causal part included (SDPA takes a mask or is_causal, not both). In
+            # bf16 the causal value becomes -inf, harmless: every row keeps its diagonal.
+            bias = self._masked(zeros, key_mask).to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout.p if self.training else 0.0,
+            is_causal=self.causal and bias is None, scale=1.0 / math.sqrt(self.head_dim),
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # fmt: skip
+        return out.transpose(1, 2)  # (B, T, N, H)
+
+
+class MLP(nn.Module):
+    """Two-layer feed-forward network: ``fc_out(dropout(act(fc_in(x))))``.
+
+    Args:
+        dim: model width D (input and output).
+        hidden: inner width F.
+        activation: one of "gelu" (exact, erf), "gelu_tanh", "relu", "silu".
+        bias: whether both layers have biases.
+        dropout: dropout rate on the inner activations (0 in BERT and GPT, whose blocks drop
+            the MLP's output instead).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        activation: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        get_activation(activation)  # fail at construction on a bad name
+        self.activation = activation
+        self.fc_in = nn.Linear(dim, hidden, bias=bias)
+        self.fc_out = nn.Linear(hidden, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = get_activation(self.activation)(self.fc_in(x))  # (..., F)
+        return self.fc_out(self.dropout(hidden))  # (..., D)
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention + MLP, each with a residual connection and a LayerNorm.
+
+    ``norm_position="post"`` (BERT)::
+
+        x = attention_norm(x + dropout(attention(x, key_mask)))
+        x = mlp_norm(x + dropout(mlp(x)))
+
+    ``norm_position="pre"`` (GPT)::
+
+        x = x + dropout(attention(attention_norm(x), key_mask))
+        x = x + dropout(mlp(mlp_norm(x)))
+
+    Args:
+        dim: model width D.
+        num_heads: attention heads N.
+        ffn: MLP inner width F.
+        norm_eps: LayerNorm epsilon (always explicit: 1e-12 in BERT, 1e-5 in GPT).
+        norm_position: "post" or "pre".
+        activation: the MLP's activation (see :class:`MLP`).
+        bias: whether the linear layers have biases (the LayerNorms always do).
+        dropout: dropout rate on the attention and MLP outputs before the residual sum.
+        attention_dropout: dropout rate on the attention probabilities.
+        causal: causal self-attention.
+        fused: the attention's fused path (see :class:`Attention`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn: int,
+        *,
+        norm_eps: float,
+        norm_position: str = "post",
+        activation: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        causal: bool = False,
+        fused: bool = False,
+    ):
+        super().__init__()
+        if norm_position not in ("post", "pre"):
+            raise ValueError(f"norm_position must be 'post' or 'pre', got {norm_position!r}")
+        self.norm_position = norm_position
+        self.attention = Attention(
+            dim, num_heads, bias=bias, dropout=attention_dropout, causal=causal, fused=fused
+        )
+        self.attention_norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=True, bias=True)
+        self.mlp = MLP(dim, ffn, activation=activation, bias=bias, dropout=0.0)
+        self.mlp_norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=True, bias=True)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x (B, T, D) in and out
+        if self.norm_position == "pre":
+            x = x + self.dropout(self.attention(self.attention_norm(x), key_mask))
+            return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = self.attention_norm(x + self.dropout(self.attention(x, key_mask)))
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))

@@ -1,0 +1,313 @@
+"""MLPerf BERT pre-training data: the HDF5 shards, read as batches; masked-LM accuracy.
+
+Format (the PyTorch reference's ``create_pretraining_data.py`` and ``chop_hdf5_files.py``, from
+mlcommons/training ``language_model``; the TF reference writes the same features as TFRecords).
+Each file holds one row per sequence, padded with zeros:
+
+=======================  ==========  =======  ==============================================
+dataset                  shape       dtype    meaning
+=======================  ==========  =======  ==============================================
+``input_ids``            (N, S)      int32    token ids ([CLS] A [SEP] B [SEP] [PAD]...)
+``input_mask``           (N, S)      int8     1 on real tokens, 0 on padding
+``segment_ids``          (N, S)      int8     0 for sentence A, 1 for sentence B
+``masked_lm_positions``  (N, P)      int32    masked positions; 0 pads (position 0 is [CLS])
+``masked_lm_ids``        (N, P)      int32    the original token at each masked position
+``next_sentence_labels`` (N,)        int8     1 when B is a random sentence
+=======================  ==========  =======  ==============================================
+
+With the reference's S = 512 and P = 76: training is 2048 shards ``part_XXXXX_of_02048.hdf5``
+(``2048_shards_uncompressed/``), evaluation is one ``part_eval_10k.hdf5`` of 10,000 sequences
+(``eval_set_uncompressed/``). Both are read by :class:`HDF5Shards`; read the eval set with
+``shuffle=False, drop_last=False``. NVIDIA's submissions use two derived variants that this
+reader refuses with a clear error: "varlength" files (ragged ``vlen`` rows without padding,
+``hdf5_4320_shards_varlength``, ``eval_varlength``) and "packed" files (several sequences per
+row, with ``packed_input_len``/``packed_masked_lm_len``).
+
+Batches are dicts of int32 arrays with the keys and dtypes of ``synthetic_batch``. h5py is
+imported only when a file is opened.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+# MLPerf Training BERT quality target: masked-LM accuracy on the 10k-sequence eval set
+# (mlcommons/training language_model/tensorflow/bert/README.md, "Stopping criteria").
+TARGET_MLM_ACCURACY = 0.720
+
+# In the order of synthetic_batch's keys.
+KEYS = (
+    "input_ids", "segment_ids", "input_mask", "masked_lm_positions", "masked_lm_ids",
+    "next_sentence_labels",
+)  # fmt: skip
+_TOKENS = ("input_ids", "input_mask", "segment_ids")  # (N, S)
+_MASKED = ("masked_lm_positions", "masked_lm_ids")  # (N, P)
+# The reference's on-disk dtypes (create_pretraining_data.py), which write_shard reproduces.
+_DISK_DTYPES = {
+    "input_ids": "i4", "input_mask": "i1", "segment_ids": "i1", "masked_lm_positions": "i4",
+    "masked_lm_ids": "i4", "next_sentence_labels": "i1",
+}  # fmt: skip
+
+
+class DataError(ValueError):
+    """A data file that cannot be read as MLPerf BERT shards; the message says what to do."""
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError as e:
+        raise DataError("reading MLPerf BERT HDF5 shards needs h5py; pip install h5py") from e
+    return h5py
+
+
+def _check_layout(
+    where: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    seq_len: int | None,
+    max_pred: int | None,
+    hint: str = "the file is not an MLPerf BERT shard of this sequence length (regenerate it, "
+    "or pass the seq_len/max_predictions it was made with)",
+) -> tuple[int, int, int]:
+    """Rows, S and P of a shard's datasets, or a DataError naming the first bad one."""
+    rows = shapes["input_ids"][0] if len(shapes["input_ids"]) == 2 else -1
+    dims = {"S": seq_len, "P": max_pred}
+    for key in KEYS:
+        shape = shapes[key]
+        if key == "next_sentence_labels":
+            want, ok = "(N,)", len(shape) == 1 and shape[0] == rows
+        else:
+            dim = "S" if key in _TOKENS else "P"
+            if len(shape) == 2 and dims[dim] is None:
+                dims[dim] = shape[1]
+            want = f"(N, {dim}={dims[dim]})"
+            ok = len(shape) == 2 and shape == (rows, dims[dim])
+        if not ok:
+            raise DataError(
+                f"{where}: {key!r} has shape {shape}, expected {want} with N = {rows} rows as "
+                f"in input_ids; {hint}"
+            )
+    return rows, dims["S"], dims["P"]
+
+
+def _open(path: Path):
+    """``path`` opened with h5py, after checking that it is an HDF5 file."""
+    h5py = _h5py()
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file; check the path")
+    if not h5py.is_hdf5(path):
+        raise DataError(f"{path} is not an HDF5 file (empty, truncated or another format)")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e}); it is truncated or corrupt") from e
+
+
+def _inspect(path: Path, seq_len: int | None, max_pred: int | None) -> tuple[int, int, int]:
+    """Validate one shard's datasets without reading them; returns (rows, S, P)."""
+    with _open(path) as f:
+        if "packed_input_len" in f or "packed_masked_lm_len" in f:
+            raise DataError(
+                f"{path} is a packed shard (several sequences per row); this reader takes the "
+                "unpacked MLPerf shards (2048_shards_uncompressed, part_eval_10k.hdf5)"
+            )
+        missing = [k for k in KEYS if not isinstance(f.get(k), _h5py().Dataset)]
+        if missing:
+            raise DataError(
+                f"{path} has no dataset(s) {missing}; an MLPerf BERT shard holds {list(KEYS)}"
+            )
+        for key in KEYS:
+            dtype = f[key].dtype
+            if dtype.kind == "O":  # h5py's variable-length (vlen) rows
+                raise DataError(
+                    f"{path}: dataset {key!r} has variable-length rows (NVIDIA's varlength "
+                    "format); this reader takes the fixed-length shards "
+                    "(2048_shards_uncompressed, part_eval_10k.hdf5)"
+                )
+            if dtype.kind not in "iub":
+                raise DataError(
+                    f"{path}: dataset {key!r} has dtype {dtype}, expected integers; the file "
+                    "is not an MLPerf BERT shard"
+                )
+        return _check_layout(str(path), {k: f[k].shape for k in KEYS}, seq_len, max_pred)
+
+
+def _paths(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            paths = sorted(p for p in path.iterdir() if p.suffix in (".hdf5", ".h5"))
+            if not paths:
+                raise DataError(f"{path} holds no .hdf5 or .h5 files; check the path")
+            return paths
+        return [path]
+    paths = [Path(p) for p in source]
+    if not paths:
+        raise DataError("no shard files given; pass a file, a directory or a list of files")
+    return paths
+
+
+class HDF5Shards:
+    """MLPerf BERT HDF5 shards (training or eval), validated on opening, read as batches.
+
+    Every file's datasets are checked when the object is made (names, integer dtypes, shapes,
+    equal row counts, one S and P across files), so a bad file fails before training starts.
+    Data is read one shard at a time.
+
+    Args:
+        source: a shard file, a directory of ``*.hdf5``/``*.h5`` shards, or a list of files.
+        seq_len: expected S (default: whatever the first shard has).
+        max_predictions: expected P (default: whatever the first shard has).
+
+    Raises:
+        DataError: a missing or non-HDF5 file, a missing dataset, a wrong shape or dtype, or a
+            packed/varlength file (the message names the file and the dataset).
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | Sequence[str | os.PathLike],
+        seq_len: int | None = None,
+        max_predictions: int | None = None,
+    ):
+        self.paths = _paths(source)
+        self.rows: list[int] = []
+        for path in self.paths:
+            rows, seq_len, max_predictions = _inspect(path, seq_len, max_predictions)
+            self.rows.append(rows)
+        self.seq_len, self.max_predictions = seq_len, max_predictions
+
+    @property
+    def num_rows(self) -> int:
+        """Sequences in all shards."""
+        return sum(self.rows)
+
+    def num_batches(self, batch_size: int, drop_last: bool = True) -> int:
+        """Batches that :meth:`batches` yields for one pass."""
+        full, rest = divmod(self.num_rows, batch_size)
+        return full + (0 if drop_last or not rest else 1)
+
+    def _read(self, index: int) -> dict[str, np.ndarray]:
+        # Kept in the file's dtypes (int8 masks) until a batch is cut: a quarter of the memory.
+        path = self.paths[index]
+        with _open(path) as f:
+            try:
+                return {k: f[k][()] for k in KEYS}
+            except OSError as e:
+                raise DataError(f"{path} cannot be read ({e}); it is truncated or corrupt") from e
+
+    def batches(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """One pass over the shards as batches of ``batch_size`` sequences.
+
+        With ``shuffle``, the order of the shards and of the rows within each shard is drawn
+        from ``(seed, epoch)``: the same pair gives the same batches, another epoch another
+        order. Batches run across shard boundaries, so only the pass's last batch can be short.
+
+        Args:
+            batch_size: sequences per batch.
+            seed: the run's data seed.
+            epoch: the pass number; mixed into the shuffling.
+            shuffle: shuffle shards and rows (off for evaluation: the file order).
+            drop_last: drop a last batch shorter than ``batch_size`` (keep it for evaluation).
+
+        Yields:
+            name -> int32 array: (B, S) for input_ids/input_mask/segment_ids, (B, P) for
+            masked_lm_positions/masked_lm_ids, (B,) for next_sentence_labels.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(self.paths)) if shuffle else range(len(self.paths))
+        carry: dict[str, np.ndarray] | None = None  # rows left over from the previous shard
+        for index in order:
+            shard = self._read(int(index))
+            if shuffle:
+                rows = rng.permutation(self.rows[index])
+                shard = {k: v[rows] for k, v in shard.items()}
+            if carry is not None:
+                shard = {k: np.concatenate([carry[k], v]) for k, v in shard.items()}
+            n = len(shard["input_ids"])
+            for start in range(0, n - batch_size + 1, batch_size):
+                yield {k: v[start : start + batch_size].astype(np.int32) for k, v in shard.items()}
+            tail = n - n % batch_size
+            carry = {k: v[tail:] for k, v in shard.items()} if n % batch_size else None
+        if carry is not None and not drop_last:
+            yield {k: v.astype(np.int32) for k, v in carry.items()}
+
+
+def write_shard(path: str | os.PathLike, batch: Mapping[str, np.ndarray]) -> None:
+    """Write ``batch`` as an MLPerf BERT HDF5 shard, with the reference's on-disk dtypes.
+
+    Written to a temporary name and renamed, so a failed write leaves no partial file.
+
+    Args:
+        path: destination ``.hdf5`` file.
+        batch: the six arrays of :data:`KEYS` (a ``synthetic_batch`` or a batch read back).
+
+    Raises:
+        DataError: a key is missing or the shapes do not fit together.
+    """
+    path = Path(path)
+    missing = [k for k in KEYS if k not in batch]
+    if missing:
+        raise DataError(f"cannot write {path}: the batch has no {missing}; it needs {list(KEYS)}")
+    shapes = {k: np.shape(batch[k]) for k in KEYS}
+    _check_layout(f"cannot write {path}", shapes, None, None, "fix the batch")
+    h5py = _h5py()
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key in KEYS:
+                f.create_dataset(key, data=np.asarray(batch[key]), dtype=_DISK_DTYPES[key])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def masked_lm_counts(mlm_logits: np.ndarray, batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
+    """(correct, total) real masked positions of a batch; sum these over an eval set.
+
+    A position is real where ``masked_lm_positions != 0`` (0 pads: [CLS] is never masked);
+    it is correct where the argmax of its logits is ``masked_lm_ids``.
+
+    Args:
+        mlm_logits: (B, P, V) logits at the masked positions, as the models return them.
+        batch: the batch the logits came from.
+    """
+    logits = np.asarray(mlm_logits)
+    positions, ids = np.asarray(batch["masked_lm_positions"]), np.asarray(batch["masked_lm_ids"])
+    if logits.ndim != 3 or logits.shape[:2] != positions.shape:
+        raise ValueError(
+            f"mlm_logits has shape {logits.shape}, expected (B, P, V) with (B, P) = "
+            f"{positions.shape} as the batch's masked_lm_positions"
+        )
+    real = positions != 0
+    correct = (logits.argmax(-1) == ids) & real
+    return int(correct.sum()), int(real.sum())
+
+
+def masked_lm_accuracy(mlm_logits: np.ndarray, batch: Mapping[str, np.ndarray]) -> float:
+    """Fraction of a batch's real masked positions whose argmax is the original token.
+
+    The MLPerf metric (target :data:`TARGET_MLM_ACCURACY` = 0.720) is this fraction over all
+    10,000 eval sequences at once, as the reference's weighted ``tf.metrics.accuracy`` computes
+    it: sum :func:`masked_lm_counts` over the batches rather than averaging batch accuracies.
+
+    Raises:
+        ValueError: logits of the wrong shape, or a batch without any masked position.
+    """
+    correct, total = masked_lm_counts(mlm_logits, batch)
+    if total == 0:
+        raise ValueError("the batch has no masked positions (masked_lm_positions are all 0)")
+    return correct / total

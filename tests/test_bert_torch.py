@@ -1,0 +1,345 @@
+"""BERT in PyTorch and the shared PyTorch transformer blocks.
+
+The blocks are checked against a float64 numpy reference written here; the BERT forward against
+Hugging Face's ``BertForPreTraining`` built locally from a config (no downloads).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mlperf_tutor import frameworks, workloads
+from mlperf_tutor.core.parity import OUTPUT_ATOL
+from mlperf_tutor.layers.torch_layers import MLP, Attention, TransformerBlock, get_activation
+from mlperf_tutor.workloads.bert import canonical_shapes
+from mlperf_tutor.workloads.bert.hf import from_hf
+
+ADAPTER = frameworks.get("torch")
+WL = workloads.get("bert")
+CFG = WL.config("tiny")
+DET = WL.deterministic(CFG)  # dropout 0
+B, T, D, N, F = 3, 7, 16, 4, 24
+EPS = 1e-6
+
+# --- float64 numpy reference --------------------------------------------------------------
+
+_erf = np.vectorize(math.erf)
+NP_ACTIVATIONS = {
+    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
+    "gelu_tanh": lambda x: (
+        0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    ),
+    "relu": lambda x: np.maximum(x, 0.0),
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+}
+
+
+def np_linear(w: dict, name: str, x: np.ndarray) -> np.ndarray:
+    y = x @ w[f"{name}.weight"].T
+    return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
+
+
+def np_layer_norm(w: dict, name: str, x: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+
+def np_attention(
+    w, x, num_heads, num_kv_heads, key_mask=None, causal=False, prefix=""
+) -> np.ndarray:
+    b, t, d = x.shape
+    h = d // num_heads
+    q = np_linear(w, f"{prefix}q_proj", x).reshape(b, t, num_heads, h)
+    k = np_linear(w, f"{prefix}k_proj", x).reshape(b, t, num_kv_heads, h)
+    v = np_linear(w, f"{prefix}v_proj", x).reshape(b, t, num_kv_heads, h)
+    kv_head = np.arange(num_heads) // (num_heads // num_kv_heads)  # query head -> its kv head
+    k, v = k[:, :, kv_head], v[:, :, kv_head]  # (B, S, N, H)
+    scores = np.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(h)
+    if key_mask is not None:
+        scores = scores + (1.0 - key_mask)[:, None, None, :] * -10000.0
+    if causal:
+        scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("bnts,bsnh->btnh", probs, v).reshape(b, t, d)
+    return np_linear(w, f"{prefix}o_proj", out)
+
+
+def np_mlp(w, x, act, prefix="") -> np.ndarray:
+    return np_linear(w, f"{prefix}fc_out", NP_ACTIVATIONS[act](np_linear(w, f"{prefix}fc_in", x)))
+
+
+def np_block(w, x, key_mask, norm_position, act, eps) -> np.ndarray:
+    def attention(y):
+        return np_attention(w, y, N, N, key_mask, prefix="attention.")
+
+    def norm(name, y):
+        return np_layer_norm(w, name, y, eps)
+
+    if norm_position == "pre":
+        x = x + attention(norm("attention_norm", x))
+        return x + np_mlp(w, norm("mlp_norm", x), act, prefix="mlp.")
+    x = norm("attention_norm", x + attention(x))
+    return norm("mlp_norm", x + np_mlp(w, x, act, prefix="mlp."))
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def randomized(module: torch.nn.Module, seed: int) -> dict[str, np.ndarray]:
+    """Load random float32 weights (norm scales and biases too) into ``module``; return them."""
+    rng = np.random.default_rng(seed)
+    tree = {}
+    for name, value in module.state_dict().items():
+        shape = tuple(value.shape)
+        if "norm" in name and name.endswith("weight"):
+            tree[name] = 1.0 + 0.2 * rng.standard_normal(shape)
+        elif name.endswith("bias"):
+            tree[name] = 0.2 * rng.standard_normal(shape)
+        else:
+            tree[name] = rng.standard_normal(shape) / math.sqrt(shape[-1])
+    tree = {k: v.astype(np.float32) for k, v in tree.items()}
+    ADAPTER.load_canonical(module, tree)
+    module.eval()
+    return tree
+
+
+def run(module, x, *args) -> np.ndarray:
+    with torch.no_grad():
+        return module(torch.from_numpy(x), *args).numpy()
+
+
+def as_f64(tree: dict) -> dict:
+    return {k: v.astype(np.float64) for k, v in tree.items()}
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(0).standard_normal((B, T, D)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def key_mask():
+    mask = np.ones((B, T), np.int32)
+    mask[1, 4:] = 0  # padded tail
+    mask[2, 1:] = 0  # one real token
+    return mask
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, atol: float = OUTPUT_ATOL) -> None:
+    assert got.shape == want.shape
+    err = float(np.abs(got - want).max())
+    assert err <= atol, f"max-abs {err:.3g} > {atol}"
+
+
+# --- shared blocks ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("masked", "causal", "num_kv_heads"),
+    [
+        (True, False, None),
+        (False, True, None),
+        (True, True, None),
+        (True, True, 2),
+        (False, False, 1),
+    ],
+)
+def test_attention_matches_numpy(x, key_mask, masked, causal, num_kv_heads):
+    layer = Attention(D, N, num_kv_heads=num_kv_heads, causal=causal)
+    w = as_f64(randomized(layer, seed=1))
+    mask = key_mask if masked else None
+    got = run(layer, x, None if mask is None else torch.from_numpy(mask))
+    want = np_attention(w, x.astype(np.float64), N, num_kv_heads or N, mask, causal)
+    assert_close(got, want)
+
+
+def test_grouped_query_attention_has_narrow_key_value_projections():
+    layer = Attention(D, N, num_kv_heads=2, bias=False)
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert shapes == {
+        "q_proj.weight": (D, D),
+        "k_proj.weight": (2 * D // N, D),
+        "v_proj.weight": (2 * D // N, D),
+        "o_proj.weight": (D, D),
+    }
+
+
+def test_padded_keys_do_not_influence_real_queries(x, key_mask):
+    layer = Attention(D, N)
+    randomized(layer, seed=2)
+    noisy = x.copy()
+    noisy[1, 4:] += 100.0  # change only the padded tokens of example 1
+    mask = torch.from_numpy(key_mask)
+    a, b = run(layer, x, mask), run(layer, noisy, mask)
+    assert_close(a[1, :4], b[1, :4])
+
+
+@pytest.mark.parametrize(
+    ("masked", "causal", "num_kv_heads"), [(True, False, None), (True, True, 2)]
+)
+def test_fused_attention_matches_explicit(x, key_mask, masked, causal, num_kv_heads):
+    explicit = Attention(D, N, num_kv_heads=num_kv_heads, causal=causal)
+    fused = Attention(D, N, num_kv_heads=num_kv_heads, causal=causal, fused=True)
+    tree = randomized(explicit, seed=3)
+    ADAPTER.load_canonical(fused.eval(), tree)
+    mask = torch.from_numpy(key_mask) if masked else None
+    assert_close(run(fused, x, mask), run(explicit, x, mask))
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "silu"])
+def test_mlp_matches_numpy(x, act):
+    layer = MLP(D, F, activation=act)
+    w = as_f64(randomized(layer, seed=4))
+    assert_close(run(layer, x), np_mlp(w, x.astype(np.float64), act))
+
+
+def test_gelu_is_exact_and_unknown_activation_is_refused():
+    # exact and tanh GELU differ by ~1e-4 near |x| = 2: the approximation must be the named one.
+    z = torch.tensor([2.0], dtype=torch.float64)
+    assert abs(float(get_activation("gelu")(z)) - NP_ACTIVATIONS["gelu"](2.0)) < 1e-12
+    assert abs(float(get_activation("gelu")(z) - get_activation("gelu_tanh")(z))) > 1e-5
+    with pytest.raises(ValueError, match="unknown activation 'swish'.*gelu_tanh"):
+        MLP(D, F, activation="swish")
+
+
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+def test_transformer_block_matches_numpy(x, key_mask, norm_position):
+    layer = TransformerBlock(D, N, F, norm_eps=EPS, norm_position=norm_position, activation="gelu")
+    w = as_f64(randomized(layer, seed=5))
+    got = run(layer, x, torch.from_numpy(key_mask))
+    assert_close(got, np_block(w, x.astype(np.float64), key_mask, norm_position, "gelu", EPS))
+
+
+def test_transformer_block_refuses_unknown_norm_position():
+    with pytest.raises(ValueError, match="norm_position must be 'post' or 'pre'"):
+        TransformerBlock(D, N, F, norm_eps=EPS, norm_position="sandwich")
+
+
+# --- BERT ---------------------------------------------------------------------------------
+
+
+def test_canonical_roundtrip_is_bit_identical():
+    tree = WL.init_canonical(CFG, seed=3)
+    model = WL.build("torch", CFG, weights=tree)
+    exported = WL.export("torch", model)
+    assert set(exported) == set(canonical_shapes(CFG))
+    for name, value in tree.items():
+        assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
+    assert set(ADAPTER.trainable_names(model)) == set(canonical_shapes(CFG))
+    assert sum(p.numel() for p in model.parameters()) == WL.param_count(CFG)
+
+
+def test_export_of_default_build_equals_init_canonical():
+    exported = WL.export("torch", WL.build("torch", CFG))
+    initial = WL.init_canonical(CFG)
+    assert set(exported) == set(initial)
+    assert all(np.array_equal(exported[k], initial[k]) for k in initial)
+
+
+@pytest.fixture(scope="module")
+def hf_outputs():
+    """HF BertForPreTraining with random weights (norms and biases too), its canonical tree,
+    a batch with padding, and HF's logits on it."""
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.BertConfig(
+        vocab_size=CFG.vocab_size, hidden_size=CFG.hidden, num_hidden_layers=CFG.num_layers,
+        num_attention_heads=CFG.num_heads, intermediate_size=CFG.ffn, hidden_act="gelu",
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        max_position_embeddings=CFG.max_positions, type_vocab_size=CFG.type_vocab_size,
+        layer_norm_eps=CFG.norm_eps, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.BertForPreTraining(hf_cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # tied weights appear once, so they stay tied
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(
+                noise * (0.1 if p.ndim == 1 else 0.05)
+                + (1.0 if "LayerNorm.weight" in name else 0.0)
+            )
+    tree = from_hf({k: v.numpy() for k, v in hf.state_dict().items()})
+    batch = WL.synthetic_batch(DET, batch_size=4, seed=1)
+    assert (batch["input_mask"] == 0).any() and (batch["masked_lm_positions"] == 0).any()
+    with torch.no_grad():
+        out = hf(
+            input_ids=torch.from_numpy(batch["input_ids"]).long(),
+            token_type_ids=torch.from_numpy(batch["segment_ids"]).long(),
+            attention_mask=torch.from_numpy(batch["input_mask"]).long(),
+        )
+    return tree, batch, out.prediction_logits.numpy(), out.seq_relationship_logits.numpy()
+
+
+def test_forward_matches_transformers_bert_for_pretraining(hf_outputs):
+    tree, batch, prediction_logits, nsp_logits = hf_outputs
+    ours = WL.forward("torch", WL.build("torch", DET, weights=tree), batch)
+    positions = batch["masked_lm_positions"]
+    want = np.take_along_axis(prediction_logits, positions[:, :, None], axis=1)  # (B, P, V)
+    assert_close(ours["mlm_logits"], want)
+    assert_close(ours["nsp_logits"], nsp_logits)
+
+    # The loss from HF's logits, in float64, with the reference's formula.
+    def ce(logits, labels):
+        logits = logits.astype(np.float64)
+        top = logits.max(-1, keepdims=True)
+        logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+        return logz - np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+
+    w = (positions != 0).astype(np.float64)
+    mlm = (ce(want, batch["masked_lm_ids"]) * w).sum() / (w.sum() + 1e-5)
+    assert_close(
+        ours["loss"], np.asarray(mlm + ce(nsp_logits, batch["next_sentence_labels"]).mean())
+    )
+
+
+def test_fused_attention_path_gives_the_same_bert_outputs(hf_outputs):
+    from mlperf_tutor.workloads.bert import torch_model
+
+    tree, batch, _, _ = hf_outputs
+    fused = torch_model.build(DET, fused=True)
+    ADAPTER.load_canonical(fused, tree)
+    ours = WL.forward("torch", WL.build("torch", DET, weights=tree), batch)
+    theirs = WL.forward("torch", fused, batch)
+    for key in ("mlm_logits", "nsp_logits", "loss"):
+        assert_close(theirs[key], ours[key])
+
+
+def test_training_with_dropout_gives_a_finite_different_loss():
+    assert CFG.dropout == 0.1
+    model = WL.build("torch", CFG)
+    batch = WL.synthetic_batch(CFG, batch_size=4, seed=2)
+    torch.manual_seed(0)
+    eval_loss = float(WL.forward("torch", model, batch, train=False)["loss"])
+    train_losses = [float(WL.forward("torch", model, batch, train=True)["loss"]) for _ in range(2)]
+    assert np.isfinite([eval_loss, *train_losses]).all()
+    assert eval_loss not in train_losses and train_losses[0] != train_losses[1]
+    spec, schedule = WL.optimizer(CFG)
+    optimizer = ADAPTER.make_optimizer(spec, schedule, model)
+    assert np.isfinite(ADAPTER.train_step(model, optimizer, batch))
+    assert all(np.isfinite(v).all() for v in WL.export("torch", model).values())
+
+
+def test_lamb_train_step_reduces_the_loss_on_a_fixed_batch():
+    # LAMB moves each weight by about lr * |w| per step; with the preset's 1e-3 thirty steps
+    # lower the loss by only 3%, so a larger rate makes the test discriminate.
+    cfg = DET.replace(lr=1e-2)
+    model = WL.build("torch", cfg)
+    spec, schedule = WL.optimizer(cfg)
+    optimizer = ADAPTER.make_optimizer(spec, schedule, model)
+    batch = WL.synthetic_batch(cfg, batch_size=4, seed=3)
+    losses = [ADAPTER.train_step(model, optimizer, batch) for _ in range(30)]
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.85 * losses[0] and (np.diff(losses[1:]) < 0).all(), losses
+
+
+def test_float64_model_stays_float64_through_attention_and_losses():
+    # Gradient checks run models in float64; no float32 detour may cap their precision.
+    model = WL.build("torch", DET).double()
+    out = model({k: torch.from_numpy(v) for k, v in WL.synthetic_batch(DET, 2).items()})
+    assert {v.dtype for v in out.values()} == {torch.float64}
