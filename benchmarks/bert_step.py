@@ -62,34 +62,41 @@ def jax_gpu(wl, cfg, batch, steps: int, warmup: int) -> float:
     import optax
     from flax import nnx
 
+    from mlperf_tutor.frameworks import jax_optim
     from mlperf_tutor.workloads.bert import jax_model
 
     adapter = frameworks.get("jax")
     model = jax_model.build(cfg, fused=True)
     adapter.load_canonical(model, wl.init_canonical(cfg))
-    spec, schedule = wl.optimizer(cfg)
-    tx = adapter.make_optimizer(spec, schedule, model).native
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt_state = tx.init(params)
+    # The adapter's optax transformation works on a flat dict keyed by parameter name (names
+    # decide weight decay and LAMB's trust ratio; Flax paths match the same patterns).
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in paths]
+    flat = dict(zip(names, (leaf for _, leaf in paths), strict=True))
+    spec, schedule = wl.optimizer(cfg)
+    tx = jax_optim.make_transformation(spec, schedule, names)
+    opt_state = tx.init(flat)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
-    def loss_fn(params, rest, batch):
+    def loss_fn(flat, rest, batch):
         # Mixed precision: bf16 copies of the float32 master weights for the forward.
-        low = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-        return nnx.merge(graphdef, low, rest)(batch)["loss"].astype(jnp.float32)
+        low = [flat[n].astype(jnp.bfloat16) for n in names]
+        params = jax.tree_util.tree_unflatten(treedef, low)
+        return nnx.merge(graphdef, params, rest)(batch)["loss"].astype(jnp.float32)
 
     @jax.jit
-    def step(params, opt_state, rest, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    def step(flat, opt_state, rest, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(flat, rest, batch)
+        updates, opt_state = tx.update(grads, opt_state, flat)
+        return optax.apply_updates(flat, updates), opt_state, loss
 
     for _ in range(warmup):
-        params, opt_state, loss = step(params, opt_state, rest, batch)
+        flat, opt_state, loss = step(flat, opt_state, rest, batch)
     loss.block_until_ready()
     start = time.perf_counter()
     for _ in range(steps):
-        params, opt_state, loss = step(params, opt_state, rest, batch)
+        flat, opt_state, loss = step(flat, opt_state, rest, batch)
     loss.block_until_ready()
     return (time.perf_counter() - start) / steps
 
