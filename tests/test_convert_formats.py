@@ -443,3 +443,12 @@ def test_keras_roundtrip_through_every_format(tmp_path):
     other = toy.config("tiny", channels=cfg.channels * 2)
     with pytest.raises(CheckpointError, match="b.weights.h5"):
         convert.load(tmp_path / "b.weights.h5", workload=toy, cfg=other)
+
+
+@pytest.mark.parametrize("name", ["rel.safetensors", "rel.pt", "rel_ckpt"])
+def test_relative_paths_work_in_every_format(tmp_path, monkeypatch, name):
+    # Orbax refuses relative paths; the package resolves them (a README example uses "ckpt/").
+    monkeypatch.chdir(tmp_path)
+    tree = mixed_tree()
+    convert.save(tree, name)
+    assert_bit_identical(convert.load(name), tree)

@@ -59,7 +59,7 @@ def orbax_specs(path: str | os.PathLike) -> dict[str, TensorSpec]:
         CheckpointError: no checkpoint at ``path``, a corrupt one, or one that is not a flat
             dict of arrays.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax refuses relative paths
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist or is not a directory; check the path")
     try:
@@ -97,7 +97,7 @@ def iter_orbax(
         path: the checkpoint directory.
         specs: which tensors, in this order (default: all, from :func:`orbax_specs`).
     """
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax refuses relative paths
     specs = orbax_specs(path) if specs is None else specs
     ocp = _ocp()
     ctx = ocp.Context()
@@ -165,6 +165,7 @@ def write_orbax(
     # private to this call, and the copy would double the memory of every group.
     ctx.memory.deepcopy_host_arrays = False
     source = iter(tensors)
+    path = Path(path).absolute()  # Orbax refuses relative paths
     with atomic_dir(path) as target, ctx:
         try:
             for i, group in enumerate(group_by_bytes(specs, group_budget(specs))):
