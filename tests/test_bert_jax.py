@@ -1,11 +1,11 @@
-"""BERT in JAX (Flax NNX): canonical names, the shared transformer blocks against a float64 numpy
-reference, the forward against transformers' BertForPreTraining, dropout and LAMB training."""
+"""BERT in JAX (Flax NNX): canonical names, the shared transformer blocks against the float64 numpy
+reference (``numpy_reference.py``), the forward against transformers' BertForPreTraining, dropout
+and LAMB training."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+import numpy_reference as ref
 import pytest
 
 pytest.importorskip("flax")
@@ -35,70 +35,6 @@ B, T, D, N, F = 3, 7, 16, 4, 24
 @pytest.fixture(scope="module", autouse=True)
 def _pinned():
     fj.pin_precision()
-
-
-# --- float64 numpy reference ------------------------------------------------------------------
-_erf = np.vectorize(math.erf)
-NP_ACTIVATIONS = {
-    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
-    "gelu_tanh": lambda x: (
-        0.5 * x * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-    ),
-    "relu": lambda x: np.maximum(x, 0.0),
-    "silu": lambda x: x / (1.0 + np.exp(-x)),
-}
-
-
-def np_linear(w: dict, name: str, x: np.ndarray) -> np.ndarray:
-    y = x @ w[f"{name}.weight"].T
-    return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
-
-
-def np_layer_norm(w: dict, name: str, x: np.ndarray, eps: float) -> np.ndarray:
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * w[f"{name}.weight"] + w[f"{name}.bias"]
-
-
-def sub(w: dict, prefix: str) -> dict:
-    """The entries of ``w`` under ``prefix.``, without it."""
-    return {k.removeprefix(f"{prefix}."): v for k, v in w.items() if k.startswith(f"{prefix}.")}
-
-
-def np_attention(w, x, num_heads, num_kv_heads=None, key_mask=None, causal=False):
-    b, t, d = x.shape
-    n, k, h = num_heads, num_kv_heads or num_heads, d // num_heads
-    q = np_linear(w, "q_proj", x).reshape(b, t, n, h)
-    # Query head i reads kv head i // (N / K).
-    keys = np.repeat(np_linear(w, "k_proj", x).reshape(b, t, k, h), n // k, axis=2)
-    values = np.repeat(np_linear(w, "v_proj", x).reshape(b, t, k, h), n // k, axis=2)
-    scores = np.einsum("btnh,bsnh->bnts", q, keys) / math.sqrt(h)
-    if key_mask is not None:
-        scores = scores + (1.0 - key_mask[:, None, None, :]) * -10000.0
-    if causal:
-        scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    out = np.einsum("bnts,bsnh->btnh", probs, values).reshape(b, t, d)
-    return np_linear(w, "o_proj", out)
-
-
-def np_mlp(w, x, activation="gelu"):
-    return np_linear(w, "fc_out", NP_ACTIVATIONS[activation](np_linear(w, "fc_in", x)))
-
-
-def np_block(w, x, num_heads, norm_eps, norm_position, key_mask=None, causal=False):
-    def attention(y):
-        return np_attention(sub(w, "attention"), y, num_heads, key_mask=key_mask, causal=causal)
-
-    def norm(name, y):
-        return np_layer_norm(w, name, y, norm_eps)
-
-    if norm_position == "post":
-        x = norm("attention_norm", x + attention(x))
-        return norm("mlp_norm", x + np_mlp(sub(w, "mlp"), x))
-    x = x + attention(norm("attention_norm", x))
-    return x + np_mlp(sub(w, "mlp"), norm("mlp_norm", x))
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -153,7 +89,7 @@ def test_attention_matches_numpy(num_kv_heads, causal, masked):
     x, mask = inputs()
     mask = mask if masked else None
     got = _apply(attention, jnp.asarray(x), None if mask is None else jnp.asarray(mask))
-    want = np_attention(w, x.astype(np.float64), N, num_kv_heads, mask, causal)
+    want = ref.attention(w, x.astype(np.float64), N, num_kv_heads, key_mask=mask, causal=causal)
     assert got.shape == (B, T, D)
     assert max_abs(got, want) <= OUTPUT_ATOL
 
@@ -185,14 +121,14 @@ def test_mlp_activations_match_numpy(activation):
     w = randomise(mlp, seed=3)
     x, _ = inputs(seed=3)
     got = nnx.jit(lambda m, x: m(x))(mlp, jnp.asarray(x))
-    want = np_mlp(w, x.astype(np.float64), activation)
+    want = ref.mlp(w, x.astype(np.float64), activation)
     assert max_abs(got, want) <= OUTPUT_ATOL
 
 
 def test_gelu_is_exact_not_tanh():
     x = jnp.linspace(-4.0, 4.0, 101)
     exact, approx = get_activation("gelu")(x), get_activation("gelu_tanh")(x)
-    assert max_abs(exact, NP_ACTIVATIONS["gelu"](np.asarray(x, np.float64))) < 1e-6
+    assert max_abs(exact, ref.ACTIVATIONS["gelu"](np.asarray(x, np.float64))) < 1e-6
     assert max_abs(exact, approx) > 1e-4
 
 
@@ -213,7 +149,7 @@ def test_transformer_block_matches_numpy(norm_position, causal):
     assert {k.split(".")[0] for k in w} == {"attention", "attention_norm", "mlp", "mlp_norm"}
     x, mask = inputs(seed=4)
     got = _apply(block, jnp.asarray(x), jnp.asarray(mask))
-    want = np_block(w, x.astype(np.float64), N, eps, norm_position, mask, causal)
+    want = ref.block(w, x.astype(np.float64), N, eps, norm_position, mask, causal)
     assert max_abs(got, want) <= OUTPUT_ATOL
 
 
@@ -226,7 +162,7 @@ def test_block_dropout_is_random_in_train_mode_and_off_in_eval(which):
     first, second = _apply(block, *args), _apply(block, *args)  # the rng stream advances
     assert np.isfinite(first).all() and max_abs(first, second) > 1e-3
     block.eval()
-    want = np_block(w, x.astype(np.float64), N, 1e-5, "post", mask)
+    want = ref.block(w, x.astype(np.float64), N, 1e-5, "post", mask)
     assert max_abs(_apply(block, *args), want) <= OUTPUT_ATOL
 
 

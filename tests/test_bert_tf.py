@@ -1,11 +1,11 @@
-"""BERT in TensorFlow (Keras 3): canonical names, the shared transformer blocks against a float64
-numpy reference, the forward against transformers' BertForPreTraining, dropout and LAMB."""
+"""BERT in TensorFlow (Keras 3): canonical names, the shared transformer blocks against the float64
+numpy reference (``numpy_reference.py``), the forward against transformers' BertForPreTraining,
+dropout and LAMB."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+import numpy_reference as ref
 import pytest
 
 pytest.importorskip("tensorflow")
@@ -20,71 +20,6 @@ from mlperf_tutor.workloads.bert import canonical_shapes, tf_model  # noqa: E402
 WL = workloads.get("bert")
 CFG = WL.config("tiny")
 B, T, D, N, F = 3, 7, 16, 4, 24  # the blocks' test sizes
-
-
-# --- float64 numpy reference of the blocks (canonical = PyTorch layouts) ----------------------
-def join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)  # a layer tested alone has the empty prefix
-
-
-def linear(tree, name, x):
-    y = x @ tree[join(name, "weight")].T
-    return y + tree[join(name, "bias")] if join(name, "bias") in tree else y
-
-
-def layer_norm(tree, name, x, eps):
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * tree[join(name, "weight")] + tree[join(name, "bias")]
-
-
-def softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-_erf = np.vectorize(math.erf)
-ACTS = {
-    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
-    "gelu_tanh": lambda x: (
-        0.5 * x * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-    ),
-    "relu": lambda x: np.maximum(x, 0.0),
-    "silu": lambda x: x / (1.0 + np.exp(-x)),
-}
-
-
-def ref_attention(tree, name, x, n, kv, key_mask=None, causal=False):
-    b, t, d = x.shape
-    h = d // n
-    q = linear(tree, join(name, "q_proj"), x).reshape(b, t, n, h)
-    k = linear(tree, join(name, "k_proj"), x).reshape(b, t, kv, h)
-    v = linear(tree, join(name, "v_proj"), x).reshape(b, t, kv, h)
-    group = n // kv
-    k, v = k[:, :, np.arange(n) // group], v[:, :, np.arange(n) // group]  # head i -> kv i // g
-    scores = np.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(h)
-    if key_mask is not None:
-        scores = scores + (1.0 - key_mask)[:, None, None, :] * -10000.0
-    if causal:
-        scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
-    out = np.einsum("bnts,bsnh->btnh", softmax(scores), v).reshape(b, t, d)
-    return linear(tree, join(name, "o_proj"), out)
-
-
-def ref_mlp(tree, name, x, activation="gelu"):
-    hidden = ACTS[activation](linear(tree, join(name, "fc_in"), x))
-    return linear(tree, join(name, "fc_out"), hidden)
-
-
-def ref_block(tree, x, key_mask, eps, pre, causal=False):
-    def attn(y):
-        return ref_attention(tree, "attention", y, N, N, key_mask, causal)
-
-    if pre:
-        x = x + attn(layer_norm(tree, "attention_norm", x, eps))
-        return x + ref_mlp(tree, "mlp", layer_norm(tree, "mlp_norm", x, eps))
-    x = layer_norm(tree, "attention_norm", x + attn(x), eps)
-    return layer_norm(tree, "mlp_norm", x + ref_mlp(tree, "mlp", x), eps)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -146,7 +81,7 @@ def test_attention_matches_numpy(causal, fused):
     x, key_mask = inputs()
     layer = Attention(D, N, causal=causal, fused=fused)
     tree = load_random(layer, x, key_mask=key_mask)
-    want = ref_attention(tree, "", x.astype(np.float64), N, N, key_mask, causal)
+    want = ref.attention(tree, x.astype(np.float64), N, key_mask=key_mask, causal=causal)
     got = adapter.to_numpy(layer(x, key_mask))
     assert max_abs(got, want) <= OUTPUT_ATOL
 
@@ -157,7 +92,7 @@ def test_grouped_query_attention_without_bias_matches_numpy(fused):
     layer = Attention(D, N, num_kv_heads=2, bias=False, causal=True, fused=fused)
     tree = load_random(layer, x, seed=1, key_mask=key_mask)
     assert tree["k_proj.weight"].shape == (2 * D // N, D) and "q_proj.bias" not in tree
-    want = ref_attention(tree, "", x.astype(np.float64), N, 2, key_mask, causal=True)
+    want = ref.attention(tree, x.astype(np.float64), N, 2, key_mask=key_mask, causal=True)
     assert max_abs(adapter.to_numpy(layer(x, key_mask)), want) <= OUTPUT_ATOL
 
 
@@ -166,12 +101,12 @@ def test_fused_attention_refuses_dropout():
         Attention(D, N, dropout=0.1, fused=True)
 
 
-@pytest.mark.parametrize("activation", list(ACTS))
+@pytest.mark.parametrize("activation", list(ref.ACTIVATIONS))
 def test_mlp_matches_numpy(activation):
     x, _ = inputs(2)
     layer = MLP(D, F, activation=activation)
     tree = load_random(layer, x, seed=2)
-    want = ref_mlp(tree, "", x.astype(np.float64), activation)
+    want = ref.mlp(tree, x.astype(np.float64), activation)
     assert max_abs(adapter.to_numpy(layer(x)), want) <= OUTPUT_ATOL
 
 
@@ -185,7 +120,7 @@ def test_transformer_block_matches_numpy(position):
     x, key_mask = inputs(3)
     layer = TransformerBlock(D, N, F, norm_eps=1e-12, norm_position=position)
     tree = load_random(layer, x, seed=3, key_mask=key_mask)
-    want = ref_block(tree, x.astype(np.float64), key_mask, 1e-12, pre=position == "pre")
+    want = ref.block(tree, x.astype(np.float64), N, 1e-12, position, key_mask=key_mask)
     assert max_abs(adapter.to_numpy(layer(x, key_mask)), want) <= OUTPUT_ATOL
 
 
@@ -193,7 +128,7 @@ def test_causal_pre_ln_block_matches_numpy():
     x, _ = inputs(4)
     layer = TransformerBlock(D, N, F, norm_eps=1e-5, norm_position="pre", causal=True)
     tree = load_random(layer, x, seed=4)
-    want = ref_block(tree, x.astype(np.float64), None, 1e-5, pre=True, causal=True)
+    want = ref.block(tree, x.astype(np.float64), N, 1e-5, "pre", causal=True)
     assert max_abs(adapter.to_numpy(layer(x)), want) <= OUTPUT_ATOL
 
 

@@ -1,7 +1,7 @@
 """BERT in PyTorch and the shared PyTorch transformer blocks.
 
-The blocks are checked against a float64 numpy reference written here; the BERT forward against
-Hugging Face's ``BertForPreTraining`` built locally from a config (no downloads).
+The blocks are checked against the float64 numpy reference in ``numpy_reference.py``; the BERT
+forward against Hugging Face's ``BertForPreTraining`` built locally from a config (no downloads).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy_reference as ref
 import pytest
 import torch
 
@@ -24,69 +25,6 @@ CFG = WL.config("tiny")
 DET = WL.deterministic(CFG)  # dropout 0
 B, T, D, N, F = 3, 7, 16, 4, 24
 EPS = 1e-6
-
-# --- float64 numpy reference --------------------------------------------------------------
-
-_erf = np.vectorize(math.erf)
-NP_ACTIVATIONS = {
-    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
-    "gelu_tanh": lambda x: (
-        0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-    ),
-    "relu": lambda x: np.maximum(x, 0.0),
-    "silu": lambda x: x / (1.0 + np.exp(-x)),
-}
-
-
-def np_linear(w: dict, name: str, x: np.ndarray) -> np.ndarray:
-    y = x @ w[f"{name}.weight"].T
-    return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
-
-
-def np_layer_norm(w: dict, name: str, x: np.ndarray, eps: float) -> np.ndarray:
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * w[f"{name}.weight"] + w[f"{name}.bias"]
-
-
-def np_attention(
-    w, x, num_heads, num_kv_heads, key_mask=None, causal=False, prefix=""
-) -> np.ndarray:
-    b, t, d = x.shape
-    h = d // num_heads
-    q = np_linear(w, f"{prefix}q_proj", x).reshape(b, t, num_heads, h)
-    k = np_linear(w, f"{prefix}k_proj", x).reshape(b, t, num_kv_heads, h)
-    v = np_linear(w, f"{prefix}v_proj", x).reshape(b, t, num_kv_heads, h)
-    kv_head = np.arange(num_heads) // (num_heads // num_kv_heads)  # query head -> its kv head
-    k, v = k[:, :, kv_head], v[:, :, kv_head]  # (B, S, N, H)
-    scores = np.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(h)
-    if key_mask is not None:
-        scores = scores + (1.0 - key_mask)[:, None, None, :] * -10000.0
-    if causal:
-        scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    out = np.einsum("bnts,bsnh->btnh", probs, v).reshape(b, t, d)
-    return np_linear(w, f"{prefix}o_proj", out)
-
-
-def np_mlp(w, x, act, prefix="") -> np.ndarray:
-    return np_linear(w, f"{prefix}fc_out", NP_ACTIVATIONS[act](np_linear(w, f"{prefix}fc_in", x)))
-
-
-def np_block(w, x, key_mask, norm_position, act, eps) -> np.ndarray:
-    def attention(y):
-        return np_attention(w, y, N, N, key_mask, prefix="attention.")
-
-    def norm(name, y):
-        return np_layer_norm(w, name, y, eps)
-
-    if norm_position == "pre":
-        x = x + attention(norm("attention_norm", x))
-        return x + np_mlp(w, norm("mlp_norm", x), act, prefix="mlp.")
-    x = norm("attention_norm", x + attention(x))
-    return norm("mlp_norm", x + np_mlp(w, x, act, prefix="mlp."))
-
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -155,7 +93,7 @@ def test_attention_matches_numpy(x, key_mask, masked, causal, num_kv_heads):
     w = as_f64(randomized(layer, seed=1))
     mask = key_mask if masked else None
     got = run(layer, x, None if mask is None else torch.from_numpy(mask))
-    want = np_attention(w, x.astype(np.float64), N, num_kv_heads or N, mask, causal)
+    want = ref.attention(w, x.astype(np.float64), N, num_kv_heads, key_mask=mask, causal=causal)
     assert_close(got, want)
 
 
@@ -196,13 +134,13 @@ def test_fused_attention_matches_explicit(x, key_mask, masked, causal, num_kv_he
 def test_mlp_matches_numpy(x, act):
     layer = MLP(D, F, activation=act)
     w = as_f64(randomized(layer, seed=4))
-    assert_close(run(layer, x), np_mlp(w, x.astype(np.float64), act))
+    assert_close(run(layer, x), ref.mlp(w, x.astype(np.float64), act))
 
 
 def test_gelu_is_exact_and_unknown_activation_is_refused():
     # exact and tanh GELU differ by ~1e-4 near |x| = 2: the approximation must be the named one.
     z = torch.tensor([2.0], dtype=torch.float64)
-    assert abs(float(get_activation("gelu")(z)) - NP_ACTIVATIONS["gelu"](2.0)) < 1e-12
+    assert abs(float(get_activation("gelu")(z)) - ref.ACTIVATIONS["gelu"](2.0)) < 1e-12
     assert abs(float(get_activation("gelu")(z) - get_activation("gelu_tanh")(z))) > 1e-5
     with pytest.raises(ValueError, match="unknown activation 'swish'.*gelu_tanh"):
         MLP(D, F, activation="swish")
@@ -213,7 +151,7 @@ def test_transformer_block_matches_numpy(x, key_mask, norm_position):
     layer = TransformerBlock(D, N, F, norm_eps=EPS, norm_position=norm_position, activation="gelu")
     w = as_f64(randomized(layer, seed=5))
     got = run(layer, x, torch.from_numpy(key_mask))
-    assert_close(got, np_block(w, x.astype(np.float64), key_mask, norm_position, "gelu", EPS))
+    assert_close(got, ref.block(w, x.astype(np.float64), N, EPS, norm_position, key_mask=key_mask))
 
 
 def test_transformer_block_refuses_unknown_norm_position():

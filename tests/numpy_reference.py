@@ -1,0 +1,120 @@
+"""Float64 numpy reference of the shared transformer blocks, for the framework tests.
+
+The PyTorch, JAX and TensorFlow layers in ``mlperf_tutor.layers`` are checked against these
+functions. Weights ``w`` are dicts in the canonical naming and layouts (PyTorch's): a linear layer
+``name`` has ``name.weight`` of shape (out, in) and, optionally, ``name.bias``; a layer norm has
+``name.weight`` and ``name.bias``. A block's sub-layers sit under ``attention.``, ``mlp.``,
+``attention_norm.`` and ``mlp_norm.``; a layer tested alone has the empty prefix.
+
+Conventions the layers must match:
+
+* ``key_mask`` (B, S) is 1 for real keys and 0 for padding; padded keys get -10000.0 added to
+  their scores (BERT's additive mask), so a row with padding still has a finite softmax.
+* ``causal`` hides the keys after each query (scores set to -inf).
+* Grouped-query attention with N query heads and K key/value heads: query head n reads
+  key/value head n // (N / K).
+* ``"gelu"`` is the exact (erf) GELU, ``"gelu_tanh"`` the tanh approximation.
+
+Test modules import this as ``numpy_reference``: ``tests/`` has no ``__init__.py``, so pytest's
+default ("prepend") import mode puts ``tests/`` on ``sys.path`` when it imports them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+_erf = np.vectorize(math.erf)
+
+ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
+    "gelu_tanh": lambda x: (
+        0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    ),
+    "relu": lambda x: np.maximum(x, 0.0),
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+}
+
+
+def linear(w: dict, name: str, x: np.ndarray) -> np.ndarray:
+    """``x @ W.T + b`` with ``W`` = ``w[name.weight]`` (out, in); no bias if ``name.bias`` is
+    absent."""
+    y = x @ w[f"{name}.weight"].T
+    return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
+
+
+def layer_norm(w: dict, name: str, x: np.ndarray, eps: float) -> np.ndarray:
+    """Layer norm over the last axis (biased variance), scaled and shifted by ``name``'s
+    weight and bias."""
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+
+def attention(
+    w: dict,
+    x: np.ndarray,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    key_mask: np.ndarray | None = None,
+    causal: bool = False,
+    prefix: str = "",
+) -> np.ndarray:
+    """Multi-head self-attention of ``x`` (B, T, D) through ``{prefix}q_proj``, ``k_proj``,
+    ``v_proj`` and ``o_proj``; ``num_kv_heads`` (default ``num_heads``) key/value heads."""
+    b, t, d = x.shape
+    n, k, h = num_heads, num_kv_heads or num_heads, d // num_heads
+    q = linear(w, f"{prefix}q_proj", x).reshape(b, t, n, h)
+    keys = linear(w, f"{prefix}k_proj", x).reshape(b, t, k, h)
+    values = linear(w, f"{prefix}v_proj", x).reshape(b, t, k, h)
+    kv_head = np.arange(n) // (n // k)  # query head -> the kv head it reads
+    keys, values = keys[:, :, kv_head], values[:, :, kv_head]  # (B, S, N, H)
+    scores = np.einsum("btnh,bsnh->bnts", q, keys) / math.sqrt(h)
+    if key_mask is not None:
+        scores = scores + (1.0 - key_mask)[:, None, None, :] * -10000.0
+    if causal:
+        scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("bnts,bsnh->btnh", probs, values).reshape(b, t, d)
+    return linear(w, f"{prefix}o_proj", out)
+
+
+def mlp(w: dict, x: np.ndarray, activation: str, prefix: str = "") -> np.ndarray:
+    """``fc_out(act(fc_in(x)))`` with ``act`` = ``ACTIVATIONS[activation]``."""
+    return linear(w, f"{prefix}fc_out", ACTIVATIONS[activation](linear(w, f"{prefix}fc_in", x)))
+
+
+def block(
+    w: dict,
+    x: np.ndarray,
+    num_heads: int,
+    norm_eps: float,
+    norm_position: str,
+    key_mask: np.ndarray | None = None,
+    causal: bool = False,
+) -> np.ndarray:
+    """A transformer block: attention then an exact-GELU MLP, each in a residual branch.
+
+    ``norm_position`` "post" (BERT): ``x = norm(x + sublayer(x))``; "pre" (GPT):
+    ``x = x + sublayer(norm(x))``. Attention has ``num_heads`` heads for queries, keys and values.
+    """
+
+    def attend(y):
+        return attention(w, y, num_heads, key_mask=key_mask, causal=causal, prefix="attention.")
+
+    def norm(name, y):
+        return layer_norm(w, name, y, norm_eps)
+
+    def feed_forward(y):
+        return mlp(w, y, "gelu", prefix="mlp.")
+
+    if norm_position == "pre":
+        x = x + attend(norm("attention_norm", x))
+        return x + feed_forward(norm("mlp_norm", x))
+    if norm_position == "post":
+        x = norm("attention_norm", x + attend(x))
+        return norm("mlp_norm", x + feed_forward(x))
+    raise ValueError(f"norm_position must be 'post' or 'pre', not {norm_position!r}")
