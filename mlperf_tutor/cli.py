@@ -1,4 +1,4 @@
-"""The ``mlperf-tutor`` command line: list, info, parity, train, convert."""
+"""The ``mlperf-tutor`` command line: list, info, parity, train, convert, score."""
 
 from __future__ import annotations
 
@@ -105,6 +105,13 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from mlperf_tutor.mlperf import score
+
+    print(score(args.dir).table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlperf-tutor",
@@ -164,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="destination (format from the path)")
     p.add_argument("--preset", default="tiny")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "score",
+        help="time-to-train of MLPerf result logs, as the official result_summarizer scores them",
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "dir", help="<dir>/<benchmark>/result_N.txt, or <submitter>/results/<system>/<benchmark>/"
+    )
+    p.set_defaults(func=cmd_score)
     return parser
 
 
