@@ -125,7 +125,7 @@ def cpu(args) -> None:
     rates = {}
     for framework in frameworks.NAMES:
         if frameworks.available(framework):
-            result = train.train("bert", framework, "tiny", steps=args.steps, progress=False)
+            result = train.train("bert", framework, "tiny", max_steps=args.steps, progress=False)
             rates[framework] = result.samples_per_second
     best = max(rates.values())
     print(f"bert tiny, float32 on CPU, batch 8, {args.steps} steps (first excluded)")

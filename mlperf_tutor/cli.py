@@ -70,16 +70,32 @@ def cmd_parity(args) -> int:
 def cmd_train(args) -> int:
     from mlperf_tutor import train
 
+    if args.dry_run:
+        train.dry_run(
+            args.workload, args.framework, args.preset, batch_size=args.batch_size,
+            seed=args.seed, deterministic=args.deterministic, mllog=args.mllog,
+        )  # fmt: skip
+        if args.mllog:
+            print(f"MLPerf log (configuration only): {args.mllog}")
+        return 0
     result = train.train(
-        args.workload, args.framework, args.preset, steps=args.steps,
+        args.workload, args.framework, args.preset, max_steps=args.max_steps,
         batch_size=args.batch_size, seed=args.seed, deterministic=args.deterministic,
-        curve=args.curve,
+        target=args.target, curve=args.curve, mllog=args.mllog,
     )  # fmt: skip
     print(
         f"{args.workload} {args.framework}: {len(result.losses)} steps, loss "
         f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
         f"{result.samples_per_second:.1f} samples/s after the first step"
     )
+    if result.evals:
+        samples, quality = result.evals[-1]
+        print(
+            f"{workloads.get(args.workload).quality_metric} {quality:.4f} after {samples:,} "
+            f"samples (target {result.target:.4g}): {result.status}"
+        )
+    if args.mllog:
+        print(f"MLPerf log: {args.mllog}")
     if args.curve:
         print(f"loss curve: {args.curve}")
     return 0
@@ -149,7 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workload")
     p.add_argument("--framework", required=True, choices=frameworks.NAMES)
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument(
+        "--max-steps", type=int, default=50,
+        help="step limit; a run that has not reached --target by then stops as aborted",
+    )  # fmt: skip
+    p.add_argument(
+        "--target", type=float, default=None,
+        help="quality that ends the run (default: the workload's MLPerf target; bert 0.720)",
+    )  # fmt: skip
     p.add_argument(
         "--batch-size", type=int, default=None,
         help="examples per step (default: the preset's global batch size)",
@@ -157,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="dropout off")
     p.add_argument("--curve", default=None, help="write step,loss rows to this CSV file")
+    p.add_argument(
+        "--mllog", default=None, help="write an MLPerf Training v4.0 log to this file (bert)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="log the configuration and hyperparameters (to --mllog, or stdout) without training",
+    )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

@@ -1,9 +1,15 @@
-"""A plain training loop for any workload in any framework, on synthetic batches.
+"""A training loop for any workload in any framework, on synthetic batches, run as MLPerf runs.
 
 ``mlperf-tutor train WORKLOAD --framework F --preset P`` drives it: the workload's model and
 optimizer through the framework adapter, with a progress bar showing loss and throughput. The
-loss curve can be written to a CSV file for the chapters' plots. (MLPerf-compliant logging and
-evaluation cadence build on this loop.)
+loss curve can be written to a CSV file for the chapters' plots.
+
+Workloads with a quality target (bert: masked-LM accuracy 0.720) are evaluated as MLPerf does:
+on a held-out eval set (synthetic, the same for every run) every ``eval_every_samples`` training
+samples, and once more at the step limit. A run stops at the first evaluation that reaches the
+target (status "success") or at ``max_steps`` ("aborted"). With ``mllog`` the run writes an MLPerf
+Training v4.0 log that ``mlperf_logging.compliance_checker`` accepts and
+``mlperf_tutor.mlperf.score`` scores (see :mod:`mlperf_tutor.mlperf.mllog`).
 """
 
 from __future__ import annotations
@@ -11,98 +17,216 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from mlperf_tutor import frameworks, workloads
 from mlperf_tutor.core.config import Config
+from mlperf_tutor.mlperf.mllog import RunLog, check_benchmark
 from mlperf_tutor.workloads.base import Workload
 
 
 @dataclasses.dataclass
 class TrainResult:
-    """Per-step losses and the timing of a run.
+    """Per-step losses, evaluations and the timing of a run.
 
     Attributes:
         framework: the framework that trained.
-        losses: the training loss of every step.
-        seconds: wall time of the steps (compilation included).
+        losses: the training loss of every step taken.
+        seconds: wall time of the steps and evaluations (compilation included).
         samples_per_second: examples per second over the steps after the first (which
-            includes tracing and compilation).
+            includes tracing and compilation); evaluations not counted.
+        evals: (samples trained, quality) of every evaluation, in order.
+        target: the quality that ended, or would have ended, the run (None: not evaluated).
+        status: "success" (the target was reached), "aborted" (``max_steps`` was reached
+            first), or None for a workload without evaluation.
     """
 
     framework: str
     losses: list[float]
     seconds: float
     samples_per_second: float
+    evals: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    target: float | None = None
+    status: str | None = None
+
+
+def _setup(
+    workload: str | Workload, preset: str | Config, batch_size: int | None, deterministic: bool
+) -> tuple[Workload, Config, int]:
+    wl = workloads.get(workload) if isinstance(workload, str) else workload
+    cfg = wl.config(preset) if isinstance(preset, str) else preset
+    if deterministic:
+        cfg = wl.deterministic(cfg)
+    batch_size = batch_size or getattr(cfg, "global_batch_size", 8)
+    return wl, cfg, batch_size
+
+
+def _target(wl: Workload, target: float | None) -> float | None:
+    """The quality that ends the run, or None when the workload is not evaluated."""
+    if wl.quality_target is None:
+        if target is not None:
+            raise ValueError(
+                f"workload {wl.name!r} is not evaluated (it has no quality target), so target "
+                "does not apply; drop --target"
+            )
+        return None
+    target = wl.quality_target if target is None else target
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(
+            f"target must be a fraction between 0 and 1 ({wl.name}'s MLPerf target, "
+            f"{wl.quality_metric}, is {wl.quality_target}), got {target}"
+        )
+    return target
+
+
+def _next_eval(steps: int, batch_size: int, every: int, max_steps: int) -> int:
+    """The step count of the next evaluation after ``steps``: the first step whose samples
+    reach the next multiple of ``every``, or ``max_steps``, whichever comes first."""
+    next_multiple = (steps * batch_size // every + 1) * every
+    return min(-(-next_multiple // batch_size), max_steps)
 
 
 def train(
     workload: str | Workload,
     framework: str,
     preset: str | Config = "tiny",
-    steps: int = 50,
+    max_steps: int = 50,
     batch_size: int | None = None,
     seed: int = 0,
     deterministic: bool = False,
+    target: float | None = None,
     curve: str | os.PathLike | None = None,
+    mllog: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``workload`` for ``steps`` steps on synthetic batches.
+    """Train ``workload`` on synthetic batches until its quality target or ``max_steps``.
 
     Args:
         workload: a workload name or object.
         framework: "torch", "jax" or "tf".
         preset: a preset name or a config.
-        steps: optimizer steps.
+        max_steps: the step limit; a workload without evaluation trains exactly this many.
         batch_size: examples per step (default: the config's ``global_batch_size`` if it has
             one, else 8).
         seed: seeds the initial weights and the batches (batch ``i`` uses ``seed + 1 + i``).
         deterministic: turn dropout off (``Workload.deterministic``), so that frameworks can be
             compared step by step.
+        target: the quality that ends the run (default: the workload's ``quality_target``);
+            only for workloads that are evaluated.
         curve: a CSV path to write ``step,loss`` rows to.
-        progress: show a progress bar with loss and throughput.
+        mllog: a file to write the run's MLPerf log to (MLPerf benchmark workloads only).
+        progress: show a progress bar with loss, throughput and the last evaluation.
 
     Returns:
         A :class:`TrainResult`.
+
+    Raises:
+        ValueError: ``max_steps`` below 1, a target outside [0, 1] or for a workload without
+            evaluation, or ``mllog`` for a workload that is not an MLPerf benchmark.
     """
-    wl = workloads.get(workload) if isinstance(workload, str) else workload
-    cfg = wl.config(preset) if isinstance(preset, str) else preset
-    if deterministic:
-        cfg = wl.deterministic(cfg)
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    batch_size = batch_size or getattr(cfg, "global_batch_size", 8)
-    adapter = frameworks.get(framework)
-    adapter.seed(seed)
-    model = wl.build(framework, cfg, weights=wl.init_canonical(cfg, seed=seed))
-    spec, schedule = wl.optimizer(cfg)
-    optimizer = adapter.make_optimizer(spec, schedule, model)
+    wl, cfg, batch_size = _setup(workload, preset, batch_size, deterministic)
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+    target = _target(wl, target)
+    if mllog is not None:
+        check_benchmark(wl)
+    adapter = frameworks.get(framework)  # a missing framework fails before the log is opened
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    with RunLog(mllog) as log:
+        log.init_start()
+        log.configuration(
+            wl, cfg, batch_size=batch_size, seed=seed, platform=adapter.device_summary()
+        )
+        adapter.seed(seed)
+        model = wl.build(framework, cfg, weights=wl.init_canonical(cfg, seed=seed))
+        spec, schedule = wl.optimizer(cfg)
+        optimizer = adapter.make_optimizer(spec, schedule, model)
+        evaluated = target is not None
+        eval_set = wl.eval_set(cfg) if evaluated else None
+        every = wl.eval_every_samples(cfg, batch_size) if evaluated else None
+        log.init_stop()
 
-        bar = tqdm(total=steps, desc=f"{wl.name} {framework}", unit="step")
-    losses: list[float] = []
-    start = first_done = time.perf_counter()
-    for step in range(steps):
-        batch = wl.synthetic_batch(cfg, batch_size=batch_size, seed=seed + 1 + step)
-        losses.append(float(adapter.train_step(model, optimizer, batch)))
-        now = time.perf_counter()
-        if step == 0:
-            first_done = now
-        rate = step * batch_size / (now - first_done) if step > 0 else 0.0
+        log.run_start()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=max_steps, desc=f"{wl.name} {framework}", unit="step")
+        losses: list[float] = []
+        evals: list[tuple[int, float]] = []
+        shown: dict[str, str] = {}  # the progress bar's postfix
+        step_seconds = 0.0  # wall time of the steps after the first
+        start = time.perf_counter()
+        steps, reached = 0, False
+        while steps < max_steps and not reached:
+            end = _next_eval(steps, batch_size, every, max_steps) if evaluated else max_steps
+            block = (steps * batch_size, (end - steps) * batch_size)  # first sample, samples
+            log.block_start(*block)
+            for step in range(steps, end):
+                before = time.perf_counter()
+                batch = wl.synthetic_batch(cfg, batch_size=batch_size, seed=seed + 1 + step)
+                losses.append(float(adapter.train_step(model, optimizer, batch)))
+                if step > 0:
+                    step_seconds += time.perf_counter() - before
+                if bar is not None:
+                    rate = step * batch_size / step_seconds if step > 0 else 0.0
+                    shown |= {"loss": f"{losses[-1]:.4f}", "samples_per_s": f"{rate:.1f}"}
+                    bar.set_postfix(shown)
+                    bar.update(1)
+            log.block_stop(*block)
+            steps = end
+            if evaluated:
+                samples = steps * batch_size
+                log.eval_start(samples)
+                quality = wl.evaluate(framework, model, eval_set, batch_size)
+                log.eval_stop(samples, quality)
+                evals.append((samples, quality))
+                reached = quality >= target
+                if bar is not None:
+                    shown["eval"] = f"{quality:.4f}"
+                    bar.set_postfix(shown)
+        status = ("success" if reached else "aborted") if evaluated else None
+        log.run_stop(status, steps * batch_size)
         if bar is not None:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_per_s=f"{rate:.1f}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     elapsed = time.perf_counter() - start
-    rate = (steps - 1) * batch_size / (time.perf_counter() - first_done) if steps > 1 else 0.0
+    rate = (steps - 1) * batch_size / step_seconds if steps > 1 else 0.0
     if curve is not None:
         write_curve(curve, losses)
-    return TrainResult(framework, losses, elapsed, rate)
+    return TrainResult(framework, losses, elapsed, rate, evals, target, status)
+
+
+def dry_run(
+    workload: str | Workload,
+    framework: str,
+    preset: str | Config = "tiny",
+    batch_size: int | None = None,
+    seed: int = 0,
+    deterministic: bool = False,
+    mllog: str | os.PathLike | TextIO | None = None,
+) -> None:
+    """Log a run's configuration and hyperparameters without training or importing a framework.
+
+    Writes the MLPerf keys a run logs during init (submission keys, seed, batch, eval samples,
+    hyperparameters), with the division :func:`mlperf_tutor.mlperf.mllog.division` gives; no
+    ``init_start``, ``run_start`` or results, since nothing runs.
+
+    Args:
+        workload, framework, preset, batch_size, seed, deterministic: as for :func:`train`.
+        mllog: the log file, or a text stream (default: standard output).
+
+    Raises:
+        ValueError: the workload is not an MLPerf benchmark, or an unknown framework.
+    """
+    wl, cfg, batch_size = _setup(workload, preset, batch_size, deterministic)
+    check_benchmark(wl)
+    frameworks.check_name(framework)
+    with RunLog(sys.stdout if mllog is None else mllog) as log:
+        platform = f"{framework} (dry run: no device used)"
+        log.configuration(wl, cfg, batch_size=batch_size, seed=seed, platform=platform)
 
 
 def write_curve(path: str | os.PathLike, losses: list[float]) -> None:

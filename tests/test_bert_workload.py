@@ -23,7 +23,9 @@ def test_cli_parity_passes_for_every_pair(capsys):
 @pytest.fixture(scope="module")
 def curves():
     return {
-        f: np.array(train.train(WL, f, CFG, steps=50, deterministic=True, progress=False).losses)
+        f: np.array(
+            train.train(WL, f, CFG, max_steps=50, deterministic=True, progress=False).losses
+        )
         for f in frameworks.NAMES
     }
 

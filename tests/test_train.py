@@ -11,7 +11,8 @@ from mlperf_tutor import cli, frameworks, train
 @pytest.fixture(scope="module")
 def curves():
     return {
-        f: train.train("toy", f, "tiny", steps=20, progress=False).losses for f in frameworks.NAMES
+        f: train.train("toy", f, "tiny", max_steps=20, progress=False).losses
+        for f in frameworks.NAMES
     }
 
 
@@ -25,7 +26,7 @@ def test_loss_curves_of_the_three_frameworks_agree(curves):
 
 def test_cli_train_writes_the_curve(tmp_path, capsys):
     path = tmp_path / "curve.csv"
-    argv = ["train", "toy", "--framework", "torch", "--steps", "3", "--curve", str(path)]
+    argv = ["train", "toy", "--framework", "torch", "--max-steps", "3", "--curve", str(path)]
     assert cli.main(argv) == 0
     assert "toy torch: 3 steps" in capsys.readouterr().out
     rows = list(csv.reader(path.open()))
@@ -33,6 +34,6 @@ def test_cli_train_writes_the_curve(tmp_path, capsys):
     assert all(np.isfinite(float(r[1])) for r in rows[1:])
 
 
-def test_train_refuses_zero_steps():
-    with pytest.raises(ValueError, match="steps must be at least 1"):
-        train.train("toy", "torch", steps=0, progress=False)
+def test_train_refuses_zero_max_steps():
+    with pytest.raises(ValueError, match="max_steps must be at least 1"):
+        train.train("toy", "torch", max_steps=0, progress=False)

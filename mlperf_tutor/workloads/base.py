@@ -34,6 +34,13 @@ class Workload:
     config_class: type[Config] = Config
     package: str = ""
     hf: ModuleType | None = None
+    # MLPerf: ``mlperf_benchmark`` is the ``submission_benchmark`` name (None: not an MLPerf
+    # benchmark, so no MLPerf log and ``hyperparameters`` is never called). ``quality_target`` is
+    # the value of ``quality_metric`` that ends a run (None: the workload is never evaluated, and
+    # the eval methods are never called).
+    mlperf_benchmark: str | None = None
+    quality_metric: str = ""
+    quality_target: float | None = None
 
     # --- framework-free -------------------------------------------------------------------
     def config(self, preset: str = "tiny", **overrides) -> Config:
@@ -98,6 +105,21 @@ class Workload:
             "fp32 weights + grads + Adam state (GB)": n * 16 / 1e9,
         }
 
+    # --- MLPerf logging and evaluation (see mlperf_benchmark and quality_target) -------------
+    def hyperparameters(self, cfg: Config) -> dict[str, Any]:
+        """MLPerf log key -> value of the hyperparameters the closed division's rules name
+        (beyond ``global_batch_size``, ``gradient_accumulation_steps`` and ``seed``, which the
+        training loop logs)."""
+        raise NotImplementedError
+
+    def eval_every_samples(self, cfg: Config, batch_size: int) -> int:
+        """Training samples between two evaluations at ``batch_size`` examples per step."""
+        raise NotImplementedError
+
+    def eval_set(self, cfg: Config) -> Tree:
+        """The held-out evaluation examples, the same for every run (name -> (N, ...) array)."""
+        raise NotImplementedError
+
     # --- framework side -------------------------------------------------------------------
     def adapter(self, framework: str):
         return frameworks.get(framework)
@@ -128,3 +150,7 @@ class Workload:
     def forward(self, framework: str, model, batch: dict, train: bool = False) -> dict:
         """Named outputs (numpy), including ``loss``."""
         return self.adapter(framework).forward(model, batch, train=train)
+
+    def evaluate(self, framework: str, model, eval_set: Tree, batch_size: int) -> float:
+        """The ``quality_metric`` of ``model`` over all of ``eval_set``, in batches (eval mode)."""
+        raise NotImplementedError

@@ -17,6 +17,8 @@ Padded keys get -10000 added to their attention scores, as in the reference.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from mlperf_tutor.core.checkpoint import Tree
@@ -24,6 +26,7 @@ from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import Workload
 from mlperf_tutor.workloads.bert import hf
 from mlperf_tutor.workloads.bert.config import BertConfig
+from mlperf_tutor.workloads.bert.data import TARGET_MLM_ACCURACY, masked_lm_counts
 
 # Token ids of the synthetic data (the real WordPiece vocabulary has [CLS] 101, [SEP] 102,
 # [MASK] 103; [PAD] is 0 in both).
@@ -33,6 +36,10 @@ NUM_SPECIAL = 4
 # The reference excludes "LayerNorm", "layer_norm" and "bias" from weight decay and from LAMB's
 # trust ratio; in our canonical names every LayerNorm is a module called "...norm".
 NO_DECAY = (r"norm\.", r"bias$")
+
+# Seed of the synthetic eval set. Training batches use seeds seed + 1 + step (small numbers), so
+# this one is far from them: the eval set is held out and the same for every run.
+EVAL_SEED = 2**31 - 1
 
 
 def canonical_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
@@ -78,6 +85,9 @@ class BertWorkload(Workload):
     config_class = BertConfig
     package = "mlperf_tutor.workloads.bert"
     hf = hf  # transformers BertForPreTraining interop (framework-free)
+    mlperf_benchmark = "bert"
+    quality_metric = "masked-LM accuracy"
+    quality_target = TARGET_MLM_ACCURACY
 
     def param_count(self, cfg: BertConfig) -> int:
         return sum(int(np.prod(s)) for s in canonical_shapes(cfg).values())
@@ -152,6 +162,49 @@ class BertWorkload(Workload):
             decay="polynomial", total_steps=cfg.total_steps, power=1.0, end_lr=0.0,
         )  # fmt: skip
         return spec, schedule
+
+    def hyperparameters(self, cfg: BertConfig) -> dict:
+        """The hyperparameter keys of mlperf_logging's ``training_4.0.0/closed_bert.yaml``, plus
+        two mllog constants it does not require (the decay power and the sequence length), so
+        the log states the whole schedule. Read from the optimizer and schedule that train, so
+        the log cannot disagree with them."""
+        spec, schedule = self.optimizer(cfg)
+        return {
+            "opt_base_learning_rate": schedule.lr,
+            "opt_lamb_epsilon": spec.eps,
+            "opt_lamb_learning_rate_decay_poly_power": schedule.power,
+            "opt_lamb_weight_decay_rate": spec.weight_decay,
+            "opt_lamb_beta_1": spec.beta1,
+            "opt_lamb_beta_2": spec.beta2,
+            "opt_learning_rate_warmup_steps": schedule.warmup_steps,
+            "num_warmup_steps": schedule.warmup_steps,
+            "start_warmup_step": schedule.start_warmup_step,
+            "opt_learning_rate_training_steps": schedule.total_steps,
+            "max_sequence_length": cfg.seq_len,
+        }
+
+    def eval_every_samples(self, cfg: BertConfig, batch_size: int) -> int:
+        if cfg.eval_every_samples is not None:
+            return cfg.eval_every_samples
+        # MLPerf Training rules (training_rules.adoc, BERT evaluation frequency): every
+        # floor(0.05 * (230.23 * B + 3e6) / 25e3) * 25e3
+        # samples for global batch size B (175,000 at B = 3584, 225,000 at B = 8192).
+        return math.floor(0.05 * (230.23 * batch_size + 3_000_000) / 25_000) * 25_000
+
+    def eval_set(self, cfg: BertConfig) -> dict:
+        # One draw of all rows, so that the set does not depend on the eval batch size.
+        return self.synthetic_batch(cfg, batch_size=cfg.eval_samples, seed=EVAL_SEED)
+
+    def evaluate(self, framework: str, model, eval_set: dict, batch_size: int) -> float:
+        """Masked-LM accuracy over all of ``eval_set``: correct over real masked positions,
+        summed across batches as the reference does (not a mean of batch accuracies)."""
+        correct = total = 0
+        for start in range(0, len(eval_set["input_ids"]), batch_size):
+            batch = {k: v[start : start + batch_size] for k, v in eval_set.items()}
+            logits = self.forward(framework, model, batch)["mlm_logits"]
+            c, t = masked_lm_counts(logits, batch)
+            correct, total = correct + c, total + t
+        return correct / total
 
     def info(self, cfg: BertConfig) -> dict:
         n = self.param_count(cfg)

@@ -43,6 +43,9 @@ class BertConfig(Config):
     start_warmup_step: int = 0
     total_steps: int = 1000
     global_batch_size: int = 8192
+    # Evaluation (masked-LM accuracy on a held-out set; mlperf_tutor.train stops at the target).
+    eval_samples: int = 10000  # sequences in the eval set, as the reference's part_eval_10k.hdf5
+    eval_every_samples: int | None = None  # None: the MLPerf rule from the global batch size
 
     PRESETS = {
         # Trains on 2 CPU cores in seconds: tests, notebooks, parity. 76/512 of 32 tokens -> 5.
@@ -50,7 +53,8 @@ class BertConfig(Config):
         "tiny": {
             "num_layers": 2, "hidden": 32, "num_heads": 4, "ffn": 64, "vocab_size": 96,
             "max_positions": 64, "seq_len": 32, "max_predictions": 5, "lr": 1e-2,
-            "warmup_steps": 3, "total_steps": 50, "global_batch_size": 8,
+            "warmup_steps": 3, "total_steps": 50, "global_batch_size": 8, "eval_samples": 64,
+            "eval_every_samples": 40,
         },
         # BERT-base sized; one accelerator. 76/512 of 128 tokens -> 20 (the reference's phase 1).
         "small": {
@@ -75,6 +79,13 @@ class BertConfig(Config):
             )
         if self.max_predictions > self.seq_len - 3:
             raise ValueError("max_predictions must leave room for [CLS] and two [SEP] tokens")
+        if self.eval_samples < 1:
+            raise ValueError(f"eval_samples must be at least 1, got {self.eval_samples}")
+        if self.eval_every_samples is not None and self.eval_every_samples < 1:
+            raise ValueError(
+                f"eval_every_samples must be at least 1 (or None for the MLPerf rule), got "
+                f"{self.eval_every_samples}"
+            )
 
     @property
     def head_dim(self) -> int:
