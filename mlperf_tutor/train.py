@@ -2,7 +2,7 @@
 
 ``mlperf-tutor train WORKLOAD --framework F --preset P`` drives it: the workload's model and
 optimizer through the framework adapter, with a progress bar showing loss and throughput. The
-loss curve can be written to a CSV file for the chapters' plots.
+loss and metric curve can be written to a CSV file for the chapters' plots.
 
 Workloads with a quality target (bert: masked-LM accuracy 0.720) are evaluated as MLPerf does:
 on a held-out eval set (synthetic, the same for every run) every ``eval_every_samples`` training
@@ -116,7 +116,7 @@ def train(
             compared step by step.
         target: the quality that ends the run (default: the workload's ``quality_target``);
             only for workloads that are evaluated.
-        curve: a CSV path to write ``step,loss`` rows to.
+        curve: a CSV path to write ``step,loss,eval`` rows to (see :func:`write_curve`).
         mllog: a file to write the run's MLPerf log to (MLPerf benchmark workloads only).
         progress: show a progress bar with loss, throughput and the last evaluation.
 
@@ -195,7 +195,7 @@ def train(
     elapsed = time.perf_counter() - start
     rate = (steps - 1) * batch_size / step_seconds if steps > 1 else 0.0
     if curve is not None:
-        write_curve(curve, losses)
+        write_curve(curve, losses, evals, batch_size)
     return TrainResult(framework, losses, elapsed, rate, evals, target, status)
 
 
@@ -229,12 +229,24 @@ def dry_run(
         log.configuration(wl, cfg, batch_size=batch_size, seed=seed, platform=platform)
 
 
-def write_curve(path: str | os.PathLike, losses: list[float]) -> None:
-    """Write ``step,loss`` rows to a CSV file (atomically)."""
+def write_curve(
+    path: str | os.PathLike,
+    losses: list[float],
+    evals: list[tuple[int, float]] = (),
+    batch_size: int = 1,
+) -> None:
+    """Write ``step,loss,eval`` rows to a CSV file (atomically).
+
+    ``eval`` holds the quality metric on the rows of the steps after which an evaluation ran
+    (``evals`` are (samples trained, quality) pairs), and is empty elsewhere.
+    """
+    quality_after = {samples // batch_size - 1: quality for samples, quality in evals}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["step", "loss"])
-        writer.writerows((i, f"{loss:.8g}") for i, loss in enumerate(losses))
+        writer.writerow(["step", "loss", "eval"])
+        for i, loss in enumerate(losses):
+            quality = quality_after.get(i)
+            writer.writerow([i, f"{loss:.8g}", "" if quality is None else f"{quality:.8g}"])
     os.replace(tmp, path)

@@ -30,8 +30,20 @@ def test_cli_train_writes_the_curve(tmp_path, capsys):
     assert cli.main(argv) == 0
     assert "toy torch: 3 steps" in capsys.readouterr().out
     rows = list(csv.reader(path.open()))
-    assert rows[0] == ["step", "loss"] and [r[0] for r in rows[1:]] == ["0", "1", "2"]
+    assert rows[0] == ["step", "loss", "eval"] and [r[0] for r in rows[1:]] == ["0", "1", "2"]
     assert all(np.isfinite(float(r[1])) for r in rows[1:])
+    assert all(r[2] == "" for r in rows[1:])  # the toy workload has no evaluation
+
+
+def test_curve_holds_the_metric_after_each_evaluation(tmp_path):
+    # bert tiny evaluates every 40 samples, i.e. after steps 4 and 9 at batch size 8.
+    path = tmp_path / "bert.csv"
+    result = train.train("bert", "torch", "tiny", max_steps=10, curve=path, progress=False)
+    rows = list(csv.DictReader(path.open()))
+    assert [int(r["step"]) for r in rows if r["eval"]] == [4, 9]
+    assert [float(r["eval"]) for r in rows if r["eval"]] == pytest.approx(
+        [quality for _, quality in result.evals]
+    )
 
 
 def test_train_refuses_zero_max_steps():
