@@ -49,9 +49,12 @@ _ROOT = re.escape(str(Path(__file__).resolve().parents[2]))
 def check_benchmark(wl: Workload) -> str:
     """The workload's MLPerf benchmark name; a ValueError if it is not an MLPerf benchmark."""
     if wl.mlperf_benchmark is None:
+        from mlperf_tutor import workloads
+
+        benchmarks = [n for n in workloads.names() if workloads.get(n).mlperf_benchmark]
         raise ValueError(
             f"workload {wl.name!r} is not an MLPerf Training benchmark, so it has no MLPerf log; "
-            "drop --mllog/--dry-run or train bert"
+            f"drop --mllog/--dry-run or train one of {benchmarks}"
         )
     return wl.mlperf_benchmark
 
