@@ -14,6 +14,10 @@ Conventions the layers must match:
 * Grouped-query attention with N query heads and K key/value heads: query head n reads
   key/value head n // (N / K).
 * ``"gelu"`` is the exact (erf) GELU, ``"gelu_tanh"`` the tanh approximation.
+* Rotary positions (Su et al. 2021) rotate the first ``rotary_dim`` dims of every query and key
+  head by ``t * base**(-2j / rotary_dim)`` for pair j at position t. The pairs are dims
+  (2j, 2j + 1) in the ``"interleaved"`` layout (GPT-J) and (j, j + rotary_dim / 2) in the
+  ``"half"`` layout (GPT-NeoX, Llama); the other dims pass through.
 
 Test modules import this as ``numpy_reference``: ``tests/`` has no ``__init__.py``, so pytest's
 default ("prepend") import mode puts ``tests/`` on ``sys.path`` when it imports them.
@@ -53,6 +57,22 @@ def layer_norm(w: dict, name: str, x: np.ndarray, eps: float) -> np.ndarray:
     return (x - mean) / np.sqrt(var + eps) * w[f"{name}.weight"] + w[f"{name}.bias"]
 
 
+def rotary(
+    x: np.ndarray, rotary_dim: int, layout: str, base: float = 10000.0
+) -> np.ndarray:
+    """Rotary positions on ``x`` (B, T, N, H), position t = 0..T-1, one pair at a time."""
+    out = x.copy()
+    half = rotary_dim // 2
+    for j in range(half):
+        first, second = (2 * j, 2 * j + 1) if layout == "interleaved" else (j, j + half)
+        angle = np.arange(x.shape[1]) * base ** (-2.0 * j / rotary_dim)  # (T,)
+        cos, sin = np.cos(angle)[None, :, None], np.sin(angle)[None, :, None]
+        a, b = x[..., first], x[..., second]  # (B, T, N)
+        out[..., first] = a * cos - b * sin
+        out[..., second] = b * cos + a * sin
+    return out
+
+
 def attention(
     w: dict,
     x: np.ndarray,
@@ -61,13 +81,18 @@ def attention(
     key_mask: np.ndarray | None = None,
     causal: bool = False,
     prefix: str = "",
+    rotary_dim: int = 0,
+    rotary_layout: str = "interleaved",
 ) -> np.ndarray:
     """Multi-head self-attention of ``x`` (B, T, D) through ``{prefix}q_proj``, ``k_proj``,
-    ``v_proj`` and ``o_proj``; ``num_kv_heads`` (default ``num_heads``) key/value heads."""
+    ``v_proj`` and ``o_proj``; ``num_kv_heads`` (default ``num_heads``) key/value heads;
+    rotary positions on the first ``rotary_dim`` dims of q and k when it is not 0."""
     b, t, d = x.shape
     n, k, h = num_heads, num_kv_heads or num_heads, d // num_heads
     q = linear(w, f"{prefix}q_proj", x).reshape(b, t, n, h)
     keys = linear(w, f"{prefix}k_proj", x).reshape(b, t, k, h)
+    if rotary_dim:
+        q, keys = rotary(q, rotary_dim, rotary_layout), rotary(keys, rotary_dim, rotary_layout)
     values = linear(w, f"{prefix}v_proj", x).reshape(b, t, k, h)
     kv_head = np.arange(n) // (n // k)  # query head -> the kv head it reads
     keys, values = keys[:, :, kv_head], values[:, :, kv_head]  # (B, S, N, H)
@@ -75,7 +100,9 @@ def attention(
     if key_mask is not None:
         scores = scores + (1.0 - key_mask)[:, None, None, :] * -10000.0
     if causal:
-        scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+        # A naive mask: every future key, one at a time.
+        for query in range(t):
+            scores[:, :, query, query + 1 :] = -np.inf
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     out = np.einsum("bnts,bsnh->btnh", probs, values).reshape(b, t, d)
@@ -95,26 +122,66 @@ def block(
     norm_position: str,
     key_mask: np.ndarray | None = None,
     causal: bool = False,
+    activation: str = "gelu",
+    rotary_dim: int = 0,
 ) -> np.ndarray:
-    """A transformer block: attention then an exact-GELU MLP, each in a residual branch.
+    """A transformer block: attention then an MLP, each in a residual branch.
 
-    ``norm_position`` "post" (BERT): ``x = norm(x + sublayer(x))``; "pre" (GPT):
-    ``x = x + sublayer(norm(x))``. Attention has ``num_heads`` heads for queries, keys and values.
+    ``norm_position`` "post" (BERT): ``x = norm(x + sublayer(x))``; "pre" (GPT-3):
+    ``x = x + sublayer(norm(x))``; "parallel" (GPT-J): ``h = attention_norm(x);
+    x = x + attention(h) + mlp(h)``. Attention has ``num_heads`` heads for queries, keys and
+    values, and interleaved rotary positions on ``rotary_dim`` dims when that is not 0.
     """
 
     def attend(y):
-        return attention(w, y, num_heads, key_mask=key_mask, causal=causal, prefix="attention.")
+        return attention(
+            w, y, num_heads, key_mask=key_mask, causal=causal, prefix="attention.",
+            rotary_dim=rotary_dim,
+        )  # fmt: skip
 
     def norm(name, y):
         return layer_norm(w, name, y, norm_eps)
 
     def feed_forward(y):
-        return mlp(w, y, "gelu", prefix="mlp.")
+        return mlp(w, y, activation, prefix="mlp.")
 
+    if norm_position == "parallel":
+        h = norm("attention_norm", x)
+        return x + attend(h) + feed_forward(h)
     if norm_position == "pre":
         x = x + attend(norm("attention_norm", x))
         return x + feed_forward(norm("mlp_norm", x))
     if norm_position == "post":
         x = norm("attention_norm", x + attend(x))
         return norm("mlp_norm", x + feed_forward(x))
-    raise ValueError(f"norm_position must be 'post' or 'pre', not {norm_position!r}")
+    raise ValueError(f"norm_position must be 'post', 'pre' or 'parallel', not {norm_position!r}")
+
+
+def gpt(w: dict, cfg, input_ids: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    """The GPT decoder of ``mlperf_tutor.workloads.gpt`` (GPT-3 and GPT-J configs) in float64:
+    ``{"logits": (B, T, V)}`` plus ``"loss"``, the mean cross-entropy over labels != -100."""
+    t = input_ids.shape[1]
+    x = w["embeddings.word_embeddings.weight"][input_ids]  # (B, T, D)
+    if cfg.position == "learned":
+        x = x + w["embeddings.position_embeddings.weight"][:t]
+    for i in range(cfg.num_layers):
+        prefix = f"blocks.{i}."
+        layer = {k[len(prefix) :]: v for k, v in w.items() if k.startswith(prefix)}
+        x = block(
+            layer, x, cfg.num_heads, cfg.norm_eps,
+            "parallel" if cfg.parallel_residual else "pre", causal=True,
+            activation=cfg.activation, rotary_dim=cfg.rotary_dim,
+        )  # fmt: skip
+    x = layer_norm(w, "final_norm", x, cfg.norm_eps)
+    if cfg.tie_embeddings:
+        logits = x @ w["embeddings.word_embeddings.weight"].T
+    else:
+        logits = linear(w, "lm_head", x)
+    out = {"logits": logits}
+    if labels is not None:
+        keep = labels != -100
+        top = logits.max(-1, keepdims=True)
+        log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        picked = np.take_along_axis(log_probs, np.where(keep, labels, 0)[..., None], -1)[..., 0]
+        out["loss"] = -(picked * keep).sum() / keep.sum()
+    return out

@@ -1,0 +1,223 @@
+"""GPT decoders: GPT-3 (MLPerf Training ``gpt3``) and GPT-J 6B (``gptj``), one implementation.
+
+Forward (same in all three frameworks; B batch, T tokens, D hidden, V padded vocabulary)::
+
+    input_ids (B, T) -> word_embeddings (+ position_embeddings[:T] when learned) -> dropout
+    -> L causal blocks:
+         GPT-3 (pre-LN):  x = x + attention(attention_norm(x)); x = x + mlp(mlp_norm(x))
+         GPT-J (parallel): h = attention_norm(x); x = x + attention(h) + mlp(h)
+       (GPT-J's attention rotates the first rotary_dim dims of q and k, interleaved pairs)
+    -> final_norm -> logits = x @ word_embeddings.T (tied) or lm_head(x)        (B, T, V)
+    loss = mean next-token cross-entropy over labels != -100 (float32 at least)
+
+A batch is ``input_ids`` and ``labels`` (B, T) int32, ``labels[:, t]`` the token after
+``input_ids[:, t]`` (Megatron's sample of T + 1 tokens, split); a batch without ``labels``
+gives logits only (generation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mlperf_tutor.core.checkpoint import Tree
+from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
+from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.gpt.config import GptConfig, Gpt3Config, GptjConfig
+
+# Labels with this value are not predicted (HF and PyTorch's ignore_index).
+IGNORE_INDEX = -100
+# MLPerf GPT-3 quality target: log perplexity 2.69 on the C4 validation subset (v4.0 rules).
+TARGET_LOG_PERPLEXITY = 2.69
+# Megatron and NeMo exclude biases and LayerNorm weights from weight decay.
+NO_DECAY = (r"norm\.", r"bias$")
+# Seed of the synthetic language (its transition table) and of the eval set: far from the
+# training batches' seeds (seed + 1 + step).
+LANGUAGE_SEED = 2**31 - 2
+EVAL_SEED = 2**31 - 1
+
+
+def canonical_shapes(cfg: GptConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every weight (PyTorch layouts: Linear weight is (out, in))."""
+    d, f, v = cfg.hidden, cfg.ffn, cfg.padded_vocab_size
+
+    def linear(name, n_in, n_out, bias):
+        return {f"{name}.weight": (n_out, n_in)} | ({f"{name}.bias": (n_out,)} if bias else {})
+
+    def norm(name):
+        return {f"{name}.weight": (d,), f"{name}.bias": (d,)}
+
+    shapes = {"embeddings.word_embeddings.weight": (v, d)}
+    if cfg.position == "learned":
+        shapes["embeddings.position_embeddings.weight"] = (cfg.max_positions, d)
+    for i in range(cfg.num_layers):
+        block = f"blocks.{i}"
+        shapes |= norm(f"{block}.attention_norm")
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes |= linear(f"{block}.attention.{proj}", d, d, cfg.attention_bias)
+        if not cfg.parallel_residual:
+            shapes |= norm(f"{block}.mlp_norm")
+        shapes |= linear(f"{block}.mlp.fc_in", d, f, cfg.mlp_bias)
+        shapes |= linear(f"{block}.mlp.fc_out", f, d, cfg.mlp_bias)
+    shapes |= norm("final_norm")
+    if not cfg.tie_embeddings:
+        shapes |= linear("lm_head", d, v, cfg.lm_head_bias)
+    return shapes
+
+
+def flops_per_token(cfg: GptConfig, training: bool = True) -> float:
+    """PaLM's model FLOPs per token (Chowdhery et al. 2022, appendix B): ``6 N + 12 L D T``
+    for training (forward + backward), a third of it for a forward. N counts every weight
+    matrix the tokens go through, the LM head included and the position table excluded."""
+    shapes = canonical_shapes(cfg)
+    n = sum(math.prod(s) for k, s in shapes.items() if len(s) == 2 and "position" not in k)
+    if cfg.tie_embeddings:
+        n += cfg.padded_vocab_size * cfg.hidden  # the tied head is a matmul too
+    n -= cfg.padded_vocab_size * cfg.hidden  # the embedding lookup is not
+    total = 6 * n + 12 * cfg.num_layers * cfg.hidden * cfg.seq_len
+    return total if training else total / 3
+
+
+class GptWorkload(Workload):
+    """A causal language model; GPT-3 and GPT-J are instances with their own configs."""
+
+    package = "mlperf_tutor.workloads.gpt"
+    quality_metric = "log perplexity"
+
+    def param_count(self, cfg: GptConfig) -> int:
+        return sum(math.prod(s) for s in canonical_shapes(cfg).values())
+
+    def canonical_specs(self, cfg: GptConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {k: (s, "float32") for k, s in canonical_shapes(cfg).items()}
+
+    def deterministic(self, cfg: GptConfig) -> GptConfig:
+        return cfg.replace(dropout=0.0)
+
+    def init_canonical(self, cfg: GptConfig, seed: int = 0) -> Tree:
+        rng = np.random.default_rng(seed)
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        tree = {}
+        for name, shape in canonical_shapes(cfg).items():
+            if "norm." in name and name.endswith("weight"):
+                value = np.ones(shape)
+            elif len(shape) == 1:
+                value = np.zeros(shape)
+            else:
+                into_residual = name.endswith(("o_proj.weight", "fc_out.weight"))
+                std = residual_std if into_residual and cfg.scaled_residual_init else cfg.init_std
+                value = std * rng.standard_normal(shape)
+            tree[name] = value.astype(np.float32)
+        return tree
+
+    def synthetic_batch(self, cfg: GptConfig, batch_size: int = 2, seed: int = 0) -> dict:
+        """Sequences of a seeded random bigram language (see :func:`data.bigram_sequences`)."""
+        from mlperf_tutor.workloads.gpt.data import bigram_sequences, split_tokens
+
+        tokens = bigram_sequences(cfg.vocab_size, batch_size, cfg.seq_len + 1, seed, LANGUAGE_SEED)
+        return split_tokens(tokens)
+
+    def optimizer(self, cfg: GptConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
+        spec = OptimizerSpec(
+            "adamw", beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+            weight_decay=cfg.weight_decay, no_decay=NO_DECAY, clip_norm=cfg.clip_norm,
+        )  # fmt: skip
+        schedule = ScheduleSpec(
+            cfg.lr, warmup_steps=cfg.warmup_steps, decay="cosine", total_steps=cfg.total_steps,
+            end_lr=cfg.lr * cfg.end_lr_fraction,
+        )  # fmt: skip
+        return spec, schedule
+
+    def eval_every_samples(self, cfg: GptConfig, batch_size: int) -> int:
+        return cfg.eval_every_samples
+
+    def eval_set(self, cfg: GptConfig) -> dict:
+        return self.synthetic_batch(cfg, batch_size=cfg.eval_samples, seed=EVAL_SEED)
+
+    def evaluate(self, framework: str, model, eval_set: dict, batch_size: int) -> float:
+        """Log perplexity: next-token cross-entropy averaged over every labelled token of
+        ``eval_set`` (token-weighted across batches, not a mean of batch means)."""
+        from mlperf_tutor.workloads.gpt.data import token_cross_entropy
+
+        total = count = 0.0
+        for start in range(0, len(eval_set["input_ids"]), batch_size):
+            batch = {k: v[start : start + batch_size] for k, v in eval_set.items()}
+            logits = self.forward(framework, model, batch)["logits"]
+            s, n = token_cross_entropy(logits, batch["labels"])
+            total, count = total + s, count + n
+        return total / count
+
+    def generate(
+        self, framework: str, model, cfg: GptConfig, prompt: np.ndarray, new_tokens: int
+    ) -> np.ndarray:
+        """Greedy decoding: ``prompt`` (B, P) int -> (B, P + new_tokens). Each new token is the
+        argmax over the real vocabulary (never a padding row) of the logits at the last
+        position; the whole prefix is recomputed every step (no key/value cache)."""
+        tokens = np.asarray(prompt, np.int32)
+        if tokens.shape[1] + new_tokens > cfg.max_positions:
+            raise ValueError(
+                f"prompt ({tokens.shape[1]}) + new_tokens ({new_tokens}) exceed the model's "
+                f"{cfg.max_positions} positions"
+            )
+        for _ in range(new_tokens):
+            logits = self.forward(framework, model, {"input_ids": tokens})["logits"]
+            nxt = logits[:, -1, : cfg.vocab_size].argmax(-1).astype(np.int32)  # (B,)
+            tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+        return tokens
+
+    def info(self, cfg: GptConfig) -> dict:
+        n = self.param_count(cfg)
+        s, d, layers = cfg.seq_len, cfg.hidden, cfg.num_layers
+        # Activation memory of mixed-precision training without recomputation, per sequence:
+        # s*h*(34 + 5*a*s/h) bytes per layer (Korthikanti et al. 2022, section 4.1).
+        activations = layers * s * d * (34 + 5 * cfg.num_heads * s / d)
+        return {
+            "workload": self.name,
+            "parameters": n,
+            "padded vocabulary": cfg.padded_vocab_size,
+            "training FLOPs per token (6N + 12LDT)": flops_per_token(cfg),
+            "training FLOPs per sequence": flops_per_token(cfg) * s,
+            "bf16 weights (GB)": 2 * n / 1e9,
+            "fp32 master weights + grads + Adam moments (GB)": 16 * n / 1e9,
+            "activations per sequence, 16-bit, no recomputation (GB)": activations / 1e9,
+            "global batch size": cfg.global_batch_size,
+            "tokens per global batch": cfg.global_batch_size * s,
+        }
+
+
+class Gpt3Workload(GptWorkload):
+    name = "gpt3"
+    description = "GPT-3 175B causal LM (Adam, cosine); MLPerf target log perplexity 2.69"
+    config_class = Gpt3Config
+    mlperf_benchmark = "gpt3"
+    quality_target = TARGET_LOG_PERPLEXITY
+
+    def hyperparameters(self, cfg: GptConfig) -> dict:
+        """The keys of mlperf_logging's ``training_4.0.0/closed_gpt3.yaml``, read from the
+        optimizer and schedule that train."""
+        spec, schedule = self.optimizer(cfg)
+        return {
+            "max_sequence_length": cfg.seq_len,
+            "opt_name": "adam",
+            "opt_base_learning_rate": schedule.lr,
+            "opt_end_learning_rate": schedule.end_lr,
+            "opt_learning_rate_decay_steps": schedule.total_steps,
+            "opt_learning_rate_warmup_steps": schedule.warmup_steps,
+            "opt_learning_rate_decay_schedule": "cosine with linear warmup",
+            "opt_adam_beta_1": spec.beta1,
+            "opt_adam_beta_2": spec.beta2,
+            "opt_adam_epsilon": spec.eps,
+            "opt_gradient_clip_norm": spec.clip_norm,
+            "opt_weight_decay": spec.weight_decay,
+            "init_checkpoint_step": cfg.init_checkpoint_step,
+        }
+
+
+class GptjWorkload(GptWorkload):
+    name = "gptj"
+    description = "GPT-J 6B causal LM (rotary, parallel blocks), AdamW; not an MLPerf Training benchmark"
+    config_class = GptjConfig
+
+
+GPT3 = Gpt3Workload()
+GPTJ = GptjWorkload()
