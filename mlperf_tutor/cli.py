@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--target", type=float, default=None,
-        help="quality that ends the run (default: the workload's MLPerf target; bert 0.720)",
+        help="quality that ends the run (default: the MLPerf target; bert 0.720, gpt3 2.69)",
     )  # fmt: skip
     p.add_argument(
         "--batch-size", type=int, default=None,
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", help="dropout off")
     p.add_argument("--curve", default=None, help="write step,loss rows to this CSV file")
     p.add_argument(
-        "--mllog", default=None, help="write an MLPerf Training v4.0 log to this file (bert)"
+        "--mllog", default=None, help="write an MLPerf Training v4.0 log to this file (bert, gpt3)"
     )
     p.add_argument(
         "--dry-run", action="store_true",

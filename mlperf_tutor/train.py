@@ -4,12 +4,19 @@
 optimizer through the framework adapter, with a progress bar showing loss and throughput. The
 loss and metric curve can be written to a CSV file for the chapters' plots.
 
-Workloads with a quality target (bert: masked-LM accuracy 0.720) are evaluated as MLPerf does:
+Workloads with a quality target (bert: masked-LM accuracy 0.720; gpt3: log perplexity 2.69, a
+loss, so reached from above) are evaluated as MLPerf does:
 on a held-out eval set (synthetic, the same for every run) every ``eval_every_samples`` training
 samples, and once more at the step limit. A run stops at the first evaluation that reaches the
 target (status "success") or at ``max_steps`` ("aborted"). With ``mllog`` the run writes an MLPerf
 Training v4.0 log that ``mlperf_logging.compliance_checker`` accepts and
 ``mlperf_tutor.mlperf.score`` scores (see :mod:`mlperf_tutor.mlperf.mllog`).
+
+Workloads that MLPerf starts from a checkpoint (gpt3: the reference's step-4000 checkpoint) start
+from one here too: before the run (and before ``init_start``) the loop trains
+``Workload.checkpoint_start_step`` steps and keeps the weights and the optimizer state, as a
+saved checkpoint would; the run loads both during init and continues the step count (and so the
+learning-rate schedule) from there. Its log counts samples (or tokens) from the checkpoint on.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ class TrainResult:
         target: the quality that ended, or would have ended, the run (None: not evaluated).
         status: "success" (the target was reached), "aborted" (``max_steps`` was reached
             first), or None for a workload without evaluation.
+        checkpoint_losses: the losses of the steps that made the start checkpoint (empty for
+            workloads that start from the initial weights).
     """
 
     framework: str
@@ -51,6 +60,7 @@ class TrainResult:
     evals: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     target: float | None = None
     status: str | None = None
+    checkpoint_losses: list[float] = dataclasses.field(default_factory=list)
 
 
 def _setup(
@@ -74,12 +84,38 @@ def _target(wl: Workload, target: float | None) -> float | None:
             )
         return None
     target = wl.quality_target if target is None else target
-    if not 0.0 <= target <= 1.0:
+    if wl.quality_higher_is_better and not 0.0 <= target <= 1.0:
         raise ValueError(
             f"target must be a fraction between 0 and 1 ({wl.name}'s MLPerf target, "
             f"{wl.quality_metric}, is {wl.quality_target}), got {target}"
         )
+    if not wl.quality_higher_is_better and target <= 0.0:
+        raise ValueError(
+            f"target must be positive ({wl.name}'s MLPerf target, {wl.quality_metric}, is "
+            f"{wl.quality_target}), got {target}"
+        )
     return target
+
+
+def _reached(wl: Workload, quality: float, target: float) -> bool:
+    return quality >= target if wl.quality_higher_is_better else quality <= target
+
+
+def _checkpoint(wl: Workload, cfg: Config, framework: str, batch_size: int, seed: int):
+    """(weights, optimizer state, losses) after ``wl.checkpoint_start_step(cfg)`` steps from
+    the initial weights, on batches ``seed + 1 + step``; (initial weights, None, []) for 0."""
+    weights = wl.init_canonical(cfg, seed=seed)
+    steps = wl.checkpoint_start_step(cfg)
+    if steps == 0:
+        return weights, None, []
+    adapter = frameworks.get(framework)
+    model = wl.build(framework, cfg, weights=weights)
+    optimizer = adapter.make_optimizer(*wl.checkpoint_optimizer(cfg), model)
+    losses = []
+    for step in range(steps):
+        batch = wl.synthetic_batch(cfg, batch_size=batch_size, seed=seed + 1 + step)
+        losses.append(float(adapter.train_step(model, optimizer, batch)))
+    return adapter.to_canonical(model), optimizer.state_dict(), losses
 
 
 def _next_eval(steps: int, batch_size: int, every: int, max_steps: int) -> int:
@@ -134,16 +170,21 @@ def train(
     if mllog is not None:
         check_benchmark(wl)
     adapter = frameworks.get(framework)  # a missing framework fails before the log is opened
+    adapter.seed(seed)
+    weights, opt_state, checkpoint_losses = _checkpoint(wl, cfg, framework, batch_size, seed)
+    first_step = wl.checkpoint_start_step(cfg)
+    unit = wl.logged_units_per_sample(cfg)  # the log counts samples or tokens
 
     with RunLog(mllog) as log:
         log.init_start()
         log.configuration(
             wl, cfg, batch_size=batch_size, seed=seed, platform=adapter.device_summary()
         )
-        adapter.seed(seed)
-        model = wl.build(framework, cfg, weights=wl.init_canonical(cfg, seed=seed))
+        model = wl.build(framework, cfg, weights=weights)
         spec, schedule = wl.optimizer(cfg)
         optimizer = adapter.make_optimizer(spec, schedule, model)
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
         evaluated = target is not None
         eval_set = wl.eval_set(cfg) if evaluated else None
         every = wl.eval_every_samples(cfg, batch_size) if evaluated else None
@@ -163,11 +204,13 @@ def train(
         steps, reached = 0, False
         while steps < max_steps and not reached:
             end = _next_eval(steps, batch_size, every, max_steps) if evaluated else max_steps
-            block = (steps * batch_size, (end - steps) * batch_size)  # first sample, samples
+            # first sample (or token) of the block, and how many
+            block = (steps * batch_size * unit, (end - steps) * batch_size * unit)
             log.block_start(*block)
             for step in range(steps, end):
                 before = time.perf_counter()
-                batch = wl.synthetic_batch(cfg, batch_size=batch_size, seed=seed + 1 + step)
+                batch_seed = seed + 1 + first_step + step
+                batch = wl.synthetic_batch(cfg, batch_size=batch_size, seed=batch_seed)
                 losses.append(float(adapter.train_step(model, optimizer, batch)))
                 if step > 0:
                     step_seconds += time.perf_counter() - before
@@ -180,23 +223,23 @@ def train(
             steps = end
             if evaluated:
                 samples = steps * batch_size
-                log.eval_start(samples)
+                log.eval_start(samples * unit)
                 quality = wl.evaluate(framework, model, eval_set, batch_size)
-                log.eval_stop(samples, quality)
+                log.eval_stop(samples * unit, quality)
                 evals.append((samples, quality))
-                reached = quality >= target
+                reached = _reached(wl, quality, target)
                 if bar is not None:
                     shown["eval"] = f"{quality:.4f}"
                     bar.set_postfix(shown)
         status = ("success" if reached else "aborted") if evaluated else None
-        log.run_stop(status, steps * batch_size)
+        log.run_stop(status, steps * batch_size * unit)
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - start
     rate = (steps - 1) * batch_size / step_seconds if steps > 1 else 0.0
     if curve is not None:
         write_curve(curve, losses, evals, batch_size)
-    return TrainResult(framework, losses, elapsed, rate, evals, target, status)
+    return TrainResult(framework, losses, elapsed, rate, evals, target, status, checkpoint_losses)
 
 
 def dry_run(

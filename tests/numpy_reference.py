@@ -57,9 +57,7 @@ def layer_norm(w: dict, name: str, x: np.ndarray, eps: float) -> np.ndarray:
     return (x - mean) / np.sqrt(var + eps) * w[f"{name}.weight"] + w[f"{name}.bias"]
 
 
-def rotary(
-    x: np.ndarray, rotary_dim: int, layout: str, base: float = 10000.0
-) -> np.ndarray:
+def rotary(x: np.ndarray, rotary_dim: int, layout: str, base: float = 10000.0) -> np.ndarray:
     """Rotary positions on ``x`` (B, T, N, H), position t = 0..T-1, one pair at a time."""
     out = x.copy()
     half = rotary_dim // 2

@@ -14,11 +14,12 @@ import numpy as np
 OUTPUT_ATOL = 1e-5
 STEP_RTOL = 1e-4
 # A relative comparison also passes when every element agrees to this absolute difference. Some
-# tensors are zero in exact arithmetic and pure round-off in practice: the gradient of an
-# attention key bias (softmax ignores a shift shared by all keys of a query), or a zero-initialised
-# bias moved only by such gradients. Their relative error is noise over noise (measured 1.3-2.4
-# on BERT tiny's k_proj.bias, with absolute values near 1e-12); 1e-7 is below float32's
-# resolution of values of order one, so no real disagreement of a unit-scale tensor passes.
+# tensors are zero in exact arithmetic and pure round-off in practice; their relative error is
+# noise over noise. The attention key bias was one (softmax ignores a shift shared by all keys of
+# a query; measured relative errors of 1.3-2.4 at absolute values near 1e-12 on BERT tiny) until
+# the layers made its gradient exactly zero (``Attention._keys``); the floor remains for such
+# tensors in user models. 1e-7 is below float32's resolution of values of order one, so no real
+# disagreement of a unit-scale tensor passes.
 REL_ABS_FLOOR = 1e-7
 
 

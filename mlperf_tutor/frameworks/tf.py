@@ -336,7 +336,11 @@ def train_step(model: keras.Model, optimizer, batch: Mapping[str, np.ndarray]) -
         def step(inputs):
             with tf.GradientTape() as tape:
                 loss = model(inputs, training=True)["loss"]
-            native.apply(tape.gradient(loss, variables), variables)
+            # A parameter the loss does not reach (or reaches only through stop_gradient) is
+            # updated with a zero gradient, as torch and optax updates are.
+            grads = tape.gradient(loss, variables)
+            grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+            native.apply(grads, variables)
             return loss
 
         optimizer._train_fn = step

@@ -4,8 +4,11 @@ as ``torch_layers`` and ``tf_layers``), and layers where ``flax.nnx`` lacks PyTo
 BatchNorm: https://arxiv.org/abs/1502.03167; semantics of ``torch.nn.BatchNorm{1,2,3}d``.
 Attention, MLP, TransformerBlock: https://arxiv.org/abs/1706.03762; grouped-query attention
 https://arxiv.org/abs/2305.13245; post-LN as in BERT (https://arxiv.org/abs/1810.04805), pre-LN
-as in GPT-2. Dimension letters: B batch, T query time, S key time, D model, N heads, K kv heads,
-G = N // K query heads per kv head, H head dim, F MLP width.
+as in GPT-2, parallel as in GPT-J (Wang & Komatsuzaki 2021,
+https://github.com/kingoflolz/mesh-transformer-jax). Rotary positions: Su et al. 2021, RoFormer
+(https://arxiv.org/abs/2104.09864). Dimension letters: B batch, T query time, S key time,
+D model, N heads, K kv heads, G = N // K query heads per kv head, H head dim, F MLP width,
+R rotary dims.
 """
 
 from __future__ import annotations
@@ -120,17 +123,61 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+def apply_rotary(
+    x: jax.Array, rotary_dim: int, base: float = 10000.0, layout: str = "interleaved"
+) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021, https://arxiv.org/abs/2104.09864).
+
+    Rotates pair j of the first ``rotary_dim`` dims of every head at position t (0..T-1) by the
+    angle ``t * base**(-2j / rotary_dim)``; the other dims pass through. The angles, cosines
+    and sines are computed in float32 at least (float64 for float64 inputs).
+
+    Args:
+        x: queries or keys, (B, T, heads, H).
+        rotary_dim: R, the even number of dims rotated (at most H).
+        base: the base of the angle frequencies.
+        layout: which dims form pair j: "interleaved" (2j, 2j + 1), as GPT-J; "half"
+            (j, j + R / 2), as GPT-NeoX and Llama.
+
+    Returns:
+        The rotated array, of ``x``'s shape and dtype.
+    """
+    if layout not in ("interleaved", "half"):
+        raise ValueError(f"rotary layout must be 'interleaved' or 'half', got {layout!r}")
+    if rotary_dim % 2 or not 0 < rotary_dim <= x.shape[-1]:
+        raise ValueError(
+            f"rotary_dim ({rotary_dim}) must be even and in (0, head dim {x.shape[-1]}]"
+        )
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    t = x.shape[1]
+    inv_freq = 1.0 / base ** (jnp.arange(0, rotary_dim, 2, dtype=acc) / rotary_dim)  # (R/2,)
+    angle = jnp.arange(t, dtype=acc)[:, None] * inv_freq  # (T, R/2)
+    cos, sin = jnp.cos(angle)[None, :, None], jnp.sin(angle)[None, :, None]  # (1, T, 1, R/2)
+    rot, rest = x[..., :rotary_dim].astype(acc), x[..., rotary_dim:]
+    if layout == "interleaved":
+        pairs = rot.reshape(*rot.shape[:-1], rotary_dim // 2, 2)  # (B, T, N, R/2, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        rot = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(rot.shape)
+    else:
+        a, b = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2 :]
+        rot = jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    return jnp.concatenate([rot.astype(x.dtype), rest], axis=-1)  # (B, T, N, H)
+
+
 def _layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # Two-pass variance, as PyTorch computes it (Flax's default is E[x^2] - E[x]^2).
     return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with optional grouped-query heads, key padding and causality.
+    """Multi-head self-attention with optional grouped-query heads, key padding, causality and
+    rotary positions.
 
     Scores are computed and softmaxed in float32 at least; padded keys (``key_mask == 0``) get
     :data:`KEY_MASK_VALUE` added, future keys (``causal=True``) :data:`CAUSAL_MASK_VALUE`.
-    Query head ``n`` reads kv head ``n // G`` (the order of ``repeat_interleave``).
+    Query head ``n`` reads kv head ``n // G`` (the order of ``repeat_interleave``). With
+    ``rotary_dim > 0``, q and k are rotated (:func:`apply_rotary`) after the projections, on
+    both the explicit and the fused path.
 
     Args:
         dim: model width D.
@@ -144,6 +191,12 @@ class Attention(nnx.Module):
             It has no attention dropout, so ``dropout`` must be 0. Off by default: the explicit
             path is the parity reference. (Measured on an H200, bf16, B 32, T 512, D 768, 12
             heads, key mask: this module's forward + backward 1.4 ms fused, 2.1 ms explicit.)
+        fused_implementation: ``implementation`` of ``jax.nn.dot_product_attention``: "xla"
+            or "cudnn" (GPU, bfloat16/float16 only); None picks cuDNN for half-precision
+            inputs on GPU and XLA otherwise.
+        rotary_dim: dims of each q and k head that rotary positions rotate (0: none).
+        rotary_base: the rotary angles' base.
+        rotary_layout: "interleaved" (GPT-J) or "half" (Llama); see :func:`apply_rotary`.
         rngs: initialisers' keys and the dropout stream.
     """
 
@@ -157,6 +210,10 @@ class Attention(nnx.Module):
         dropout: float = 0.0,
         causal: bool = False,
         fused: bool = False,
+        fused_implementation: str | None = None,
+        rotary_dim: int = 0,
+        rotary_base: float = 10000.0,
+        rotary_layout: str = "interleaved",
         rngs: nnx.Rngs,
     ):
         num_kv_heads = num_kv_heads or num_heads
@@ -170,9 +227,25 @@ class Attention(nnx.Module):
                 "fused attention (jax.nn.dot_product_attention) has no attention-probability "
                 f"dropout; pass dropout=0.0 (got {dropout}) or fused=False"
             )
+        if fused_implementation not in (None, "xla", "cudnn"):
+            raise ValueError(
+                f"fused_implementation must be None, 'xla' or 'cudnn', got {fused_implementation!r}"
+            )
+        if rotary_layout not in ("interleaved", "half"):
+            raise ValueError(
+                f"rotary_layout must be 'interleaved' or 'half', got {rotary_layout!r}"
+            )
+        if rotary_dim % 2 or not 0 <= rotary_dim <= dim // num_heads:
+            raise ValueError(
+                f"rotary_dim ({rotary_dim}) must be even and at most the head dim "
+                f"({dim // num_heads})"
+            )
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.causal, self.fused = causal, fused
+        self.fused_implementation = fused_implementation
+        self.rotary_dim, self.rotary_layout = rotary_dim, rotary_layout
+        self.rotary_base = rotary_base
         kv_dim = num_kv_heads * self.head_dim
         self.q_proj = nnx.Linear(dim, dim, use_bias=bias, rngs=rngs)
         self.k_proj = nnx.Linear(dim, kv_dim, use_bias=bias, rngs=rngs)
@@ -180,12 +253,25 @@ class Attention(nnx.Module):
         self.o_proj = nnx.Linear(dim, dim, use_bias=bias, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
+    def _keys(self, x: jax.Array) -> jax.Array:
+        # Without rotary, the key bias adds q . b to every score of a query alike, which softmax
+        # ignores: its gradient is exactly zero. Computed through the graph it is round-off
+        # (~1e-12) that differs between frameworks and that Adam (eps 1e-8) amplifies into
+        # visible drift, so the bias enters the keys as a constant: same forward, exact zero.
+        if self.k_proj.bias is None or self.rotary_dim:
+            return self.k_proj(x)
+        bias = jax.lax.stop_gradient(self.k_proj.bias[...])
+        return x @ self.k_proj.kernel[...] + bias
+
     def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         b, t, _ = x.shape  # (B, T, D)
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).reshape(b, t, n, h)  # (B, T, N, H)
-        keys = self.k_proj(x).reshape(b, t, k, h)  # (B, S, K, H); self-attention: S = T
+        keys = self._keys(x).reshape(b, t, k, h)  # (B, S, K, H); self-attention: S = T
         values = self.v_proj(x).reshape(b, t, k, h)  # (B, S, K, H)
+        if self.rotary_dim:
+            q = apply_rotary(q, self.rotary_dim, self.rotary_base, self.rotary_layout)
+            keys = apply_rotary(keys, self.rotary_dim, self.rotary_base, self.rotary_layout)
         pad = None
         if key_mask is not None:
             pad = (1.0 - key_mask.astype(jnp.float32)) * KEY_MASK_VALUE  # (B, S)
@@ -219,7 +305,9 @@ class Attention(nnx.Module):
         half = q.dtype in (jnp.bfloat16, jnp.float16)
         # cuDNN's kernel takes only half-precision inputs, and a bias broadcast over T
         # (not over N): (B, 1, 1, S) is refused, (B, 1, T, S) accepted.
-        implementation = "cudnn" if half and jax.default_backend() == "gpu" else None
+        implementation = self.fused_implementation
+        if implementation is None and half and jax.default_backend() == "gpu":
+            implementation = "cudnn"
         bias = None
         if pad is not None:
             bias = jnp.broadcast_to(pad[:, None, None, :], (b, 1, t, keys.shape[1]))
@@ -277,18 +365,30 @@ class TransformerBlock(nnx.Module):
         x = x + dropout(attention(attention_norm(x), key_mask))
         x = x + dropout(mlp(mlp_norm(x)))
 
+    ``norm_position="parallel"`` (GPT-J; Wang & Komatsuzaki 2021,
+    https://github.com/kingoflolz/mesh-transformer-jax): one norm, no ``mlp_norm``::
+
+        h = attention_norm(x)
+        x = x + dropout(attention(h, key_mask)) + dropout(mlp(h))
+
     Args:
         dim: model width D.
         num_heads: attention heads N.
         ffn: MLP width F.
         norm_eps: LayerNorm epsilon (always explicit: frameworks' defaults differ).
-        norm_position: "post" or "pre".
+        norm_position: "post", "pre" or "parallel".
         activation: the MLP's activation (see :class:`MLP`).
-        bias: biases in the attention projections and the MLP.
+        bias: biases in the MLP, and in the attention projections unless
+            ``attention_bias`` says otherwise.
+        attention_bias: biases in the attention projections; None: as ``bias``.
         dropout: residual dropout on the attention and MLP outputs.
         attention_dropout: dropout on the attention probabilities.
         causal: causal self-attention.
         fused: the attention's fused path (see :class:`Attention`).
+        fused_implementation: the fused path's implementation (see :class:`Attention`).
+        rotary_dim: rotary dims of q and k per head (0: no rotary positions).
+        rotary_base: the rotary angles' base.
+        rotary_layout: "interleaved" or "half" (see :func:`apply_rotary`).
         rngs: initialisers' keys and the dropout streams.
     """
 
@@ -302,25 +402,38 @@ class TransformerBlock(nnx.Module):
         norm_position: str = "post",
         activation: str = "gelu",
         bias: bool = True,
+        attention_bias: bool | None = None,
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
         causal: bool = False,
         fused: bool = False,
+        fused_implementation: str | None = None,
+        rotary_dim: int = 0,
+        rotary_base: float = 10000.0,
+        rotary_layout: str = "interleaved",
         rngs: nnx.Rngs,
     ):
-        if norm_position not in ("post", "pre"):
-            raise ValueError(f"norm_position must be 'post' or 'pre', got {norm_position!r}")
+        if norm_position not in ("post", "pre", "parallel"):
+            raise ValueError(
+                f"norm_position must be 'post', 'pre' or 'parallel', got {norm_position!r}"
+            )
         self.norm_position = norm_position
         self.attention = Attention(
-            dim, num_heads, bias=bias, dropout=attention_dropout, causal=causal, fused=fused,
-            rngs=rngs,
+            dim, num_heads, bias=bias if attention_bias is None else attention_bias,
+            dropout=attention_dropout, causal=causal, fused=fused,
+            fused_implementation=fused_implementation, rotary_dim=rotary_dim,
+            rotary_base=rotary_base, rotary_layout=rotary_layout, rngs=rngs,
         )  # fmt: skip
         self.attention_norm = _layer_norm(dim, norm_eps, rngs)
         self.mlp = MLP(dim, ffn, activation=activation, bias=bias, rngs=rngs)
-        self.mlp_norm = _layer_norm(dim, norm_eps, rngs)
+        if norm_position != "parallel":  # the parallel block's MLP reads attention_norm's output
+            self.mlp_norm = _layer_norm(dim, norm_eps, rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        if self.norm_position == "parallel":
+            h = self.attention_norm(x)
+            return x + self.dropout(self.attention(h, key_mask)) + self.dropout(self.mlp(h))
         if self.norm_position == "post":
             x = self.attention_norm(x + self.dropout(self.attention(x, key_mask)))
             return self.mlp_norm(x + self.dropout(self.mlp(x)))  # (B, T, D)

@@ -9,7 +9,11 @@ This module adds what Keras lacks or computes differently:
   GPT-3, GPT-J, Llama 2 and Stable Diffusion, with the class, attribute and argument names of
   ``torch_layers`` and ``jax_layers``. Attention: Vaswani et al. 2017
   (https://arxiv.org/abs/1706.03762); grouped-query attention: Ainslie et al. 2023
-  (https://arxiv.org/abs/2305.13245); pre-LN: Xiong et al. 2020 (https://arxiv.org/abs/2002.04745).
+  (https://arxiv.org/abs/2305.13245); pre-LN: Xiong et al. 2020 (https://arxiv.org/abs/2002.04745);
+  parallel attention and MLP: Wang & Komatsuzaki 2021 (GPT-J,
+  https://github.com/kingoflolz/mesh-transformer-jax).
+* :func:`apply_rotary`: rotary position embeddings, Su et al. 2021 (RoFormer,
+  https://arxiv.org/abs/2104.09864).
 
 Every sublayer gets ``name=`` equal to its attribute name, so Keras paths read like the
 canonical names. Dense kernels, biases and embeddings are created as zeros: weights always come
@@ -139,10 +143,26 @@ KEY_MASK_VALUE = -10000.0
 #: gives exactly 0 whatever padding added before.
 CAUSAL_MASK_VALUE = float(np.finfo(np.float32).min)
 
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_exact(x):
+    # PyTorch's formula. Not ops.gelu(approximate=False): tf.nn.gelu casts its constant 1/sqrt(2)
+    # through float32, so float64 inputs get errors of 5e-9. A Python float multiplies exactly.
+    return 0.5 * x * (1.0 + ops.erf(x * _SQRT_HALF))
+
+
+def _gelu_tanh(x):
+    # PyTorch's tanh approximation, written out for the same reason: tf.nn.gelu's 0.044715 is
+    # cast through float32 as well.
+    return 0.5 * x * (1.0 + ops.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+
+
 #: Activation name -> function; the GELU approximation is always explicit.
 ACTIVATIONS = {
-    "gelu": lambda x: ops.gelu(x, approximate=False),  # exact, with erf (BERT)
-    "gelu_tanh": lambda x: ops.gelu(x, approximate=True),  # GPT-2 / GPT-3 / GPT-J
+    "gelu": _gelu_exact,  # exact, with erf (BERT, GPT-3)
+    "gelu_tanh": _gelu_tanh,  # GPT-2, GPT-J (HF gelu_new)
     "relu": ops.relu,
     "silu": ops.silu,
 }
@@ -156,6 +176,63 @@ def get_activation(name: str):
     return ACTIVATIONS[name]
 
 
+def _math_dtype(dtype) -> str:
+    """float64 for float64 tensors, float32 for every other float (float32 at least)."""
+    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
+
+
+RotaryLayout = Literal["interleaved", "half"]
+
+
+def apply_rotary(x, rotary_dim: int, base: float = 10000.0, layout: RotaryLayout = "interleaved"):
+    """Rotary position embeddings (Su et al. 2021, RoFormer, https://arxiv.org/abs/2104.09864).
+
+    Rotates pair j of the first ``rotary_dim`` dims of every head at position t (0..T-1) by the
+    angle ``t * inv_freq[j]``, ``inv_freq = 1 / base ** (arange(0, rotary_dim, 2) / rotary_dim)``;
+    the other ``H - rotary_dim`` dims pass through. The angles and the rotation are computed in
+    float32 (float64 for float64 inputs); the output has ``x``'s dtype.
+
+    Args:
+        x: (B, T, heads, H) queries or keys.
+        rotary_dim: dims rotated, even and at most H.
+        base: the frequency base (10000 in RoFormer, GPT-J and Llama 2).
+        layout: "interleaved" pairs dims (2j, 2j + 1) (GPT-J); "half" pairs (j, j + rotary_dim/2)
+            (GPT-NeoX, Llama).
+
+    Returns:
+        (B, T, heads, H), ``x``'s dtype.
+    """
+    if layout not in ("interleaved", "half"):
+        raise ValueError(f"rotary layout must be 'interleaved' or 'half', got {layout!r}")
+    head_dim = int(x.shape[-1])
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim ({rotary_dim}) must be even and in (0, head dim {head_dim}]")
+    in_dtype = keras.backend.standardize_dtype(x.dtype)
+    dtype = _math_dtype(in_dtype)
+    half = rotary_dim // 2
+    exponents = ops.arange(0, rotary_dim, 2, dtype=dtype) / rotary_dim  # (R/2,)
+    inv_freq = 1.0 / ops.power(ops.convert_to_tensor(base, dtype=dtype), exponents)  # (R/2,)
+    positions = ops.arange(ops.shape(x)[1], dtype=dtype)  # (T,)
+    angle = positions[:, None] * inv_freq[None, :]  # (T, R/2)
+    cos = ops.cos(angle)[None, :, None, :]  # (1, T, 1, R/2)
+    sin = ops.sin(angle)[None, :, None, :]
+    rot = ops.cast(x[..., :rotary_dim], dtype)  # (B, T, heads, R)
+    if layout == "interleaved":
+        a, b = rot[..., 0::2], rot[..., 1::2]  # (B, T, heads, R/2) each
+    else:
+        a, b = rot[..., :half], rot[..., half:]
+    first, second = a * cos - b * sin, b * cos + a * sin
+    if layout == "interleaved":
+        # (B, T, heads, R/2, 2) -> (B, T, heads, R): back to (2j, 2j + 1) order.
+        rot = ops.reshape(ops.stack([first, second], axis=-1), ops.shape(rot))
+    else:
+        rot = ops.concatenate([first, second], axis=-1)
+    rot = ops.cast(rot, in_dtype)
+    if rotary_dim == head_dim:
+        return rot
+    return ops.concatenate([rot, x[..., rotary_dim:]], axis=-1)
+
+
 def _dense(units: int, bias: bool, name: str, dtype) -> keras.layers.Dense:
     return keras.layers.Dense(
         units, use_bias=bias, kernel_initializer="zeros", name=name, dtype=dtype
@@ -163,13 +240,15 @@ def _dense(units: int, bias: bool, name: str, dtype) -> keras.layers.Dense:
 
 
 class Attention(keras.layers.Layer):
-    """Multi-head self-attention with optional grouped-query heads, key padding and causality.
+    """Multi-head self-attention with grouped-query heads, key padding, causality and rotary.
 
     ``scores = q k^T / sqrt(H)``; padded keys get :data:`KEY_MASK_VALUE` (-10000, the BERT
     reference's value) added, future keys are set to :data:`CAUSAL_MASK_VALUE` under ``causal``;
-    softmax in float32; dropout on the probabilities; ``o_proj`` of the heads' outputs. With
-    ``num_kv_heads = K < N``, query head ``n`` uses key/value head ``n // (N / K)`` (Llama 2's
-    layout, the order of ``repeat_interleave``).
+    softmax in float32 (float64 for a float64 layer); dropout on the probabilities; ``o_proj``
+    of the heads' outputs. With ``num_kv_heads = K < N``, query head ``n`` uses key/value head
+    ``n // (N / K)`` (Llama 2's layout, the order of ``repeat_interleave``). With
+    ``rotary_dim > 0``, queries and keys get rotary positions (:func:`apply_rotary`) right after
+    their projections, before the heads are repeated and before either path.
 
     Args:
         dim: model width D (input and output).
@@ -182,6 +261,9 @@ class Attention(keras.layers.Layer):
             TensorFlow backend it is the same math in one op (Keras has flash kernels only for
             its JAX and PyTorch backends); it has no attention dropout, so ``dropout`` must be 0.
             The explicit path is the parity reference.
+        rotary_dim: dims of each head rotated by :func:`apply_rotary`; 0: no rotary positions.
+        rotary_base: the rotary frequency base.
+        rotary_layout: "interleaved" (GPT-J) or "half" (Llama) pairs of dims.
         **kwargs: Keras layer arguments (``name``, ``dtype``).
 
     Shapes:
@@ -198,6 +280,9 @@ class Attention(keras.layers.Layer):
         dropout: float = 0.0,
         causal: bool = False,
         fused: bool = False,
+        rotary_dim: int = 0,
+        rotary_base: float = 10000.0,
+        rotary_layout: RotaryLayout = "interleaved",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -213,7 +298,18 @@ class Attention(keras.layers.Layer):
                 f"dropout; pass dropout=0.0 (got {dropout}) or fused=False"
             )
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, kv_heads, dim // num_heads
+        if rotary_dim and not (0 < rotary_dim <= self.head_dim and rotary_dim % 2 == 0):
+            raise ValueError(
+                f"rotary_dim ({rotary_dim}) must be even and in (0, head dim {self.head_dim}]"
+            )
+        if rotary_layout not in ("interleaved", "half"):
+            raise ValueError(
+                f"rotary_layout must be 'interleaved' or 'half', got {rotary_layout!r}"
+            )
         self.causal, self.fused = causal, fused
+        self.rotary_dim, self.rotary_base, self.rotary_layout = (
+            rotary_dim, float(rotary_base), rotary_layout,
+        )  # fmt: skip
         dtype = self.dtype_policy
         self.q_proj = _dense(dim, bias, "q_proj", dtype)
         self.k_proj = _dense(kv_heads * self.head_dim, bias, "k_proj", dtype)
@@ -221,18 +317,33 @@ class Attention(keras.layers.Layer):
         self.o_proj = _dense(dim, bias, "o_proj", dtype)
         self.dropout = keras.layers.Dropout(dropout, name="dropout", dtype=dtype)
 
+    def _keys(self, x):
+        # Without rotary, the key bias adds q . b to every score of a query alike, which softmax
+        # ignores: its gradient is exactly zero. Computed through the graph it is round-off
+        # (~1e-12) that differs between frameworks and that Adam (eps 1e-8) amplifies into
+        # visible drift, so the bias enters the keys as a constant: same forward, exact zero.
+        if not self.k_proj.use_bias or self.rotary_dim:
+            return self.k_proj(x)
+        if not self.k_proj.built:
+            self.k_proj.build(x.shape)
+        return ops.matmul(x, self.k_proj.kernel) + ops.stop_gradient(self.k_proj.bias)
+
     def call(self, x, key_mask=None, training=False):
         b, t = ops.shape(x)[:2]  # tensors, not ints, inside a shape-relaxed tf.function
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
         q = ops.reshape(self.q_proj(x), (b, t, n, h))  # (B, T, N, H)
-        keys = ops.reshape(self.k_proj(x), (b, t, k, h))  # (B, S, K, H); self-attention: S = T
+        keys = ops.reshape(self._keys(x), (b, t, k, h))  # (B, S, K, H); self-attention: S = T
         values = ops.reshape(self.v_proj(x), (b, t, k, h))  # (B, S, K, H)
+        if self.rotary_dim:
+            q = self._rotate(q)
+            keys = self._rotate(keys)
         if k != n:  # each kv head serves n // k consecutive query heads
             keys = ops.repeat(keys, n // k, axis=2)  # (B, S, N, H)
             values = ops.repeat(values, n // k, axis=2)  # (B, S, N, H)
         pad = None
         if key_mask is not None:
-            pad = (1.0 - ops.cast(key_mask, "float32")) * KEY_MASK_VALUE  # (B, S)
+            mask = ops.cast(key_mask, _math_dtype(self.compute_dtype))
+            pad = (1.0 - mask) * KEY_MASK_VALUE  # (B, S)
         if self.fused:
             out = ops.dot_product_attention(
                 q, keys, values, bias=None if pad is None else pad[:, None, None, :],
@@ -242,11 +353,14 @@ class Attention(keras.layers.Layer):
             out = self._explicit(q, keys, values, pad, training)  # (B, T, N, H)
         return self.o_proj(ops.reshape(out, (b, t, n * h)))  # (B, T, D)
 
+    def _rotate(self, x):
+        return apply_rotary(x, self.rotary_dim, self.rotary_base, self.rotary_layout)
+
     def _explicit(self, q, keys, values, pad, training):
         # Scaled after the product, as the BERT reference and transformers' eager path do.
         scores = ops.einsum("BTNH,BSNH->BNTS", q, keys) * (1.0 / math.sqrt(self.head_dim))
-        # float32 scores: in bfloat16 the -10000 mask would swamp them.
-        scores = ops.cast(scores, "float32")  # (B, N, T, S)
+        # float32 scores at least: in bfloat16 the -10000 mask would swamp them.
+        scores = ops.cast(scores, _math_dtype(self.compute_dtype))  # (B, N, T, S)
         if pad is not None:
             scores = scores + pad[:, None, None, :]
         if self.causal:
@@ -301,25 +415,33 @@ class MLP(keras.layers.Layer):
 
 
 class TransformerBlock(keras.layers.Layer):
-    """Attention then MLP, each with a residual connection and a LayerNorm.
+    """Attention and MLP, each in a residual branch, with LayerNorms.
 
     * ``norm_position="post"`` (BERT): ``x = attention_norm(x + drop(attention(x, key_mask)))``;
       ``x = mlp_norm(x + drop(mlp(x)))``.
     * ``norm_position="pre"`` (GPT): ``x = x + drop(attention(attention_norm(x), key_mask))``;
       ``x = x + drop(mlp(mlp_norm(x)))``.
+    * ``norm_position="parallel"`` (GPT-J; Wang & Komatsuzaki 2021,
+      https://github.com/kingoflolz/mesh-transformer-jax): one norm, no ``mlp_norm``:
+      ``h = attention_norm(x)``; ``x = x + drop(attention(h, key_mask)) + drop(mlp(h))``.
 
     Args:
         dim: model width D.
         num_heads: attention heads N.
         ffn: MLP hidden width F.
         norm_eps: LayerNorm epsilon (always explicit: the defaults differ between frameworks).
-        norm_position: "post" or "pre".
+        norm_position: "post", "pre" or "parallel".
         activation: the MLP's activation (see :class:`MLP`).
-        bias: biases in the attention projections and the MLP.
+        bias: biases in the MLP, and in the attention projections unless ``attention_bias``
+            says otherwise.
+        attention_bias: biases in the attention projections; None: same as ``bias``.
         dropout: dropout rate of the attention and MLP outputs before the residual sum.
         attention_dropout: dropout rate of the attention probabilities.
         causal: causal self-attention.
         fused: the attention's fused path (see :class:`Attention`).
+        rotary_dim: rotary dims of the attention's heads (0: none; see :func:`apply_rotary`).
+        rotary_base: the rotary frequency base.
+        rotary_layout: "interleaved" or "half".
         **kwargs: Keras layer arguments (``name``, ``dtype``).
 
     Shapes:
@@ -333,23 +455,30 @@ class TransformerBlock(keras.layers.Layer):
         ffn: int,
         *,
         norm_eps: float,
-        norm_position: Literal["post", "pre"] = "post",
+        norm_position: Literal["post", "pre", "parallel"] = "post",
         activation: Activation = "gelu",
         bias: bool = True,
+        attention_bias: bool | None = None,
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
         causal: bool = False,
         fused: bool = False,
+        rotary_dim: int = 0,
+        rotary_base: float = 10000.0,
+        rotary_layout: RotaryLayout = "interleaved",
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if norm_position not in ("post", "pre"):
-            raise ValueError(f"norm_position must be 'post' or 'pre', got {norm_position!r}")
+        if norm_position not in ("post", "pre", "parallel"):
+            raise ValueError(
+                f"norm_position must be 'post', 'pre' or 'parallel', got {norm_position!r}"
+            )
         self.norm_position = norm_position
         dtype = self.dtype_policy
         self.attention = Attention(
-            dim, num_heads, bias=bias, dropout=attention_dropout, causal=causal, fused=fused,
-            name="attention", dtype=dtype,
+            dim, num_heads, bias=bias if attention_bias is None else attention_bias,
+            dropout=attention_dropout, causal=causal, fused=fused, rotary_dim=rotary_dim,
+            rotary_base=rotary_base, rotary_layout=rotary_layout, name="attention", dtype=dtype,
         )  # fmt: skip
         self.attention_norm = keras.layers.LayerNormalization(
             epsilon=norm_eps, name="attention_norm", dtype=dtype
@@ -357,15 +486,20 @@ class TransformerBlock(keras.layers.Layer):
         self.mlp = MLP(
             dim, ffn, activation=activation, bias=bias, dropout=0.0, name="mlp", dtype=dtype
         )
-        self.mlp_norm = keras.layers.LayerNormalization(
-            epsilon=norm_eps, name="mlp_norm", dtype=dtype
-        )
+        if norm_position != "parallel":  # the parallel block's MLP reads attention_norm's output
+            self.mlp_norm = keras.layers.LayerNormalization(
+                epsilon=norm_eps, name="mlp_norm", dtype=dtype
+            )
         self.dropout = keras.layers.Dropout(dropout, name="dropout", dtype=dtype)
 
     def call(self, x, key_mask=None, training=False):
         def drop(y):
             return self.dropout(y, training=training)
 
+        if self.norm_position == "parallel":
+            h = self.attention_norm(x)
+            attended = drop(self.attention(h, key_mask, training=training))
+            return x + attended + drop(self.mlp(h, training=training))
         if self.norm_position == "pre":
             x = x + drop(self.attention(self.attention_norm(x), key_mask, training=training))
             return x + drop(self.mlp(self.mlp_norm(x), training=training))

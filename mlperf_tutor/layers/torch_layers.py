@@ -1,8 +1,10 @@
 """PyTorch building blocks that the transformer workloads share (BERT, GPT-3, GPT-J, Llama 2, SD).
 
 Attention: Vaswani et al. 2017 (https://arxiv.org/abs/1706.03762); grouped-query attention:
-Ainslie et al. 2023 (https://arxiv.org/abs/2305.13245). Post-LN blocks as in BERT
-(mlcommons/training ``language_model/tensorflow/bert/modeling.py``), pre-LN as in GPT-2.
+Ainslie et al. 2023 (https://arxiv.org/abs/2305.13245); rotary positions: Su et al. 2021,
+RoFormer (https://arxiv.org/abs/2104.09864). Post-LN blocks as in BERT (mlcommons/training
+``language_model/tensorflow/bert/modeling.py``), pre-LN as in GPT-2, parallel as in GPT-J (Wang &
+Komatsuzaki 2021, https://github.com/kingoflolz/mesh-transformer-jax).
 Class, attribute and argument names equal those of ``jax_layers`` and ``tf_layers``, so the
 adapters' generic layout rules map every leaf. Dimension letters: B batch, T query time, S key
 time, D model, N heads, K kv heads, H head dim, F ffn.
@@ -40,6 +42,51 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACTIVATIONS[name]
 
 
+ROTARY_LAYOUTS = ("interleaved", "half")
+
+
+def apply_rotary(
+    x: torch.Tensor, rotary_dim: int, base: float = 10000.0, layout: str = "interleaved"
+) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021, RoFormer, https://arxiv.org/abs/2104.09864).
+
+    Rotates the first ``rotary_dim`` dims of every head at positions t = 0..T-1; pair j turns by
+    ``t * base**(-2j / rotary_dim)``. The other dims pass through unchanged.
+
+    Args:
+        x: (B, T, heads, H) queries or keys.
+        rotary_dim: even number of dims rotated, at most H.
+        base: the wavelength base (10000 in RoFormer, GPT-J and Llama 2).
+        layout: which dims form pair j: "interleaved" (2j, 2j + 1) as GPT-J, or "half"
+            (j, j + rotary_dim / 2) as GPT-NeoX and Llama.
+
+    Returns:
+        (B, T, heads, H) in ``x``'s dtype; the angles are computed in float32 at least
+        (float64 for float64 inputs).
+    """
+    _check_rotary(rotary_dim, x.shape[-1], layout)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    exponent = torch.arange(0, rotary_dim, 2, dtype=dtype, device=x.device) / rotary_dim
+    inv_freq = 1.0 / base**exponent  # (R/2,)
+    angle = torch.arange(x.shape[1], dtype=dtype, device=x.device)[:, None] * inv_freq  # (T, R/2)
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]  # (T, 1, R/2)
+    rot = x[..., :rotary_dim].to(dtype)  # (B, T, heads, R)
+    if layout == "interleaved":
+        a, b = rot[..., 0::2], rot[..., 1::2]  # (B, T, heads, R/2)
+        rot = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+    else:
+        a, b = rot.chunk(2, dim=-1)  # (B, T, heads, R/2)
+        rot = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+    return torch.cat((rot.to(x.dtype), x[..., rotary_dim:]), dim=-1)
+
+
+def _check_rotary(rotary_dim: int, head_dim: int, layout: str) -> None:
+    if layout not in ROTARY_LAYOUTS:
+        raise ValueError(f"rotary_layout must be one of {ROTARY_LAYOUTS}, got {layout!r}")
+    if rotary_dim % 2 or not 0 <= rotary_dim <= head_dim:
+        raise ValueError(f"rotary_dim ({rotary_dim}) must be even and in [0, head dim {head_dim}]")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with optional grouped-query heads, key padding and causality.
 
@@ -47,7 +94,8 @@ class Attention(nn.Module):
     value), future keys are set to the most negative float32 when ``causal``; softmax in float32
     (float64 for float64 models), dropout on the probabilities, then the weighted values go
     through ``o_proj``. With ``num_kv_heads = K < N``, query head ``n`` uses key/value head
-    ``n // (N / K)`` (Llama 2's layout of grouped heads).
+    ``n // (N / K)`` (Llama 2's layout of grouped heads). With ``rotary_dim > 0`` the queries
+    and keys get :func:`apply_rotary` after the projections (GPT-J, Llama).
 
     Args:
         dim: model width D (input and output).
@@ -59,6 +107,9 @@ class Attention(nn.Module):
         fused: use ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
             Same math, but its dropout draws different random numbers and its softmax runs in
             the input dtype; the default explicit path is the reference.
+        rotary_dim: dims of each query and key head that rotary positions rotate; 0: none.
+        rotary_base: the rotary wavelength base.
+        rotary_layout: "interleaved" (GPT-J) or "half" (Llama) pairs; see :func:`apply_rotary`.
     """
 
     def __init__(
@@ -71,6 +122,9 @@ class Attention(nn.Module):
         dropout: float = 0.0,
         causal: bool = False,
         fused: bool = False,
+        rotary_dim: int = 0,
+        rotary_base: float = 10000.0,
+        rotary_layout: str = "interleaved",
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -82,6 +136,9 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.causal, self.fused = causal, fused
+        _check_rotary(rotary_dim, self.head_dim, rotary_layout)
+        self.rotary_dim, self.rotary_base = rotary_dim, rotary_base
+        self.rotary_layout = rotary_layout
         kv_dim = num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(dim, dim, bias=bias)
         self.k_proj = nn.Linear(dim, kv_dim, bias=bias)
@@ -92,8 +149,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # (B, T, N, H)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # (B, S, K, H)
+        k = self._keys(x).view(b, t, self.num_kv_heads, self.head_dim)  # (B, S, K, H)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # (B, S, K, H)
+        if self.rotary_dim:
+            q = apply_rotary(q, self.rotary_dim, self.rotary_base, self.rotary_layout)
+            k = apply_rotary(k, self.rotary_dim, self.rotary_base, self.rotary_layout)
         if self.fused:
             out = self._fused(q, k, v, key_mask)  # (B, T, N, H)
         else:
@@ -109,6 +169,15 @@ class Attention(nn.Module):
             probs = self.dropout(probs.to(v.dtype))
             out = torch.einsum("BNTS,BSNH->BTNH", probs, v)  # (B, T, N, H)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))  # (B, T, D)
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        # Without rotary, the key bias adds q . b to every score of a query alike, which softmax
+        # ignores: its gradient is exactly zero. Computed through the graph it is round-off
+        # (~1e-12) that differs between frameworks and that Adam (eps 1e-8) amplifies into
+        # visible drift, so the bias enters the keys as a constant: same forward, exact zero.
+        if self.k_proj.bias is None or self.rotary_dim:
+            return self.k_proj(x)
+        return F.linear(x, self.k_proj.weight) + self.k_proj.bias.detach()
 
     def _masked(self, scores: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         # scores (B, N, T, S) or (B, 1, T, S), float32 or float64
@@ -173,7 +242,7 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Self-attention + MLP, each with a residual connection and a LayerNorm.
+    """Self-attention + MLP, each in a residual branch with a LayerNorm.
 
     ``norm_position="post"`` (BERT)::
 
@@ -185,18 +254,29 @@ class TransformerBlock(nn.Module):
         x = x + dropout(attention(attention_norm(x), key_mask))
         x = x + dropout(mlp(mlp_norm(x)))
 
+    ``norm_position="parallel"`` (GPT-J; Wang & Komatsuzaki 2021,
+    https://github.com/kingoflolz/mesh-transformer-jax), one norm and no ``mlp_norm``::
+
+        h = attention_norm(x)
+        x = x + dropout(attention(h, key_mask)) + dropout(mlp(h))
+
     Args:
         dim: model width D.
         num_heads: attention heads N.
         ffn: MLP inner width F.
         norm_eps: LayerNorm epsilon (always explicit: 1e-12 in BERT, 1e-5 in GPT).
-        norm_position: "post" or "pre".
+        norm_position: "post", "pre" or "parallel".
         activation: the MLP's activation (see :class:`MLP`).
-        bias: whether the linear layers have biases (the LayerNorms always do).
+        bias: whether the MLP's linear layers have biases (the LayerNorms always do), and the
+            attention's too unless ``attention_bias`` says otherwise.
+        attention_bias: whether the four attention projections have biases; None: ``bias``.
         dropout: dropout rate on the attention and MLP outputs before the residual sum.
         attention_dropout: dropout rate on the attention probabilities.
         causal: causal self-attention.
         fused: the attention's fused path (see :class:`Attention`).
+        rotary_dim: rotary dims per head in the attention (0: none; see :func:`apply_rotary`).
+        rotary_base: the rotary wavelength base.
+        rotary_layout: "interleaved" or "half" rotary pairs.
     """
 
     def __init__(
@@ -209,25 +289,38 @@ class TransformerBlock(nn.Module):
         norm_position: str = "post",
         activation: str = "gelu",
         bias: bool = True,
+        attention_bias: bool | None = None,
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
         causal: bool = False,
         fused: bool = False,
+        rotary_dim: int = 0,
+        rotary_base: float = 10000.0,
+        rotary_layout: str = "interleaved",
     ):
         super().__init__()
-        if norm_position not in ("post", "pre"):
-            raise ValueError(f"norm_position must be 'post' or 'pre', got {norm_position!r}")
+        if norm_position not in ("post", "pre", "parallel"):
+            raise ValueError(
+                f"norm_position must be 'post' or 'pre' (BERT, GPT-3) or 'parallel' (GPT-J), "
+                f"got {norm_position!r}"
+            )
         self.norm_position = norm_position
         self.attention = Attention(
-            dim, num_heads, bias=bias, dropout=attention_dropout, causal=causal, fused=fused
-        )
+            dim, num_heads, bias=bias if attention_bias is None else attention_bias,
+            dropout=attention_dropout, causal=causal, fused=fused, rotary_dim=rotary_dim,
+            rotary_base=rotary_base, rotary_layout=rotary_layout,
+        )  # fmt: skip
         self.attention_norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=True, bias=True)
         self.mlp = MLP(dim, ffn, activation=activation, bias=bias, dropout=0.0)
-        self.mlp_norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=True, bias=True)
+        if norm_position != "parallel":  # the parallel block's MLP reads attention_norm's output
+            self.mlp_norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=True, bias=True)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         # x (B, T, D) in and out
+        if self.norm_position == "parallel":
+            h = self.attention_norm(x)
+            return x + self.dropout(self.attention(h, key_mask)) + self.dropout(self.mlp(h))
         if self.norm_position == "pre":
             x = x + self.dropout(self.attention(self.attention_norm(x), key_mask))
             return x + self.dropout(self.mlp(self.mlp_norm(x)))

@@ -21,6 +21,8 @@ BERT has no epochs (a run sees a fraction of the data once): MLPerf counts its e
 training samples, so every ``epoch_num`` and ``first_epoch_num`` here is the number of samples
 trained so far and ``epoch_count`` the samples of a block (the RCP checker reads BERT's
 ``eval_accuracy`` ``epoch_num`` as samples; its ``train_samples`` is the samples trained).
+GPT-3 counts tokens instead (``Workload.logged_units_per_sample``), from the checkpoint the run
+starts at, as the v4.0 submissions' logs do.
 
 ``mlperf_logging`` is imported only when a log is written, so ``import mlperf_tutor`` stays light.
 """

@@ -33,7 +33,7 @@ class Workload:
     description: str = ""
     config_class: type[Config] = Config
     package: str = ""
-    hf: ModuleType | None = None
+    hf: ModuleType | Any | None = None  # a module or an object with the same functions
     # MLPerf: ``mlperf_benchmark`` is the ``submission_benchmark`` name (None: not an MLPerf
     # benchmark, so no MLPerf log and ``hyperparameters`` is never called). ``quality_target`` is
     # the value of ``quality_metric`` that ends a run (None: the workload is never evaluated, and
@@ -41,6 +41,9 @@ class Workload:
     mlperf_benchmark: str | None = None
     quality_metric: str = ""
     quality_target: float | None = None
+    # Accuracy-like metrics end a run when they reach the target from below; losses such as
+    # GPT-3's log perplexity when they fall to it.
+    quality_higher_is_better: bool = True
 
     # --- framework-free -------------------------------------------------------------------
     def config(self, preset: str = "tiny", **overrides) -> Config:
@@ -115,6 +118,21 @@ class Workload:
     def eval_every_samples(self, cfg: Config, batch_size: int) -> int:
         """Training samples between two evaluations at ``batch_size`` examples per step."""
         raise NotImplementedError
+
+    def checkpoint_start_step(self, cfg: Config) -> int:
+        """Optimizer steps of the checkpoint a run starts from (MLPerf's GPT-3 rule); 0: a run
+        starts from the initial weights."""
+        return 0
+
+    def checkpoint_optimizer(self, cfg: Config) -> tuple[OptimizerSpec, ScheduleSpec]:
+        """The optimizer and schedule of the steps that made the start checkpoint (see
+        :meth:`checkpoint_start_step`); by default the run's own."""
+        return self.optimizer(cfg)
+
+    def logged_units_per_sample(self, cfg: Config) -> int:
+        """What one training sample counts for in the MLPerf log's ``epoch_num`` and
+        ``train_samples``: 1 (samples), or tokens per sequence where MLPerf counts tokens."""
+        return 1
 
     def eval_set(self, cfg: Config) -> Tree:
         """The held-out evaluation examples, the same for every run (name -> (N, ...) array)."""

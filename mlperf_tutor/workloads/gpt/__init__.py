@@ -24,7 +24,8 @@ import numpy as np
 from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import Workload
-from mlperf_tutor.workloads.gpt.config import GptConfig, Gpt3Config, GptjConfig
+from mlperf_tutor.workloads.gpt.config import Gpt3Config, GptConfig, GptjConfig
+from mlperf_tutor.workloads.gpt.hf import GPT2, GPTJ
 
 # Labels with this value are not predicted (HF and PyTorch's ignore_index).
 IGNORE_INDEX = -100
@@ -84,6 +85,7 @@ class GptWorkload(Workload):
 
     package = "mlperf_tutor.workloads.gpt"
     quality_metric = "log perplexity"
+    quality_higher_is_better = False
 
     def param_count(self, cfg: GptConfig) -> int:
         return sum(math.prod(s) for s in canonical_shapes(cfg).values())
@@ -127,6 +129,14 @@ class GptWorkload(Workload):
             end_lr=cfg.lr * cfg.end_lr_fraction,
         )  # fmt: skip
         return spec, schedule
+
+    def checkpoint_start_step(self, cfg: GptConfig) -> int:
+        return cfg.init_checkpoint_step
+
+    def checkpoint_optimizer(self, cfg: GptConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
+        if cfg.checkpoint_lr is None:
+            return self.optimizer(cfg)
+        return self.optimizer(cfg.replace(lr=cfg.checkpoint_lr))
 
     def eval_every_samples(self, cfg: GptConfig, batch_size: int) -> int:
         return cfg.eval_every_samples
@@ -189,8 +199,14 @@ class Gpt3Workload(GptWorkload):
     name = "gpt3"
     description = "GPT-3 175B causal LM (Adam, cosine); MLPerf target log perplexity 2.69"
     config_class = Gpt3Config
+    hf = GPT2
     mlperf_benchmark = "gpt3"
     quality_target = TARGET_LOG_PERPLEXITY
+
+    def logged_units_per_sample(self, cfg: GptConfig) -> int:
+        # MLPerf GPT-3 logs count tokens: Google's v4.0 logs evaluate at epoch_num
+        # 50331648 = 24576 samples x 2048 tokens, and train_samples is in tokens too.
+        return cfg.seq_len
 
     def hyperparameters(self, cfg: GptConfig) -> dict:
         """The keys of mlperf_logging's ``training_4.0.0/closed_gpt3.yaml``, read from the
@@ -215,8 +231,11 @@ class Gpt3Workload(GptWorkload):
 
 class GptjWorkload(GptWorkload):
     name = "gptj"
-    description = "GPT-J 6B causal LM (rotary, parallel blocks), AdamW; not an MLPerf Training benchmark"
+    description = (
+        "GPT-J 6B causal LM (rotary, parallel blocks), AdamW; not an MLPerf Training benchmark"
+    )
     config_class = GptjConfig
+    hf = GPTJ
 
 
 GPT3 = Gpt3Workload()

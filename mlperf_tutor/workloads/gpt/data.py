@@ -1,4 +1,5 @@
-"""GPT data: a synthetic bigram language, next-token batches and log perplexity.
+"""GPT data: a synthetic bigram language, next-token batches, log perplexity, and the reader of
+Megatron-LM's indexed datasets (the MLPerf GPT-3 reference's tokenised C4).
 
 Batches are dicts of int32 arrays: ``input_ids`` and ``labels`` (B, T), where ``labels[:, t]``
 is the token after ``input_ids[:, t]`` (a sample of T + 1 tokens split in two, as Megatron's
@@ -6,6 +7,11 @@ GPT dataset does) and ``-100`` marks tokens that are not predicted.
 """
 
 from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -24,7 +30,9 @@ def bigram_table(vocab_size: int, language_seed: int) -> np.ndarray:
     weights = 1.0 / np.arange(1, BRANCHING + 1)
     for token in range(vocab_size):
         successors = rng.choice(vocab_size, size=min(BRANCHING, vocab_size), replace=False)
-        table[token, successors] += 0.98 * weights[: successors.size] / weights[: successors.size].sum()
+        table[token, successors] += (
+            0.98 * weights[: successors.size] / weights[: successors.size].sum()
+        )
     return table / table.sum(axis=1, keepdims=True)
 
 
@@ -67,3 +75,238 @@ def token_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, 
     log_z = np.log(np.exp(picked - top).sum(axis=-1)) + top[:, 0]  # (M,)
     target = np.take_along_axis(picked, labels[keep][:, None].astype(np.int64), axis=-1)[:, 0]
     return float((log_z - target).sum()), int(keep.sum())
+
+
+# --- Megatron-LM indexed datasets ----------------------------------------------------------------
+# The MLPerf GPT-3 reference reads C4 tokenised into Megatron-LM's memory-mapped indexed dataset
+# (megatron/core/datasets/indexed_dataset.py): ``prefix.bin`` holds the tokens of every sequence
+# back to back; ``prefix.idx`` is, little-endian:
+#
+#     magic b"MMIDIDX\x00\x00" | version <Q (1) | dtype code <B | sequences n <Q | entries m <Q
+#     | sizes int32 (n) | byte pointers into .bin int64 (n) | document indices int64 (m)
+#
+# The document indices are the sequence numbers where documents start, plus n at the end
+# (m = documents + 1); GPT data has one sequence per document, so they are 0, 1, ..., n.
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+# Megatron-LM's DType codes (core/datasets/indexed_dataset.py; older forks differ for 6 and 7).
+DTYPE_CODES = {
+    1: np.dtype(np.uint8), 2: np.dtype(np.int8), 3: np.dtype(np.int16), 4: np.dtype(np.int32),
+    5: np.dtype(np.int64), 6: np.dtype(np.float64), 7: np.dtype(np.float32),
+    8: np.dtype(np.uint16),
+}  # fmt: skip
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, document entries
+
+
+class IndexedDatasetError(ValueError):
+    """A Megatron-LM indexed dataset that cannot be read (the message names the file)."""
+
+
+def _paths(prefix: str | os.PathLike) -> tuple[Path, Path]:
+    """(``prefix.idx``, ``prefix.bin``); a prefix given with either extension is accepted."""
+    text = os.fspath(prefix)
+    if text.endswith((".idx", ".bin")):
+        text = text[:-4]
+    return Path(text + ".idx"), Path(text + ".bin")
+
+
+class IndexedDataset:
+    """A Megatron-LM ``MMapIndexedDataset`` (``prefix.idx`` + ``prefix.bin``), memory-mapped.
+
+    ``dataset[i]`` is sequence ``i``'s tokens (a read-only view of the .bin file, in the
+    file's dtype); for GPT data a sequence is a document (ending with the end-of-document
+    token when the data was prepared with ``--append-eod``).
+
+    Args:
+        prefix: the path without extension (``.../c4_en_6_c4_spm_text_document``).
+
+    Raises:
+        IndexedDatasetError: a missing file, a bad magic, version or dtype code, a truncated
+            index, or a .bin shorter than the index says.
+    """
+
+    def __init__(self, prefix: str | os.PathLike):
+        self.index_path, self.data_path = _paths(prefix)
+        idx = self.index_path
+        try:
+            with open(idx, "rb") as f:
+                head = f.read(_HEADER.size)
+            idx_bytes = idx.stat().st_size
+        except FileNotFoundError:
+            raise IndexedDatasetError(
+                f"{idx} does not exist; pass the dataset's path prefix (without .idx/.bin)"
+            ) from None
+        if len(head) >= 9 and head[:9] != INDEX_MAGIC:
+            raise IndexedDatasetError(
+                f"{idx} is not a Megatron-LM indexed dataset index (magic {head[:9]!r}, "
+                f"expected {INDEX_MAGIC!r}); prepare the data with Megatron's "
+                "preprocess_data.py (mmap format)"
+            )
+        if len(head) < _HEADER.size:
+            raise IndexedDatasetError(f"{idx} is truncated ({len(head)} bytes, no full header)")
+        _, version, code, count, doc_count = _HEADER.unpack(head)
+        if version != INDEX_VERSION:
+            raise IndexedDatasetError(f"{idx} has index version {version}; only 1 is known")
+        if code not in DTYPE_CODES:
+            raise IndexedDatasetError(
+                f"{idx} has dtype code {code}; known codes are {sorted(DTYPE_CODES)}"
+            )
+        self.dtype = DTYPE_CODES[code]
+        need = _HEADER.size + 12 * count + 8 * doc_count
+        if idx_bytes < need:
+            raise IndexedDatasetError(
+                f"{idx} is truncated: {idx_bytes} bytes, but its header announces {count} "
+                f"sequences and {doc_count} document entries ({need} bytes); re-create it"
+            )
+        index = np.memmap(idx, np.uint8, mode="r")
+        self.sizes = np.frombuffer(index, np.int32, count, _HEADER.size)
+        self.pointers = np.frombuffer(index, np.int64, count, _HEADER.size + 4 * count)
+        self.document_indices = np.frombuffer(index, np.int64, doc_count, _HEADER.size + 12 * count)
+        if count and (self.sizes.min() < 0 or self.pointers.min() < 0):
+            raise IndexedDatasetError(f"{idx} has negative sizes or pointers; re-create it")
+        end = (
+            int((self.pointers + self.sizes.astype(np.int64) * self.dtype.itemsize).max())
+            if count
+            else 0
+        )
+        try:
+            data_bytes = self.data_path.stat().st_size
+        except FileNotFoundError:
+            raise IndexedDatasetError(
+                f"{self.data_path} does not exist, but its index {idx} does; both files of "
+                "the dataset are needed"
+            ) from None
+        if data_bytes < end:
+            raise IndexedDatasetError(
+                f"{self.data_path} is shorter than its index says ({data_bytes} bytes, the "
+                f"index needs {end}); the file is truncated, copy it again"
+            )
+        # np.memmap cannot map an empty file; an empty dataset needs no data anyway.
+        self._data = np.memmap(self.data_path, np.uint8, mode="r") if end else np.empty(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sequence {i} out of range for {len(self)} sequences")
+        return np.frombuffer(self._data, self.dtype, int(self.sizes[i]), int(self.pointers[i]))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sizes.sum(dtype=np.int64))
+
+
+def _atomic_write(path: Path, chunks) -> None:
+    """Write byte chunks to ``path`` through a temporary file renamed into place."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_indexed_dataset(
+    prefix: str | os.PathLike, documents: Iterable[np.ndarray], dtype=np.uint16
+) -> None:
+    """Write ``documents`` (1-D token arrays) as a Megatron-LM indexed dataset, one sequence per
+    document (``prefix.bin``, then ``prefix.idx``; each file atomically).
+
+    Args:
+        prefix: the path without extension.
+        documents: token arrays; values must fit ``dtype``.
+        dtype: one of :data:`DTYPE_CODES`' dtypes (Megatron uses uint16 below 65500 tokens,
+            int32 above).
+
+    Raises:
+        ValueError: an unknown dtype, a document that is not 1-D or does not fit ``dtype``.
+    """
+    dtype = np.dtype(dtype)
+    codes = {v: k for k, v in DTYPE_CODES.items()}
+    if dtype not in codes:
+        raise ValueError(f"dtype {dtype} has no Megatron code; use one of {list(codes)}")
+    idx, data = _paths(prefix)
+    sizes: list[int] = []
+
+    def chunks():
+        for i, doc in enumerate(documents):
+            doc = np.asarray(doc)
+            if doc.ndim != 1:
+                raise ValueError(f"document {i} has shape {doc.shape}; documents are 1-D")
+            cast = doc.astype(dtype)
+            if not np.array_equal(cast, doc):
+                raise ValueError(f"document {i} has tokens that do not fit {dtype}")
+            sizes.append(len(cast))
+            yield cast.astype(dtype.newbyteorder("<")).tobytes()
+
+    _atomic_write(data, chunks())
+    size_array = np.array(sizes, "<i4")
+    pointers = np.concatenate([[0], np.cumsum(size_array, dtype="<i8")[:-1]]) * dtype.itemsize
+    header = _HEADER.pack(INDEX_MAGIC, INDEX_VERSION, codes[dtype], len(sizes), len(sizes) + 1)
+    doc_idx = np.arange(len(sizes) + 1, dtype="<i8")
+    body = [size_array.tobytes(), pointers[: len(sizes)].astype("<i8").tobytes(), doc_idx.tobytes()]
+    _atomic_write(idx, [header, *body])
+
+
+class GptSamples:
+    """Training samples of ``seq_len + 1`` tokens cut from a dataset's concatenated documents.
+
+    As Megatron's GPT dataset builds them: the documents, in file order, form one token
+    stream; sample ``k`` is ``stream[k * seq_len : (k + 1) * seq_len + 1]``, so consecutive
+    samples share one boundary token and a sample may span documents. There are
+    ``(tokens - 1) // seq_len`` samples; the tail that does not fill one is dropped. With a
+    ``seed`` the sample order is a seeded permutation (Megatron also shuffles documents per
+    epoch; here one pass reads them in file order).
+
+    Args:
+        dataset: an :class:`IndexedDataset` (or anything with ``sizes`` and ``[i]``) of tokens.
+        seq_len: T, the tokens each sample predicts.
+        seed: shuffle the sample order with this seed; ``None`` keeps it sequential.
+    """
+
+    def __init__(self, dataset, seq_len: int, seed: int | None = None):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+        self.dataset, self.seq_len = dataset, seq_len
+        # Token offset where each document starts in the stream, plus the total.
+        self._starts = np.concatenate([[0], np.cumsum(np.asarray(dataset.sizes, np.int64))])
+        total = int(self._starts[-1])
+        count = max(0, (total - 1) // seq_len)
+        if count == 0:
+            where = getattr(dataset, "index_path", "the dataset")
+            raise ValueError(
+                f"{where} has {total} tokens, fewer than one sample of seq_len + 1 = {seq_len + 1}"
+            )
+        order = np.arange(count)
+        self.order = order if seed is None else np.random.default_rng(seed).permutation(order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Sample ``i`` (of the possibly shuffled order): (seq_len + 1,) int64 tokens."""
+        start = int(self.order[i]) * self.seq_len
+        stop = start + self.seq_len + 1
+        doc = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            begin = int(self._starts[doc])
+            piece = self.dataset[doc][start - begin : stop - begin]
+            pieces.append(piece.astype(np.int64))
+            start += len(piece)
+            doc += 1
+        return np.concatenate(pieces)
+
+    def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of consecutive samples as ``{"input_ids", "labels"}`` (B, T) int32 (see
+        :func:`split_tokens`); the last may be smaller unless ``drop_last``."""
+        for first in range(0, len(self), batch_size):
+            rows = range(first, min(first + batch_size, len(self)))
+            if drop_last and len(rows) < batch_size:
+                return
+            yield split_tokens(np.stack([self[i] for i in rows]))

@@ -1,0 +1,281 @@
+"""GPT-3 and GPT-J in PyTorch, and the shared layers' rotary positions and parallel block.
+
+Everything is checked against the float64 numpy reference in ``numpy_reference.py``: rotary,
+causal attention, the parallel block and the whole decoder (logits and loss).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy_reference as ref
+import pytest
+import torch
+
+from mlperf_tutor import frameworks, workloads
+from mlperf_tutor.core.parity import OUTPUT_ATOL
+from mlperf_tutor.layers.torch_layers import Attention, TransformerBlock, apply_rotary
+from mlperf_tutor.workloads.gpt import torch_model
+from mlperf_tutor.workloads.gpt.data import token_cross_entropy
+
+ADAPTER = frameworks.get("torch")
+NAMES = ("gpt3", "gptj")
+B, T, D, N, F = 2, 7, 16, 4, 24  # odd T: rotary and causal masks at an uneven length
+EPS = 1e-5
+F64_ATOL = 1e-10
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def randomized(module: torch.nn.Module, seed: int) -> dict[str, np.ndarray]:
+    """Load random float32 weights (norm scales and biases too) into ``module``; return them."""
+    rng = np.random.default_rng(seed)
+    tree = {}
+    for name, value in module.state_dict().items():
+        shape = tuple(value.shape)
+        if "norm" in name and name.endswith("weight"):
+            tree[name] = 1.0 + 0.2 * rng.standard_normal(shape)
+        elif name.endswith("bias"):
+            tree[name] = 0.2 * rng.standard_normal(shape)
+        else:
+            tree[name] = rng.standard_normal(shape) / math.sqrt(shape[-1])
+    tree = {k: v.astype(np.float32) for k, v in tree.items()}
+    ADAPTER.load_canonical(module, tree)
+    module.eval()
+    return tree
+
+
+def as_f64(tree: dict) -> dict:
+    return {k: v.astype(np.float64) for k, v in tree.items()}
+
+
+def run(module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module(torch.from_numpy(x)).numpy()
+
+
+def assert_close(got, want, atol: float = OUTPUT_ATOL) -> None:
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape
+    err = float(np.abs(got - want).max())
+    assert err <= atol, f"max-abs {err:.3g} > {atol}"
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(0).standard_normal((B, T, D)).astype(np.float32)
+
+
+# --- rotary -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+@pytest.mark.parametrize(("t", "base"), [(5, 10000.0), (7, 500.0)])
+def test_apply_rotary_matches_numpy_in_float64(layout, t, base):
+    heads, h, rotary_dim = 3, 10, 6  # rotary_dim < H: the last 4 dims pass through
+    q = np.random.default_rng(t).standard_normal((2, t, heads, h))
+    got = apply_rotary(torch.from_numpy(q), rotary_dim, base, layout)
+    assert got.dtype == torch.float64
+    want = ref.rotary(q, rotary_dim, layout, base)
+    assert_close(got.numpy(), want, F64_ATOL)
+    assert np.array_equal(got.numpy()[..., rotary_dim:], q[..., rotary_dim:])
+    assert np.array_equal(got.numpy()[:, 0], q[:, 0])  # position 0 does not turn
+
+
+def test_apply_rotary_keeps_dtype_and_layouts_differ():
+    q = torch.randn(1, 5, 2, 8, generator=torch.Generator().manual_seed(0))
+    inter, half = apply_rotary(q, 8), apply_rotary(q, 8, layout="half")
+    assert inter.dtype == torch.float32 and apply_rotary(q.bfloat16(), 8).dtype == torch.bfloat16
+    assert not torch.allclose(inter, half)
+    # A rotation keeps each pair's length: the per-position norm is unchanged.
+    torch.testing.assert_close(inter.norm(dim=-1), q.norm(dim=-1))
+
+
+def test_bad_rotary_arguments_are_refused():
+    with pytest.raises(ValueError, match="rotary_layout must be one of"):
+        Attention(D, N, rotary_dim=2, rotary_layout="neox")
+    with pytest.raises(ValueError, match=r"rotary_dim \(5\) must be even"):
+        Attention(D, N, rotary_dim=5)
+    with pytest.raises(ValueError, match=r"rotary_dim \(6\) must be even and in \[0, head dim 4\]"):
+        Attention(D, N, rotary_dim=6)
+
+
+# --- causal rotary attention ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rotary_dim", "layout", "num_kv_heads"),
+    [(2, "interleaved", None), (4, "interleaved", 2), (4, "half", None), (2, "half", 1)],
+)
+def test_causal_rotary_attention_matches_numpy(x, rotary_dim, layout, num_kv_heads):
+    layer = Attention(
+        D, N, num_kv_heads=num_kv_heads, causal=True, rotary_dim=rotary_dim, rotary_layout=layout
+    )
+    w = as_f64(randomized(layer, seed=1))
+    want = ref.attention(
+        w, x.astype(np.float64), N, num_kv_heads, causal=True, rotary_dim=rotary_dim,
+        rotary_layout=layout,
+    )  # fmt: skip
+    assert_close(run(layer, x), want)
+    assert_close(run(layer.double(), x.astype(np.float64)), want, F64_ATOL)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_future_tokens_do_not_change_earlier_outputs(x, fused):
+    layer = Attention(D, N, causal=True, rotary_dim=2, fused=fused)
+    randomized(layer, seed=2)
+    noisy = x.copy()
+    noisy[:, -1] += 100.0  # only the last token changes
+    a, b = run(layer, x), run(layer, noisy)
+    assert np.array_equal(a[:, :-1], b[:, :-1])
+    assert not np.allclose(a[:, -1], b[:, -1])
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 2])
+def test_fused_causal_rotary_attention_matches_explicit(x, num_kv_heads):
+    kwargs = dict(num_kv_heads=num_kv_heads, causal=True, rotary_dim=4)
+    explicit, fused = Attention(D, N, **kwargs), Attention(D, N, fused=True, **kwargs)
+    ADAPTER.load_canonical(fused.eval(), randomized(explicit, seed=3))
+    assert_close(run(fused, x), run(explicit, x))
+
+
+# --- parallel block -----------------------------------------------------------------------
+
+
+def test_parallel_block_matches_numpy_and_has_one_norm(x):
+    layer = TransformerBlock(
+        D, N, F, norm_eps=EPS, norm_position="parallel", activation="gelu_tanh", bias=True,
+        attention_bias=False, causal=True, rotary_dim=2,
+    )  # fmt: skip
+    assert not hasattr(layer, "mlp_norm")
+    names = set(layer.state_dict())
+    assert "mlp.fc_in.bias" in names and not any("attention.q_proj.bias" in k for k in names)
+    assert not any(k.startswith("mlp_norm") for k in names)
+    w = as_f64(randomized(layer, seed=4))
+    want = ref.block(
+        w, x.astype(np.float64), N, EPS, "parallel", causal=True, activation="gelu_tanh",
+        rotary_dim=2,
+    )  # fmt: skip
+    assert_close(run(layer, x), want)
+    assert_close(run(layer.double(), x.astype(np.float64)), want, F64_ATOL)
+
+
+def test_attention_bias_defaults_to_bias():
+    block = TransformerBlock(D, N, F, norm_eps=EPS, bias=False)
+    assert block.attention.q_proj.bias is None and block.mlp.fc_in.bias is None
+    block = TransformerBlock(D, N, F, norm_eps=EPS, bias=True, attention_bias=False)
+    assert block.attention.o_proj.bias is None and block.mlp.fc_out.bias is not None
+
+
+# --- the decoders -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def setup(request):
+    """(workload, tiny config, random canonical tree, batch of odd length with ignored labels)."""
+    wl = workloads.get(request.param)
+    cfg = wl.config("tiny")
+    rng = np.random.default_rng(5)
+    tree = {}
+    for name, value in wl.init_canonical(cfg, seed=6).items():
+        if "norm" in name and name.endswith("weight"):
+            value = value + 0.2 * rng.standard_normal(value.shape)
+        elif value.ndim == 1:  # biases
+            value = value + 0.2 * rng.standard_normal(value.shape)
+        else:  # std 0.2: attention far from uniform, so rotary and the mask matter
+            value = value * 10.0
+        tree[name] = value.astype(np.float32)
+    batch = {k: v[:, :T] for k, v in wl.synthetic_batch(cfg, batch_size=3, seed=7).items()}
+    batch["labels"][0, :3] = -100
+    batch["labels"][2, -1] = -100
+    return wl, cfg, tree, batch
+
+
+def test_float64_decoder_matches_numpy_reference(setup):
+    wl, cfg, tree, batch = setup
+    model = wl.build("torch", cfg, weights=tree).double()
+    w = as_f64(tree)
+    ADAPTER.load_canonical(model, w)
+    want = ref.gpt(w, cfg, batch["input_ids"], batch["labels"])
+    out = ADAPTER.forward(model, batch)
+    assert out["logits"].dtype == np.float64 and out["loss"].dtype == np.float64
+    assert_close(out["logits"], want["logits"], F64_ATOL)
+    assert_close(out["loss"], want["loss"], F64_ATOL)
+
+
+def test_float32_decoder_matches_numpy_reference(setup):
+    wl, cfg, tree, batch = setup
+    out = wl.forward("torch", wl.build("torch", cfg, weights=tree), batch)
+    want = ref.gpt(as_f64(tree), cfg, batch["input_ids"], batch["labels"])
+    assert out["logits"].shape == (3, T, cfg.padded_vocab_size)
+    assert_close(out["logits"], want["logits"])
+    assert_close(out["loss"], want["loss"])
+
+
+def test_ignored_labels_do_not_count_and_no_labels_gives_logits_only(setup):
+    wl, cfg, tree, batch = setup
+    model = wl.build("torch", cfg, weights=tree)
+    out = wl.forward("torch", model, batch)
+    # The mean over the labelled tokens, not over all of B x T.
+    logits = ref.gpt(as_f64(tree), cfg, batch["input_ids"])["logits"]
+    total, count = token_cross_entropy(logits, batch["labels"])
+    assert count == batch["labels"].size - 4
+    assert_close(out["loss"], total / count)
+    everything = token_cross_entropy(logits, np.where(batch["labels"] < 0, 0, batch["labels"]))
+    assert abs(everything[0] / everything[1] - total / count) > 1e-3
+    logits_only = wl.forward("torch", model, {"input_ids": batch["input_ids"]})
+    assert set(logits_only) == {"logits"}
+    assert np.array_equal(logits_only["logits"], out["logits"])
+
+
+def test_fused_decoder_matches_explicit(setup):
+    wl, cfg, tree, batch = setup
+    fused = torch_model.build(cfg, fused=True)
+    ADAPTER.load_canonical(fused, tree)
+    assert all(block.attention.fused for block in fused.blocks)
+    ours = wl.forward("torch", wl.build("torch", cfg, weights=tree), batch)
+    theirs = wl.forward("torch", fused, batch)
+    for key in ("logits", "loss"):
+        assert_close(theirs[key], ours[key])
+
+
+def test_canonical_names_and_shapes_match_the_workload(setup):
+    wl, cfg, tree, _ = setup
+    model = wl.build("torch", cfg, weights=tree)
+    exported = ADAPTER.to_canonical(model)
+    specs = wl.canonical_specs(cfg)
+    assert {k: (v.shape, v.dtype.name) for k, v in exported.items()} == specs
+    assert set(ADAPTER.trainable_names(model)) == set(specs)
+    assert sum(p.numel() for p in model.parameters()) == wl.param_count(cfg)
+    assert all(np.array_equal(exported[k], tree[k]) for k in tree)
+    assert (model.lm_head is None) == cfg.tie_embeddings
+    assert (model.embeddings.position_embeddings is None) == (cfg.position == "rotary")
+
+
+def test_loss_and_grads_cover_every_canonical_name(setup):
+    wl, cfg, tree, batch = setup
+    loss, grads = ADAPTER.loss_and_grads(wl.build("torch", cfg, weights=tree), batch)
+    assert np.isfinite(loss)
+    specs = wl.canonical_specs(cfg)
+    assert {k: v.shape for k, v in grads.items()} == {k: s for k, (s, _) in specs.items()}
+    assert all(np.isfinite(g).all() for g in grads.values())
+    assert all(np.abs(g).max() > 0 for g in grads.values() if g.ndim == 2)
+
+
+def test_training_with_dropout_gives_a_finite_different_loss(setup):
+    wl, cfg, tree, batch = setup
+    model = wl.build("torch", cfg.replace(dropout=0.1), weights=tree)
+    torch.manual_seed(0)
+    eval_loss = float(wl.forward("torch", model, batch)["loss"])
+    train_losses = [float(wl.forward("torch", model, batch, train=True)["loss"]) for _ in range(2)]
+    assert np.isfinite([eval_loss, *train_losses]).all()
+    assert eval_loss not in train_losses and train_losses[0] != train_losses[1]
+
+
+def test_too_long_input_is_a_clear_error(setup):
+    wl, cfg, tree, _ = setup
+    model = wl.build("torch", cfg, weights=tree)
+    ids = np.zeros((1, cfg.max_positions + 1), np.int32)
+    with pytest.raises(ValueError, match=f"at most max_positions = {cfg.max_positions}"):
+        wl.forward("torch", model, {"input_ids": ids})
