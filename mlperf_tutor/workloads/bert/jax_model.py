@@ -41,7 +41,11 @@ class BertEmbeddings(nnx.Module):
     def __call__(self, input_ids: jax.Array, segment_ids: jax.Array) -> jax.Array:
         s = input_ids.shape[1]
         # The reference's order of summation: word, then token type, then position.
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(segment_ids)  # (B, S, D)
+        # Plain gathers: nnx.Embed's call casts its output to float32 (its dtype defaults to the
+        # parameter dtype), which would turn bf16 mixed precision back into float32.
+        words = jnp.take(self.word_embeddings.embedding[...], input_ids, axis=0)  # (B, S, D)
+        types = jnp.take(self.token_type_embeddings.embedding[...], segment_ids, axis=0)
+        x = words + types
         x = x + self.position_embeddings.embedding[:s][None]
         return self.dropout(self.norm(x))
 

@@ -38,7 +38,9 @@ class GptEmbeddings(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        x = self.word_embeddings(input_ids)  # (B, T, D)
+        # A plain gather: nnx.Embed's call casts its output to float32 (its dtype defaults to
+        # the parameter dtype), which would turn bf16 mixed precision back into float32.
+        x = jnp.take(self.word_embeddings.embedding[...], input_ids, axis=0)  # (B, T, D)
         if self.learned_positions:
             x = x + self.position_embeddings.embedding[: input_ids.shape[1]][None]
         return self.dropout(x)
