@@ -18,7 +18,6 @@ peak of the H100 SXM and H200 in NVIDIA's datasheets.
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 from mlperf_tutor import frameworks, workloads
@@ -90,8 +89,7 @@ def jax_step(wl, cfg, tree, batch):
         params = jax.tree_util.tree_unflatten(treedef, low)
         return nnx.merge(graphdef, params, rest)(batch)["loss"].astype(jnp.float32)
 
-    # Donated: the new weights and Adam state reuse the old buffers, as a training loop would.
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @jax.jit
     def update(flat, opt_state, rest, batch):
         loss, grads = jax.value_and_grad(loss_fn)(flat, rest, batch)
         updates, opt_state = tx.update(grads, opt_state, flat)
