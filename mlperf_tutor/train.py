@@ -101,7 +101,9 @@ def _reached(wl: Workload, quality: float, target: float) -> bool:
     return quality >= target if wl.quality_higher_is_better else quality <= target
 
 
-def _checkpoint(wl: Workload, cfg: Config, framework: str, batch_size: int, seed: int):
+def _checkpoint(
+    wl: Workload, cfg: Config, framework: str, batch_size: int, seed: int, progress: bool
+):
     """(weights, optimizer state, losses) after ``wl.checkpoint_start_step(cfg)`` steps from
     the initial weights, on batches ``seed + 1 + step``; (initial weights, None, []) for 0."""
     weights = wl.init_canonical(cfg, seed=seed)
@@ -111,8 +113,13 @@ def _checkpoint(wl: Workload, cfg: Config, framework: str, batch_size: int, seed
     adapter = frameworks.get(framework)
     model = wl.build(framework, cfg, weights=weights)
     optimizer = adapter.make_optimizer(*wl.checkpoint_optimizer(cfg), model)
+    todo = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        todo = tqdm(todo, desc=f"{wl.name} {framework} start checkpoint", unit="step")
     losses = []
-    for step in range(steps):
+    for step in todo:
         batch = wl.synthetic_batch(cfg, batch_size=batch_size, seed=seed + 1 + step)
         losses.append(float(adapter.train_step(model, optimizer, batch)))
     return adapter.to_canonical(model), optimizer.state_dict(), losses
@@ -171,7 +178,9 @@ def train(
         check_benchmark(wl)
     adapter = frameworks.get(framework)  # a missing framework fails before the log is opened
     adapter.seed(seed)
-    weights, opt_state, checkpoint_losses = _checkpoint(wl, cfg, framework, batch_size, seed)
+    weights, opt_state, checkpoint_losses = _checkpoint(
+        wl, cfg, framework, batch_size, seed, progress
+    )
     first_step = wl.checkpoint_start_step(cfg)
     unit = wl.logged_units_per_sample(cfg)  # the log counts samples or tokens
 

@@ -33,7 +33,8 @@ SMALL = dict(vocab_size=96, n_embd=32, n_layer=2, n_inner=128, bos_token_id=None
 CASES = {
     "gpt3": (GPT3, transformers.GPT2LMHeadModel,
              lambda **kw: transformers.GPT2Config(**SMALL, n_head=2, n_positions=2048,
-                                                  activation_function="gelu", **kw)),
+                                                  activation_function="gelu",
+                                                  initializer_range=0.006, **kw)),
     "gptj": (GPTJ, transformers.GPTJForCausalLM,
              lambda **kw: transformers.GPTJConfig(**SMALL, n_head=4, n_positions=64, rotary_dim=4,
                                                   **kw)),

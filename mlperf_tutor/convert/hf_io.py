@@ -81,6 +81,31 @@ def read_config(directory: str | os.PathLike) -> dict:
     return config
 
 
+def config_dict(hf_config: Any) -> tuple[dict, str]:
+    """(config dict, how to name it in messages) of any form ``config_from_hf`` accepts."""
+    if isinstance(hf_config, (str, os.PathLike)):
+        path = Path(hf_config)
+        if path.is_dir():
+            return read_config(path), str(path / CONFIG)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise ValueError(f"{path} does not exist; pass a config.json or its directory") from e
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a readable JSON config ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a JSON object; pass a transformers config.json")
+        return data, str(path)
+    if isinstance(hf_config, Mapping):
+        return dict(hf_config), "the Hugging Face config"
+    if hasattr(hf_config, "to_dict"):  # a transformers PretrainedConfig
+        return hf_config.to_dict(), f"the {type(hf_config).__name__}"
+    raise TypeError(
+        f"cannot read a Hugging Face config from a {type(hf_config).__name__}; pass a "
+        "transformers config, its dict, a config.json path or a save_pretrained directory"
+    )
+
+
 def _index(path: Path) -> dict[str, str]:
     """The ``weight_map`` of a sharded checkpoint's index: tensor name -> shard file name."""
     try:

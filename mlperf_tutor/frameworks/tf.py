@@ -340,8 +340,7 @@ def train_step(model: keras.Model, optimizer, batch: Mapping[str, np.ndarray]) -
             # updated with a zero gradient, as torch and optax updates are.
             grads = tape.gradient(loss, variables)
             grads = [
-                tf.zeros_like(v) if g is None else g
-                for g, v in zip(grads, variables, strict=True)
+                tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)
             ]
             native.apply(grads, variables)
             return loss

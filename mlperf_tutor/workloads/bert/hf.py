@@ -11,7 +11,6 @@ for any path it recognises as a Hugging Face directory.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -134,33 +133,6 @@ def to_hf(tree: Mapping[str, np.ndarray], tied: bool = False) -> dict[str, np.nd
 
 
 # --- config -----------------------------------------------------------------------------------
-def _as_dict(hf_config: Any) -> tuple[dict, str]:
-    """(config dict, how to name it in messages) of any form ``config_from_hf`` accepts."""
-    if isinstance(hf_config, (str, os.PathLike)):
-        from mlperf_tutor.convert import hf_io
-
-        path = Path(hf_config)
-        if path.is_dir():
-            return hf_io.read_config(path), str(path / hf_io.CONFIG)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError as e:
-            raise ValueError(f"{path} does not exist; pass a config.json or its directory") from e
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a readable JSON config ({e})") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} is not a JSON object; pass a transformers config.json")
-        return data, str(path)
-    if isinstance(hf_config, Mapping):
-        return dict(hf_config), "the Hugging Face config"
-    if hasattr(hf_config, "to_dict"):  # a transformers PretrainedConfig
-        return hf_config.to_dict(), f"the {type(hf_config).__name__}"
-    raise TypeError(
-        f"cannot read a Hugging Face config from a {type(hf_config).__name__}; pass a "
-        "transformers BertConfig, its dict, a config.json path or a save_pretrained directory"
-    )
-
-
 def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> BertConfig:
     """The :class:`BertConfig` of a transformers BERT model.
 
@@ -183,7 +155,9 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> BertC
         ValueError: not a BERT model, a feature our BERT lacks (activation other than exact
             GELU, relative positions, decoder/cross-attention, untied decoder), or a bad field.
     """
-    data, where = _as_dict(hf_config)
+    from mlperf_tutor.convert import hf_io
+
+    data, where = hf_io.config_dict(hf_config)
     return _config(data, where, preset, overrides)
 
 

@@ -31,7 +31,8 @@ from mlperf_tutor.workloads.gpt.hf import GPT2, GPTJ
 IGNORE_INDEX = -100
 # MLPerf GPT-3 quality target: log perplexity 2.69 on the C4 validation subset (v4.0 rules).
 TARGET_LOG_PERPLEXITY = 2.69
-# Megatron and NeMo exclude biases and LayerNorm weights from weight decay.
+# Parameters without weight decay unless cfg.decay_norms_and_biases (the MLPerf GPT-3 reference
+# decays them too): LayerNorm weights and biases, as Megatron's default and AdamW practice do.
 NO_DECAY = (r"norm\.", r"bias$")
 # Seed of the synthetic language (its transition table) and of the eval set: far from the
 # training batches' seeds (seed + 1 + step).
@@ -122,7 +123,8 @@ class GptWorkload(Workload):
     def optimizer(self, cfg: GptConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
         spec = OptimizerSpec(
             "adamw", beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-            weight_decay=cfg.weight_decay, no_decay=NO_DECAY, clip_norm=cfg.clip_norm,
+            weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm,
+            no_decay=() if cfg.decay_norms_and_biases else NO_DECAY,
         )  # fmt: skip
         schedule = ScheduleSpec(
             cfg.lr, warmup_steps=cfg.warmup_steps, decay="cosine", total_steps=cfg.total_steps,

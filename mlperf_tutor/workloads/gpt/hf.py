@@ -17,7 +17,6 @@ Nothing here imports transformers: files are read and written by ``mlperf_tutor.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -42,33 +41,6 @@ _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 # Causal-mask buffers that old transformers versions saved with the weights.
 _BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")
-
-
-def _as_dict(hf_config: Any) -> tuple[dict, str]:
-    """(config dict, how to name it in messages) of any form ``config_from_hf`` accepts."""
-    if isinstance(hf_config, (str, os.PathLike)):
-        from mlperf_tutor.convert import hf_io
-
-        path = Path(hf_config)
-        if path.is_dir():
-            return hf_io.read_config(path), str(path / hf_io.CONFIG)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError as e:
-            raise ValueError(f"{path} does not exist; pass a config.json or its directory") from e
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a readable JSON config ({e})") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} is not a JSON object; pass a transformers config.json")
-        return data, str(path)
-    if isinstance(hf_config, Mapping):
-        return dict(hf_config), "the Hugging Face config"
-    if hasattr(hf_config, "to_dict"):  # a transformers PretrainedConfig
-        return hf_config.to_dict(), f"the {type(hf_config).__name__}"
-    raise TypeError(
-        f"cannot read a Hugging Face config from a {type(hf_config).__name__}; pass a "
-        "transformers config, its dict, a config.json path or a save_pretrained directory"
-    )
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -206,7 +178,9 @@ class GptInterop:
             ValueError: another model type, a feature our decoder lacks (the field is named),
                 or an architecture override.
         """
-        data, where = _as_dict(hf_config)
+        from mlperf_tutor.convert import hf_io
+
+        data, where = hf_io.config_dict(hf_config)
         return self._config(data, where, preset or self.default_preset, overrides)
 
     def _fields(self, values: dict, where: str) -> dict[str, Any]:
