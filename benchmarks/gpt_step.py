@@ -30,25 +30,14 @@ matmul).
 from __future__ import annotations
 
 import argparse
-import time
+
+from timing import timed
 
 from mlperf_tutor import frameworks, workloads
 from mlperf_tutor.workloads.gpt import flops_per_token
 
 PEAK_BF16 = 989e12
 VARIANTS = ("torch-eager", "torch-compile", "jax")
-
-
-def timed(step, steps: int, warmup: int, sync) -> float:
-    """Seconds per call of ``step`` after ``warmup`` calls (compilation included there)."""
-    for _ in range(warmup):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return (time.perf_counter() - start) / steps
 
 
 def torch_step(wl, cfg, tree, batch, compile_model: bool):

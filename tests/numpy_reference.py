@@ -183,3 +183,37 @@ def gpt(w: dict, cfg, input_ids: np.ndarray, labels: np.ndarray | None = None) -
         picked = np.take_along_axis(log_probs, np.where(keep, labels, 0)[..., None], -1)[..., 0]
         out["loss"] = -(picked * keep).sum() / keep.sum()
     return out
+
+
+def dlrm(w: dict, cfg, batch: dict) -> dict:
+    """DLRM-DCNv2 of ``mlperf_tutor.workloads.dlrm`` in float64: ``{"logits": (B,), "loss"}``,
+    the loss the mean binary cross-entropy with logits."""
+
+    def mlp(prefix, x, sizes, relu_last):
+        for j in range(len(sizes)):
+            x = linear(w, f"{prefix}.layers.{j}", x)
+            if relu_last or j < len(sizes) - 1:
+                x = np.maximum(x, 0.0)
+        return x
+
+    pooled = [mlp("bottom_mlp", batch["dense"].astype(np.float64), cfg.bottom_mlp, True)]
+    start = 0
+    for f, hot in enumerate(cfg.multi_hot_sizes):
+        bag = batch["sparse"][:, start : start + hot]  # (B, hot)
+        table = w[f"embedding_bags.{f}.weight"]
+        # A naive bag: add the rows one column at a time.
+        total = np.zeros((bag.shape[0], table.shape[1]))
+        for column in range(hot):
+            total += table[bag[:, column]]
+        pooled.append(total)
+        start += hot
+    x0 = np.concatenate(pooled, axis=1)  # (B, (F + 1) E)
+    x = x0
+    for layer in range(cfg.cross_layers):
+        prefix = f"interaction.layers.{layer}"
+        x = x0 * linear(w, f"{prefix}.w", linear(w, f"{prefix}.v", x)) + x
+    logits = mlp("top_mlp", x, cfg.top_mlp, False)[:, 0]  # (B,)
+    labels = batch["labels"].astype(np.float64)
+    # log(1 + exp(-|z|)) + max(z, 0) - z y: the stable form of BCE with logits.
+    loss = np.mean(np.log1p(np.exp(-np.abs(logits))) + np.maximum(logits, 0.0) - logits * labels)
+    return {"logits": logits, "loss": loss}

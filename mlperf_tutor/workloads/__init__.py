@@ -13,6 +13,7 @@ from mlperf_tutor.workloads.base import Workload
 # name -> "module:attribute" of the Workload instance.
 _REGISTRY = {
     "bert": "mlperf_tutor.workloads.bert:WORKLOAD",
+    "dlrm_dcnv2": "mlperf_tutor.workloads.dlrm:WORKLOAD",
     "gpt3": "mlperf_tutor.workloads.gpt:GPT3",
     "gptj": "mlperf_tutor.workloads.gpt:GPTJ",
     "toy": "mlperf_tutor.workloads.toy:WORKLOAD",

@@ -199,16 +199,11 @@ class IndexedDataset:
 
 def _atomic_write(path: Path, chunks) -> None:
     """Write byte chunks to ``path`` through a temporary file renamed into place."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from mlperf_tutor.convert.formats import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
 
 
 def write_indexed_dataset(

@@ -1,0 +1,152 @@
+"""DLRM with a DCNv2 interaction (MLPerf Training ``dlrm_dcnv2``): click-through prediction.
+
+References: Naumov et al. 2019, DLRM (https://arxiv.org/abs/1906.00091); Wang et al. 2021,
+DCN V2 (https://arxiv.org/abs/2008.13535); mlcommons/training ``recommendation_v2/torchrec_dlrm``.
+
+Forward (same in all three frameworks; B batch, E embedding dim, F tables, D = (F + 1) E)::
+
+    dense (B, 13) -> bottom_mlp: Linear + ReLU per layer (ReLU after the last too)   -> (B, E)
+    sparse (B, H): feature f's bag = its multi_hot_sizes[f] columns;
+        pooled_f = sum of embedding_bags.f rows over the bag                        -> (B, E)
+    x0 = concat(bottom output, pooled_0, ..., pooled_{F-1})                          -> (B, D)
+    cross layer l (interaction.layers.l): x = x0 * w(v(x)) + x   (v: D -> R, no bias;
+                                                                 w: R -> D, bias)
+    top_mlp: Linear + ReLU per layer, no ReLU after the last (one logit)            -> (B,)
+    loss = mean binary cross-entropy of the logits against labels
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mlperf_tutor.core.checkpoint import Tree
+from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
+from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.dlrm.config import DlrmConfig
+from mlperf_tutor.workloads.dlrm.data import TARGET_AUC, roc_auc, synthetic_batch
+
+# Seed of the synthetic click model (the "task"), and of the eval set; far from the training
+# batches' seeds (seed + 1 + step).
+TASK_SEED = 2**31 - 2
+EVAL_SEED = 2**31 - 1
+
+
+def _mlp_shapes(prefix: str, n_in: int, sizes) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for j, n_out in enumerate(sizes):
+        shapes[f"{prefix}.layers.{j}.weight"] = (n_out, n_in)
+        shapes[f"{prefix}.layers.{j}.bias"] = (n_out,)
+        n_in = n_out
+    return shapes
+
+
+def canonical_shapes(cfg: DlrmConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every weight (PyTorch layouts: Linear weight is (out, in))."""
+    d, r = cfg.interaction_dim, cfg.cross_rank
+    shapes = _mlp_shapes("bottom_mlp", cfg.num_dense, cfg.bottom_mlp)
+    for i, rows in enumerate(cfg.table_sizes):
+        shapes[f"embedding_bags.{i}.weight"] = (rows, cfg.embedding_dim)
+    for layer in range(cfg.cross_layers):
+        prefix = f"interaction.layers.{layer}"
+        shapes[f"{prefix}.v.weight"] = (r, d)
+        shapes[f"{prefix}.w.weight"] = (d, r)
+        shapes[f"{prefix}.w.bias"] = (d,)
+    shapes |= _mlp_shapes("top_mlp", d, cfg.top_mlp)
+    return shapes
+
+
+class DlrmWorkload(Workload):
+    name = "dlrm_dcnv2"
+    description = "DLRM-DCNv2 click-through prediction, Adagrad; MLPerf target AUC 0.80275"
+    config_class = DlrmConfig
+    package = "mlperf_tutor.workloads.dlrm"
+    mlperf_benchmark = "dlrm_dcnv2"
+    quality_metric = "ROC AUC"
+    quality_target = TARGET_AUC
+
+    def param_count(self, cfg: DlrmConfig) -> int:
+        return sum(math.prod(s) for s in canonical_shapes(cfg).values())
+
+    def canonical_specs(self, cfg: DlrmConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {k: (s, "float32") for k, s in canonical_shapes(cfg).items()}
+
+    def init_canonical(self, cfg: DlrmConfig, seed: int = 0) -> Tree:
+        """The original DLRM's initialisation (facebookresearch/dlrm ``dlrm_s_pytorch.py``):
+        Linear weights normal with std sqrt(2 / (fan_in + fan_out)), biases normal with std
+        sqrt(1 / fan_out), embedding rows uniform in +-sqrt(1 / rows)."""
+        rng = np.random.default_rng(seed)
+        tree = {}
+        for name, shape in canonical_shapes(cfg).items():
+            if name.startswith("embedding_bags."):
+                bound = math.sqrt(1.0 / shape[0])
+                value = rng.uniform(-bound, bound, shape)
+            elif len(shape) == 2:
+                value = rng.normal(0.0, math.sqrt(2.0 / (shape[0] + shape[1])), shape)
+            else:
+                value = rng.normal(0.0, math.sqrt(1.0 / shape[0]), shape)
+            tree[name] = value.astype(np.float32)
+        return tree
+
+    def synthetic_batch(self, cfg: DlrmConfig, batch_size: int = 2, seed: int = 0) -> dict:
+        return synthetic_batch(cfg, batch_size, seed, TASK_SEED)
+
+    def optimizer(self, cfg: DlrmConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
+        spec = OptimizerSpec("adagrad", eps=cfg.eps, weight_decay=0.0, initial_accumulator=0.0)
+        return spec, ScheduleSpec(cfg.lr)
+
+    def hyperparameters(self, cfg: DlrmConfig) -> dict:
+        """The keys of mlperf_logging's ``training_4.0.0/closed_dlrm_dcnv2.yaml``, read from
+        the optimizer and schedule that train."""
+        spec, schedule = self.optimizer(cfg)
+        return {
+            "opt_name": "adagrad",
+            "opt_base_learning_rate": schedule.lr,
+            "opt_adagrad_learning_rate_decay": 0.0,
+            "opt_weight_decay": spec.weight_decay,
+            "opt_adagrad_initial_accumulator_value": spec.initial_accumulator,
+            "opt_adagrad_epsilon": spec.eps,
+            "opt_learning_rate_warmup_steps": schedule.warmup_steps,
+            "opt_learning_rate_decay_start_step": 0,
+            "opt_learning_rate_decay_steps": 0,
+        }
+
+    def eval_every_samples(self, cfg: DlrmConfig, batch_size: int) -> int:
+        return cfg.eval_every_samples
+
+    def eval_set(self, cfg: DlrmConfig) -> dict:
+        return synthetic_batch(cfg, cfg.eval_samples, EVAL_SEED, TASK_SEED)
+
+    def evaluate(self, framework: str, model, eval_set: dict, batch_size: int) -> float:
+        """ROC AUC of the logits over all of ``eval_set`` (computed once, not per batch)."""
+        logits = [
+            self.forward(framework, model, {k: v[s : s + batch_size] for k, v in eval_set.items()})[
+                "logits"
+            ]
+            for s in range(0, len(eval_set["labels"]), batch_size)
+        ]
+        return roc_auc(np.concatenate(logits), eval_set["labels"])
+
+    def info(self, cfg: DlrmConfig) -> dict:
+        shapes = canonical_shapes(cfg)
+        embedding = sum(math.prod(s) for k, s in shapes.items() if k.startswith("embedding"))
+        dense = self.param_count(cfg) - embedding
+        # Forward FLOPs per sample: 2 per weight of the MLPs and cross layers, plus the bag sums.
+        pooled = sum(cfg.multi_hot_sizes) * cfg.embedding_dim
+        forward = 2 * dense + pooled + 2 * cfg.cross_layers * cfg.interaction_dim
+        return {
+            "workload": self.name,
+            "parameters": self.param_count(cfg),
+            "embedding parameters": embedding,
+            "dense parameters (MLPs, cross layers)": dense,
+            "fp32 embedding tables (GB)": 4 * embedding / 1e9,
+            "fp32 embeddings + Adagrad accumulators (GB)": 8 * embedding / 1e9,
+            "embedding rows gathered per sample": sum(cfg.multi_hot_sizes),
+            "embedding bytes gathered per sample (fp32)": 4 * pooled,
+            "training FLOPs per sample (3x forward)": 3 * forward,
+            "global batch size": cfg.global_batch_size,
+        }
+
+
+WORKLOAD = DlrmWorkload()
