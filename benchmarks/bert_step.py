@@ -19,7 +19,8 @@ H200, from NVIDIA's datasheets; 1,979 TFLOP/s there is with 2:4 sparsity).
 from __future__ import annotations
 
 import argparse
-import time
+
+from timing import timed
 
 from mlperf_tutor import frameworks, workloads
 
@@ -46,14 +47,7 @@ def torch_gpu(wl, cfg, batch, steps: int, warmup: int) -> float:
         optimizer.step()
         optimizer.zero_grad()
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return timed(step, steps, warmup, torch.cuda.synchronize)
 
 
 def jax_gpu(wl, cfg, batch, steps: int, warmup: int) -> float:
@@ -91,14 +85,12 @@ def jax_gpu(wl, cfg, batch, steps: int, warmup: int) -> float:
         updates, opt_state = tx.update(grads, opt_state, flat)
         return optax.apply_updates(flat, updates), opt_state, loss
 
-    for _ in range(warmup):
-        flat, opt_state, loss = step(flat, opt_state, rest, batch)
-    loss.block_until_ready()
-    start = time.perf_counter()
-    for _ in range(steps):
-        flat, opt_state, loss = step(flat, opt_state, rest, batch)
-    loss.block_until_ready()
-    return (time.perf_counter() - start) / steps
+    state = {"flat": flat, "opt": opt_state}
+
+    def update():
+        state["flat"], state["opt"], state["loss"] = step(state["flat"], state["opt"], rest, batch)
+
+    return timed(update, steps, warmup, lambda: state["loss"].block_until_ready())
 
 
 def gpu(args) -> None:

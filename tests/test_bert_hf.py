@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from checks import assert_bit_identical, listing, numpy_state  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -29,21 +30,6 @@ TINY = dict(
     vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
     intermediate_size=64, max_position_embeddings=64,
 )  # fmt: skip
-
-
-def numpy_state(model) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-
-
-def assert_bit_identical(got, want) -> None:
-    assert set(got) == set(want)
-    for key, value in want.items():
-        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
-        assert np.asarray(got[key]).tobytes() == np.asarray(value).tobytes(), key
-
-
-def listing(directory) -> set[str]:
-    return {str(p.relative_to(directory)) for p in directory.rglob("*")}
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +267,7 @@ def test_build_refuses_a_config_of_another_architecture(hf_dir):
 @pytest.mark.parametrize("fw", frameworks.NAMES)
 def test_outputs_match_transformers(hf_model, hf_dir, fw):
     if not frameworks.available(fw):
-        pytest.skip(f"{fw} is not installed")
+        pytest.skip(f"{fw} is not installed (install the [{fw}] extra)")
     cfg = wl.deterministic(wl.config_from_hf(hf_dir, preset="tiny"))
     batch = wl.synthetic_batch(cfg, batch_size=3, seed=0)
     with torch.no_grad():

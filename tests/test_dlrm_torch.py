@@ -7,6 +7,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 import torch
+from checks import as_f64
 
 from mlperf_tutor import frameworks
 from mlperf_tutor.workloads.dlrm import WORKLOAD as WL
@@ -17,10 +18,6 @@ ADAPTER = frameworks.get("torch")
 B = 16
 F32_ATOL = 1e-5
 F64_ATOL = 1e-10
-
-
-def as_f64(tree: dict) -> dict:
-    return {k: v.astype(np.float64) for k, v in tree.items()}
 
 
 def assert_close(got, want, atol: float) -> None:

@@ -14,6 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from checks import assert_bit_identical, listing, numpy_state  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -39,21 +40,6 @@ CASES = {
              lambda **kw: transformers.GPTJConfig(**SMALL, n_head=4, n_positions=64, rotary_dim=4,
                                                   **kw)),
 }  # fmt: skip
-
-
-def numpy_state(model) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-
-
-def assert_bit_identical(got, want) -> None:
-    assert set(got) == set(want)
-    for key, value in want.items():
-        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
-        assert np.asarray(got[key]).tobytes() == np.asarray(value).tobytes(), key
-
-
-def listing(directory) -> set[str]:
-    return {str(p.relative_to(directory)) for p in directory.rglob("*")}
 
 
 def random_tree(wl, cfg, seed=1, dtype=np.float32):

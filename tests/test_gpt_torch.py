@@ -6,12 +6,11 @@ causal attention, the parallel block and the whole decoder (logits and loss).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import numpy_reference as ref
 import pytest
 import torch
+from checks import as_f64, randomized
 
 from mlperf_tutor import frameworks, workloads
 from mlperf_tutor.core.parity import OUTPUT_ATOL
@@ -26,28 +25,6 @@ EPS = 1e-5
 F64_ATOL = 1e-10
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def randomized(module: torch.nn.Module, seed: int) -> dict[str, np.ndarray]:
-    """Load random float32 weights (norm scales and biases too) into ``module``; return them."""
-    rng = np.random.default_rng(seed)
-    tree = {}
-    for name, value in module.state_dict().items():
-        shape = tuple(value.shape)
-        if "norm" in name and name.endswith("weight"):
-            tree[name] = 1.0 + 0.2 * rng.standard_normal(shape)
-        elif name.endswith("bias"):
-            tree[name] = 0.2 * rng.standard_normal(shape)
-        else:
-            tree[name] = rng.standard_normal(shape) / math.sqrt(shape[-1])
-    tree = {k: v.astype(np.float32) for k, v in tree.items()}
-    ADAPTER.load_canonical(module, tree)
-    module.eval()
-    return tree
-
-
-def as_f64(tree: dict) -> dict:
-    return {k: v.astype(np.float64) for k, v in tree.items()}
 
 
 def run(module, x: np.ndarray) -> np.ndarray:

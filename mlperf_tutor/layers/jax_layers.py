@@ -1,7 +1,6 @@
 """Flax NNX building blocks that the workloads share (same class, attribute and argument names
-as ``torch_layers`` and ``tf_layers``), and layers where ``flax.nnx`` lacks PyTorch's numbers.
+as ``torch_layers`` and ``tf_layers``); BatchNorm with PyTorch's numbers is in ``jax_norms``.
 
-BatchNorm: https://arxiv.org/abs/1502.03167; semantics of ``torch.nn.BatchNorm{1,2,3}d``.
 Attention, MLP, TransformerBlock: https://arxiv.org/abs/1706.03762; grouped-query attention
 https://arxiv.org/abs/2305.13245; post-LN as in BERT (https://arxiv.org/abs/1810.04805), pre-LN
 as in GPT-2, parallel as in GPT-J (Wang & Komatsuzaki 2021,
@@ -20,85 +19,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from mlperf_tutor.frameworks.jax import BATCHNORM_RULES, register_rules
-
-
-class BatchNorm(nnx.Module):
-    """Batch normalisation with PyTorch's semantics and Flax's leaf names.
-
-    Differs from ``nnx.BatchNorm`` in two numbers: ``momentum`` is PyTorch's (weight of the new
-    batch, ``running = (1 - m) * running + m * batch``; see
-    ``mlperf_tutor.frameworks.jax.flip_bn_momentum``), and ``var`` is updated with the unbiased
-    batch variance (``n / (n - 1)``) while the batch itself is normalised with the biased one.
-    Leaves: ``scale``, ``bias`` (``nnx.Param``), ``mean``, ``var`` (``nnx.BatchStat``), mapped to
-    ``weight``, ``bias``, ``running_mean``, ``running_var``. ``model.train()`` / ``model.eval()``
-    switch ``use_running_average``.
-
-    Args:
-        num_features: size of the feature axis.
-        momentum: PyTorch-convention momentum (0.1 in PyTorch).
-        epsilon: added to the variance (1e-5 in PyTorch).
-        use_running_average: normalise with the running statistics (eval mode).
-        axis: the feature axis (-1: channels-last).
-        param_dtype: dtype of the four leaves.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        momentum: float,
-        epsilon: float,
-        use_running_average: bool = False,
-        axis: int = -1,
-        param_dtype=jnp.float32,
-    ):
-        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.use_running_average = use_running_average
-        self.axis = axis
-
-    def set_view(self, use_running_average: bool | None = None):
-        """Used by ``nnx.view``: set ``use_running_average`` when given."""
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        axis = self.axis % x.ndim
-        reduce = tuple(i for i in range(x.ndim) if i != axis)
-        shape = [1] * x.ndim
-        shape[axis] = x.shape[axis]
-        # Statistics in at least float32, as PyTorch does for half-precision inputs.
-        xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        if self.use_running_average:
-            mean, var = self.mean[...].astype(xs.dtype), self.var[...].astype(xs.dtype)
-        else:
-            n = x.size // x.shape[axis]
-            if n < 2:
-                raise ValueError(
-                    f"BatchNorm in train mode needs more than 1 value per channel, got input "
-                    f"shape {x.shape}; use a larger batch or call model.eval()"
-                )
-            mean = xs.mean(reduce)
-            var = jnp.square(xs - mean.reshape(shape)).mean(reduce)  # two-pass, biased
-            m = self.momentum
-            stat = jax.lax.stop_gradient
-            new_mean = (1.0 - m) * self.mean[...] + m * stat(mean)
-            new_var = (1.0 - m) * self.var[...] + m * stat(var) * (n / (n - 1))
-            self.mean[...] = new_mean.astype(self.mean.dtype)
-            self.var[...] = new_var.astype(self.var.dtype)
-        y = (xs - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + self.epsilon)
-        y = y * self.scale[...].reshape(shape) + self.bias[...].reshape(shape)
-        return y.astype(jnp.result_type(x.dtype, self.scale.dtype))
-
-
-register_rules(BatchNorm, BATCHNORM_RULES)
-
 
 # --- transformer blocks ---------------------------------------------------------------------
 # Added to the scores of padded keys: the MLPerf BERT reference's value. Not -inf, so a row

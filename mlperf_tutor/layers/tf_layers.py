@@ -2,9 +2,9 @@
 
 Built-in Keras layers are used wherever they compute the same numbers as PyTorch given explicit
 arguments (Dense, Conv with explicit padding, Embedding, LayerNormalization, GroupNormalization).
-This module adds what Keras lacks or computes differently:
+This module adds what Keras lacks or computes differently (BatchNorm with PyTorch's numbers is
+in ``tf_norms``):
 
-* :class:`BatchNorm`: PyTorch's momentum convention and unbiased running variance.
 * :class:`Attention`, :class:`MLP`, :class:`TransformerBlock`: the transformer blocks of BERT,
   GPT-3, GPT-J, Llama 2 and Stable Diffusion, with the class, attribute and argument names of
   ``torch_layers`` and ``jax_layers``. Attention: Vaswani et al. 2017
@@ -34,107 +34,6 @@ from mlperf_tutor.frameworks import tf as _adapter  # noqa: F401
 # isort: split
 import keras
 from keras import ops
-
-
-class BatchNorm(keras.layers.Layer):
-    """Batch normalisation with ``torch.nn.BatchNorm{1,2,3}d`` semantics.
-
-    Differences from ``keras.layers.BatchNormalization``, which this replaces for parity:
-
-    * ``momentum`` follows PyTorch: ``running = (1 - momentum) * running + momentum * batch``.
-      Keras weights the other way round (its default 0.99 is PyTorch's 0.01).
-    * The running variance is updated with the unbiased batch variance (``n / (n - 1)`` times the
-      biased one), as PyTorch does; Keras stores the biased variance. Normalisation in training
-      uses the biased variance in both.
-    * No ``center``/``scale`` switches, no renorm, no virtual batches: one behaviour only.
-
-    Statistics of float16/bfloat16 inputs are computed in float32 (PyTorch's opmath type).
-    Variables keep Keras' leaf names (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``);
-    ``canonical_leaves`` maps them to PyTorch's ``weight``, ``bias``, ``running_mean``,
-    ``running_var``.
-
-    Args:
-        momentum: PyTorch momentum (0.1 in ``torch.nn.BatchNorm2d``).
-        epsilon: added to the variance (1e-5 in PyTorch).
-        axis: the channel axis (-1 for channels-last inputs).
-        **kwargs: Keras layer arguments (``name``, ``dtype``).
-
-    Shapes:
-        Input and output: any rank >= 2; statistics are per index of ``axis``.
-    """
-
-    canonical_leaves = {
-        "gamma": "weight",
-        "beta": "bias",
-        "moving_mean": "running_mean",
-        "moving_variance": "running_var",
-    }
-
-    def __init__(self, momentum: float, epsilon: float, axis: int = -1, **kwargs):
-        super().__init__(**kwargs)
-        self.momentum = float(momentum)
-        self.epsilon = float(epsilon)
-        self.axis = axis
-
-    def build(self, input_shape):
-        channels = (int(input_shape[self.axis]),)
-        self.gamma = self.add_weight(shape=channels, initializer="ones", name="gamma")
-        self.beta = self.add_weight(shape=channels, initializer="zeros", name="beta")
-        self.moving_mean = self.add_weight(
-            shape=channels, initializer="zeros", trainable=False, name="moving_mean"
-        )
-        self.moving_variance = self.add_weight(
-            shape=channels, initializer="ones", trainable=False, name="moving_variance"
-        )
-
-    def _broadcast(self, v, ndim: int):
-        shape = [1] * ndim
-        shape[self.axis] = -1
-        return ops.reshape(v, shape)
-
-    def call(self, x, training=False):
-        ndim = len(x.shape)
-        axis = self.axis % ndim
-        reduce_axes = [i for i in range(ndim) if i != axis]
-        in_dtype = keras.backend.standardize_dtype(x.dtype)
-        stats_dtype = "float32" if in_dtype in ("float16", "bfloat16") else in_dtype
-        xs = ops.cast(x, stats_dtype)
-        if training:
-            count = math.prod(int(x.shape[i]) for i in reduce_axes)
-            if count < 2:
-                raise ValueError(
-                    f"BatchNorm {self.name!r} got {count} value per channel in training; use a "
-                    "batch with more than one value per channel or call it with training=False"
-                )
-            mean = ops.mean(xs, axis=reduce_axes)
-            # Two-pass variance (as PyTorch): mean of squared deviations, no E[x^2] - E[x]^2.
-            var = ops.mean(ops.square(xs - self._broadcast(mean, ndim)), axis=reduce_axes)
-            m = self.momentum
-            vdtype = self.moving_mean.dtype
-            self.moving_mean.assign((1.0 - m) * self.moving_mean + m * ops.cast(mean, vdtype))
-            self.moving_variance.assign(
-                (1.0 - m) * self.moving_variance + m * ops.cast(var * (count / (count - 1)), vdtype)
-            )
-        else:
-            mean = ops.cast(self.moving_mean, stats_dtype)
-            var = ops.cast(self.moving_variance, stats_dtype)
-        inv = ops.rsqrt(var + self.epsilon) * ops.cast(self.gamma, stats_dtype)
-        y = (xs - self._broadcast(mean, ndim)) * self._broadcast(inv, ndim) + self._broadcast(
-            ops.cast(self.beta, stats_dtype), ndim
-        )
-        return ops.cast(y, self.compute_dtype)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            "axis": self.axis,
-        }
-
 
 #: Added to the scores of padded keys: the MLPerf BERT reference's value (modeling.py). Not -inf,
 #: so a row without any real key still has a finite (uniform) softmax, as in the reference.

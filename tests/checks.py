@@ -1,0 +1,54 @@
+"""Helpers that several test modules share (imported as ``checks``, like ``numpy_reference``).
+
+Framework-free at import: the PyTorch helpers only call methods of the objects they are given.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mlperf_tutor import frameworks
+
+
+def as_f64(tree: dict) -> dict:
+    """``tree`` with every array cast to float64."""
+    return {k: v.astype(np.float64) for k, v in tree.items()}
+
+
+def assert_bit_identical(got: dict, want: dict, ordered: bool = False) -> None:
+    """Same keys (in the same order when ``ordered``), dtypes, shapes and bytes."""
+    assert (list(got) == list(want)) if ordered else (set(got) == set(want))
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        assert np.asarray(got[key]).tobytes() == np.asarray(value).tobytes(), key
+
+
+def listing(directory) -> set[str]:
+    """Every path under ``directory``, relative to it."""
+    return {str(p.relative_to(directory)) for p in directory.rglob("*")}
+
+
+def numpy_state(model) -> dict[str, np.ndarray]:
+    """A PyTorch module's ``state_dict`` as numpy arrays."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def randomized(module, seed: int) -> dict[str, np.ndarray]:
+    """Load random float32 weights (norm scales and biases too) into a PyTorch ``module``, put
+    it in eval mode and return the weights."""
+    rng = np.random.default_rng(seed)
+    tree = {}
+    for name, value in module.state_dict().items():
+        shape = tuple(value.shape)
+        if "norm" in name and name.endswith("weight"):
+            tree[name] = 1.0 + 0.2 * rng.standard_normal(shape)
+        elif name.endswith("bias"):
+            tree[name] = 0.2 * rng.standard_normal(shape)
+        else:
+            tree[name] = rng.standard_normal(shape) / math.sqrt(shape[-1])
+    tree = {k: v.astype(np.float32) for k, v in tree.items()}
+    frameworks.get("torch").load_canonical(module, tree)
+    module.eval()
+    return tree
