@@ -14,6 +14,14 @@ cold memory in the background (DAMON), warm numbers vary from run to run.
 
     python benchmarks/convert_orbax.py                     # 16 x 128 MB float32 in /tmp
     python benchmarks/convert_orbax.py --tensors 4 --tensor-mb 512 --dtype bfloat16
+    python benchmarks/convert_orbax.py --llama mlperf --layers 2   # Llama 2 70B shapes, bf16
+
+With ``--llama PRESET`` the checkpoint is a Llama base model of that ``LlamaConfig`` preset: the
+canonical names and PyTorch shapes (``word_embeddings``, ``blocks.{i}.attention.qkv_proj``, ...,
+``lm_head``), bfloat16 unless ``--dtype`` says otherwise, optionally cut to the first
+``--layers`` blocks to fit the disk. Conversion streams one tensor at a time, so its memory is
+O(largest tensor); the run ends with a projection of each direction's peak RSS to the full
+preset: measured peak - largest measured tensor + largest tensor of the full model.
 
 Every file goes in a temporary directory under ``--dir``, removed at the end.
 """
@@ -37,6 +45,7 @@ import numpy as np
 
 from mlperf_tutor.convert.formats import TensorSpec
 from mlperf_tutor.convert.safetensors_io import write_safetensors
+from mlperf_tutor.workloads.llama.config import LlamaConfig
 
 MB = 2**20
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -119,15 +128,56 @@ def _copy(src: str, dst: str, cache: str) -> tuple[float, float]:
     return copied, synced
 
 
-def _synthetic(path: str, count: int, numel: int, dtype: np.dtype) -> None:
-    specs = {f"layers.{i}.weight": TensorSpec((numel,), np.dtype(dtype)) for i in range(count)}
+def _llama_specs(cfg: LlamaConfig, dtype: np.dtype, layers: int | None = None) -> dict:
+    """Canonical names and PyTorch shapes (a Linear weight is (out, in)) of a Llama base
+    checkpoint (no LoRA tensors), with the first ``layers`` blocks (all when ``None``)."""
+    V, D, F = cfg.vocab_size, cfg.hidden, cfg.ffn
+    shapes = {"word_embeddings.weight": (V, D)}
+    for i in range(cfg.num_layers if layers is None else layers):
+        shapes |= {
+            f"blocks.{i}.attention_norm.weight": (D,),
+            f"blocks.{i}.attention.qkv_proj.weight": (cfg.qkv_dim, D),  # (N + 2K) H rows
+            f"blocks.{i}.attention.o_proj.weight": (D, D),
+            f"blocks.{i}.mlp_norm.weight": (D,),
+            f"blocks.{i}.mlp.fc_gate.weight": (F, D),
+            f"blocks.{i}.mlp.fc_in.weight": (F, D),
+            f"blocks.{i}.mlp.fc_out.weight": (D, F),
+        }
+    shapes |= {"final_norm.weight": (D,), "lm_head.weight": (V, D)}
+    return {name: TensorSpec(shape, np.dtype(dtype)) for name, shape in shapes.items()}
+
+
+def _synthetic(path: str, specs: dict) -> None:
     rng = np.random.default_rng(0)
 
     def tensors():
-        for name in specs:
-            yield name, rng.standard_normal(numel, dtype=np.float32).astype(dtype, copy=False)
+        for name, spec in specs.items():
+            normal = rng.standard_normal(spec.shape, dtype=np.float32)
+            yield name, normal.astype(spec.dtype, copy=False)
 
     write_safetensors(path, specs, tensors())
+
+
+def _project(preset: str, dtype: np.dtype, largest_mb: float, runs: dict) -> None:
+    """Print each direction's peak RSS projected to the full preset: conversion holds one tensor
+    at a time, so peak - largest measured tensor + largest full-model tensor."""
+    cfg = LlamaConfig.preset(preset)
+    full = _llama_specs(cfg, dtype)
+    name = max(full, key=lambda n: full[n].nbytes)
+    full_largest_mb = full[name].nbytes / MB
+    total_gb = sum(s.nbytes for s in full.values()) / 1e9
+    print(
+        f"PROJECTION (not measured) to the full {preset} model: {cfg.num_layers} layers, "
+        f"{len(full)} tensors, {total_gb:.1f} GB {dtype.name}; largest tensor {name} "
+        f"{full[name].shape} {full_largest_mb:.0f} MB"
+    )
+    for key, label in (("to", "safetensors -> orbax"), ("from", "orbax -> safetensors")):
+        peak = max(r["peak_rss_mb"] for r in runs[key])
+        print(
+            f"  {label}: projected peak RSS {peak - largest_mb + full_largest_mb:.0f} MB = "
+            f"measured {peak:.0f} - largest measured tensor {largest_mb:.0f} + largest "
+            f"full-model tensor {full_largest_mb:.0f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,9 +186,19 @@ def main(argv: list[str] | None = None) -> int:
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--tensors", type=int, default=16, help="number of tensors")
-    parser.add_argument("--tensor-mb", type=float, default=128, help="size of each tensor, MB")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--tensors", type=int, help="number of equal tensors (default 16)")
+    parser.add_argument("--tensor-mb", type=float, help="size of each tensor, MB (default 128)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="default float32, bfloat16 with --llama"
+    )
+    parser.add_argument(
+        "--llama",
+        choices=sorted(LlamaConfig.PRESETS),
+        metavar="PRESET",
+        help=f"a Llama base checkpoint of this preset ({', '.join(LlamaConfig.PRESETS)}) "
+        "instead of equal tensors",
+    )
+    parser.add_argument("--layers", type=int, help="with --llama: only the first N blocks")
     parser.add_argument("--repeat", type=int, default=3, help="runs of every step")
     parser.add_argument("--cache", choices=("cold", "warm"), default="cold")
     parser.add_argument("--dir", default="/tmp", help="where the temporary files go")
@@ -148,17 +208,34 @@ def main(argv: list[str] | None = None) -> int:
         _child(*args.child)
         return 0
 
-    dtype = np.dtype(DTYPES[args.dtype])
-    numel = int(args.tensor_mb * MB) // dtype.itemsize
-    largest_mb = numel * dtype.itemsize / MB
-    total_mb = largest_mb * args.tensors
+    if args.llama:
+        if args.tensors is not None or args.tensor_mb is not None:
+            parser.error("--tensors and --tensor-mb size equal tensors; --llama takes the preset's")
+        cfg = LlamaConfig.preset(args.llama)
+        if args.layers is not None and not 1 <= args.layers <= cfg.num_layers:
+            parser.error(f"--layers must be in 1..{cfg.num_layers} for preset {args.llama}")
+        dtype = np.dtype(DTYPES[args.dtype or "bfloat16"])
+        specs = _llama_specs(cfg, dtype, args.layers)
+        layers = cfg.num_layers if args.layers is None else args.layers
+        what = f"Llama {args.llama} base, {layers} of {cfg.num_layers} layers"
+    else:
+        if args.layers is not None:
+            parser.error("--layers needs --llama")
+        dtype = np.dtype(DTYPES[args.dtype or "float32"])
+        count, tensor_mb = args.tensors or 16, args.tensor_mb or 128
+        numel = int(tensor_mb * MB) // dtype.itemsize
+        specs = {f"layers.{i}.weight": TensorSpec((numel,), dtype) for i in range(count)}
+        what = f"{count} equal tensors"
+    largest_name = max(specs, key=lambda name: specs[name].nbytes)
+    largest_mb = specs[largest_name].nbytes / MB
+    total_mb = sum(s.nbytes for s in specs.values()) / MB
     work = tempfile.mkdtemp(prefix="convert_orbax_", dir=args.dir)
     try:
         src = os.path.join(work, "model.safetensors")
         ckpt = os.path.join(work, "model_orbax")
         back = os.path.join(work, "back.safetensors")
-        print(f"writing {args.tensors} x {largest_mb:.0f} MB {args.dtype} to {src} ...")
-        _synthetic(src, args.tensors, numel, dtype)
+        print(f"writing {what}, {total_mb:.0f} MB {dtype.name}, to {src} ...")
+        _synthetic(src, specs)
 
         runs: dict[str, list] = {"copy": [], "copy+fsync": [], "to": [], "from": []}
         identical = True
@@ -175,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         def mbs(seconds: float) -> str:
             return f"{total_mb / seconds:6.0f}"
 
-        print(f"\n{total_mb:.0f} MB in {args.tensors} tensors, largest {largest_mb:.0f} MB; "
-              f"{args.cache} page cache; MB/s of each of {args.repeat} runs")  # fmt: skip
+        print(f"\n{total_mb:.0f} MB in {len(specs)} tensors ({what}), largest {largest_name} "
+              f"{specs[largest_name].shape} {largest_mb:.0f} MB; {args.cache} page cache; "
+              f"MB/s of each of {args.repeat} runs")  # fmt: skip
         print(f"  {'plain copy (shutil.copyfile)':28s} " + " ".join(map(mbs, runs["copy"])))
         print(f"  {'plain copy + fsync':28s} " + " ".join(map(mbs, runs["copy+fsync"])))
         for key, label in (("to", "safetensors -> orbax"), ("from", "orbax -> safetensors")):
@@ -203,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"({'met' if rss_ok else 'MISSED'}); median {speed:.0f} MB/s vs half the copy's "
                 f"median {copy_mbs / 2:.0f} MB/s ({'met' if speed_ok else 'MISSED'})"
             )
+        if args.llama:
+            _project(args.llama, dtype, largest_mb, runs)
         return 0 if ok else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)

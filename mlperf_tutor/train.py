@@ -105,13 +105,18 @@ def _checkpoint(
     wl: Workload, cfg: Config, framework: str, batch_size: int, seed: int, progress: bool
 ):
     """(weights, optimizer state, losses) after ``wl.checkpoint_start_step(cfg)`` steps from
-    the initial weights, on batches ``seed + 1 + step``; (initial weights, None, []) for 0."""
+    the initial weights, on batches ``seed + 1 + step``; (initial weights, None, []) for 0.
+
+    The checkpoint's model is ``wl.checkpoint_config(cfg)``'s; the run gets its trained weights
+    where the names agree and its own initial weights elsewhere, and the optimizer state only
+    when ``wl.checkpoint_continues(cfg)``."""
     weights = wl.init_canonical(cfg, seed=seed)
     steps = wl.checkpoint_start_step(cfg)
     if steps == 0:
         return weights, None, []
     adapter = frameworks.get(framework)
-    model = wl.build(framework, cfg, weights=weights)
+    checkpoint_cfg = wl.checkpoint_config(cfg)
+    model = wl.build(framework, checkpoint_cfg, weights=wl.init_canonical(checkpoint_cfg, seed))
     optimizer = adapter.make_optimizer(*wl.checkpoint_optimizer(cfg), model)
     todo = range(steps)
     if progress:
@@ -120,9 +125,12 @@ def _checkpoint(
         todo = tqdm(todo, desc=f"{wl.name} {framework} start checkpoint", unit="step")
     losses = []
     for step in todo:
-        batch = wl.synthetic_batch(cfg, batch_size=batch_size, seed=seed + 1 + step)
+        batch = wl.synthetic_batch(checkpoint_cfg, batch_size=batch_size, seed=seed + 1 + step)
         losses.append(float(adapter.train_step(model, optimizer, batch)))
-    return adapter.to_canonical(model), optimizer.state_dict(), losses
+    trained = adapter.to_canonical(model)
+    weights = {name: trained.get(name, value) for name, value in weights.items()}
+    state = optimizer.state_dict() if wl.checkpoint_continues(cfg) else None
+    return weights, state, losses
 
 
 def _next_eval(steps: int, batch_size: int, every: int, max_steps: int) -> int:
@@ -181,7 +189,7 @@ def train(
     weights, opt_state, checkpoint_losses = _checkpoint(
         wl, cfg, framework, batch_size, seed, progress
     )
-    first_step = wl.checkpoint_start_step(cfg)
+    first_step = wl.checkpoint_start_step(cfg)  # batches continue after the checkpoint's
     unit = wl.logged_units_per_sample(cfg)  # the log counts samples or tokens
 
     with RunLog(mllog) as log:

@@ -217,3 +217,55 @@ def dlrm(w: dict, cfg, batch: dict) -> dict:
     # log(1 + exp(-|z|)) + max(z, 0) - z y: the stable form of BCE with logits.
     loss = np.mean(np.log1p(np.exp(-np.abs(logits))) + np.maximum(logits, 0.0) - logits * labels)
     return {"logits": logits, "loss": loss}
+
+
+def rms_norm(w: dict, name: str, x: np.ndarray, eps: float) -> np.ndarray:
+    """Root-mean-square norm over the last axis, scaled by ``name``'s weight (Llama)."""
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * w[f"{name}.weight"]
+
+
+def merge_lora(w: dict, name: str, scaling: float) -> np.ndarray:
+    """The weight of ``name`` with its LoRA update merged: ``W + scaling * B @ A``, the form
+    PEFT's ``merge_and_unload`` gives (the layers add the update to the output instead)."""
+    weight = w[f"{name}.weight"]
+    if f"{name}.lora_a.weight" not in w:
+        return weight
+    return weight + scaling * w[f"{name}.lora_b.weight"] @ w[f"{name}.lora_a.weight"]
+
+
+def llama(w: dict, cfg, batch: dict) -> dict:
+    """The Llama 2 decoder of ``mlperf_tutor.workloads.llama`` in float64, LoRA merged:
+    ``{"logits": (B, T, V)}`` plus ``"loss"``, the mean cross-entropy of ``labels[:, t + 1]``
+    at position t over labels != -100 (Hugging Face's shift)."""
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    scaling = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+    x = w["word_embeddings.weight"][batch["input_ids"]]  # (B, T, D)
+    key_mask = batch.get("attention_mask")
+    for i in range(cfg.num_layers):
+        p = f"blocks.{i}."
+        qkv = merge_lora(w, f"{p}attention.qkv_proj", scaling)  # ((N + 2K) H, D)
+        split = {
+            "q_proj.weight": qkv[: n * h],
+            "k_proj.weight": qkv[n * h : (n + k) * h],
+            "v_proj.weight": qkv[(n + k) * h :],
+            "o_proj.weight": merge_lora(w, f"{p}attention.o_proj", scaling),
+        }
+        h_in = rms_norm(w, f"{p}attention_norm", x, cfg.norm_eps)
+        x = x + attention(
+            split, h_in, n, k, None if key_mask is None else key_mask.astype(np.float64),
+            causal=True, rotary_dim=h, rotary_layout="half",
+        )  # fmt: skip
+        h_in = rms_norm(w, f"{p}mlp_norm", x, cfg.norm_eps)
+        gate = ACTIVATIONS["silu"](linear(w, f"{p}mlp.fc_gate", h_in))
+        x = x + linear(w, f"{p}mlp.fc_out", gate * linear(w, f"{p}mlp.fc_in", h_in))
+    logits = linear(w, "lm_head", rms_norm(w, "final_norm", x, cfg.norm_eps))
+    out = {"logits": logits}
+    if batch.get("labels") is not None:
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        shifted = logits[:, :-1]
+        top = shifted.max(-1, keepdims=True)
+        log_probs = shifted - top - np.log(np.exp(shifted - top).sum(-1, keepdims=True))
+        picked = np.take_along_axis(log_probs, np.where(keep, labels, 0)[..., None], -1)[..., 0]
+        out["loss"] = -(picked * keep).sum() / keep.sum()
+    return out

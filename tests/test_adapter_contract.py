@@ -69,6 +69,27 @@ def test_load_mismatch_lists_every_key_and_leaves_model_unchanged(framework):
     assert all(np.array_equal(after[k], before[k]) for k in before)
 
 
+@pytest.mark.parametrize("framework", frameworks.NAMES)
+def test_set_trainable_freezes_the_rest_bit_identically(framework):
+    adapter = frameworks.get(framework)
+    tree = WL.init_canonical(CFG, seed=3)
+    model = WL.build(framework, CFG, weights=tree)
+    adapter.set_trainable(model, lambda name: name.startswith("head."))
+    assert sorted(adapter.trainable_names(model)) == ["head.bias", "head.weight"]
+    _, grads = adapter.loss_and_grads(model, batch(0))
+    assert sorted(grads) == ["head.bias", "head.weight"]
+    optimizer = adapter.make_optimizer(OPTIMIZERS["adamw"], SCHEDULE, model)
+    assert {k.split("/", 1)[1] for k in optimizer.state_dict() if k != "step"} == set(grads)
+    train(adapter, model, optimizer, range(2))
+    after = adapter.to_canonical(model)
+    for name, value in tree.items():
+        moved = not np.array_equal(after[name], value)
+        # BatchNorm statistics are buffers: train mode updates them whatever is frozen.
+        assert moved == (name.startswith("head.") or name in BUFFERS), name
+    adapter.set_trainable(model, lambda name: True)  # and back: everything trains again
+    assert sorted(adapter.trainable_names(model)) == sorted(k for k in tree if k not in BUFFERS)
+
+
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("framework", frameworks.NAMES)
 def test_resuming_from_canonical_state_continues_bit_identically(framework, opt_name):

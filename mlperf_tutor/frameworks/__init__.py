@@ -19,6 +19,8 @@ Layout rules (canonical = PyTorch ``state_dict`` names and layouts)
     ``load_canonical(model, tree)``: strict; one ``CheckpointMismatch`` listing every missing,
     unexpected and misshapen key, and the model unchanged on error.
     ``trainable_names(model) -> list[str]``: canonical names of the trainable parameters.
+    ``set_trainable(model, trainable)``: train only the parameters whose canonical name the
+    predicate accepts; the others are frozen (no gradient, no optimizer state), e.g. LoRA's base.
 
 Models (a model's call takes a dict of framework tensors, returns a dict with "loss")
     ``forward(model, batch, train=False) -> dict[str, np.ndarray]``.

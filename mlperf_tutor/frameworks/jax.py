@@ -5,6 +5,11 @@ one table keyed by module type (:data:`LAYOUT_RULES`); a workload registers only
 with :func:`register_rules`. Modules without a rule that are not Flax layers keep their leaf
 names and layouts, so a custom module written with ``weight``/``bias`` in PyTorch layout needs
 nothing.
+
+Trainable parameters are the ``nnx.Param`` leaves: gradients (``nnx.value_and_grad``'s default
+filter), :func:`trainable_names` and the optimizer see only those. :func:`set_trainable` freezes a
+parameter by swapping it for a :class:`Frozen` variable, which checkpoints (:func:`to_canonical`,
+:func:`load_canonical`, :func:`init_empty`) still see.
 """
 
 from __future__ import annotations
@@ -145,6 +150,17 @@ def _rules_for(module_type: type) -> dict[str, LeafRule] | None:
     return None
 
 
+class Frozen(nnx.Variable):
+    """A frozen parameter: an NNX variable that is not an ``nnx.Param``, so it gets no gradient
+    and no optimizer state, yet is exported and loaded under its canonical name like any
+    parameter (LoRA's base weights). The module that owns it decides its layout rule, as for
+    the ``nnx.Param`` it replaces; made by :func:`set_trainable`."""
+
+
+# What a checkpoint holds: parameters, frozen or not, and BatchNorm statistics.
+CHECKPOINT_KINDS = (nnx.Param, Frozen, nnx.BatchStat)
+
+
 class _Leaf(NamedTuple):
     path: tuple  # NNX state path
     name: str  # canonical name
@@ -152,8 +168,9 @@ class _Leaf(NamedTuple):
     variable: nnx.Variable
 
 
-def _leaves(model: nnx.Module, kinds=(nnx.Param, nnx.BatchStat)) -> list[_Leaf]:
-    """Every parameter (and BatchNorm statistic) of ``model`` with its canonical name."""
+def _leaves(model: nnx.Module, kinds=CHECKPOINT_KINDS) -> list[_Leaf]:
+    """Every variable of the ``kinds`` (by default: parameters, frozen ones included, and
+    BatchNorm statistics) of ``model`` with its canonical name."""
     modules = dict(nnx.iter_modules(model))
     out, unmapped = [], []
     for path, var in nnx.to_flat_state(nnx.state(model, kinds)):
@@ -180,7 +197,8 @@ def _leaves(model: nnx.Module, kinds=(nnx.Param, nnx.BatchStat)) -> list[_Leaf]:
 
 
 def to_canonical(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Parameters and BatchNorm statistics in canonical names and layouts (numpy copies)."""
+    """Parameters (frozen ones too) and BatchNorm statistics in canonical names and layouts
+    (numpy copies)."""
     return {
         leaf.name: to_canonical_layout(np.asarray(leaf.variable.get_value()), leaf.perm)
         for leaf in _leaves(model)
@@ -232,8 +250,36 @@ def init_empty(make: Callable[[], M], seed: int = 0) -> M:
 
 
 def trainable_names(model: nnx.Module) -> list[str]:
-    """Canonical names of the trainable parameters (``nnx.Param``)."""
+    """Canonical names of the trainable parameters (``nnx.Param``; not :class:`Frozen`)."""
     return [leaf.name for leaf in _leaves(model, nnx.Param)]
+
+
+def set_trainable(model: nnx.Module, trainable: Callable[[str], bool]) -> None:
+    """Train only the parameters whose canonical name ``trainable`` accepts; the others are
+    frozen: no gradient, no optimizer state (LoRA's base weights).
+
+    Each parameter the predicate refuses is replaced, on the module that holds it, by a
+    :class:`Frozen` variable with the same value and metadata; a frozen one it accepts becomes
+    an ``nnx.Param`` again. Values, canonical names and checkpoints are unchanged. Call it
+    before :func:`make_optimizer`: an optimizer covers the parameters trainable when it is made.
+    """
+    for leaf in _leaves(model, (nnx.Param, Frozen)):
+        var = leaf.variable
+        if bool(trainable(leaf.name)) == isinstance(var, nnx.Param):
+            continue  # already as asked (a subclass of nnx.Param stays what it is)
+        kind = Frozen if isinstance(var, nnx.Param) else nnx.Param
+        _replace_variable(model, leaf.path, kind(var.get_value(), **var.get_metadata()))
+
+
+def _replace_variable(model: nnx.Module, path: tuple, new: nnx.Variable) -> None:
+    # Integer keys index nnx.List (blocks.0...), string keys are attributes.
+    node = model
+    for key in path[:-1]:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    if isinstance(path[-1], int):
+        node[path[-1]] = new
+    else:
+        setattr(node, path[-1], new)
 
 
 def _grads_to_canonical(model: nnx.Module, grads: nnx.State) -> dict[str, np.ndarray]:

@@ -39,7 +39,7 @@ if "keras" in sys.modules:
         )
 
 import dataclasses  # noqa: E402
-from collections.abc import Mapping  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -278,6 +278,23 @@ def trainable_names(model: keras.layers.Layer) -> list[str]:
     return [leaf.name for leaf in leaves(model) if leaf.variable.trainable]
 
 
+def set_trainable(model: keras.layers.Layer, trainable: Callable[[str], bool]) -> None:
+    """Train only the parameters whose canonical name ``trainable`` accepts; the others are
+    frozen: no gradient, no optimizer state (LoRA's base weights).
+
+    Sets each variable's own ``keras.Variable.trainable``: :func:`loss_and_grads`,
+    :func:`train_step` and :func:`make_optimizer` take only trainable variables, so call it
+    before :func:`make_optimizer`. Buffers (BatchNorm's moving statistics) stay untrainable
+    whatever the predicate says, as ``torch``'s ``set_trainable`` touches parameters only.
+    """
+    # Keras keeps, per layer, the variables created trainable (parameters) apart from the
+    # others (buffers), whatever their flag is now: the list its own ``Layer.trainable = True``
+    # restores. It tells a frozen parameter from a buffer when a model is unfrozen again.
+    params = {id(v) for layer in model._flatten_layers() for v in layer._trainable_variables}
+    for leaf in leaves(model):
+        leaf.variable.trainable = id(leaf.variable) in params and bool(trainable(leaf.name))
+
+
 def _trainable_leaves(model) -> list[Leaf]:
     return [leaf for leaf in leaves(model) if leaf.variable.trainable]
 
@@ -394,6 +411,7 @@ __all__ = [
     "make_optimizer",
     "pin_precision",
     "seed",
+    "set_trainable",
     "to_canonical",
     "to_numpy",
     "train_step",

@@ -9,7 +9,7 @@ contract every adapter meets.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -157,6 +157,13 @@ def load_canonical(model: torch.nn.Module, tree: Mapping[str, np.ndarray]) -> No
 def trainable_names(model: torch.nn.Module) -> list[str]:
     """Canonical names of the parameters that require gradients."""
     return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def set_trainable(model: torch.nn.Module, trainable: Callable[[str], bool]) -> None:
+    """Train only the parameters whose canonical name ``trainable`` accepts; the others are
+    frozen (``requires_grad`` off): no gradient, no optimizer state (LoRA's base weights)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(trainable(name)))
 
 
 # --- models ---------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """Flax NNX building blocks that the workloads share (same class, attribute and argument names
-as ``torch_layers`` and ``tf_layers``); BatchNorm with PyTorch's numbers is in ``jax_norms``.
+as ``torch_layers`` and ``tf_layers``); BatchNorm with PyTorch's numbers and RMSNorm are in
+``jax_norms``.
 
 Attention, MLP, TransformerBlock: https://arxiv.org/abs/1706.03762; grouped-query attention
 https://arxiv.org/abs/2305.13245; post-LN as in BERT (https://arxiv.org/abs/1810.04805), pre-LN
 as in GPT-2, parallel as in GPT-J (Wang & Komatsuzaki 2021,
-https://github.com/kingoflolz/mesh-transformer-jax). Rotary positions: Su et al. 2021, RoFormer
+https://github.com/kingoflolz/mesh-transformer-jax), pre-RMSNorm with a SwiGLU MLP as in Llama 2
+(Touvron et al. 2023, https://arxiv.org/abs/2307.09288; SwiGLU: Shazeer 2020,
+https://arxiv.org/abs/2002.05202), LoRA adapters as :mod:`mlperf_tutor.layers.lora` specifies.
+Rotary positions: Su et al. 2021, RoFormer
 (https://arxiv.org/abs/2104.09864). Dimension letters: B batch, T query time, S key time,
 D model, N heads, K kv heads, G = N // K query heads per kv head, H head dim, F MLP width,
 R rotary dims.
@@ -19,6 +23,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from mlperf_tutor.layers.jax_norms import RMSNorm
+from mlperf_tutor.layers.lora import Lora
 
 # --- transformer blocks ---------------------------------------------------------------------
 # Added to the scores of padded keys: the MLPerf BERT reference's value. Not -inf, so a row
@@ -84,9 +91,53 @@ def apply_rotary(
     return jnp.concatenate([rot.astype(x.dtype), rest], axis=-1)  # (B, T, N, H)
 
 
-def _layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # Two-pass variance, as PyTorch computes it (Flax's default is E[x^2] - E[x]^2).
-    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+NORMS = ("layernorm", "rmsnorm")
+
+
+def make_norm(kind: str, dim: int, eps: float, *, rngs: nnx.Rngs) -> nnx.Module:
+    """A LayerNorm with scale and bias ("layernorm") or an :class:`RMSNorm` ("rmsnorm")."""
+    if kind == "layernorm":
+        # Two-pass variance, as PyTorch computes it (Flax's default is E[x^2] - E[x]^2).
+        return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+class LoRALinear(nnx.Linear):
+    """A Linear layer plus a LoRA adapter: ``linear(x) + scaling * lora_b(lora_a(dropout(x)))``.
+
+    The base ``kernel`` and ``bias`` keep the Linear's names (and its layout rule); freezing
+    them is the model's business (``mlperf_tutor.frameworks.jax.set_trainable``).
+
+    Args:
+        in_features, out_features: as ``nnx.Linear``.
+        bias: whether the base layer has a bias (the adapters have none).
+        lora: the adapter's rank, alpha and dropout (train mode only).
+        rngs: initialisers' keys and the dropout stream.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, lora: Lora, rngs: nnx.Rngs
+    ):
+        super().__init__(in_features, out_features, use_bias=bias, rngs=rngs)
+        self.scaling = lora.scaling
+        self.lora_a = nnx.Linear(in_features, lora.rank, use_bias=False, rngs=rngs)
+        self.lora_b = nnx.Linear(lora.rank, out_features, use_bias=False, rngs=rngs)
+        self.lora_dropout = nnx.Dropout(lora.dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        update = self.lora_b(self.lora_a(self.lora_dropout(x)))  # (..., out)
+        return super().__call__(x) + self.scaling * update
+
+
+def make_linear(
+    name: str, n_in: int, n_out: int, *, bias: bool, lora: Lora | None, rngs: nnx.Rngs
+) -> nnx.Linear:
+    """``nnx.Linear``, or :class:`LoRALinear` when ``lora`` targets the attribute ``name``."""
+    if lora is not None and lora.applies_to(name):
+        return LoRALinear(n_in, n_out, bias=bias, lora=lora, rngs=rngs)
+    return nnx.Linear(n_in, n_out, use_bias=bias, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -117,7 +168,10 @@ class Attention(nnx.Module):
         rotary_dim: dims of each q and k head that rotary positions rotate (0: none).
         rotary_base: the rotary angles' base.
         rotary_layout: "interleaved" (GPT-J) or "half" (Llama); see :func:`apply_rotary`.
-        rngs: initialisers' keys and the dropout stream.
+        fused_qkv: one ``qkv_proj`` whose output is the N H query dims, then the K H key and
+            the K H value dims (the MLPerf Llama 2 checkpoint's layout), instead of three.
+        lora: LoRA adapters on the projections it targets (``qkv_proj``, ``o_proj``, ...).
+        rngs: initialisers' keys and the dropout streams.
     """
 
     def __init__(
@@ -134,6 +188,8 @@ class Attention(nnx.Module):
         rotary_dim: int = 0,
         rotary_base: float = 10000.0,
         rotary_layout: str = "interleaved",
+        fused_qkv: bool = False,
+        lora: Lora | None = None,
         rngs: nnx.Rngs,
     ):
         num_kv_heads = num_kv_heads or num_heads
@@ -167,18 +223,32 @@ class Attention(nnx.Module):
         self.rotary_dim, self.rotary_layout = rotary_dim, rotary_layout
         self.rotary_base = rotary_base
         kv_dim = num_kv_heads * self.head_dim
-        self.q_proj = nnx.Linear(dim, dim, use_bias=bias, rngs=rngs)
-        self.k_proj = nnx.Linear(dim, kv_dim, use_bias=bias, rngs=rngs)
-        self.v_proj = nnx.Linear(dim, kv_dim, use_bias=bias, rngs=rngs)
-        self.o_proj = nnx.Linear(dim, dim, use_bias=bias, rngs=rngs)
+        self.fused_qkv = fused_qkv
+        linear = functools.partial(make_linear, bias=bias, lora=lora, rngs=rngs)
+        if fused_qkv:
+            self.qkv_proj = linear("qkv_proj", dim, dim + 2 * kv_dim)
+        else:
+            self.q_proj = linear("q_proj", dim, dim)
+            self.k_proj = linear("k_proj", dim, kv_dim)
+            self.v_proj = linear("v_proj", dim, kv_dim)
+        self.o_proj = linear("o_proj", dim, dim)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        # (B, T, N H), (B, T, K H), (B, T, K H)
+        if self.fused_qkv:
+            q_dim = self.num_heads * self.head_dim
+            kv_dim = self.num_kv_heads * self.head_dim
+            q, k, v = jnp.split(self.qkv_proj(x), [q_dim, q_dim + kv_dim], axis=-1)
+            return q, k, v
+        return self.q_proj(x), self._keys(x), self.v_proj(x)
 
     def _keys(self, x: jax.Array) -> jax.Array:
         # Without rotary, the key bias adds q . b to every score of a query alike, which softmax
         # ignores: its gradient is exactly zero. Computed through the graph it is round-off
         # (~1e-12) that differs between frameworks and that Adam (eps 1e-8) amplifies into
         # visible drift, so the bias enters the keys as a constant: same forward, exact zero.
-        if self.k_proj.bias is None or self.rotary_dim:
+        if self.k_proj.bias is None or self.rotary_dim or isinstance(self.k_proj, LoRALinear):
             return self.k_proj(x)
         bias = jax.lax.stop_gradient(self.k_proj.bias[...])
         return x @ self.k_proj.kernel[...] + bias
@@ -186,9 +256,10 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         b, t, _ = x.shape  # (B, T, D)
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).reshape(b, t, n, h)  # (B, T, N, H)
-        keys = self._keys(x).reshape(b, t, k, h)  # (B, S, K, H); self-attention: S = T
-        values = self.v_proj(x).reshape(b, t, k, h)  # (B, S, K, H)
+        q, keys, values = self._project(x)
+        q = q.reshape(b, t, n, h)  # (B, T, N, H)
+        keys = keys.reshape(b, t, k, h)  # (B, S, K, H); self-attention: S = T
+        values = values.reshape(b, t, k, h)  # (B, S, K, H)
         if self.rotary_dim:
             q = apply_rotary(q, self.rotary_dim, self.rotary_base, self.rotary_layout)
             keys = apply_rotary(keys, self.rotary_dim, self.rotary_base, self.rotary_layout)
@@ -239,15 +310,18 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Two-layer feed-forward network: ``fc_out(dropout(activation(fc_in(x))))``.
+    """Feed-forward network: ``fc_out(dropout(activation(fc_in(x))))``, or with ``gated``
+    (SwiGLU with "silu", as Llama: ``gate_proj`` = ``fc_gate``, ``up_proj`` = ``fc_in``,
+    ``down_proj`` = ``fc_out``) ``fc_out(dropout(activation(fc_gate(x)) * fc_in(x)))``.
 
     Args:
         dim: model width D (input and output).
         hidden: inner width F.
         activation: "gelu" (exact, erf), "gelu_tanh", "relu" or "silu".
-        bias: whether ``fc_in`` and ``fc_out`` have biases.
+        bias: whether the layers have biases.
         dropout: dropout rate on the hidden activations (train mode only); a transformer
             block's residual dropout on the output is the block's, not this.
+        gated: a third projection ``fc_gate`` whose activation multiplies ``fc_in(x)``.
         rngs: initialisers' keys and the dropout stream.
     """
 
@@ -259,21 +333,28 @@ class MLP(nnx.Module):
         activation: str = "gelu",
         bias: bool = True,
         dropout: float = 0.0,
+        gated: bool = False,
         rngs: nnx.Rngs,
     ):
         get_activation(activation)  # fail at construction on a bad name
         self.activation = activation
+        self.fc_gate = nnx.Linear(dim, hidden, use_bias=bias, rngs=rngs) if gated else None
         self.fc_in = nnx.Linear(dim, hidden, use_bias=bias, rngs=rngs)
         self.fc_out = nnx.Linear(hidden, dim, use_bias=bias, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = get_activation(self.activation)(self.fc_in(x))  # (..., F)
+        act = get_activation(self.activation)
+        if self.fc_gate is None:
+            hidden = act(self.fc_in(x))  # (..., F)
+        else:
+            hidden = act(self.fc_gate(x)) * self.fc_in(x)  # (..., F)
         return self.fc_out(self.dropout(hidden))  # (..., D)
 
 
 class TransformerBlock(nnx.Module):
-    """Self-attention and MLP, each with a residual connection, LayerNorm and dropout.
+    """Self-attention and MLP, each with a residual connection, LayerNorm (or RMSNorm) and
+    dropout.
 
     ``norm_position="post"`` (BERT)::
 
@@ -295,7 +376,7 @@ class TransformerBlock(nnx.Module):
         dim: model width D.
         num_heads: attention heads N.
         ffn: MLP width F.
-        norm_eps: LayerNorm epsilon (always explicit: frameworks' defaults differ).
+        norm_eps: the norms' epsilon (always explicit: frameworks' defaults differ).
         norm_position: "post", "pre" or "parallel".
         activation: the MLP's activation (see :class:`MLP`).
         bias: biases in the MLP, and in the attention projections unless
@@ -309,6 +390,11 @@ class TransformerBlock(nnx.Module):
         rotary_dim: rotary dims of q and k per head (0: no rotary positions).
         rotary_base: the rotary angles' base.
         rotary_layout: "interleaved" or "half" (see :func:`apply_rotary`).
+        num_kv_heads: grouped-query attention's key/value heads (None: ``num_heads``).
+        norm: "layernorm" (scale and bias) or "rmsnorm" (scale; Llama).
+        gated_mlp: a gated MLP (SwiGLU with "silu"; see :class:`MLP`).
+        fused_qkv: one fused query/key/value projection (see :class:`Attention`).
+        lora: LoRA adapters on the attention projections it targets.
         rngs: initialisers' keys and the dropout streams.
     """
 
@@ -331,6 +417,11 @@ class TransformerBlock(nnx.Module):
         rotary_dim: int = 0,
         rotary_base: float = 10000.0,
         rotary_layout: str = "interleaved",
+        num_kv_heads: int | None = None,
+        norm: str = "layernorm",
+        gated_mlp: bool = False,
+        fused_qkv: bool = False,
+        lora: Lora | None = None,
         rngs: nnx.Rngs,
     ):
         if norm_position not in ("post", "pre", "parallel"):
@@ -342,12 +433,13 @@ class TransformerBlock(nnx.Module):
             dim, num_heads, bias=bias if attention_bias is None else attention_bias,
             dropout=attention_dropout, causal=causal, fused=fused,
             fused_implementation=fused_implementation, rotary_dim=rotary_dim,
-            rotary_base=rotary_base, rotary_layout=rotary_layout, rngs=rngs,
+            rotary_base=rotary_base, rotary_layout=rotary_layout, num_kv_heads=num_kv_heads,
+            fused_qkv=fused_qkv, lora=lora, rngs=rngs,
         )  # fmt: skip
-        self.attention_norm = _layer_norm(dim, norm_eps, rngs)
-        self.mlp = MLP(dim, ffn, activation=activation, bias=bias, rngs=rngs)
+        self.attention_norm = make_norm(norm, dim, norm_eps, rngs=rngs)
+        self.mlp = MLP(dim, ffn, activation=activation, bias=bias, gated=gated_mlp, rngs=rngs)
         if norm_position != "parallel":  # the parallel block's MLP reads attention_norm's output
-            self.mlp_norm = _layer_norm(dim, norm_eps, rngs)
+            self.mlp_norm = make_norm(norm, dim, norm_eps, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:

@@ -2,6 +2,9 @@
 
 :class:`BatchNorm`: batch normalisation (Ioffe & Szegedy 2015, https://arxiv.org/abs/1502.03167)
 with the semantics of ``torch.nn.BatchNorm{1,2,3}d``, which ``nnx.BatchNorm`` lacks.
+:class:`RMSNorm`: root-mean-square norm (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467)
+as Llama 2 computes it (the rounding of ``torch_layers.RMSNorm``, which ``nnx.RMSNorm`` does not
+reproduce in half precision).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlperf_tutor.frameworks.jax import BATCHNORM_RULES, register_rules
+from mlperf_tutor.frameworks.jax import BATCHNORM_RULES, NORM_RULES, register_rules
 
 
 class BatchNorm(nnx.Module):
@@ -87,3 +90,29 @@ class BatchNorm(nnx.Module):
 
 
 register_rules(BatchNorm, BATCHNORM_RULES)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm as Llama computes it: in float32 at least,
+    ``x * rsqrt(mean(x**2) + eps)``, cast back to the input dtype, then times ``scale``.
+
+    ``nnx.RMSNorm`` multiplies by the scale before the cast back, which rounds differently in
+    bfloat16. Leaf: ``scale`` (``nnx.Param``, ones), mapped to ``weight``.
+
+    Args:
+        dim: normalised (last) dimension D.
+        eps: added to the mean square (always explicit: 1e-5 in Llama 2).
+        param_dtype: dtype of ``scale``.
+    """
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * h.astype(x.dtype)  # (..., D)
+
+
+register_rules(RMSNorm, NORM_RULES)

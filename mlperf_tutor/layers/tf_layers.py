@@ -14,6 +14,10 @@ in ``tf_norms``):
   https://github.com/kingoflolz/mesh-transformer-jax).
 * :func:`apply_rotary`: rotary position embeddings, Su et al. 2021 (RoFormer,
   https://arxiv.org/abs/2104.09864).
+* :class:`LoRALinear`, :func:`make_linear`: a Dense layer plus a LoRA adapter as
+  :mod:`mlperf_tutor.layers.lora` specifies; the gated (SwiGLU, Shazeer 2020,
+  https://arxiv.org/abs/2002.05202) MLP and pre-RMSNorm blocks of Llama 2 (Touvron et al. 2023,
+  https://arxiv.org/abs/2307.09288). RMSNorm and :func:`make_norm` live in ``tf_norms``.
 
 Every sublayer gets ``name=`` equal to its attribute name, so Keras paths read like the
 canonical names. Dense kernels, biases and embeddings are created as zeros: weights always come
@@ -34,6 +38,9 @@ from mlperf_tutor.frameworks import tf as _adapter  # noqa: F401
 # isort: split
 import keras
 from keras import ops
+
+from mlperf_tutor.layers.lora import Lora
+from mlperf_tutor.layers.tf_norms import NORMS, RMSNorm, make_norm  # noqa: F401 (re-exported)
 
 #: Added to the scores of padded keys: the MLPerf BERT reference's value (modeling.py). Not -inf,
 #: so a row without any real key still has a finite (uniform) softmax, as in the reference.
@@ -138,6 +145,51 @@ def _dense(units: int, bias: bool, name: str, dtype) -> keras.layers.Dense:
     )
 
 
+class LoRALinear(keras.layers.Dense):
+    """A Dense layer plus a LoRA adapter: ``dense(x) + scaling * lora_b(lora_a(dropout(x)))``.
+
+    A Dense subclass, so the adapter's Dense rule maps ``kernel`` and ``bias`` to the plain
+    canonical ``weight`` and ``bias``; the children ``lora_a`` (in -> r) and ``lora_b``
+    (r -> out), Dense layers without bias, give ``lora_a.weight`` and ``lora_b.weight``. Not
+    Keras' own ``Dense.enable_lora``: its ``lora_kernel_a``/``_b`` are leaves of the Dense
+    itself, which freezes its kernel as a side effect and has no adapter dropout. Freezing the
+    base is the model's business (``set_trainable`` of the adapter).
+
+    Args:
+        units: output width.
+        bias: whether the base layer has a bias.
+        lora: the adapter's rank, alpha and dropout.
+        **kwargs: Keras layer arguments (``name``, ``dtype``).
+    """
+
+    def __init__(self, units: int, *, bias: bool, lora: Lora, **kwargs):
+        super().__init__(units, use_bias=bias, kernel_initializer="zeros", **kwargs)
+        dtype = self.dtype_policy
+        self.scaling = lora.scaling
+        self.lora_a = _dense(lora.rank, False, "lora_a", dtype)
+        self.lora_b = _dense(units, False, "lora_b", dtype)
+        self.lora_dropout = keras.layers.Dropout(lora.dropout, name="lora_dropout", dtype=dtype)
+
+    def build(self, input_shape):
+        # All variables at once, so that a built layer can be loaded before its first call.
+        super().build(input_shape)
+        self.lora_a.build(input_shape)
+        self.lora_b.build((*input_shape[:-1], self.lora_a.units))
+
+    def call(self, x, training=False):
+        update = self.lora_b(self.lora_a(self.lora_dropout(x, training=training)))  # (..., out)
+        return super().call(x) + self.scaling * update
+
+
+def make_linear(
+    name: str, units: int, *, bias: bool, lora: Lora | None, dtype
+) -> keras.layers.Dense:
+    """A Dense layer called ``name``, or a :class:`LoRALinear` when ``lora`` targets ``name``."""
+    if lora is not None and lora.applies_to(name):
+        return LoRALinear(units, bias=bias, lora=lora, name=name, dtype=dtype)
+    return _dense(units, bias, name, dtype)
+
+
 class Attention(keras.layers.Layer):
     """Multi-head self-attention with grouped-query heads, key padding, causality and rotary.
 
@@ -163,6 +215,9 @@ class Attention(keras.layers.Layer):
         rotary_dim: dims of each head rotated by :func:`apply_rotary`; 0: no rotary positions.
         rotary_base: the rotary frequency base.
         rotary_layout: "interleaved" (GPT-J) or "half" (Llama) pairs of dims.
+        fused_qkv: one ``qkv_proj`` whose output is the N H query dims, then the K H key and
+            the K H value dims (the MLPerf Llama 2 checkpoint's layout), instead of three.
+        lora: LoRA adapters on the projections it targets (``qkv_proj``, ``o_proj``, ...).
         **kwargs: Keras layer arguments (``name``, ``dtype``).
 
     Shapes:
@@ -182,6 +237,8 @@ class Attention(keras.layers.Layer):
         rotary_dim: int = 0,
         rotary_base: float = 10000.0,
         rotary_layout: RotaryLayout = "interleaved",
+        fused_qkv: bool = False,
+        lora: Lora | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -209,20 +266,25 @@ class Attention(keras.layers.Layer):
         self.rotary_dim, self.rotary_base, self.rotary_layout = (
             rotary_dim, float(rotary_base), rotary_layout,
         )  # fmt: skip
-        dtype = self.dtype_policy
-        self.q_proj = _dense(dim, bias, "q_proj", dtype)
-        self.k_proj = _dense(kv_heads * self.head_dim, bias, "k_proj", dtype)
-        self.v_proj = _dense(kv_heads * self.head_dim, bias, "v_proj", dtype)
-        self.o_proj = _dense(dim, bias, "o_proj", dtype)
+        dtype, kv_dim = self.dtype_policy, kv_heads * self.head_dim
+        self.fused_qkv = fused_qkv
+        if fused_qkv:
+            self.qkv_proj = make_linear("qkv_proj", dim + 2 * kv_dim, bias=bias, lora=lora,
+                                        dtype=dtype)  # fmt: skip
+        else:
+            self.q_proj = make_linear("q_proj", dim, bias=bias, lora=lora, dtype=dtype)
+            self.k_proj = make_linear("k_proj", kv_dim, bias=bias, lora=lora, dtype=dtype)
+            self.v_proj = make_linear("v_proj", kv_dim, bias=bias, lora=lora, dtype=dtype)
+        self.o_proj = make_linear("o_proj", dim, bias=bias, lora=lora, dtype=dtype)
         self.dropout = keras.layers.Dropout(dropout, name="dropout", dtype=dtype)
 
-    def _keys(self, x):
+    def _keys(self, x, training):
         # Without rotary, the key bias adds q . b to every score of a query alike, which softmax
         # ignores: its gradient is exactly zero. Computed through the graph it is round-off
         # (~1e-12) that differs between frameworks and that Adam (eps 1e-8) amplifies into
         # visible drift, so the bias enters the keys as a constant: same forward, exact zero.
-        if not self.k_proj.use_bias or self.rotary_dim:
-            return self.k_proj(x)
+        if not self.k_proj.use_bias or self.rotary_dim or isinstance(self.k_proj, LoRALinear):
+            return self.k_proj(x, training=training)
         if not self.k_proj.built:
             self.k_proj.build(x.shape)
         return ops.matmul(x, self.k_proj.kernel) + ops.stop_gradient(self.k_proj.bias)
@@ -230,9 +292,10 @@ class Attention(keras.layers.Layer):
     def call(self, x, key_mask=None, training=False):
         b, t = ops.shape(x)[:2]  # tensors, not ints, inside a shape-relaxed tf.function
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-        q = ops.reshape(self.q_proj(x), (b, t, n, h))  # (B, T, N, H)
-        keys = ops.reshape(self._keys(x), (b, t, k, h))  # (B, S, K, H); self-attention: S = T
-        values = ops.reshape(self.v_proj(x), (b, t, k, h))  # (B, S, K, H)
+        q, keys, values = self._project(x, training)
+        q = ops.reshape(q, (b, t, n, h))  # (B, T, N, H)
+        keys = ops.reshape(keys, (b, t, k, h))  # (B, S, K, H); self-attention: S = T
+        values = ops.reshape(values, (b, t, k, h))  # (B, S, K, H)
         if self.rotary_dim:
             q = self._rotate(q)
             keys = self._rotate(keys)
@@ -250,7 +313,16 @@ class Attention(keras.layers.Layer):
             )  # fmt: skip
         else:
             out = self._explicit(q, keys, values, pad, training)  # (B, T, N, H)
-        return self.o_proj(ops.reshape(out, (b, t, n * h)))  # (B, T, D)
+        return self.o_proj(ops.reshape(out, (b, t, n * h)), training=training)  # (B, T, D)
+
+    def _project(self, x, training):
+        # (B, T, N H), (B, T, K H), (B, T, K H); ``training`` reaches LoRA's dropout.
+        if self.fused_qkv:
+            q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            qkv = self.qkv_proj(x, training=training)
+            return ops.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
+        keys = self._keys(x, training)
+        return self.q_proj(x, training=training), keys, self.v_proj(x, training=training)
 
     def _rotate(self, x):
         return apply_rotary(x, self.rotary_dim, self.rotary_base, self.rotary_layout)
@@ -272,7 +344,9 @@ class Attention(keras.layers.Layer):
 
 
 class MLP(keras.layers.Layer):
-    """Two-layer feed-forward network: ``fc_out(dropout(activation(fc_in(x))))``.
+    """Feed-forward network: ``fc_out(dropout(activation(fc_in(x))))``, or with ``gated``
+    (SwiGLU with "silu", as Llama: ``gate_proj`` = ``fc_gate``, ``up_proj`` = ``fc_in``,
+    ``down_proj`` = ``fc_out``) ``fc_out(dropout(activation(fc_gate(x)) * fc_in(x)))``.
 
     The dropout acts on the hidden activations (as in Stable Diffusion's feed-forward); BERT and
     GPT have none there: :class:`TransformerBlock` drops the MLP's output itself and builds the
@@ -284,6 +358,7 @@ class MLP(keras.layers.Layer):
         activation: "gelu" (exact, erf), "gelu_tanh", "relu" or "silu".
         bias: biases in ``fc_in`` and ``fc_out``.
         dropout: dropout rate of the hidden activations.
+        gated: a third projection ``fc_gate`` whose activation multiplies ``fc_in(x)``.
         **kwargs: Keras layer arguments (``name``, ``dtype``).
 
     Shapes:
@@ -298,23 +373,28 @@ class MLP(keras.layers.Layer):
         activation: Activation = "gelu",
         bias: bool = True,
         dropout: float = 0.0,
+        gated: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         # The function itself, as Keras expects of a layer's ``activation`` (Dense, remat).
         self.activation = get_activation(activation)
         dtype = self.dtype_policy
+        self.fc_gate = _dense(hidden, bias, "fc_gate", dtype) if gated else None
         self.fc_in = _dense(hidden, bias, "fc_in", dtype)
         self.fc_out = _dense(dim, bias, "fc_out", dtype)
         self.dropout = keras.layers.Dropout(dropout, name="dropout", dtype=dtype)
 
     def call(self, x, training=False):
-        h = self.dropout(self.activation(self.fc_in(x)), training=training)  # (..., F)
-        return self.fc_out(h)  # (..., D)
+        if self.fc_gate is None:
+            h = self.activation(self.fc_in(x))  # (..., F)
+        else:
+            h = self.activation(self.fc_gate(x)) * self.fc_in(x)  # (..., F)
+        return self.fc_out(self.dropout(h, training=training))  # (..., D)
 
 
 class TransformerBlock(keras.layers.Layer):
-    """Attention and MLP, each in a residual branch, with LayerNorms.
+    """Attention and MLP, each in a residual branch, with LayerNorms (or RMSNorms).
 
     * ``norm_position="post"`` (BERT): ``x = attention_norm(x + drop(attention(x, key_mask)))``;
       ``x = mlp_norm(x + drop(mlp(x)))``.
@@ -341,6 +421,11 @@ class TransformerBlock(keras.layers.Layer):
         rotary_dim: rotary dims of the attention's heads (0: none; see :func:`apply_rotary`).
         rotary_base: the rotary frequency base.
         rotary_layout: "interleaved" or "half".
+        num_kv_heads: grouped-query attention's key/value heads (None: ``num_heads``).
+        norm: "layernorm" (``gamma`` and ``beta``) or "rmsnorm" (``scale``; Llama).
+        gated_mlp: a gated MLP (SwiGLU with "silu"; see :class:`MLP`).
+        fused_qkv: one fused query/key/value projection (see :class:`Attention`).
+        lora: LoRA adapters on the attention projections it targets.
         **kwargs: Keras layer arguments (``name``, ``dtype``).
 
     Shapes:
@@ -365,6 +450,11 @@ class TransformerBlock(keras.layers.Layer):
         rotary_dim: int = 0,
         rotary_base: float = 10000.0,
         rotary_layout: RotaryLayout = "interleaved",
+        num_kv_heads: int | None = None,
+        norm: str = "layernorm",
+        gated_mlp: bool = False,
+        fused_qkv: bool = False,
+        lora: Lora | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -377,18 +467,16 @@ class TransformerBlock(keras.layers.Layer):
         self.attention = Attention(
             dim, num_heads, bias=bias if attention_bias is None else attention_bias,
             dropout=attention_dropout, causal=causal, fused=fused, rotary_dim=rotary_dim,
-            rotary_base=rotary_base, rotary_layout=rotary_layout, name="attention", dtype=dtype,
+            rotary_base=rotary_base, rotary_layout=rotary_layout, num_kv_heads=num_kv_heads,
+            fused_qkv=fused_qkv, lora=lora, name="attention", dtype=dtype,
         )  # fmt: skip
-        self.attention_norm = keras.layers.LayerNormalization(
-            epsilon=norm_eps, name="attention_norm", dtype=dtype
-        )
+        self.attention_norm = make_norm(norm, norm_eps, name="attention_norm", dtype=dtype)
         self.mlp = MLP(
-            dim, ffn, activation=activation, bias=bias, dropout=0.0, name="mlp", dtype=dtype
-        )
+            dim, ffn, activation=activation, bias=bias, dropout=0.0, gated=gated_mlp, name="mlp",
+            dtype=dtype,
+        )  # fmt: skip
         if norm_position != "parallel":  # the parallel block's MLP reads attention_norm's output
-            self.mlp_norm = keras.layers.LayerNormalization(
-                epsilon=norm_eps, name="mlp_norm", dtype=dtype
-            )
+            self.mlp_norm = make_norm(norm, norm_eps, name="mlp_norm", dtype=dtype)
         self.dropout = keras.layers.Dropout(dropout, name="dropout", dtype=dtype)
 
     def call(self, x, key_mask=None, training=False):

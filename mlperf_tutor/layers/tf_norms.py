@@ -1,8 +1,10 @@
 """Keras normalisation with PyTorch's numbers, shared by the workloads.
 
-:class:`BatchNorm`: batch normalisation (Ioffe & Szegedy 2015, https://arxiv.org/abs/1502.03167)
-with ``torch.nn.BatchNorm{1,2,3}d``'s momentum convention and unbiased running variance, which
-Keras' ``BatchNormalization`` computes differently.
+* :class:`BatchNorm`: batch normalisation (Ioffe & Szegedy 2015, https://arxiv.org/abs/1502.03167)
+  with ``torch.nn.BatchNorm{1,2,3}d``'s momentum convention and unbiased running variance, which
+  Keras' ``BatchNormalization`` computes differently.
+* :class:`RMSNorm`: root-mean-square norm (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467)
+  as Llama computes it; :func:`make_norm` picks it or a LayerNorm by name.
 """
 
 from __future__ import annotations
@@ -115,3 +117,58 @@ class BatchNorm(keras.layers.Layer):
             "epsilon": self.epsilon,
             "axis": self.axis,
         }
+
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+class RMSNorm(keras.layers.Layer):
+    """Root-mean-square norm over the last axis as Llama (and ``torch_layers.RMSNorm``) computes
+    it: in float32 at least, ``x * rsqrt(mean(x**2) + eps)``, cast back to the input dtype, then
+    times ``scale``.
+
+    Not ``keras.layers.RMSNormalization``: that one multiplies by the scale before casting back,
+    which differs from Llama for bfloat16 inputs. The variable keeps Keras' name ``scale``;
+    ``canonical_leaves`` maps it to PyTorch's ``weight``.
+
+    Args:
+        epsilon: added to the mean square (always explicit: 1e-5 in Llama 2).
+        **kwargs: Keras layer arguments (``name``, ``dtype``).
+
+    Shapes:
+        Input and output: (..., D); ``scale`` is (D,).
+    """
+
+    canonical_leaves = {"scale": "weight"}
+
+    def __init__(self, epsilon: float, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(
+            shape=(int(input_shape[-1]),), initializer="ones", name="scale"
+        )
+
+    def call(self, x):
+        in_dtype = keras.backend.standardize_dtype(x.dtype)
+        h = ops.cast(x, keras.backend.result_type(in_dtype, "float32"))  # float64 stays
+        h = h * ops.rsqrt(ops.mean(ops.square(h), axis=-1, keepdims=True) + self.epsilon)
+        return ops.cast(h, in_dtype) * self.scale
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+def make_norm(kind: str, epsilon: float, **kwargs) -> keras.layers.Layer:
+    """A LayerNorm with ``gamma`` and ``beta`` ("layernorm") or an :class:`RMSNorm`
+    ("rmsnorm"); ``kwargs`` are Keras layer arguments (``name``, ``dtype``). Keras builds the
+    width from the first input, so unlike ``torch_layers.make_norm`` it takes no ``dim``."""
+    if kind == "layernorm":
+        return keras.layers.LayerNormalization(epsilon=epsilon, **kwargs)
+    if kind == "rmsnorm":
+        return RMSNorm(epsilon, **kwargs)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")

@@ -4,7 +4,9 @@ Attention: Vaswani et al. 2017 (https://arxiv.org/abs/1706.03762); grouped-query
 Ainslie et al. 2023 (https://arxiv.org/abs/2305.13245); rotary positions: Su et al. 2021,
 RoFormer (https://arxiv.org/abs/2104.09864). Post-LN blocks as in BERT (mlcommons/training
 ``language_model/tensorflow/bert/modeling.py``), pre-LN as in GPT-2, parallel as in GPT-J (Wang &
-Komatsuzaki 2021, https://github.com/kingoflolz/mesh-transformer-jax).
+Komatsuzaki 2021, https://github.com/kingoflolz/mesh-transformer-jax), pre-RMSNorm with a SwiGLU
+MLP as in Llama 2 (Touvron et al. 2023, https://arxiv.org/abs/2307.09288; SwiGLU: Shazeer 2020,
+https://arxiv.org/abs/2002.05202), LoRA adapters as :mod:`mlperf_tutor.layers.lora` specifies.
 Class, attribute and argument names equal those of ``jax_layers`` and ``tf_layers``, so the
 adapters' generic layout rules map every leaf. Dimension letters: B batch, T query time, S key
 time, D model, N heads, K kv heads, H head dim, F ffn.
@@ -18,6 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mlperf_tutor.layers.lora import Lora
 
 # Added to the scores of padded keys: the MLPerf BERT reference's value (modeling.py). It is
 # not -inf so that a fully padded row still has a well-defined (uniform) softmax.
@@ -40,6 +44,68 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019) as Llama computes it: in float32 at least,
+    ``x / sqrt(mean(x**2) + eps)``, cast back to the input dtype, times ``weight``.
+
+    Args:
+        dim: normalised (last) dimension D.
+        eps: added to the mean square (always explicit: 1e-5 in Llama 2).
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """A LayerNorm with weight and bias ("layernorm") or an :class:`RMSNorm` ("rmsnorm")."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, elementwise_affine=True, bias=True)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+class LoRALinear(nn.Linear):
+    """A Linear layer plus a LoRA adapter: ``linear(x) + scaling * lora_b(lora_a(dropout(x)))``.
+
+    The base ``weight`` and ``bias`` keep the Linear's names; freezing them is the model's
+    business (see ``set_trainable`` of the framework adapters).
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        lora: the adapter's rank, alpha and dropout.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, lora: Lora):
+        super().__init__(in_features, out_features, bias=bias)
+        self.scaling = lora.scaling
+        self.lora_a = nn.Linear(in_features, lora.rank, bias=False)
+        self.lora_b = nn.Linear(lora.rank, out_features, bias=False)
+        self.lora_dropout = nn.Dropout(lora.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = self.lora_b(self.lora_a(self.lora_dropout(x)))  # (..., out)
+        return super().forward(x) + self.scaling * update
+
+
+def make_linear(name: str, n_in: int, n_out: int, *, bias: bool, lora: Lora | None) -> nn.Linear:
+    """``nn.Linear``, or :class:`LoRALinear` when ``lora`` targets the attribute ``name``."""
+    if lora is not None and lora.applies_to(name):
+        return LoRALinear(n_in, n_out, bias=bias, lora=lora)
+    return nn.Linear(n_in, n_out, bias=bias)
 
 
 ROTARY_LAYOUTS = ("interleaved", "half")
@@ -110,6 +176,9 @@ class Attention(nn.Module):
         rotary_dim: dims of each query and key head that rotary positions rotate; 0: none.
         rotary_base: the rotary wavelength base.
         rotary_layout: "interleaved" (GPT-J) or "half" (Llama) pairs; see :func:`apply_rotary`.
+        fused_qkv: one ``qkv_proj`` whose output is the N H query dims, then the K H key and
+            the K H value dims (the MLPerf Llama 2 checkpoint's layout), instead of three.
+        lora: LoRA adapters on the projections it targets (``qkv_proj``, ``o_proj``, ...).
     """
 
     def __init__(
@@ -125,6 +194,8 @@ class Attention(nn.Module):
         rotary_dim: int = 0,
         rotary_base: float = 10000.0,
         rotary_layout: str = "interleaved",
+        fused_qkv: bool = False,
+        lora: Lora | None = None,
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -140,17 +211,22 @@ class Attention(nn.Module):
         self.rotary_dim, self.rotary_base = rotary_dim, rotary_base
         self.rotary_layout = rotary_layout
         kv_dim = num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k_proj = nn.Linear(dim, kv_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, kv_dim, bias=bias)
-        self.o_proj = nn.Linear(dim, dim, bias=bias)
+        self.fused_qkv = fused_qkv
+        if fused_qkv:
+            self.qkv_proj = make_linear("qkv_proj", dim, dim + 2 * kv_dim, bias=bias, lora=lora)
+        else:
+            self.q_proj = make_linear("q_proj", dim, dim, bias=bias, lora=lora)
+            self.k_proj = make_linear("k_proj", dim, kv_dim, bias=bias, lora=lora)
+            self.v_proj = make_linear("v_proj", dim, kv_dim, bias=bias, lora=lora)
+        self.o_proj = make_linear("o_proj", dim, dim, bias=bias, lora=lora)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # (B, T, N, H)
-        k = self._keys(x).view(b, t, self.num_kv_heads, self.head_dim)  # (B, S, K, H)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # (B, S, K, H)
+        q, k, v = self._project(x)
+        q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, N, H)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)  # (B, S, K, H)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)  # (B, S, K, H)
         if self.rotary_dim:
             q = apply_rotary(q, self.rotary_dim, self.rotary_base, self.rotary_layout)
             k = apply_rotary(k, self.rotary_dim, self.rotary_base, self.rotary_layout)
@@ -170,12 +246,20 @@ class Attention(nn.Module):
             out = torch.einsum("BNTS,BSNH->BTNH", probs, v)  # (B, T, N, H)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))  # (B, T, D)
 
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # (B, T, N H), (B, T, K H), (B, T, K H)
+        if self.fused_qkv:
+            kv_dim = self.num_kv_heads * self.head_dim
+            q_dim = self.num_heads * self.head_dim
+            return self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        return self.q_proj(x), self._keys(x), self.v_proj(x)
+
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
         # Without rotary, the key bias adds q . b to every score of a query alike, which softmax
         # ignores: its gradient is exactly zero. Computed through the graph it is round-off
         # (~1e-12) that differs between frameworks and that Adam (eps 1e-8) amplifies into
         # visible drift, so the bias enters the keys as a constant: same forward, exact zero.
-        if self.k_proj.bias is None or self.rotary_dim:
+        if self.k_proj.bias is None or self.rotary_dim or isinstance(self.k_proj, LoRALinear):
             return self.k_proj(x)
         return F.linear(x, self.k_proj.weight) + self.k_proj.bias.detach()
 
@@ -209,7 +293,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Two-layer feed-forward network: ``fc_out(dropout(act(fc_in(x))))``.
+    """Feed-forward network: ``fc_out(dropout(act(fc_in(x))))``, or with ``gated`` (SwiGLU with
+    "silu", as Llama: ``gate_proj`` = ``fc_gate``, ``up_proj`` = ``fc_in``, ``down_proj`` =
+    ``fc_out``) ``fc_out(dropout(act(fc_gate(x)) * fc_in(x)))``.
 
     Args:
         dim: model width D (input and output).
@@ -218,6 +304,7 @@ class MLP(nn.Module):
         bias: whether both layers have biases.
         dropout: dropout rate on the inner activations (0 in BERT and GPT, whose blocks drop
             the MLP's output instead).
+        gated: a third projection ``fc_gate`` whose activation multiplies ``fc_in(x)``.
     """
 
     def __init__(
@@ -228,21 +315,27 @@ class MLP(nn.Module):
         activation: str = "gelu",
         bias: bool = True,
         dropout: float = 0.0,
+        gated: bool = False,
     ):
         super().__init__()
         get_activation(activation)  # fail at construction on a bad name
         self.activation = activation
+        self.fc_gate = nn.Linear(dim, hidden, bias=bias) if gated else None
         self.fc_in = nn.Linear(dim, hidden, bias=bias)
         self.fc_out = nn.Linear(hidden, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = get_activation(self.activation)(self.fc_in(x))  # (..., F)
+        act = get_activation(self.activation)
+        if self.fc_gate is None:
+            hidden = act(self.fc_in(x))  # (..., F)
+        else:
+            hidden = act(self.fc_gate(x)) * self.fc_in(x)  # (..., F)
         return self.fc_out(self.dropout(hidden))  # (..., D)
 
 
 class TransformerBlock(nn.Module):
-    """Self-attention + MLP, each in a residual branch with a LayerNorm.
+    """Self-attention + MLP, each in a residual branch with a LayerNorm (or RMSNorm).
 
     ``norm_position="post"`` (BERT)::
 
@@ -277,6 +370,11 @@ class TransformerBlock(nn.Module):
         rotary_dim: rotary dims per head in the attention (0: none; see :func:`apply_rotary`).
         rotary_base: the rotary wavelength base.
         rotary_layout: "interleaved" or "half" rotary pairs.
+        num_kv_heads: grouped-query attention's key/value heads (None: ``num_heads``).
+        norm: "layernorm" (weight and bias) or "rmsnorm" (weight; Llama).
+        gated_mlp: a gated MLP (SwiGLU with "silu"; see :class:`MLP`).
+        fused_qkv: one fused query/key/value projection (see :class:`Attention`).
+        lora: LoRA adapters on the attention projections it targets.
     """
 
     def __init__(
@@ -297,6 +395,11 @@ class TransformerBlock(nn.Module):
         rotary_dim: int = 0,
         rotary_base: float = 10000.0,
         rotary_layout: str = "interleaved",
+        num_kv_heads: int | None = None,
+        norm: str = "layernorm",
+        gated_mlp: bool = False,
+        fused_qkv: bool = False,
+        lora: Lora | None = None,
     ):
         super().__init__()
         if norm_position not in ("post", "pre", "parallel"):
@@ -308,12 +411,13 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(
             dim, num_heads, bias=bias if attention_bias is None else attention_bias,
             dropout=attention_dropout, causal=causal, fused=fused, rotary_dim=rotary_dim,
-            rotary_base=rotary_base, rotary_layout=rotary_layout,
+            rotary_base=rotary_base, rotary_layout=rotary_layout, num_kv_heads=num_kv_heads,
+            fused_qkv=fused_qkv, lora=lora,
         )  # fmt: skip
-        self.attention_norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=True, bias=True)
-        self.mlp = MLP(dim, ffn, activation=activation, bias=bias, dropout=0.0)
+        self.attention_norm = make_norm(norm, dim, norm_eps)
+        self.mlp = MLP(dim, ffn, activation=activation, bias=bias, dropout=0.0, gated=gated_mlp)
         if norm_position != "parallel":  # the parallel block's MLP reads attention_norm's output
-            self.mlp_norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=True, bias=True)
+            self.mlp_norm = make_norm(norm, dim, norm_eps)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:

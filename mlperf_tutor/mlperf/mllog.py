@@ -199,7 +199,8 @@ class RunLog:
 
     def eval_stop(self, samples: int, quality: float) -> None:
         """``eval_accuracy`` (the quality after ``samples`` trained), then ``eval_stop``."""
-        self._log("event", "eval_accuracy", quality, epoch_num=samples)
+        # samples_count too: the closed llama2_70b_lora rules read it (NVIDIA's v4.0 logs).
+        self._log("event", "eval_accuracy", quality, epoch_num=samples, samples_count=samples)
         self._log("end", "eval_stop", epoch_num=samples)
 
     def run_stop(self, status: str, samples: int) -> None:

@@ -16,6 +16,7 @@ _REGISTRY = {
     "dlrm_dcnv2": "mlperf_tutor.workloads.dlrm:WORKLOAD",
     "gpt3": "mlperf_tutor.workloads.gpt:GPT3",
     "gptj": "mlperf_tutor.workloads.gpt:GPTJ",
+    "llama2_70b_lora": "mlperf_tutor.workloads.llama:WORKLOAD",
     "toy": "mlperf_tutor.workloads.toy:WORKLOAD",
 }
 

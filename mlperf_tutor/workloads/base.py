@@ -129,6 +129,17 @@ class Workload:
         :meth:`checkpoint_start_step`); by default the run's own."""
         return self.optimizer(cfg)
 
+    def checkpoint_config(self, cfg: Config) -> Config:
+        """The config of the model that made the start checkpoint; by default the run's own.
+        Llama 2 LoRA pretrains the base model without adapters: the run takes the weights the
+        two share and initialises the rest (the adapters)."""
+        return cfg
+
+    def checkpoint_continues(self, cfg: Config) -> bool:
+        """Whether a run continues the start checkpoint's optimizer state and step count
+        (GPT-3 resumes pretraining), or starts a fresh optimizer at step 0 (fine-tuning)."""
+        return True
+
     def logged_units_per_sample(self, cfg: Config) -> int:
         """What one training sample counts for in the MLPerf log's ``epoch_num`` and
         ``train_samples``: 1 (samples), or tokens per sequence where MLPerf counts tokens."""

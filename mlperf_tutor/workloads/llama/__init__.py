@@ -1,0 +1,228 @@
+"""Llama 2 70B LoRA fine-tuning (MLPerf Training ``llama2_70b_lora``) in three frameworks.
+
+Forward (same in all three frameworks; B batch, T tokens, D hidden, V vocabulary)::
+
+    input_ids (B, T) -> word_embeddings -> L causal blocks, each
+        x = x + attention(attention_norm(x))    RMSNorm; fused qkv_proj -> N query heads and
+                                                K key/value heads (grouped), rotary on every
+                                                head dim (Llama's "half" pairs), o_proj
+        x = x + mlp(mlp_norm(x))                SwiGLU: fc_out(silu(fc_gate(x)) * fc_in(x))
+    -> final_norm -> lm_head                    logits (B, T, V)
+    loss = mean cross-entropy of labels[:, t + 1] given positions <= t, over labels != -100
+
+With LoRA (``lora_rank > 0``) ``qkv_proj`` and ``o_proj`` add ``(alpha / r) lora_b(lora_a(
+dropout(x)))``; only ``lora_a`` and ``lora_b`` are trained (gradients, optimizer state), the base
+weights stay frozen. Batches are the reference's: ``input_ids``, ``attention_mask`` and
+``labels`` (B, T) int32, labels aligned with ``input_ids`` and -100 on the prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from mlperf_tutor.core.checkpoint import Tree
+from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
+from mlperf_tutor.layers.lora import is_adapter
+from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.llama import hf
+from mlperf_tutor.workloads.llama.config import LORA_TARGETS, LlamaConfig
+
+# Seeds of the synthetic languages (their successor tables) and of the eval set: far from the
+# training batches' seeds (seed + 1 + step).
+LANGUAGE_SEEDS = {"general": 2**31 - 5, "summary": 2**31 - 4}
+EVAL_SEED = 2**31 - 3
+
+
+def canonical_shapes(cfg: LlamaConfig, adapters: bool = True) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every weight (PyTorch layouts: Linear weight is (out, in));
+    with ``adapters`` the LoRA weights too (when ``cfg.lora_rank > 0``)."""
+    d, f, v, r = cfg.hidden, cfg.ffn, cfg.vocab_size, cfg.lora_rank
+    outputs = {"qkv_proj": cfg.qkv_dim, "o_proj": d}
+    shapes = {"word_embeddings.weight": (v, d)}
+    for i in range(cfg.num_layers):
+        block = f"blocks.{i}"
+        shapes[f"{block}.attention_norm.weight"] = (d,)
+        for proj, n_out in outputs.items():
+            shapes[f"{block}.attention.{proj}.weight"] = (n_out, d)
+            if adapters and r and proj in LORA_TARGETS:
+                shapes[f"{block}.attention.{proj}.lora_a.weight"] = (r, d)
+                shapes[f"{block}.attention.{proj}.lora_b.weight"] = (n_out, r)
+        shapes[f"{block}.mlp_norm.weight"] = (d,)
+        shapes[f"{block}.mlp.fc_gate.weight"] = (f, d)
+        shapes[f"{block}.mlp.fc_in.weight"] = (f, d)
+        shapes[f"{block}.mlp.fc_out.weight"] = (d, f)
+    shapes["final_norm.weight"] = (d,)
+    shapes["lm_head.weight"] = (v, d)
+    return shapes
+
+
+def adapter_count(cfg: LlamaConfig) -> int:
+    """Number of LoRA adapter parameters (the trained ones)."""
+    return sum(math.prod(s) for k, s in canonical_shapes(cfg).items() if is_adapter(k))
+
+
+def flops_per_token(cfg: LlamaConfig, lora: bool = True) -> float:
+    """Model FLOPs of one training token, PaLM-style (Chowdhery et al. 2022, appendix B).
+
+    Full fine-tuning: ``6 N + 12 L D T`` (N: the weight matrices a token goes through, the head
+    included, the embedding lookup not). LoRA: the forward (2 N) and the gradient with respect
+    to the activations (2 N) still cross every frozen matrix, but no weight gradient is formed
+    for them, so ``4 N + 6 N_adapters + 12 L D T``. Causal masking is not discounted.
+    """
+    shapes = canonical_shapes(cfg, adapters=False)
+    n = sum(math.prod(s) for k, s in shapes.items() if len(s) == 2 and "embeddings" not in k)
+    attention = 12 * cfg.num_layers * cfg.hidden * cfg.seq_len
+    if not lora:
+        return 6 * n + attention
+    return 4 * n + 6 * adapter_count(cfg) + attention
+
+
+class LlamaLoraWorkload(Workload):
+    name = "llama2_70b_lora"
+    description = (
+        "Llama 2 70B LoRA fine-tuning (GQA, rotary, SwiGLU, RMSNorm); MLPerf target eval "
+        "loss 0.925 on GovReport"
+    )
+    config_class = LlamaConfig
+    package = "mlperf_tutor.workloads.llama"
+    mlperf_benchmark = "llama2_70b_lora"
+    quality_metric = "eval loss"
+    quality_target = 0.925
+    quality_higher_is_better = False
+    hf = hf  # transformers LlamaForCausalLM interop (PEFT adapters: workloads.llama.peft)
+
+    def build(
+        self, framework: str, cfg: LlamaConfig, weights: Tree | str | os.PathLike | None = None
+    ):
+        """As :meth:`Workload.build`; a base checkpoint without adapters (a Hugging Face
+        directory, say) gets freshly initialised adapters, as PEFT's ``get_peft_model`` does."""
+        if isinstance(weights, (str, os.PathLike)):
+            from mlperf_tutor import convert
+
+            weights = convert.load(weights, workload=self, cfg=cfg)
+        if weights is not None and cfg.lora_rank and not any(is_adapter(k) for k in weights):
+            fresh = self.init_canonical(cfg, seed=0)
+            weights = {**weights, **{k: v for k, v in fresh.items() if is_adapter(k)}}
+        return super().build(framework, cfg, weights)
+
+    def param_count(self, cfg: LlamaConfig) -> int:
+        """Parameters of the base model (what ``LlamaForCausalLM`` counts); the adapters are
+        :func:`adapter_count`."""
+        return sum(math.prod(s) for s in canonical_shapes(cfg, adapters=False).values())
+
+    def canonical_specs(self, cfg: LlamaConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {k: (s, "float32") for k, s in canonical_shapes(cfg).items()}
+
+    def deterministic(self, cfg: LlamaConfig) -> LlamaConfig:
+        return cfg.replace(lora_dropout=0.0)
+
+    def init_canonical(self, cfg: LlamaConfig, seed: int = 0) -> Tree:
+        """Base weights normal(0, init_std) with norms at 1; ``lora_a`` uniform in
+        +-1/sqrt(in) and ``lora_b`` zero (PEFT's init), so the adapters start as a no-op."""
+        rng = np.random.default_rng(seed)
+        tree = {}
+        for name, shape in canonical_shapes(cfg).items():
+            if name.endswith("norm.weight"):
+                value = np.ones(shape)
+            elif name.endswith("lora_b.weight"):
+                value = np.zeros(shape)
+            elif name.endswith("lora_a.weight"):
+                bound = 1.0 / math.sqrt(shape[1])
+                value = rng.uniform(-bound, bound, shape)
+            else:
+                value = cfg.init_std * rng.standard_normal(shape)
+            tree[name] = value.astype(np.float32)
+        return tree
+
+    def synthetic_batch(self, cfg: LlamaConfig, batch_size: int = 2, seed: int = 0) -> dict:
+        """Sequences of the config's seeded low-entropy Markov language, the first
+        ``prompt_fraction`` of each labelled -100 (see :func:`data.synthetic_batch`)."""
+        from mlperf_tutor.workloads.llama.data import synthetic_batch
+
+        return synthetic_batch(cfg, batch_size, seed, LANGUAGE_SEEDS[cfg.language])
+
+    def optimizer(self, cfg: LlamaConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
+        spec = OptimizerSpec(
+            "adamw", beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+            weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm,
+        )  # fmt: skip
+        schedule = ScheduleSpec(
+            cfg.lr, warmup_steps=cfg.warmup_steps, decay="cosine", total_steps=cfg.total_steps
+        )
+        return spec, schedule
+
+    # --- the pretrained base of presets that have none (see LlamaConfig.init_checkpoint_step)
+    def checkpoint_start_step(self, cfg: LlamaConfig) -> int:
+        return cfg.init_checkpoint_step
+
+    def checkpoint_config(self, cfg: LlamaConfig) -> LlamaConfig:
+        # The base model alone, trained on every token of the general language: pretraining.
+        return cfg.replace(lora_rank=0, prompt_fraction=0.0, lora_dropout=0.0, language="general")
+
+    def checkpoint_optimizer(self, cfg: LlamaConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
+        spec = OptimizerSpec("adamw", weight_decay=0.0, clip_norm=1.0)
+        return spec, ScheduleSpec(cfg.checkpoint_lr)
+
+    def checkpoint_continues(self, cfg: LlamaConfig) -> bool:
+        return False  # fine-tuning starts a fresh optimizer at step 0
+
+    # --- MLPerf -------------------------------------------------------------------------
+    def hyperparameters(self, cfg: LlamaConfig) -> dict:
+        """The keys of mlperf_logging's ``training_4.0.0/closed_llama2_70b_lora.yaml``, and
+        the ones the v4.0 submissions log beside them."""
+        spec, schedule = self.optimizer(cfg)
+        return {
+            "opt_base_learning_rate": schedule.lr,
+            "opt_learning_rate_training_steps": schedule.total_steps,
+            "opt_learning_rate_warmup_factor": 0.0,
+            "opt_gradient_clip_norm": spec.clip_norm,
+            "opt_adamw_weight_decay": spec.weight_decay,
+            "lora_rank": cfg.lora_rank,
+            "lora_alpha": cfg.lora_alpha,
+        }
+
+    def eval_every_samples(self, cfg: LlamaConfig, batch_size: int) -> int:
+        return cfg.eval_every_samples
+
+    def eval_set(self, cfg: LlamaConfig) -> dict:
+        return self.synthetic_batch(cfg, batch_size=cfg.eval_samples, seed=EVAL_SEED)
+
+    def evaluate(self, framework: str, model, eval_set: dict, batch_size: int) -> float:
+        """Eval loss: cross-entropy averaged over every answer token of ``eval_set``
+        (token-weighted across batches, as one pass over the validation set)."""
+        from mlperf_tutor.workloads.llama.data import answer_cross_entropy
+
+        total = count = 0.0
+        for start in range(0, len(eval_set["input_ids"]), batch_size):
+            batch = {k: v[start : start + batch_size] for k, v in eval_set.items()}
+            logits = self.forward(framework, model, batch)["logits"]
+            s, n = answer_cross_entropy(logits, batch["labels"])
+            total, count = total + s, count + n
+        return total / count
+
+    def info(self, cfg: LlamaConfig) -> dict:
+        n, n_lora = self.param_count(cfg), adapter_count(cfg)
+        s, d, layers = cfg.seq_len, cfg.hidden, cfg.num_layers
+        # Activations of mixed-precision training without recomputation, per sequence:
+        # s*h*(34 + 5*a*s/h) bytes per layer (Korthikanti et al. 2022, section 4.1), GQA and
+        # SwiGLU ignored; the reference recomputes (gradient checkpointing) instead.
+        activations = layers * s * d * (34 + 5 * cfg.num_heads * s / d)
+        return {
+            "workload": self.name,
+            "base parameters": n,
+            "LoRA adapter parameters": n_lora,
+            "trained fraction": n_lora / n,
+            "training FLOPs per token, full fine-tuning (6N + 12LDT)": flops_per_token(cfg, False),
+            "training FLOPs per token, LoRA (4N + 6N_lora + 12LDT)": flops_per_token(cfg),
+            "full fine-tuning: fp32 weights + grads + Adam moments (GB)": 16 * n / 1e9,
+            "LoRA: bf16 base + fp32 adapters, grads, Adam moments (GB)": (2 * n + 16 * n_lora)
+            / 1e9,
+            "activations per sequence, 16-bit, no recomputation (GB)": activations / 1e9,
+            "global batch size": cfg.global_batch_size,
+        }
+
+
+WORKLOAD = LlamaLoraWorkload()

@@ -1,0 +1,186 @@
+"""LoRA adapters to and from PEFT's format: ``adapter_config.json``, ``adapter_model.safetensors``.
+
+See :mod:`mlperf_tutor.workloads.llama.hf` for the two layouts ("fused" for the MLPerf
+reference's fused-qkv model, "hf" for transformers' stock ``LlamaForCausalLM``). Only adapters
+move: a PEFT directory holds no base weights. PEFT itself is not imported; its files are written
+with safetensors, as ``PeftModel.save_pretrained`` writes them (the adapter name "default" is not
+part of the keys), and ``PeftModel.from_pretrained`` reads ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
+from mlperf_tutor.layers.lora import is_adapter
+from mlperf_tutor.workloads.llama.config import LORA_TARGETS, LlamaConfig
+from mlperf_tutor.workloads.llama.hf import _SPLIT, _split_qkv
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+LAYOUTS = {"fused": LORA_TARGETS, "hf": (*_SPLIT, "o_proj")}
+_PREFIX = "base_model.model.model.layers"
+_KEY = re.compile(rf"{re.escape(_PREFIX)}\.(\d+)\.self_attn\.(\w+)\.lora_([AB])\.weight")
+
+
+def adapter_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    from mlperf_tutor.workloads.llama import canonical_shapes
+
+    return {k: s for k, s in canonical_shapes(cfg).items() if is_adapter(k)}
+
+
+def _peft_config(cfg: LlamaConfig, layout: str) -> dict:
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+        "target_modules": sorted(LAYOUTS[layout]), "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "base_model_name_or_path": None, "inference_mode": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+        "alpha_pattern": {},
+    }  # fmt: skip
+
+
+def to_peft(tree: Mapping[str, np.ndarray], cfg: LlamaConfig, layout: str = "hf") -> Tree:
+    """The adapters of ``tree`` under PEFT's names (``layout`` "hf": q/k/v share ``lora_A`` and
+    split ``lora_B``'s rows)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    out = {}
+    for name, array in tree.items():
+        match = re.fullmatch(r"blocks\.(\d+)\.attention\.(\w+)\.lora_([ab])\.weight", name)
+        if not match:
+            continue
+        index, module, ab = match.groups()
+        key = f"{_PREFIX}.{index}.self_attn.{{}}.lora_{ab.upper()}.weight"
+        if module == "qkv_proj" and layout == "hf":
+            parts = [array] * 3 if ab == "a" else _split_qkv(array, cfg)
+            out |= {key.format(p): part for p, part in zip(_SPLIT, parts, strict=True)}
+        else:
+            out[key.format(module)] = array
+    return out
+
+
+def from_peft(state: Mapping[str, np.ndarray], cfg: LlamaConfig, where: str) -> Tree:
+    """PEFT adapter tensors (either layout) -> canonical adapter tree."""
+    found: dict[tuple[str, str, str], np.ndarray] = {}
+    for key, array in state.items():
+        match = _KEY.fullmatch(key)
+        if not match:
+            raise CheckpointError(
+                f"{where} holds {key!r}, which is not a LoRA weight of a Llama attention "
+                "projection; llama2_70b_lora reads adapters on qkv_proj/q_proj/k_proj/v_proj "
+                "and o_proj"
+            )
+        found[match.groups()] = array
+    tree = {}
+    for index in sorted({i for i, _, _ in found}, key=int):
+        for module in ("qkv_proj", "o_proj"):
+            for ab in ("A", "B"):
+                value = _canonical_part(found, index, module, ab, where)
+                if value is not None:
+                    tree[f"blocks.{index}.attention.{module}.lora_{ab.lower()}.weight"] = value
+    return tree
+
+
+def _canonical_part(found, index, module, ab, where) -> np.ndarray | None:
+    if module != "qkv_proj" or (index, "qkv_proj", ab) in found:
+        return found.get((index, module, ab))
+    parts = [found.get((index, p, ab)) for p in _SPLIT]
+    if all(p is None for p in parts):
+        return None
+    if any(p is None for p in parts):
+        raise CheckpointError(
+            f"{where} has LoRA weights for some of q_proj/k_proj/v_proj of layer {index} but "
+            "not all three; the fused qkv_proj needs all of them"
+        )
+    if ab == "B":
+        return np.concatenate(parts, axis=0)
+    if not (np.array_equal(parts[0], parts[1]) and np.array_equal(parts[0], parts[2])):
+        raise CheckpointError(
+            f"{where}: the q_proj, k_proj and v_proj adapters of layer {index} have different "
+            "lora_A matrices, so they are not one adapter on the fused qkv_proj (as this "
+            "package and the MLPerf reference train); they cannot be loaded"
+        )
+    return parts[0]
+
+
+def save_adapter(
+    tree: Mapping[str, np.ndarray], cfg: LlamaConfig, directory, layout: str = "hf"
+) -> None:
+    """Write the adapters of ``tree`` as a PEFT adapter directory, atomically.
+
+    Args:
+        tree: canonical weights holding the adapters (base weights are ignored).
+        cfg: the config (rank, alpha and dropout go to adapter_config.json).
+        directory: destination (a new or PEFT-only directory).
+        layout: "hf" for transformers' ``LlamaForCausalLM``, "fused" for the reference's model.
+
+    Raises:
+        ValueError: ``cfg`` has no adapters, or an unknown layout.
+        CheckpointMismatch: adapters missing or misshapen (every key named).
+    """
+    from mlperf_tutor.convert.formats import atomic_dir, specs_of
+    from mlperf_tutor.convert.safetensors_io import write_safetensors
+
+    if not cfg.lora_rank:
+        raise ValueError("cfg has lora_rank 0: there are no adapters to save")
+    adapters = {k: v for k, v in tree.items() if is_adapter(k)}
+    specs = {k: (s, "float32") for k, s in adapter_shapes(cfg).items()}
+    check_tree(specs, adapters, where=f"the adapters for {directory}", check_dtype=False)
+    peft = to_peft(adapters, cfg, layout)
+    config = _peft_config(cfg, layout)
+
+    def replaceable(path: Path) -> bool:
+        return not path.exists() or all(e.name in (CONFIG, WEIGHTS) for e in path.iterdir())
+
+    with atomic_dir(directory, replaceable, "a PEFT adapter directory") as target:
+        target.mkdir()
+        (target / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_safetensors(target / WEIGHTS, specs_of(peft, str(directory)), peft.items(),
+                          metadata={"format": "pt"})  # fmt: skip
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {CONFIG}; is it a PEFT adapter directory?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the adapter") from e
+
+
+def load_adapter(directory: str | os.PathLike, cfg: LlamaConfig) -> Tree:
+    """Read a PEFT LoRA directory (either layout) into canonical adapter weights for ``cfg``.
+
+    Raises:
+        CheckpointError: missing or corrupt files, a PEFT config that is not plain LoRA with
+            ``cfg``'s rank and alpha, or weights missing, unexpected or misshapen.
+    """
+    from mlperf_tutor.convert.safetensors_io import SafetensorsReader
+
+    config = read_adapter_config(directory)
+    checks = {"peft_type": "LORA", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+              "use_rslora": False, "use_dora": False, "fan_in_fan_out": False}  # fmt: skip
+    for key, want in checks.items():
+        if config.get(key, want) != want:
+            raise CheckpointError(
+                f"{directory}/{CONFIG} has {key}={config.get(key)!r} but the config needs "
+                f"{want!r}; set lora_rank/lora_alpha to match, or use a plain LoRA adapter"
+            )
+    weights = Path(directory) / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has no {WEIGHTS}")
+    with SafetensorsReader(weights) as reader:
+        state = {k: np.array(v) for k, v in reader}
+    tree = from_peft(state, cfg, str(directory))
+    specs = {k: (s, "float32") for k, s in adapter_shapes(cfg).items()}
+    check_tree(specs, tree, where=str(directory), check_dtype=False)
+    return tree

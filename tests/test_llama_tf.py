@@ -1,0 +1,278 @@
+"""Llama 2 with LoRA in TensorFlow (Keras 3), and the shared layers' RMSNorm, SwiGLU, fused qkv
+and LoRA: against the float64 numpy reference (``numpy_reference.llama``, which merges the LoRA
+update into the weights), against the PyTorch model in float32, and the adapter's
+``set_trainable`` (frozen base: no gradient, no optimizer state, bit-identical after training).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy_reference as ref
+import pytest
+from checks import as_f64
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("keras")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from mlperf_tutor import workloads  # noqa: E402
+from mlperf_tutor.core.checkpoint import tree_specs  # noqa: E402
+from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, errors  # noqa: E402
+from mlperf_tutor.frameworks import tf as adapter  # noqa: E402
+from mlperf_tutor.layers.lora import Lora, is_adapter  # noqa: E402
+from mlperf_tutor.layers.tf_layers import (  # noqa: E402
+    MLP,
+    Attention,
+    LoRALinear,
+    RMSNorm,
+    make_linear,
+    make_norm,
+)
+from mlperf_tutor.layers.tf_norms import BatchNorm  # noqa: E402
+from mlperf_tutor.workloads.llama import adapter_count, tf_model  # noqa: E402
+
+WL = workloads.get("llama2_70b_lora")
+CFG = WL.deterministic(WL.config("tiny", seq_len=9, num_layers=2))
+F64_ATOL = 1e-10
+
+
+def max_abs(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def lively(cfg, seed: int = 0) -> dict:
+    """Initial weights with non-zero ``lora_b``, so that the adapters change the output."""
+    tree = WL.init_canonical(cfg, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for name in tree:
+        if name.endswith("lora_b.weight"):
+            tree[name] = (0.05 * rng.standard_normal(tree[name].shape)).astype(np.float32)
+    return tree
+
+
+def padded_batch(cfg, seed: int = 0) -> dict:
+    batch = WL.synthetic_batch(cfg, batch_size=2, seed=seed)
+    batch["attention_mask"][1, -3:] = 0  # the second sequence ends in three padding tokens
+    batch["labels"][1, -3:] = -100
+    return batch
+
+
+def load_random(layer, x, seed: int = 0) -> dict[str, np.ndarray]:
+    """Build ``layer`` on ``x``, load random canonical weights in its dtype, return them."""
+    layer(x)
+    rng = np.random.default_rng(seed)
+    tree = {}
+    for leaf in adapter.leaves(layer):
+        shape, dtype = leaf.spec
+        tree[leaf.name] = (0.3 * rng.standard_normal(shape)).astype(dtype)
+    adapter.load_canonical(layer, tree)
+    return {k: v.astype(np.float64) for k, v in tree.items()}
+
+
+@pytest.fixture(scope="module")
+def tree():
+    return lively(CFG)
+
+
+@pytest.fixture(scope="module")
+def model(tree):
+    """The float32 model with ``lively`` weights; tests that train build their own."""
+    return WL.build("tf", CFG, weights=tree)
+
+
+# --- layers ---------------------------------------------------------------------------------
+def test_rms_norm_matches_numpy_and_keeps_bf16():
+    x = np.random.default_rng(0).standard_normal((2, 3, 8))
+    norm = RMSNorm(1e-5, dtype="float64")
+    norm(x)
+    scale = np.linspace(0.5, 1.5, 8)
+    adapter.load_canonical(norm, {"weight": scale})  # Keras' ``scale`` is canonical ``weight``
+    want = ref.rms_norm({"n.weight": scale}, "n", x, 1e-5)
+    assert max_abs(norm(x), want) <= F64_ATOL
+    bf16 = RMSNorm(1e-5, dtype="bfloat16")(tf.ones((1, 8), tf.bfloat16))
+    assert bf16.dtype == tf.bfloat16
+    with pytest.raises(ValueError, match="norm must be one of"):
+        make_norm("batchnorm", 1e-5)
+
+
+def test_swiglu_mlp_matches_numpy():
+    mlp = MLP(6, 10, activation="silu", bias=False, gated=True, dtype="float64")
+    x = np.random.default_rng(1).standard_normal((3, 6))
+    w = load_random(mlp, x, seed=1)
+    assert sorted(w) == ["fc_gate.weight", "fc_in.weight", "fc_out.weight"]
+    gate = ref.ACTIVATIONS["silu"](ref.linear(w, "fc_gate", x))
+    want = ref.linear(w, "fc_out", gate * ref.linear(w, "fc_in", x))
+    assert max_abs(mlp(x), want) <= F64_ATOL
+
+
+def test_lora_linear_adds_the_scaled_low_rank_update():
+    layer = make_linear("o_proj", 7, bias=True, lora=Lora(rank=2, alpha=6.0, targets=("o_proj",)),
+                        dtype="float64")  # fmt: skip
+    assert isinstance(layer, LoRALinear) and isinstance(layer, keras.layers.Dense)
+    assert type(make_linear("q_proj", 7, bias=True, lora=Lora(2, 6.0), dtype=None)) is (
+        keras.layers.Dense
+    )
+    x = np.random.default_rng(2).standard_normal((4, 5))
+    w = load_random(layer, x, seed=2)
+    assert sorted(w) == ["bias", "lora_a.weight", "lora_b.weight", "weight"]
+    assert {k: v.shape for k, v in w.items() if "lora" in k} == {
+        "lora_a.weight": (2, 5),
+        "lora_b.weight": (7, 2),
+    }
+    merged = ref.merge_lora({f"p.{k}": v for k, v in w.items()}, "p", 3.0)
+    assert max_abs(layer(x), x @ merged.T + w["bias"]) <= F64_ATOL
+
+
+def test_fused_qkv_attention_equals_three_projections():
+    dim, n, k = 16, 4, 2
+    h = dim // n
+    kwargs = dict(num_kv_heads=k, bias=False, causal=True, rotary_dim=4, rotary_layout="half",
+                  dtype="float64")  # fmt: skip
+    fused = Attention(dim, n, fused_qkv=True, **kwargs)
+    split = Attention(dim, n, **kwargs)
+    x = np.random.default_rng(3).standard_normal((2, 5, dim))
+    w = load_random(fused, x, seed=3)
+    assert sorted(w) == ["o_proj.weight", "qkv_proj.weight"]
+    split(x)
+    qkv = w["qkv_proj.weight"]  # ((N + 2K) H, D)
+    adapter.load_canonical(split, {
+        "q_proj.weight": qkv[: n * h],
+        "k_proj.weight": qkv[n * h : (n + k) * h],
+        "v_proj.weight": qkv[(n + k) * h :],
+        "o_proj.weight": w["o_proj.weight"],
+    })  # fmt: skip
+    assert max_abs(fused(x), split(x)) <= F64_ATOL
+
+
+# --- the decoder ----------------------------------------------------------------------------
+def test_canonical_names_shapes_and_param_count(model):
+    assert tree_specs(adapter.to_canonical(model)) == WL.canonical_specs(CFG)
+    assert model.count_params() == WL.param_count(CFG) + adapter_count(CFG)
+    kernel = model.blocks[1].attention.qkv_proj.lora_b.kernel
+    assert kernel.path.endswith("blocks.1/attention/qkv_proj/lora_b/kernel")
+
+
+def test_decoder_matches_numpy_in_float64_with_lora_and_padding(tree):
+    model = tf_model.build(CFG, dtype="float64")
+    adapter.load_canonical(model, as_f64(tree))
+    batch = padded_batch(CFG)
+    out = adapter.forward(model, batch)
+    want = ref.llama(as_f64(tree), CFG, batch)
+    assert out["loss"].dtype == np.float64
+    assert max_abs(out["logits"], want["logits"]) <= F64_ATOL
+    assert abs(float(out["loss"]) - want["loss"]) <= F64_ATOL
+
+
+def test_float32_forward_and_gradients_match_torch(model, tree):
+    torch_adapter = pytest.importorskip("mlperf_tutor.frameworks.torch")
+    batch = padded_batch(CFG)
+    want = ref.llama(as_f64(tree), CFG, batch)
+    out = adapter.forward(model, batch)
+    assert out["loss"].dtype == np.float32
+    assert max_abs(out["logits"], want["logits"]) <= OUTPUT_ATOL
+    torch_model = WL.build("torch", CFG, weights=tree)
+    torch_out = torch_adapter.forward(torch_model, batch)
+    assert max_abs(out["logits"], torch_out["logits"]) <= OUTPUT_ATOL
+    loss, grads = adapter.loss_and_grads(model, batch, train=False)
+    torch_loss, torch_grads = torch_adapter.loss_and_grads(torch_model, batch, train=False)
+    assert abs(loss - torch_loss) <= OUTPUT_ATOL
+    assert set(grads) == set(torch_grads)
+    for name, g in grads.items():
+        assert errors(g, torch_grads[name])[1] <= STEP_RTOL, name
+
+
+def test_batch_without_labels_gives_logits_only(model, tree):
+    ids = padded_batch(CFG)["input_ids"][:, :5]
+    out = adapter.forward(model, {"input_ids": ids})
+    assert set(out) == {"logits"}
+    assert max_abs(out["logits"], ref.llama(as_f64(tree), CFG, {"input_ids": ids})["logits"]) <= (
+        OUTPUT_ATOL
+    )
+
+
+def test_fused_attention_path_matches_the_explicit_one(model, tree):
+    batch = padded_batch(CFG)
+    fused = tf_model.build(CFG, fused=True)
+    adapter.load_canonical(fused, tree)
+    explicit_out, fused_out = adapter.forward(model, batch), adapter.forward(fused, batch)
+    assert max_abs(fused_out["logits"], explicit_out["logits"]) <= OUTPUT_ATOL
+    assert abs(float(fused_out["loss"]) - float(explicit_out["loss"])) <= OUTPUT_ATOL
+
+
+def test_too_long_input_is_refused(model):
+    ids = np.zeros((1, CFG.max_positions + 1), np.int32)
+    with pytest.raises(ValueError, match="at most max_positions"):
+        adapter.forward(model, {"input_ids": ids})
+
+
+# --- training and freezing ------------------------------------------------------------------
+def test_only_adapters_are_trained_and_the_base_stays_bit_identical(tree):
+    model = WL.build("tf", CFG, weights=tree)
+    adapters = sorted(k for k in tree if is_adapter(k))
+    assert sorted(adapter.trainable_names(model)) == adapters
+    # Keras itself sees the per-variable flag (what fit() and its optimizers would use).
+    assert len(model.trainable_weights) == len(adapters)
+    loss, grads = adapter.loss_and_grads(model, padded_batch(CFG))
+    assert sorted(grads) == adapters and np.isfinite(loss)
+    assert all(np.abs(g).max() > 0 for g in grads.values())
+    optimizer = adapter.make_optimizer(*WL.optimizer(CFG), model)
+    batches = [WL.synthetic_batch(CFG, batch_size=2, seed=s) for s in range(2)]
+    long = WL.synthetic_batch(CFG.replace(seq_len=12), batch_size=2, seed=2)
+    for batch in (*batches, long):  # a second length: the shape-relaxed graph trains too
+        assert np.isfinite(adapter.train_step(model, optimizer, batch))
+    after = adapter.to_canonical(model)
+    for name, value in tree.items():
+        same = np.array_equal(after[name], value)
+        assert same != is_adapter(name), name  # base bit-identical, every adapter moved
+    state = optimizer.state_dict()
+    assert {k.split("/", 1)[1] for k in state if k != "step"} == set(adapters)
+    # The shape-relaxed graph still refuses too long inputs, when it runs.
+    too_long = WL.synthetic_batch(CFG.replace(seq_len=12), batch_size=2, seed=3)
+    too_long = {k: np.tile(v, (1, 11)) for k, v in too_long.items()}  # 132 > 128 tokens
+    with pytest.raises(tf.errors.InvalidArgumentError, match="at most max_positions"):
+        adapter.train_step(model, optimizer, too_long)
+
+
+def test_without_lora_the_base_model_trains_everything():
+    cfg = CFG.replace(lora_rank=0)
+    model = WL.build("tf", cfg)
+    assert sorted(adapter.trainable_names(model)) == sorted(WL.init_canonical(cfg))
+    assert not any(is_adapter(k) for k in WL.init_canonical(cfg))
+
+
+def test_lora_dropout_is_active_in_training_only():
+    cfg = WL.config("tiny", seq_len=9, lora_dropout=0.5)
+    model = WL.build("tf", cfg, weights=lively(cfg))
+    batch = WL.synthetic_batch(cfg, batch_size=2, seed=0)
+    adapter.seed(0)
+    a, _ = adapter.loss_and_grads(model, batch, train=True)
+    b, _ = adapter.loss_and_grads(model, batch, train=True)
+    assert a != b  # two dropout draws
+    assert adapter.forward(model, batch)["loss"] == adapter.forward(model, batch)["loss"]
+    no_dropout = WL.build("tf", WL.deterministic(cfg), weights=lively(cfg))
+    assert adapter.forward(model, batch)["loss"] == adapter.forward(no_dropout, batch)["loss"]
+
+
+class Holder(keras.Model):
+    """A Dense and a BatchNorm: parameters and buffers under attribute names."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = keras.layers.Dense(3, name="fc")
+        self.bn = BatchNorm(0.1, 1e-5, name="bn")
+
+    def call(self, x, training=False):
+        return self.bn(self.fc(x), training=training)
+
+
+def test_set_trainable_freezes_unfreezes_and_never_trains_buffers():
+    model = Holder()
+    model(np.zeros((2, 4), np.float32))
+    params = ["fc.weight", "fc.bias", "bn.weight", "bn.bias"]
+    assert adapter.trainable_names(model) == params
+    adapter.set_trainable(model, lambda name: name.startswith("bn."))
+    assert adapter.trainable_names(model) == ["bn.weight", "bn.bias"]
+    adapter.set_trainable(model, lambda name: True)  # unfreezes; buffers stay buffers
+    assert adapter.trainable_names(model) == params
