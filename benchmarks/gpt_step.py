@@ -31,77 +31,10 @@ from __future__ import annotations
 
 import argparse
 
-from timing import timed
+import mixed_steps
 
-from mlperf_tutor import frameworks, workloads
+from mlperf_tutor import workloads
 from mlperf_tutor.workloads.gpt import flops_per_token
-
-PEAK_BF16 = 989e12
-VARIANTS = ("torch-eager", "torch-compile", "jax")
-
-
-def torch_step(wl, cfg, tree, batch, compile_model: bool):
-    import torch
-
-    from mlperf_tutor.workloads.gpt import torch_model
-
-    adapter = frameworks.get("torch")
-    torch.backends.cuda.matmul.allow_tf32 = True  # float32 leftovers (none on the hot path)
-    model = torch_model.build(cfg, fused=True)
-    adapter.load_canonical(model, tree)
-    model = model.cuda().train()
-    optimizer = adapter.make_optimizer(*wl.optimizer(cfg), model)
-    forward = torch.compile(model) if compile_model else model
-    batch = {k: torch.from_numpy(v).cuda() for k, v in batch.items()}
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = forward(batch)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return step, torch.cuda.synchronize
-
-
-def jax_step(wl, cfg, tree, batch):
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    from mlperf_tutor.frameworks import jax_optim
-    from mlperf_tutor.workloads.gpt import jax_model
-
-    adapter = frameworks.get("jax")
-    model = jax_model.build(cfg, fused=True, fused_implementation="cudnn")
-    adapter.load_canonical(model, tree)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-    names = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in paths]
-    flat = dict(zip(names, (leaf for _, leaf in paths), strict=True))
-    spec, schedule = wl.optimizer(cfg)
-    tx = jax_optim.make_transformation(spec, schedule, names)
-    state = {"flat": flat, "opt": tx.init(flat)}
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-
-    def loss_fn(flat, rest, batch):
-        low = [flat[n].astype(jnp.bfloat16) for n in names]  # bf16 copies of the masters
-        params = jax.tree_util.tree_unflatten(treedef, low)
-        return nnx.merge(graphdef, params, rest)(batch)["loss"].astype(jnp.float32)
-
-    @jax.jit
-    def update(flat, opt_state, rest, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(flat, rest, batch)
-        updates, opt_state = tx.update(grads, opt_state, flat)
-        return optax.apply_updates(flat, updates), opt_state, loss
-
-    def step():
-        state["flat"], state["opt"], state["loss"] = update(
-            state["flat"], state["opt"], rest, batch
-        )
-
-    return step, lambda: state["loss"].block_until_ready()
 
 
 def main() -> None:
@@ -114,7 +47,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", choices=mixed_steps.VARIANTS, default=list(mixed_steps.VARIANTS)
+    )
     args = parser.parse_args()
 
     wl = workloads.get("gpt3")
@@ -122,20 +57,10 @@ def main() -> None:
     batch = wl.synthetic_batch(cfg, batch_size=args.batch_size, seed=0)
     tree = wl.init_canonical(cfg)  # once: 1.3b draws 1.3e9 normals
     flops = flops_per_token(cfg)
-    tokens = args.batch_size * cfg.seq_len
     print(f"gpt3 {args.preset}: {wl.param_count(cfg) / 1e6:.0f}M parameters, L {cfg.num_layers}, "
           f"D {cfg.hidden}, T {cfg.seq_len}, batch {args.batch_size}; {flops / 1e9:.2f} GFLOP "
           f"per token (6N + 12LDT)")  # fmt: skip
-    for variant in args.variants:
-        if variant == "jax":
-            step, sync = jax_step(wl, cfg, tree, batch)
-        else:
-            step, sync = torch_step(wl, cfg, tree, batch, compile_model=variant == "torch-compile")
-        seconds = timed(step, args.steps, args.warmup, sync)
-        rate = tokens / seconds
-        print(f"  {variant:14s} {1e3 * seconds:8.1f} ms/step  {rate:10.0f} tokens/s  "
-              f"MFU {100 * flops * rate / PEAK_BF16:5.1f}%", flush=True)  # fmt: skip
-        del step, sync
+    mixed_steps.measure(wl, cfg, tree, batch, args.variants, args.steps, args.warmup, flops)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,12 @@ from mlperf_tutor.workloads.llama import jax_model as llama_jax  # noqa: E402
 fj = frameworks.get("jax")
 Frozen = fj.Frozen
 WL = workloads.get("llama2_70b_lora")
-CFG = WL.deterministic(WL.config("tiny", seq_len=9, num_layers=2))
+# lr 4e-3 instead of tiny's 1e-2 for the steps compared with torch: with the random lora_b of
+# `lively`, a few adapter elements get gradients ~1e-7 out of cancelling terms, whose round-off
+# Adam turns into lr-sized steps; at 1e-2 that one element in a thousand moved the jax-torch
+# relative error of blocks.1 o_proj.lora_b to 1.7e-4 after 3 steps (torch float32 vs float64:
+# 8e-6), at 4e-3 all stay below 1e-4. The 10-step parity of `mlperf-tutor parity` runs at 1e-2.
+CFG = WL.deterministic(WL.config("tiny", seq_len=9, num_layers=2, lr=4e-3))
 F64_ATOL = 1e-10
 
 

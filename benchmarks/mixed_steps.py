@@ -1,0 +1,105 @@
+"""Mixed-precision training steps shared by the GPU benchmarks (imported from beside them).
+
+Both keep float32 master weights and optimizer state for what trains and compute in bf16:
+PyTorch through autocast, JAX through bf16 copies of the masters inside one jitted update.
+Weights that do not train (LoRA's frozen base) are stored in bf16 once, as LoRA training
+stores them. Each function returns ``(step, sync)`` for :func:`timing.timed`.
+"""
+
+from __future__ import annotations
+
+from mlperf_tutor import frameworks
+
+
+def torch_step(model, spec, schedule, batch: dict, compile_model: bool):
+    """One autocast bf16 step of a torch workload model (moved to the GPU here)."""
+    import torch
+
+    adapter = frameworks.get("torch")
+    torch.backends.cuda.matmul.allow_tf32 = True  # float32 leftovers (none on the hot path)
+    model = model.cuda().train()
+    for p in model.parameters():  # frozen weights in bf16; trained ones stay float32 masters
+        if not p.requires_grad:
+            p.data = p.data.bfloat16()
+    optimizer = adapter.make_optimizer(spec, schedule, model)
+    forward = torch.compile(model) if compile_model else model
+    batch = {k: torch.from_numpy(v).cuda() for k, v in batch.items()}
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step, torch.cuda.synchronize
+
+
+def jax_step(model, spec, schedule, batch: dict):
+    """One jitted bf16 step of an NNX workload model: optax over its ``nnx.Param`` leaves."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from mlperf_tutor.frameworks import jax_optim
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # Everything that does not train (a frozen base, if any) is cast to bf16 once.
+    rest = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, rest)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in paths]
+    flat = dict(zip(names, (leaf for _, leaf in paths), strict=True))
+    tx = jax_optim.make_transformation(spec, schedule, names)
+    state = {"flat": flat, "opt": tx.init(flat)}
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def loss_fn(flat, rest, batch):
+        low = [flat[n].astype(jnp.bfloat16) for n in names]  # bf16 copies of the masters
+        params = jax.tree_util.tree_unflatten(treedef, low)
+        return nnx.merge(graphdef, params, rest)(batch)["loss"].astype(jnp.float32)
+
+    @jax.jit
+    def update(flat, opt_state, rest, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(flat, rest, batch)
+        updates, opt_state = tx.update(grads, opt_state, flat)
+        return optax.apply_updates(flat, updates), opt_state, loss
+
+    def step():
+        state["flat"], state["opt"], state["loss"] = update(
+            state["flat"], state["opt"], rest, batch
+        )
+
+    return step, lambda: state["loss"].block_until_ready()
+
+
+PEAK_BF16 = 989e12  # dense bf16 FLOP/s of the H100 SXM and H200 (NVIDIA's datasheets)
+VARIANTS = ("torch-eager", "torch-compile", "jax")
+
+
+def measure(wl, cfg, tree, batch, variants, steps: int, warmup: int, flops: float) -> None:
+    """Time each variant's step on ``wl``'s fused-attention model and print tokens/s and MFU
+    (``flops`` model FLOPs per token)."""
+    import importlib
+
+    from timing import timed
+
+    tokens = batch["input_ids"].size
+    spec, schedule = wl.optimizer(cfg)
+    for variant in variants:
+        framework = "jax" if variant == "jax" else "torch"
+        module = importlib.import_module(f"{wl.package}.{framework}_model")
+        if framework == "jax":
+            model = module.build(cfg, fused=True, fused_implementation="cudnn")
+        else:
+            model = module.build(cfg, fused=True)
+        frameworks.get(framework).load_canonical(model, tree)
+        if framework == "jax":
+            step, sync = jax_step(model, spec, schedule, batch)
+        else:
+            step, sync = torch_step(model, spec, schedule, batch, variant == "torch-compile")
+        seconds = timed(step, steps, warmup, sync)
+        rate = tokens / seconds
+        print(f"  {variant:14s} {1e3 * seconds:8.1f} ms/step  {rate:10.0f} tokens/s  "
+              f"MFU {100 * flops * rate / PEAK_BF16:5.1f}%", flush=True)  # fmt: skip
+        del step, sync, model
