@@ -17,13 +17,17 @@ for tensors that are zero in exact arithmetic.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from mlperf_tutor import frameworks as fw_registry
 from mlperf_tutor import workloads
 from mlperf_tutor.core.config import Config
 from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, ParityReport
 from mlperf_tutor.workloads.base import Workload
+
+if TYPE_CHECKING:
+    from mlperf_tutor.migrate.diff_layers import LayerDiffReport
 
 
 def framework_results(
@@ -107,3 +111,33 @@ def run(
         )
     report.losses = {f: results[f]["losses"] for f in names}
     return report
+
+
+def diff_layers(
+    torch_module,
+    jax_model,
+    batch,
+    *,
+    atol: float = OUTPUT_ATOL,
+    layout: str = "NCHW",
+    call: tuple[Callable, Callable] | None = None,
+) -> LayerDiffReport:
+    """Per-module output differences of a torch module and its Flax NNX port, and the first
+    module where they diverge (see :func:`mlperf_tutor.migrate.diff_layers.diff_layers`).
+
+    Args:
+        torch_module: the reference ``torch.nn.Module``.
+        jax_model: the ``flax.nnx.Module`` port, with the same attribute names.
+        batch: what both models take: a dict of numpy arrays (one argument), a tuple
+            (positional arguments) or one array.
+        atol: max-abs bound on each module's output.
+        layout: "NCHW" or "NHWC": the NNX side's layout of 4-D activations.
+        call: ``(torch_fn, jax_fn)``, each ``fn(model, batch)``, to call the models differently.
+
+    Returns:
+        A ``LayerDiffReport``: ``print`` it for the table; ``first_divergence`` names the module.
+    """
+    # Imported here: this module stays free of framework imports.
+    from mlperf_tutor.migrate.diff_layers import diff_layers as _diff_layers
+
+    return _diff_layers(torch_module, jax_model, batch, atol=atol, layout=layout, call=call)

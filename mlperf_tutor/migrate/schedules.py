@@ -1,0 +1,283 @@
+"""PyTorch LR schedulers as traceable functions of the scheduler's epoch.
+
+``torch.optim.lr_scheduler`` mostly updates ``group["lr"]`` recursively (it multiplies the
+current value). A jitted JAX step can't carry that Python state, so every supported scheduler is
+written here in closed form, as a function of ``last_epoch`` (an int32 array) that ``jax.jit``
+can trace. Where torch has a ``_get_closed_form_lr`` the formula is torch's; the recursive values
+torch produces differ from it by round-off only.
+
+The convention (torch's): ``optimizer.step()`` uses ``group["lr"]``, then ``scheduler.step()``
+moves ``last_epoch`` one on. So the ``k``-th update after a conversion at ``last_epoch = E``
+uses the rate at epoch ``E + k``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+SUPPORTED_SCHEDULERS = (
+    "StepLR",
+    "MultiStepLR",
+    "ConstantLR",
+    "LinearLR",
+    "ExponentialLR",
+    "PolynomialLR",
+    "CosineAnnealingLR",
+    "OneCycleLR",
+    "SequentialLR",
+    "LambdaLR",
+)
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+class GroupSchedule(NamedTuple):
+    """The hyperparameters a scheduler moves for one param group, as functions of the epoch.
+
+    Attributes:
+        lr: epoch -> learning rate.
+        momentum: epoch -> SGD/RMSprop ``momentum`` or Adam's ``beta1``; only for
+            ``OneCycleLR(cycle_momentum=True)``, else None (the group's value is constant).
+    """
+
+    lr: Schedule
+    momentum: Schedule | None = None
+
+
+def _real(t: jax.Array) -> jax.Array:
+    # The default float dtype: float64 under jax_enable_x64, as Python floats are in torch.
+    return jnp.asarray(t).astype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
+def constant(value: float) -> Schedule:
+    """A schedule that is ``value`` at every epoch."""
+    return lambda t: jnp.full((), value, _real(t).dtype)
+
+
+# Torch computes its rates in Python float64. In float32 the textbook formulas lose digits where
+# a rate nears its floor (1 - t/T, 1 + cos(pi t/T) near t = T; gamma**t rounds gamma first), so
+# the helpers below keep ~1e-7 relative accuracy all the way down.
+
+
+def _pow(gamma: float, k: jax.Array) -> jax.Array:
+    """``gamma ** k`` from log(gamma) in double: a rounded gamma would be off k-fold."""
+    if gamma <= 0.0:
+        return jnp.power(gamma, k)
+    return jnp.exp(k * math.log(gamma))
+
+
+def _fractions(t: jax.Array, a: float, b: float) -> tuple[jax.Array, jax.Array]:
+    """``((t - a) / (b - a), (b - t) / (b - a))``, each accurate also when it is near 0."""
+    a_hi, b_hi = math.floor(a), math.floor(b)
+    # t - a_hi and b_hi - t are exact; the fractional parts are added in afterwards.
+    done = (t - a_hi) - (a - a_hi)
+    left = (b_hi - t) + (b - b_hi)
+    return done / (b - a), left / (b - a)
+
+
+def _half_cos(left: jax.Array) -> jax.Array:
+    """``(1 + cos(pi * (1 - left))) / 2`` = ``sin(pi * left / 2) ** 2``, accurate near 0."""
+    return jnp.square(jnp.sin(math.pi / 2 * left))
+
+
+def _step(s, base: float) -> Schedule:
+    return lambda t: base * _pow(s.gamma, _real(jnp.asarray(t) // s.step_size))
+
+
+def _multistep(s, base: float) -> Schedule:
+    # bisect_right(milestones, t) with repeats counted, as torch's Counter of milestones does.
+    milestones = sorted(s.milestones.elements())
+
+    def lr(t):
+        passed = sum((jnp.asarray(t) >= m).astype(jnp.int32) for m in milestones)
+        return base * _pow(s.gamma, _real(passed))
+
+    return lr
+
+
+def _constant_lr(s, base: float) -> Schedule:
+    return lambda t: base * jnp.where(jnp.asarray(t) >= s.total_iters, 1.0, s.factor)
+
+
+def _linear(s, base: float) -> Schedule:
+    def lr(t):
+        done, left = _fractions(jnp.minimum(_real(t), s.total_iters), 0.0, s.total_iters)
+        return base * (s.start_factor * left + s.end_factor * done)
+
+    return lr
+
+
+def _exponential(s, base: float) -> Schedule:
+    return lambda t: base * _pow(s.gamma, _real(t))
+
+
+def _polynomial(s, base: float) -> Schedule:
+    def lr(t):
+        _, left = _fractions(jnp.minimum(_real(t), s.total_iters), 0.0, s.total_iters)
+        return base * jnp.power(left, s.power)
+
+    return lr
+
+
+def _cosine(s, base: float) -> Schedule:
+    # Torch's recursive form is periodic past T_max (period 2 T_max); so is this closed form.
+    # Reducing an integer epoch modulo the period first keeps the sine's argument small.
+    period = 2 * s.T_max if float(s.T_max).is_integer() else None
+
+    def lr(t):
+        t = jnp.asarray(t)
+        if period is not None and jnp.issubdtype(t.dtype, jnp.integer):
+            t = t % period
+        _, left = _fractions(_real(t), 0.0, s.T_max)
+        return s.eta_min + (base - s.eta_min) * _half_cos(left)
+
+    return lr
+
+
+def _lambda(s, base: float, fn: Callable) -> Schedule:
+    try:
+        out = jax.eval_shape(fn, jax.ShapeDtypeStruct((), jnp.int32))
+        ok = getattr(out, "shape", None) == ()
+    except Exception as err:  # whatever the lambda does to a tracer, the fix is the same
+        raise ValueError(
+            f"LambdaLR: lr_lambda {fn!r} can't be traced by JAX ({type(err).__name__}: "
+            f"{err}). The converted step computes the rate inside jax.jit, so the lambda must "
+            "use jnp-compatible math on its epoch argument: arithmetic, ** and // work in both "
+            "torch and JAX; min(), math.cos or if/else on the epoch don't. Either rewrite it so, "
+            "or before converting set scheduler.lr_lambdas to jnp twins of the same functions "
+            "(jnp.minimum, jnp.where, jnp.cos)."
+        ) from err
+    if not ok:
+        raise ValueError(f"LambdaLR: lr_lambda {fn!r} must return a scalar, got {out}.")
+    return lambda t: base * _real(fn(jnp.asarray(t, jnp.int32)))
+
+
+def _one_cycle(s, group: dict) -> GroupSchedule:
+    kind = getattr(s, "_anneal_func_type", None)
+    if kind not in ("cos", "linear"):
+        raise ValueError(f"OneCycleLR: unknown anneal strategy {kind!r} (expected cos or linear).")
+
+    def anneal(start, end, done, left):
+        if kind == "cos":
+            return end + (start - end) * _half_cos(left)
+        return start * left + end * done
+
+    def piecewise(start_key: str, end_key: str) -> Schedule:
+        # Torch takes the first phase whose end_step >= t, the last one otherwise; past
+        # total_steps torch raises, this extrapolates the last phase.
+        phases = s._schedule_phases
+
+        def value(t):
+            t = _real(t)
+            out = None
+            starts = [0.0] + [float(p["end_step"]) for p in phases[:-1]]
+            for i in reversed(range(len(phases))):
+                p, start = phases[i], starts[i]
+                done, left = _fractions(t, start, float(p["end_step"]))
+                v = anneal(float(group[p[start_key]]), float(group[p[end_key]]), done, left)
+                out = v if out is None else jnp.where(t <= p["end_step"], v, out)
+            return out
+
+        return value
+
+    momentum = None
+    if s.cycle_momentum:
+        momentum = piecewise("start_momentum", "end_momentum")
+    return GroupSchedule(piecewise("start_lr", "end_lr"), momentum)
+
+
+def _sequential(s, optimizer) -> list[GroupSchedule]:
+    if any(type(sub) is type(s) for sub in s._schedulers):
+        # Torch's constructor "undoes" the children's first steps recursively and re-steps the
+        # inner SequentialLR, which shifts its epochs (measured: ConstantLR(0.5, 2) inside gives
+        # 0.5, 1.0, ... instead of 0.5, 0.5, 1.0); no closed form reproduces that.
+        raise ValueError(
+            "SequentialLR inside SequentialLR is not supported (torch shifts the inner "
+            "schedulers' epochs): list all the schedulers in one SequentialLR."
+        )
+    inner = [group_schedules(sub, optimizer) for sub in s._schedulers]
+    if any(g.momentum is not None for groups in inner for g in groups):
+        raise ValueError(
+            "SequentialLR containing OneCycleLR(cycle_momentum=True) is not supported: "
+            "build that OneCycleLR with cycle_momentum=False."
+        )
+    starts = [0, *s._milestones]
+
+    def piecewise(parts: Sequence[Schedule]) -> Schedule:
+        # At milestone m torch restarts the next scheduler at epoch 0 (`_update_lr(0)`).
+        def lr(t):
+            t = jnp.asarray(t)
+            out = parts[0](t)
+            for part, start in zip(parts[1:], starts[1:], strict=True):
+                out = jnp.where(t >= start, part(jnp.maximum(t - start, 0)), out)
+            return out
+
+        return lr
+
+    return [
+        GroupSchedule(piecewise([groups[i].lr for groups in inner]))
+        for i in range(len(optimizer.param_groups))
+    ]
+
+
+_PER_BASE_LR: dict[str, Callable[[Any, float], Schedule]] = {
+    "StepLR": _step,
+    "MultiStepLR": _multistep,
+    "ConstantLR": _constant_lr,
+    "LinearLR": _linear,
+    "ExponentialLR": _exponential,
+    "PolynomialLR": _polynomial,
+    "CosineAnnealingLR": _cosine,
+}
+
+
+def group_schedules(scheduler, optimizer) -> list[GroupSchedule]:
+    """One :class:`GroupSchedule` per param group of ``optimizer``, following ``scheduler``.
+
+    Args:
+        scheduler: a ``torch.optim.lr_scheduler`` object of a class in ``SUPPORTED_SCHEDULERS``
+            (exact class), attached to ``optimizer``.
+        optimizer: the ``torch.optim.Optimizer`` it drives.
+
+    Raises:
+        ValueError: unsupported scheduler, a scheduler of another optimizer, or a LambdaLR whose
+            lambda JAX can't trace.
+    """
+    import torch.optim.lr_scheduler as lrs
+
+    kind = type(scheduler).__name__
+    if kind not in SUPPORTED_SCHEDULERS or type(scheduler) is not getattr(lrs, kind):
+        raise ValueError(unsupported_message(scheduler=scheduler))
+    if scheduler.optimizer is not optimizer:
+        raise ValueError(f"{kind} is attached to another optimizer than the one converted.")
+    groups = optimizer.param_groups
+    if kind in _PER_BASE_LR:
+        build = _PER_BASE_LR[kind]
+        return [GroupSchedule(build(scheduler, float(b))) for b in scheduler.base_lrs]
+    if kind == "LambdaLR":
+        return [
+            GroupSchedule(_lambda(scheduler, float(b), fn))
+            for b, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+    if kind == "OneCycleLR":
+        return [_one_cycle(scheduler, g) for g in groups]
+    return _sequential(scheduler, optimizer)
+
+
+def unsupported_message(optimizer=None, scheduler=None) -> str:
+    """The one error message for an optimizer or scheduler this module can't convert."""
+    from mlperf_tutor.migrate.optim import SUPPORTED_OPTIMIZERS
+
+    what = optimizer if optimizer is not None else scheduler
+    kind = "optimizer" if optimizer is not None else "LR scheduler"
+    return (
+        f"Can't convert the {kind} {type(what).__module__}.{type(what).__qualname__} to optax. "
+        f"Supported optimizers (torch.optim, exact classes): {', '.join(SUPPORTED_OPTIMIZERS)}. "
+        f"Supported schedulers (torch.optim.lr_scheduler, stepped once per optimizer step): "
+        f"{', '.join(SUPPORTED_SCHEDULERS)}."
+    )
