@@ -35,8 +35,9 @@ def torch_step(model, spec, schedule, batch: dict, compile_model: bool):
     return step, torch.cuda.synchronize
 
 
-def jax_step(model, spec, schedule, batch: dict):
-    """One jitted bf16 step of an NNX workload model: optax over its ``nnx.Param`` leaves."""
+def jax_step(model, spec, schedule, batch: dict, compute_dtype: str = "bfloat16"):
+    """One jitted step of an NNX workload model: optax over its ``nnx.Param`` leaves, the
+    forward in ``compute_dtype`` (bf16 copies of the float32 masters; "float32": none)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -44,9 +45,10 @@ def jax_step(model, spec, schedule, batch: dict):
 
     from mlperf_tutor.frameworks import jax_optim
 
+    low_dtype = jnp.dtype(compute_dtype)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    # Everything that does not train (a frozen base, if any) is cast to bf16 once.
-    rest = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, rest)
+    # Everything that does not train (a frozen base, if any) is cast once.
+    rest = jax.tree.map(lambda x: x.astype(low_dtype) if x.dtype == jnp.float32 else x, rest)
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     names = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in paths]
     flat = dict(zip(names, (leaf for _, leaf in paths), strict=True))
@@ -55,7 +57,7 @@ def jax_step(model, spec, schedule, batch: dict):
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
     def loss_fn(flat, rest, batch):
-        low = [flat[n].astype(jnp.bfloat16) for n in names]  # bf16 copies of the masters
+        low = [flat[n].astype(low_dtype) for n in names]  # bf16 copies of the masters
         params = jax.tree_util.tree_unflatten(treedef, low)
         return nnx.merge(graphdef, params, rest)(batch)["loss"].astype(jnp.float32)
 
