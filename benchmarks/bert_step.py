@@ -19,78 +19,14 @@ H200, from NVIDIA's datasheets; 1,979 TFLOP/s there is with 2:4 sparsity).
 from __future__ import annotations
 
 import argparse
+import importlib
 
+import mixed_steps
 from timing import timed
 
 from mlperf_tutor import frameworks, workloads
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
-
-
-def torch_gpu(wl, cfg, batch, steps: int, warmup: int) -> float:
-    import torch
-
-    from mlperf_tutor.workloads.bert import torch_model
-
-    adapter = frameworks.get("torch")
-    model = torch_model.build(cfg, fused=True)
-    adapter.load_canonical(model, wl.init_canonical(cfg))
-    model = model.cuda().train()
-    spec, schedule = wl.optimizer(cfg)
-    optimizer = adapter.make_optimizer(spec, schedule, model)
-    batch = {k: torch.from_numpy(v).cuda() for k, v in batch.items()}
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(batch)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return timed(step, steps, warmup, torch.cuda.synchronize)
-
-
-def jax_gpu(wl, cfg, batch, steps: int, warmup: int) -> float:
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    from mlperf_tutor.frameworks import jax_optim
-    from mlperf_tutor.workloads.bert import jax_model
-
-    adapter = frameworks.get("jax")
-    model = jax_model.build(cfg, fused=True)
-    adapter.load_canonical(model, wl.init_canonical(cfg))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    # The adapter's optax transformation works on a flat dict keyed by parameter name (names
-    # decide weight decay and LAMB's trust ratio; Flax paths match the same patterns).
-    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-    names = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in paths]
-    flat = dict(zip(names, (leaf for _, leaf in paths), strict=True))
-    spec, schedule = wl.optimizer(cfg)
-    tx = jax_optim.make_transformation(spec, schedule, names)
-    opt_state = tx.init(flat)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-
-    def loss_fn(flat, rest, batch):
-        # Mixed precision: bf16 copies of the float32 master weights for the forward.
-        low = [flat[n].astype(jnp.bfloat16) for n in names]
-        params = jax.tree_util.tree_unflatten(treedef, low)
-        return nnx.merge(graphdef, params, rest)(batch)["loss"].astype(jnp.float32)
-
-    @jax.jit
-    def step(flat, opt_state, rest, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(flat, rest, batch)
-        updates, opt_state = tx.update(grads, opt_state, flat)
-        return optax.apply_updates(flat, updates), opt_state, loss
-
-    state = {"flat": flat, "opt": opt_state}
-
-    def update():
-        state["flat"], state["opt"], state["loss"] = step(state["flat"], state["opt"], rest, batch)
-
-    return timed(update, steps, warmup, lambda: state["loss"].block_until_ready())
 
 
 def gpu(args) -> None:
@@ -104,8 +40,16 @@ def gpu(args) -> None:
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     print(f"{name}; bert small (D {cfg.hidden}, L {cfg.num_layers}, S {cfg.seq_len}), "
           f"batch {args.batch_size}, bf16 mixed precision, fused attention")  # fmt: skip
-    for framework, fn in (("torch", torch_gpu), ("jax", jax_gpu)):
-        seconds = fn(wl, cfg, batch, args.steps, args.warmup)
+    tree, (spec, schedule) = wl.init_canonical(cfg), wl.optimizer(cfg)
+    for framework in ("torch", "jax"):
+        module = importlib.import_module(f"{wl.package}.{framework}_model")
+        model = module.build(cfg, fused=True)
+        frameworks.get(framework).load_canonical(model, tree)
+        if framework == "jax":
+            step, sync = mixed_steps.jax_step(model, spec, schedule, batch)
+        else:
+            step, sync = mixed_steps.torch_step(model, spec, schedule, batch, compile_model=False)
+        seconds = timed(step, args.steps, args.warmup, sync)
         rate = args.batch_size / seconds
         mfu = f"{100 * flops * rate / peak:.1f}%" if peak else "n/a (unknown peak)"
         print(f"  {framework:5s} {1e3 * seconds:7.2f} ms/step  {rate:8.1f} seq/s  MFU {mfu}")
