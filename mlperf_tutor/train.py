@@ -116,7 +116,8 @@ def _checkpoint(
         return weights, None, []
     adapter = frameworks.get(framework)
     checkpoint_cfg = wl.checkpoint_config(cfg)
-    model = wl.build(framework, checkpoint_cfg, weights=wl.init_canonical(checkpoint_cfg, seed))
+    start = weights if checkpoint_cfg == cfg else wl.init_canonical(checkpoint_cfg, seed=seed)
+    model = wl.build(framework, checkpoint_cfg, weights=start)
     optimizer = adapter.make_optimizer(*wl.checkpoint_optimizer(cfg), model)
     todo = range(steps)
     if progress:
