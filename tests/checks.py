@@ -52,3 +52,27 @@ def randomized(module, seed: int) -> dict[str, np.ndarray]:
     frameworks.get("torch").load_canonical(module, tree)
     module.eval()
     return tree
+
+
+def max_abs(a, b) -> float:
+    """The largest absolute difference of two arrays, in float64."""
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def lively_lora(wl, cfg, seed: int = 0, std: float = 0.05) -> dict[str, np.ndarray]:
+    """Initial weights of a LoRA workload with random ``lora_b`` (normal, ``std``) instead of
+    zeros, so that the adapters change the output and ``lora_a`` gets gradients."""
+    tree = wl.init_canonical(cfg, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for name in tree:
+        if name.endswith("lora_b.weight"):
+            tree[name] = (std * rng.standard_normal(tree[name].shape)).astype(np.float32)
+    return tree
+
+
+def padded_lora_batch(wl, cfg, seed: int = 0) -> dict[str, np.ndarray]:
+    """Two sequences of ``wl``'s synthetic batch, the second ending in three padding tokens."""
+    batch = wl.synthetic_batch(cfg, batch_size=2, seed=seed)
+    batch["attention_mask"][1, -3:] = 0
+    batch["labels"][1, -3:] = -100
+    return batch

@@ -8,8 +8,8 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
-pytest.importorskip("flax")
-pytest.importorskip("optax")
+pytest.importorskip("flax", reason="install the [jax] extra")
+pytest.importorskip("optax", reason="install the [jax] extra")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

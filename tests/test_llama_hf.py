@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from checks import assert_bit_identical
+from checks import assert_bit_identical, lively_lora
 
 from mlperf_tutor import frameworks, workloads
 from mlperf_tutor.convert.formats import specs_of
@@ -136,21 +136,12 @@ def test_bad_checkpoint_names_every_offending_key(tmp_path, hf_dir):
 peft_lib = pytest.importorskip("peft", reason="install the [hf] extra (peft)")
 
 
-def lively_tree(cfg, seed=0) -> dict:
-    tree = WL.init_canonical(cfg, seed=seed)
-    rng = np.random.default_rng(seed + 1)
-    for name in tree:
-        if name.endswith("lora_b.weight"):
-            tree[name] = (0.1 * rng.standard_normal(tree[name].shape)).astype(np.float32)
-    return tree
-
-
 @pytest.fixture(scope="module")
 def lora_setup(tmp_path_factory):
     cfg = WL.deterministic(
         WL.config("tiny", vocab_size=96, hidden=32, ffn=48, num_heads=4, lora_rank=4)
     )
-    tree = lively_tree(cfg)
+    tree = lively_lora(WL, cfg, std=0.1)
     root = tmp_path_factory.mktemp("peft")
     hf.save_pretrained({k: v for k, v in tree.items() if not is_adapter(k)}, cfg, root / "base")
     ours = WL.forward("torch", WL.build("torch", cfg, weights=tree), {"input_ids": IDS})

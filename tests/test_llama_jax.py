@@ -12,10 +12,10 @@ import ml_dtypes
 import numpy as np
 import numpy_reference as ref
 import pytest
-from checks import as_f64
+from checks import as_f64, lively_lora, max_abs, padded_lora_batch
 
-pytest.importorskip("flax")
-pytest.importorskip("optax")
+pytest.importorskip("flax", reason="install the [jax] extra")
+pytest.importorskip("optax", reason="install the [jax] extra")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -39,7 +39,7 @@ fj = frameworks.get("jax")
 Frozen = fj.Frozen
 WL = workloads.get("llama2_70b_lora")
 # lr 4e-3 instead of tiny's 1e-2 for the steps compared with torch: with the random lora_b of
-# `lively`, a few adapter elements get gradients ~1e-7 out of cancelling terms, whose round-off
+# `lively_lora`, a few adapter elements get gradients ~1e-7 out of cancelling terms, whose round-off
 # Adam turns into lr-sized steps; at 1e-2 that one element in a thousand moved the jax-torch
 # relative error of blocks.1 o_proj.lora_b to 1.7e-4 after 3 steps (torch float32 vs float64:
 # 8e-6), at 4e-3 all stay below 1e-4. The 10-step parity of `mlperf-tutor parity` runs at 1e-2.
@@ -53,25 +53,6 @@ def _pinned():
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def max_abs(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
-
-def lively(cfg, seed: int = 0) -> dict:
-    """Initial weights with non-zero ``lora_b``, so that the adapters change the output."""
-    tree = WL.init_canonical(cfg, seed=seed)
-    rng = np.random.default_rng(seed + 1)
-    for name in tree:
-        if name.endswith("lora_b.weight"):
-            tree[name] = (0.05 * rng.standard_normal(tree[name].shape)).astype(np.float32)
-    return tree
-
-
-def padded_batch(cfg, seed: int = 0) -> dict:
-    batch = WL.synthetic_batch(cfg, batch_size=2, seed=seed)
-    batch["attention_mask"][1, -3:] = 0  # the second sequence ends in three padding tokens
-    batch["labels"][1, -3:] = -100
-    return batch
 
 
 def randomise64(module: nnx.Module, seed: int) -> dict[str, np.ndarray]:
@@ -164,8 +145,8 @@ def test_fused_qkv_attention_equals_three_projections():
 
 # --- the decoder ------------------------------------------------------------------------------
 def test_decoder_matches_numpy_in_float64_with_lora_and_padding():
-    tree = lively(CFG)
-    batch = padded_batch(CFG)
+    tree = lively_lora(WL, CFG)
+    batch = padded_lora_batch(WL, CFG)
     with jax.enable_x64(True):
         model = llama_jax.build(CFG, dtype=jnp.float64)
         fj.load_canonical(model, as_f64(tree))
@@ -177,8 +158,8 @@ def test_decoder_matches_numpy_in_float64_with_lora_and_padding():
 
 
 def test_float32_forward_is_within_the_parity_bar():
-    tree = lively(CFG)
-    batch = padded_batch(CFG)
+    tree = lively_lora(WL, CFG)
+    batch = padded_lora_batch(WL, CFG)
     model = WL.build("jax", CFG, weights=tree)
     out = WL.forward("jax", model, batch)
     want = ref.llama(as_f64(tree), CFG, batch)
@@ -197,13 +178,13 @@ def test_canonical_names_and_shapes_match_the_workload():
 
 
 def test_only_adapters_are_trained_and_the_base_stays_bit_identical():
-    tree = lively(CFG)
+    tree = lively_lora(WL, CFG)
     model = WL.build("jax", CFG, weights=tree)
     adapters = sorted(k for k in tree if is_adapter(k))
     assert sorted(fj.trainable_names(model)) == adapters
     types = variable_types(model)
     assert {k for k, t in types.items() if t == "Frozen"} == set(tree) - set(adapters)
-    loss, grads = fj.loss_and_grads(model, padded_batch(CFG))
+    loss, grads = fj.loss_and_grads(model, padded_lora_batch(WL, CFG))
     assert sorted(grads) == adapters and np.isfinite(loss)
     assert all(np.abs(g).max() > 0 for g in grads.values())
     optimizer = fj.make_optimizer(*WL.optimizer(CFG), model)
@@ -252,8 +233,8 @@ def test_set_trainable_freezes_and_unfreezes_any_model():
 
 
 def test_fused_attention_path_matches_the_explicit_one():
-    tree = lively(CFG)
-    batch = padded_batch(CFG)
+    tree = lively_lora(WL, CFG)
+    batch = padded_lora_batch(WL, CFG)
     explicit = WL.forward("jax", WL.build("jax", CFG, weights=tree), batch)
     model = llama_jax.build(CFG, fused=True, fused_implementation="xla")
     fj.load_canonical(model, tree)
@@ -264,11 +245,11 @@ def test_fused_attention_path_matches_the_explicit_one():
 
 def test_bf16_build_keeps_bf16_through_the_embedding_gather():
     model = llama_jax.build(CFG, dtype=jnp.bfloat16)
-    tree = {k: v.astype(ml_dtypes.bfloat16) for k, v in lively(CFG).items()}
+    tree = {k: v.astype(ml_dtypes.bfloat16) for k, v in lively_lora(WL, CFG).items()}
     fj.load_canonical(model, tree)
     assert {v.dtype for v in fj.to_canonical(model).values()} == {np.dtype(ml_dtypes.bfloat16)}
     assert sorted(fj.trainable_names(model)) == sorted(k for k in tree if is_adapter(k))
-    out = fj.forward(model, padded_batch(CFG))
+    out = fj.forward(model, padded_lora_batch(WL, CFG))
     # nnx.Embed's call would give float32 activations, and float32 logits after them.
     assert out["logits"].dtype == np.dtype(ml_dtypes.bfloat16)
     assert out["loss"].dtype == np.float32 and np.isfinite(out["loss"])
@@ -276,7 +257,7 @@ def test_bf16_build_keeps_bf16_through_the_embedding_gather():
 
 def test_lora_dropout_is_active_in_training_only():
     cfg = WL.config("tiny", seq_len=9, num_layers=2, lora_dropout=0.5)
-    model = WL.build("jax", cfg, weights=lively(cfg))
+    model = WL.build("jax", cfg, weights=lively_lora(WL, cfg))
     batch = WL.synthetic_batch(cfg, batch_size=2, seed=0)
     a, b = (fj.forward(model, batch, train=True)["loss"] for _ in range(2))
     assert np.isfinite([a, b]).all() and a != b  # two dropout draws
@@ -294,8 +275,8 @@ def test_too_long_input_is_refused():
 def test_forward_grads_and_steps_match_torch():
     ft = frameworks.get("torch")
     ft.pin_precision()
-    tree = lively(CFG)
-    batch = padded_batch(CFG)
+    tree = lively_lora(WL, CFG)
+    batch = padded_lora_batch(WL, CFG)
     models = {
         "jax": WL.build("jax", CFG, weights=tree),
         "torch": WL.build("torch", CFG, weights=tree),
@@ -311,7 +292,7 @@ def test_forward_grads_and_steps_match_torch():
     for fw, model in models.items():
         optimizer = adapters[fw].make_optimizer(*WL.optimizer(CFG), model)
         for step in range(3):
-            adapters[fw].train_step(model, optimizer, padded_batch(CFG, seed=step))
+            adapters[fw].train_step(model, optimizer, padded_lora_batch(WL, CFG, seed=step))
     after = {fw: adapters[fw].to_canonical(m) for fw, m in models.items()}
     for name in tree:
         assert errors(after["jax"][name], after["torch"][name])[1] <= STEP_RTOL, name

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import numpy_reference as ref
 import pytest
-from checks import as_f64
+from checks import as_f64, lively_lora, max_abs, padded_lora_batch
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("keras")
+pytest.importorskip("tensorflow", reason="install the [tf] extra")
+pytest.importorskip("keras", reason="install the [tf] extra")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -35,33 +35,12 @@ from mlperf_tutor.workloads.llama import adapter_count, tf_model  # noqa: E402
 
 WL = workloads.get("llama2_70b_lora")
 # lr 4e-3 instead of tiny's 1e-2 for the steps compared with torch: with the random lora_b of
-# `lively`, a few adapter elements get gradients ~1e-7 out of cancelling terms, whose round-off
+# `lively_lora`, a few adapter elements get gradients ~1e-7 out of cancelling terms, whose round-off
 # Adam turns into lr-sized steps; at 1e-2 that one element in a thousand moved the jax-torch
 # relative error of blocks.1 o_proj.lora_b to 1.7e-4 after 3 steps (torch float32 vs float64:
 # 8e-6), at 4e-3 all stay below 1e-4. The 10-step parity of `mlperf-tutor parity` runs at 1e-2.
 CFG = WL.deterministic(WL.config("tiny", seq_len=9, num_layers=2, lr=4e-3))
 F64_ATOL = 1e-10
-
-
-def max_abs(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
-
-def lively(cfg, seed: int = 0) -> dict:
-    """Initial weights with non-zero ``lora_b``, so that the adapters change the output."""
-    tree = WL.init_canonical(cfg, seed=seed)
-    rng = np.random.default_rng(seed + 1)
-    for name in tree:
-        if name.endswith("lora_b.weight"):
-            tree[name] = (0.05 * rng.standard_normal(tree[name].shape)).astype(np.float32)
-    return tree
-
-
-def padded_batch(cfg, seed: int = 0) -> dict:
-    batch = WL.synthetic_batch(cfg, batch_size=2, seed=seed)
-    batch["attention_mask"][1, -3:] = 0  # the second sequence ends in three padding tokens
-    batch["labels"][1, -3:] = -100
-    return batch
 
 
 def load_random(layer, x, seed: int = 0) -> dict[str, np.ndarray]:
@@ -78,12 +57,12 @@ def load_random(layer, x, seed: int = 0) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def tree():
-    return lively(CFG)
+    return lively_lora(WL, CFG)
 
 
 @pytest.fixture(scope="module")
 def model(tree):
-    """The float32 model with ``lively`` weights; tests that train build their own."""
+    """The float32 model with ``lively_lora`` weights; tests that train build their own."""
     return WL.build("tf", CFG, weights=tree)
 
 
@@ -162,7 +141,7 @@ def test_canonical_names_shapes_and_param_count(model):
 def test_decoder_matches_numpy_in_float64_with_lora_and_padding(tree):
     model = tf_model.build(CFG, dtype="float64")
     adapter.load_canonical(model, as_f64(tree))
-    batch = padded_batch(CFG)
+    batch = padded_lora_batch(WL, CFG)
     out = adapter.forward(model, batch)
     want = ref.llama(as_f64(tree), CFG, batch)
     assert out["loss"].dtype == np.float64
@@ -171,8 +150,10 @@ def test_decoder_matches_numpy_in_float64_with_lora_and_padding(tree):
 
 
 def test_float32_forward_and_gradients_match_torch(model, tree):
-    torch_adapter = pytest.importorskip("mlperf_tutor.frameworks.torch")
-    batch = padded_batch(CFG)
+    torch_adapter = pytest.importorskip(
+        "mlperf_tutor.frameworks.torch", reason="install the [torch] extra"
+    )
+    batch = padded_lora_batch(WL, CFG)
     want = ref.llama(as_f64(tree), CFG, batch)
     out = adapter.forward(model, batch)
     assert out["loss"].dtype == np.float32
@@ -189,7 +170,7 @@ def test_float32_forward_and_gradients_match_torch(model, tree):
 
 
 def test_batch_without_labels_gives_logits_only(model, tree):
-    ids = padded_batch(CFG)["input_ids"][:, :5]
+    ids = padded_lora_batch(WL, CFG)["input_ids"][:, :5]
     out = adapter.forward(model, {"input_ids": ids})
     assert set(out) == {"logits"}
     assert max_abs(out["logits"], ref.llama(as_f64(tree), CFG, {"input_ids": ids})["logits"]) <= (
@@ -198,7 +179,7 @@ def test_batch_without_labels_gives_logits_only(model, tree):
 
 
 def test_fused_attention_path_matches_the_explicit_one(model, tree):
-    batch = padded_batch(CFG)
+    batch = padded_lora_batch(WL, CFG)
     fused = tf_model.build(CFG, fused=True)
     adapter.load_canonical(fused, tree)
     explicit_out, fused_out = adapter.forward(model, batch), adapter.forward(fused, batch)
@@ -219,7 +200,7 @@ def test_only_adapters_are_trained_and_the_base_stays_bit_identical(tree):
     assert sorted(adapter.trainable_names(model)) == adapters
     # Keras itself sees the per-variable flag (what fit() and its optimizers would use).
     assert len(model.trainable_weights) == len(adapters)
-    loss, grads = adapter.loss_and_grads(model, padded_batch(CFG))
+    loss, grads = adapter.loss_and_grads(model, padded_lora_batch(WL, CFG))
     assert sorted(grads) == adapters and np.isfinite(loss)
     assert all(np.abs(g).max() > 0 for g in grads.values())
     optimizer = adapter.make_optimizer(*WL.optimizer(CFG), model)
@@ -249,14 +230,14 @@ def test_without_lora_the_base_model_trains_everything():
 
 def test_lora_dropout_is_active_in_training_only():
     cfg = WL.config("tiny", seq_len=9, lora_dropout=0.5)
-    model = WL.build("tf", cfg, weights=lively(cfg))
+    model = WL.build("tf", cfg, weights=lively_lora(WL, cfg))
     batch = WL.synthetic_batch(cfg, batch_size=2, seed=0)
     adapter.seed(0)
     a, _ = adapter.loss_and_grads(model, batch, train=True)
     b, _ = adapter.loss_and_grads(model, batch, train=True)
     assert a != b  # two dropout draws
     assert adapter.forward(model, batch)["loss"] == adapter.forward(model, batch)["loss"]
-    no_dropout = WL.build("tf", WL.deterministic(cfg), weights=lively(cfg))
+    no_dropout = WL.build("tf", WL.deterministic(cfg), weights=lively_lora(WL, cfg))
     assert adapter.forward(model, batch)["loss"] == adapter.forward(no_dropout, batch)["loss"]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 import torch
-from checks import as_f64
+from checks import as_f64, lively_lora, padded_lora_batch
 
 from mlperf_tutor import frameworks, workloads
 from mlperf_tutor.core.parity import OUTPUT_ATOL
@@ -22,23 +22,6 @@ ADAPTER = frameworks.get("torch")
 WL = workloads.get("llama2_70b_lora")
 CFG = WL.deterministic(WL.config("tiny", seq_len=9, num_layers=2))
 F64_ATOL = 1e-10
-
-
-def lively(cfg, seed: int = 0) -> dict:
-    """Initial weights with non-zero ``lora_b``, so that the adapters change the output."""
-    tree = WL.init_canonical(cfg, seed=seed)
-    rng = np.random.default_rng(seed + 1)
-    for name in tree:
-        if name.endswith("lora_b.weight"):
-            tree[name] = (0.05 * rng.standard_normal(tree[name].shape)).astype(np.float32)
-    return tree
-
-
-def padded_batch(cfg, seed: int = 0) -> dict:
-    batch = WL.synthetic_batch(cfg, batch_size=2, seed=seed)
-    batch["attention_mask"][1, -3:] = 0  # the second sequence ends in three padding tokens
-    batch["labels"][1, -3:] = -100
-    return batch
 
 
 def test_rms_norm_matches_numpy_and_keeps_bf16():
@@ -96,9 +79,9 @@ def test_fused_qkv_attention_equals_three_projections():
 
 
 def test_decoder_matches_numpy_in_float64_with_lora_and_padding():
-    tree = lively(CFG)
+    tree = lively_lora(WL, CFG)
     model = WL.build("torch", CFG, weights=tree).double()
-    batch = padded_batch(CFG)
+    batch = padded_lora_batch(WL, CFG)
     out = ADAPTER.forward(model, batch)
     want = ref.llama(as_f64(tree), CFG, batch)
     assert np.abs(out["logits"] - want["logits"]).max() <= F64_ATOL
@@ -106,18 +89,18 @@ def test_decoder_matches_numpy_in_float64_with_lora_and_padding():
 
 
 def test_float32_forward_is_within_the_parity_bar():
-    tree = lively(CFG)
-    batch = padded_batch(CFG)
+    tree = lively_lora(WL, CFG)
+    batch = padded_lora_batch(WL, CFG)
     out = WL.forward("torch", WL.build("torch", CFG, weights=tree), batch)
     want = ref.llama(as_f64(tree), CFG, batch)
     assert np.abs(out["logits"] - want["logits"]).max() <= OUTPUT_ATOL
 
 
 def test_only_adapters_are_trained_and_the_base_stays_bit_identical():
-    tree = lively(CFG)
+    tree = lively_lora(WL, CFG)
     model = WL.build("torch", CFG, weights=tree)
     assert sorted(ADAPTER.trainable_names(model)) == sorted(k for k in tree if is_adapter(k))
-    loss, grads = ADAPTER.loss_and_grads(model, padded_batch(CFG))
+    loss, grads = ADAPTER.loss_and_grads(model, padded_lora_batch(WL, CFG))
     assert set(grads) == {k for k in tree if is_adapter(k)} and np.isfinite(loss)
     assert all(np.abs(g).max() > 0 for g in grads.values())
     optimizer = ADAPTER.make_optimizer(*WL.optimizer(CFG), model)
@@ -139,8 +122,8 @@ def test_without_lora_the_base_model_trains_everything():
 
 
 def test_fused_attention_path_matches_the_explicit_one():
-    tree = lively(CFG)
-    batch = padded_batch(CFG)
+    tree = lively_lora(WL, CFG)
+    batch = padded_lora_batch(WL, CFG)
     explicit = WL.forward("torch", WL.build("torch", CFG, weights=tree), batch)
     model = torch_model.build(CFG, fused=True)
     ADAPTER.load_canonical(model, tree)
@@ -150,7 +133,7 @@ def test_fused_attention_path_matches_the_explicit_one():
 
 def test_lora_dropout_is_active_in_training_only():
     cfg = WL.config("tiny", seq_len=9, lora_dropout=0.5)
-    model = WL.build("torch", cfg, weights=lively(cfg))
+    model = WL.build("torch", cfg, weights=lively_lora(WL, cfg))
     batch = WL.synthetic_batch(cfg, batch_size=2, seed=0)
     torch.manual_seed(0)
     a, _ = ADAPTER.loss_and_grads(model, batch, train=True)

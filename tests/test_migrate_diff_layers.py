@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-jax = pytest.importorskip("jax")
-nnx = pytest.importorskip("flax.nnx")
+torch = pytest.importorskip("torch", reason="install the [torch] extra")
+jax = pytest.importorskip("jax", reason="install the [jax] extra")
+nnx = pytest.importorskip("flax.nnx", reason="install the [jax] extra")
 
 from torch import nn  # noqa: E402
 

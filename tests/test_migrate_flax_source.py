@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-jax = pytest.importorskip("jax")
-nnx = pytest.importorskip("flax.nnx")
+torch = pytest.importorskip("torch", reason="install the [torch] extra")
+jax = pytest.importorskip("jax", reason="install the [jax] extra")
+nnx = pytest.importorskip("flax.nnx", reason="install the [jax] extra")
 
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402

@@ -14,9 +14,9 @@ import math
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-jax = pytest.importorskip("jax")
-optax = pytest.importorskip("optax")
+torch = pytest.importorskip("torch", reason="install the [torch] extra")
+jax = pytest.importorskip("jax", reason="install the [jax] extra")
+optax = pytest.importorskip("optax", reason="install the [jax] extra")
 
 import jax.numpy as jnp  # noqa: E402
 from torch.optim import lr_scheduler as lrs  # noqa: E402

@@ -111,14 +111,19 @@ class GptDecoder(nnx.Module):
             logits = self.lm_head(x)  # (B, T, V)
         out = {"logits": logits}
         if "labels" in batch:
-            labels = batch["labels"]  # (B, T)
-            keep = labels != IGNORE_INDEX
-            acc = jnp.promote_types(logits.dtype, jnp.float32)  # float64 models stay float64
-            ce = optax.softmax_cross_entropy_with_integer_labels(
-                logits.astype(acc), jnp.where(keep, labels, 0)
-            )  # (B, T)
-            out["loss"] = jnp.sum(jnp.where(keep, ce, 0.0)) / jnp.sum(keep).astype(acc)
+            out["loss"] = next_token_loss(logits, batch["labels"])
         return out
+
+
+def next_token_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean cross-entropy of ``logits`` (B, T, V) against ``labels`` (B, T) over the labels that
+    are not -100 (sum / count), in float32 at least (float64 models stay float64)."""
+    keep = labels != IGNORE_INDEX
+    acc = jnp.promote_types(logits.dtype, jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(acc), jnp.where(keep, labels, 0)
+    )  # (B, T)
+    return jnp.sum(jnp.where(keep, ce, 0.0)) / jnp.sum(keep).astype(acc)
 
 
 def build(

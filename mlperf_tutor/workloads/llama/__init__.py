@@ -80,6 +80,25 @@ def flops_per_token(cfg: LlamaConfig, lora: bool = True) -> float:
     return 4 * n + 6 * adapter_count(cfg) + attention
 
 
+def _adapter_init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    # PEFT's init: lora_a kaiming_uniform(a=sqrt(5)), i.e. uniform in +-1/sqrt(in); lora_b 0.
+    if name.endswith("lora_b.weight"):
+        return np.zeros(shape)
+    bound = 1.0 / math.sqrt(shape[1])
+    return rng.uniform(-bound, bound, shape)
+
+
+def init_adapters(cfg: LlamaConfig, seed: int = 0) -> Tree:
+    """Fresh adapters alone (``lora_b`` zero: a no-op), without drawing the base weights: what
+    a base checkpoint gets when a LoRA model is built from it."""
+    rng = np.random.default_rng(seed)
+    return {
+        name: _adapter_init(name, shape, rng).astype(np.float32)
+        for name, shape in canonical_shapes(cfg).items()
+        if is_adapter(name)
+    }
+
+
 class LlamaLoraWorkload(Workload):
     name = "llama2_70b_lora"
     description = (
@@ -104,8 +123,7 @@ class LlamaLoraWorkload(Workload):
 
             weights = convert.load(weights, workload=self, cfg=cfg)
         if weights is not None and cfg.lora_rank and not any(is_adapter(k) for k in weights):
-            fresh = self.init_canonical(cfg, seed=0)
-            weights = {**weights, **{k: v for k, v in fresh.items() if is_adapter(k)}}
+            weights = {**weights, **init_adapters(cfg, seed=0)}
         return super().build(framework, cfg, weights)
 
     def param_count(self, cfg: LlamaConfig) -> int:
@@ -127,11 +145,8 @@ class LlamaLoraWorkload(Workload):
         for name, shape in canonical_shapes(cfg).items():
             if name.endswith("norm.weight"):
                 value = np.ones(shape)
-            elif name.endswith("lora_b.weight"):
-                value = np.zeros(shape)
-            elif name.endswith("lora_a.weight"):
-                bound = 1.0 / math.sqrt(shape[1])
-                value = rng.uniform(-bound, bound, shape)
+            elif is_adapter(name):
+                value = _adapter_init(name, shape, rng)
             else:
                 value = cfg.init_std * rng.standard_normal(shape)
             tree[name] = value.astype(np.float32)

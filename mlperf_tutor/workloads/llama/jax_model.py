@@ -13,15 +13,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from mlperf_tutor.frameworks.jax import init_empty, set_trainable
 from mlperf_tutor.layers.jax_layers import TransformerBlock
 from mlperf_tutor.layers.jax_norms import RMSNorm
 from mlperf_tutor.layers.lora import is_adapter
+from mlperf_tutor.workloads.gpt.jax_model import next_token_loss
 from mlperf_tutor.workloads.llama.config import LlamaConfig, lora_of
-from mlperf_tutor.workloads.llama.data import IGNORE_INDEX
 
 
 class LlamaDecoder(nnx.Module):
@@ -94,15 +93,8 @@ class LlamaDecoder(nnx.Module):
         logits = self.lm_head(self.final_norm(x))  # (B, T, V)
         out = {"logits": logits}
         if batch.get("labels") is not None:
-            labels = batch["labels"][:, 1:]  # (B, T - 1): the token after position t
-            keep = labels != IGNORE_INDEX
-            # Cross-entropy in float32 at least (bf16 logits lose the softmax's precision);
-            # float64 models stay float64.
-            acc = jnp.promote_types(logits.dtype, jnp.float32)
-            ce = optax.softmax_cross_entropy_with_integer_labels(
-                logits[:, :-1].astype(acc), jnp.where(keep, labels, 0)
-            )  # (B, T - 1)
-            out["loss"] = jnp.sum(jnp.where(keep, ce, 0.0)) / jnp.sum(keep).astype(acc)
+            # Position t predicts labels[:, t + 1] (Hugging Face's shift).
+            out["loss"] = next_token_loss(logits[:, :-1], batch["labels"][:, 1:])
         return out
 
 

@@ -16,8 +16,7 @@ from mlperf_tutor.frameworks.torch import set_trainable
 from mlperf_tutor.layers.lora import is_adapter
 from mlperf_tutor.layers.torch_layers import RMSNorm, TransformerBlock
 from mlperf_tutor.workloads.llama.config import LlamaConfig, lora_of
-
-IGNORE_INDEX = -100
+from mlperf_tutor.workloads.llama.data import IGNORE_INDEX
 
 
 class LlamaDecoder(nn.Module):
