@@ -79,14 +79,18 @@ PEAK_BF16 = 989e12  # dense bf16 FLOP/s of the H100 SXM and H200 (NVIDIA's datas
 VARIANTS = ("torch-eager", "torch-compile", "jax")
 
 
-def measure(wl, cfg, tree, batch, variants, steps: int, warmup: int, flops: float) -> None:
-    """Time each variant's step on ``wl``'s fused-attention model and print tokens/s and MFU
-    (``flops`` model FLOPs per token)."""
+def measure(
+    wl, cfg, tree, batch, variants, steps: int, warmup: int, flops: float, unit: str = "tokens"
+) -> None:
+    """Time each variant's step on ``wl``'s fused-attention model and print units/s and MFU
+    (``flops`` model FLOPs per unit: a token of ``input_ids``, or with ``unit="images"`` a
+    sample of the batch)."""
     import importlib
 
     from timing import timed
 
-    tokens = batch["input_ids"].size
+    first = next(iter(batch.values()))
+    units = batch["input_ids"].size if unit == "tokens" else len(first)
     spec, schedule = wl.optimizer(cfg)
     for variant in variants:
         framework = "jax" if variant == "jax" else "torch"
@@ -101,7 +105,7 @@ def measure(wl, cfg, tree, batch, variants, steps: int, warmup: int, flops: floa
         else:
             step, sync = torch_step(model, spec, schedule, batch, variant == "torch-compile")
         seconds = timed(step, steps, warmup, sync)
-        rate = tokens / seconds
-        print(f"  {variant:14s} {1e3 * seconds:8.1f} ms/step  {rate:10.0f} tokens/s  "
+        rate = units / seconds
+        print(f"  {variant:14s} {1e3 * seconds:8.1f} ms/step  {rate:10.1f} {unit}/s  "
               f"MFU {100 * flops * rate / PEAK_BF16:5.1f}%", flush=True)  # fmt: skip
         del step, sync, model

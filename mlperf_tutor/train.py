@@ -51,6 +51,8 @@ class TrainResult:
             first), or None for a workload without evaluation.
         checkpoint_losses: the losses of the steps that made the start checkpoint (empty for
             workloads that start from the initial weights).
+        eval_metrics: every metric of every evaluation, in order (the quality alone, or
+            several: stable_diffusion's FID and CLIP score).
     """
 
     framework: str
@@ -61,6 +63,7 @@ class TrainResult:
     target: float | None = None
     status: str | None = None
     checkpoint_losses: list[float] = dataclasses.field(default_factory=list)
+    eval_metrics: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
 def _setup(
@@ -74,7 +77,7 @@ def _setup(
     return wl, cfg, batch_size
 
 
-def _target(wl: Workload, target: float | None) -> float | None:
+def _target(wl: Workload, cfg: Config, target: float | None) -> float | None:
     """The quality that ends the run, or None when the workload is not evaluated."""
     if wl.quality_target is None:
         if target is not None:
@@ -83,7 +86,7 @@ def _target(wl: Workload, target: float | None) -> float | None:
                 "does not apply; drop --target"
             )
         return None
-    target = wl.quality_target if target is None else target
+    target = wl.default_target(cfg) if target is None else target
     if wl.quality_higher_is_better and not 0.0 <= target <= 1.0:
         raise ValueError(
             f"target must be a fraction between 0 and 1 ({wl.name}'s MLPerf target, "
@@ -95,10 +98,6 @@ def _target(wl: Workload, target: float | None) -> float | None:
             f"{wl.quality_target}), got {target}"
         )
     return target
-
-
-def _reached(wl: Workload, quality: float, target: float) -> bool:
-    return quality >= target if wl.quality_higher_is_better else quality <= target
 
 
 def _checkpoint(
@@ -182,7 +181,7 @@ def train(
     wl, cfg, batch_size = _setup(workload, preset, batch_size, deterministic)
     if max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}")
-    target = _target(wl, target)
+    target = _target(wl, cfg, target)
     if mllog is not None:
         check_benchmark(wl)
     adapter = frameworks.get(framework)  # a missing framework fails before the log is opened
@@ -216,6 +215,7 @@ def train(
             bar = tqdm(total=max_steps, desc=f"{wl.name} {framework}", unit="step")
         losses: list[float] = []
         evals: list[tuple[int, float]] = []
+        eval_metrics: list[dict[str, float]] = []
         shown: dict[str, str] = {}  # the progress bar's postfix
         step_seconds = 0.0  # wall time of the steps after the first
         start = time.perf_counter()
@@ -242,12 +242,16 @@ def train(
             if evaluated:
                 samples = steps * batch_size
                 log.eval_start(samples * unit)
-                quality = wl.evaluate(framework, model, eval_set, batch_size)
-                log.eval_stop(samples * unit, quality)
+                measured = wl.evaluate(framework, model, eval_set, batch_size)
+                # One quality, or several metrics (stable_diffusion: FID and CLIP score).
+                metrics = measured if isinstance(measured, dict) else {wl.quality_metric: measured}
+                quality = metrics[wl.quality_metric]
+                log.eval_stop(samples * unit, measured)
                 evals.append((samples, quality))
-                reached = _reached(wl, quality, target)
+                eval_metrics.append(metrics)
+                reached = wl.quality_reached(metrics, target, cfg)
                 if bar is not None:
-                    shown["eval"] = f"{quality:.4f}"
+                    shown |= {k: f"{v:.4f}" for k, v in metrics.items()}
                     bar.set_postfix(shown)
         status = ("success" if reached else "aborted") if evaluated else None
         log.run_stop(status, steps * batch_size * unit)
@@ -257,7 +261,9 @@ def train(
     rate = (steps - 1) * batch_size / step_seconds if steps > 1 else 0.0
     if curve is not None:
         write_curve(curve, losses, evals, batch_size)
-    return TrainResult(framework, losses, elapsed, rate, evals, target, status, checkpoint_losses)
+    return TrainResult(
+        framework, losses, elapsed, rate, evals, target, status, checkpoint_losses, eval_metrics
+    )
 
 
 def dry_run(

@@ -35,20 +35,28 @@ def numpy_state(model) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
-def randomized(module, seed: int) -> dict[str, np.ndarray]:
-    """Load random float32 weights (norm scales and biases too) into a PyTorch ``module``, put
-    it in eval mode and return the weights."""
+def random_tree(tree: dict, seed: int) -> dict[str, np.ndarray]:
+    """Random float32 weights of ``tree``'s names and shapes: norm scales near 1, biases
+    N(0, 0.2), other weights N(0, 1 / fan_in) (fan_in: a conv's in x kernel, else the last
+    axis), so that no layer starts at zero as inits often do."""
     rng = np.random.default_rng(seed)
-    tree = {}
-    for name, value in module.state_dict().items():
-        shape = tuple(value.shape)
+    out = {}
+    for name, value in tree.items():
+        shape = tuple(np.shape(value))
         if "norm" in name and name.endswith("weight"):
-            tree[name] = 1.0 + 0.2 * rng.standard_normal(shape)
+            out[name] = 1.0 + 0.2 * rng.standard_normal(shape)
         elif name.endswith("bias"):
-            tree[name] = 0.2 * rng.standard_normal(shape)
+            out[name] = 0.2 * rng.standard_normal(shape)
         else:
-            tree[name] = rng.standard_normal(shape) / math.sqrt(shape[-1])
-    tree = {k: v.astype(np.float32) for k, v in tree.items()}
+            fan_in = math.prod(shape[1:]) if len(shape) > 2 else shape[-1]
+            out[name] = rng.standard_normal(shape) / math.sqrt(fan_in)
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def randomized(module, seed: int) -> dict[str, np.ndarray]:
+    """Load :func:`random_tree` weights into a PyTorch ``module``, put it in eval mode and
+    return the weights."""
+    tree = random_tree(module.state_dict(), seed)
     frameworks.get("torch").load_canonical(module, tree)
     module.eval()
     return tree

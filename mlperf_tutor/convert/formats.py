@@ -50,7 +50,10 @@ _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "orbax.
 # Files that make an existing directory a Hugging Face ``save_pretrained`` one. The weight files
 # count too, so that a directory whose config.json went missing is reported as such rather than
 # as a broken Orbax checkpoint.
-HF_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json")
+HF_MARKERS = (
+    "config.json", "model.safetensors", "model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+)  # fmt: skip
 
 
 class TensorSpec(NamedTuple):

@@ -3,6 +3,8 @@
 Layout (what ``PreTrainedModel.save_pretrained`` writes with transformers 5): ``config.json``
 and either one ``model.safetensors`` or shards ``model-00001-of-0000N.safetensors`` listed by
 ``model.safetensors.index.json`` (``{"metadata": {...}, "weight_map": {name: shard file}}``).
+diffusers' ``ModelMixin.save_pretrained`` writes the same with the stem
+``diffusion_pytorch_model`` instead of ``model``.
 Tensors carry the library's own names (e.g. ``bert.encoder.layer.0.attention.self.query.weight``)
 in PyTorch layouts; the workload's ``hf`` module renames them to and from canonical names.
 
@@ -30,11 +32,13 @@ from mlperf_tutor.core.checkpoint import CheckpointError
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name for the same file
+_WEIGHT_FILES = (WEIGHTS, DIFFUSERS_WEIGHTS)
 
 # What a save_pretrained of a model writes; a directory holding only these may be replaced.
 _MODEL_FILES = re.compile(
-    r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?"
-    r"|model-\d+-of-\d+\.safetensors"
+    r"config\.json|generation_config\.json"
+    r"|(model|diffusion_pytorch_model)(\.safetensors(\.index\.json)?|-\d+-of-\d+\.safetensors)"
 )
 
 
@@ -132,8 +136,10 @@ def read_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
             does not hold.
     """
     directory = Path(directory)
-    if not (directory / INDEX).is_file():
-        if not (directory / WEIGHTS).is_file():
+    weights = next((w for w in _WEIGHT_FILES if (directory / f"{w}.index.json").is_file()), None)
+    if weights is None:
+        single = next((w for w in _WEIGHT_FILES if (directory / w).is_file()), None)
+        if single is None:
             legacy = sorted(p.name for p in directory.glob("pytorch_model*.bin"))
             hint = (
                 f"; it holds {legacy[0]} (the pre-safetensors format): load it with "
@@ -142,9 +148,10 @@ def read_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
                 else ""
             )
             raise CheckpointError(f"{directory} has no {WEIGHTS} nor {INDEX}{hint}")
-        with SafetensorsReader(directory / WEIGHTS) as reader:
+        with SafetensorsReader(directory / single) as reader:
             return reader.mapped()
-    weight_map = _index(directory / INDEX)
+    index = directory / f"{weights}.index.json"
+    weight_map = _index(index)
     shards: dict[str, dict[str, np.ndarray]] = {}
     for file in dict.fromkeys(weight_map.values()):
         with SafetensorsReader(directory / file) as reader:
@@ -152,7 +159,7 @@ def read_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     missing = [k for k, file in weight_map.items() if k not in shards[file]]
     if missing:
         raise CheckpointError(
-            f"{directory / INDEX} lists tensors its shards do not hold ({missing[:5]}); the "
+            f"{index} lists tensors its shards do not hold ({missing[:5]}); the "
             "directory is incomplete, re-save or re-download it"
         )
     return {k: shards[file][k] for k, file in weight_map.items()}
@@ -172,8 +179,10 @@ def write_pretrained(
     config: Mapping[str, Any],
     specs: Mapping[str, TensorSpec],
     tensors: Iterable[tuple[str, np.ndarray]],
+    weights_file: str = WEIGHTS,
 ) -> None:
-    """Write ``config.json`` and one ``model.safetensors`` as a new directory, atomically.
+    """Write ``config.json`` and one ``model.safetensors`` (``weights_file``) as a new directory,
+    atomically.
 
     The directory is assembled in a staging directory beside ``directory`` and renamed into
     place when complete; on any failure nothing is left. An existing ``directory`` is replaced
@@ -185,12 +194,13 @@ def write_pretrained(
         config: the config.json content.
         specs: library name -> spec of every tensor that will come.
         tensors: (library name, array) pairs, each name of ``specs`` once.
+        weights_file: the weights' file name (diffusers: :data:`DIFFUSERS_WEIGHTS`).
     """
     with atomic_dir(directory, is_model_dir, "a Hugging Face model directory") as target:
         target.mkdir()
         (target / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         # {"format": "pt"}: transformers expects it of PyTorch-layout safetensors files.
-        write_safetensors(target / WEIGHTS, specs, tensors, metadata={"format": "pt"})
+        write_safetensors(target / weights_file, specs, tensors, metadata={"format": "pt"})
 
 
 def check_architecture(hf: ModuleType, found: Any, cfg: Any, where: str | os.PathLike) -> None:

@@ -7,7 +7,8 @@ https://arxiv.org/abs/2305.13245; post-LN as in BERT (https://arxiv.org/abs/1810
 as in GPT-2, parallel as in GPT-J (Wang & Komatsuzaki 2021,
 https://github.com/kingoflolz/mesh-transformer-jax), pre-RMSNorm with a SwiGLU MLP as in Llama 2
 (Touvron et al. 2023, https://arxiv.org/abs/2307.09288; SwiGLU: Shazeer 2020,
-https://arxiv.org/abs/2002.05202), LoRA adapters as :mod:`mlperf_tutor.layers.lora` specifies.
+https://arxiv.org/abs/2002.05202), LoRA adapters as :mod:`mlperf_tutor.layers.lora` specifies,
+cross-attention on a text context as Stable Diffusion's (https://arxiv.org/abs/2112.10752).
 Rotary positions: Su et al. 2021, RoFormer
 (https://arxiv.org/abs/2104.09864). Dimension letters: B batch, T query time, S key time,
 D model, N heads, K kv heads, G = N // K query heads per kv head, H head dim, F MLP width,
@@ -142,7 +143,7 @@ def make_linear(
 
 class Attention(nnx.Module):
     """Multi-head self-attention with optional grouped-query heads, key padding, causality and
-    rotary positions.
+    rotary positions; or cross-attention (``context_dim``): keys and values from a context.
 
     Scores are computed and softmaxed in float32 at least; padded keys (``key_mask == 0``) get
     :data:`KEY_MASK_VALUE` added, future keys (``causal=True``) :data:`CAUSAL_MASK_VALUE`.
@@ -171,6 +172,9 @@ class Attention(nnx.Module):
         fused_qkv: one ``qkv_proj`` whose output is the N H query dims, then the K H key and
             the K H value dims (the MLPerf Llama 2 checkpoint's layout), instead of three.
         lora: LoRA adapters on the projections it targets (``qkv_proj``, ``o_proj``, ...).
+        context_dim: width of the context (B, S, context_dim) that ``k_proj`` and ``v_proj``
+            read (cross-attention, as Stable Diffusion's); None: self-attention.
+        out_bias: whether ``o_proj`` has a bias; None: as ``bias``.
         rngs: initialisers' keys and the dropout streams.
     """
 
@@ -190,9 +194,16 @@ class Attention(nnx.Module):
         rotary_layout: str = "interleaved",
         fused_qkv: bool = False,
         lora: Lora | None = None,
+        context_dim: int | None = None,
+        out_bias: bool | None = None,
         rngs: nnx.Rngs,
     ):
         num_kv_heads = num_kv_heads or num_heads
+        if context_dim is not None and (causal or rotary_dim or fused_qkv):
+            raise ValueError(
+                "cross-attention (context_dim) has no causal mask, rotary positions or fused "
+                "qkv_proj: the keys come from another sequence"
+            )
         if dim % num_heads or num_heads % num_kv_heads:
             raise ValueError(
                 f"dim ({dim}) must be a multiple of num_heads ({num_heads}), and num_heads of "
@@ -223,25 +234,26 @@ class Attention(nnx.Module):
         self.rotary_dim, self.rotary_layout = rotary_dim, rotary_layout
         self.rotary_base = rotary_base
         kv_dim = num_kv_heads * self.head_dim
-        self.fused_qkv = fused_qkv
-        linear = functools.partial(make_linear, bias=bias, lora=lora, rngs=rngs)
+        self.fused_qkv, self.context_dim = fused_qkv, context_dim
+        linear = functools.partial(make_linear, lora=lora, rngs=rngs)
+        kv_in = dim if context_dim is None else context_dim
         if fused_qkv:
-            self.qkv_proj = linear("qkv_proj", dim, dim + 2 * kv_dim)
+            self.qkv_proj = linear("qkv_proj", dim, dim + 2 * kv_dim, bias=bias)
         else:
-            self.q_proj = linear("q_proj", dim, dim)
-            self.k_proj = linear("k_proj", dim, kv_dim)
-            self.v_proj = linear("v_proj", dim, kv_dim)
-        self.o_proj = linear("o_proj", dim, dim)
+            self.q_proj = linear("q_proj", dim, dim, bias=bias)
+            self.k_proj = linear("k_proj", kv_in, kv_dim, bias=bias)
+            self.v_proj = linear("v_proj", kv_in, kv_dim, bias=bias)
+        self.o_proj = linear("o_proj", dim, dim, bias=bias if out_bias is None else out_bias)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
-    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        # (B, T, N H), (B, T, K H), (B, T, K H)
+    def _project(self, x: jax.Array, source: jax.Array) -> tuple[jax.Array, ...]:
+        # (B, T, N H), (B, S, K H), (B, S, K H); source is x itself (S = T) or the context
         if self.fused_qkv:
             q_dim = self.num_heads * self.head_dim
             kv_dim = self.num_kv_heads * self.head_dim
             q, k, v = jnp.split(self.qkv_proj(x), [q_dim, q_dim + kv_dim], axis=-1)
             return q, k, v
-        return self.q_proj(x), self._keys(x), self.v_proj(x)
+        return self.q_proj(x), self._keys(source), self.v_proj(source)
 
     def _keys(self, x: jax.Array) -> jax.Array:
         # Without rotary, the key bias adds q . b to every score of a query alike, which softmax
@@ -253,13 +265,22 @@ class Attention(nnx.Module):
         bias = jax.lax.stop_gradient(self.k_proj.bias[...])
         return x @ self.k_proj.kernel[...] + bias
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, key_mask: jax.Array | None = None, context: jax.Array | None = None
+    ) -> jax.Array:
+        if (context is None) != (self.context_dim is None):
+            raise ValueError(
+                "pass a context exactly when the attention was built with context_dim "
+                f"(context_dim={self.context_dim}, context given: {context is not None})"
+            )
         b, t, _ = x.shape  # (B, T, D)
+        source = x if context is None else context  # (B, S, D) or (B, S, context_dim)
+        s = source.shape[1]
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-        q, keys, values = self._project(x)
+        q, keys, values = self._project(x, source)
         q = q.reshape(b, t, n, h)  # (B, T, N, H)
-        keys = keys.reshape(b, t, k, h)  # (B, S, K, H); self-attention: S = T
-        values = values.reshape(b, t, k, h)  # (B, S, K, H)
+        keys = keys.reshape(b, s, k, h)  # (B, S, K, H); self-attention: S = T
+        values = values.reshape(b, s, k, h)  # (B, S, K, H)
         if self.rotary_dim:
             q = apply_rotary(q, self.rotary_dim, self.rotary_base, self.rotary_layout)
             keys = apply_rotary(keys, self.rotary_dim, self.rotary_base, self.rotary_layout)
@@ -364,6 +385,7 @@ class TransformerBlock(nnx.Module):
     ``norm_position="pre"`` (GPT)::
 
         x = x + dropout(attention(attention_norm(x), key_mask))
+        x = x + dropout(cross_attention(cross_attention_norm(x), context))  # with context_dim
         x = x + dropout(mlp(mlp_norm(x)))
 
     ``norm_position="parallel"`` (GPT-J; Wang & Komatsuzaki 2021,
@@ -395,6 +417,9 @@ class TransformerBlock(nnx.Module):
         gated_mlp: a gated MLP (SwiGLU with "silu"; see :class:`MLP`).
         fused_qkv: one fused query/key/value projection (see :class:`Attention`).
         lora: LoRA adapters on the attention projections it targets.
+        context_dim: width of the context that a cross-attention (after the self-attention;
+            Stable Diffusion's) reads; None: no cross-attention. Pre-norm blocks only.
+        attention_out_bias: the bias of the attentions' ``o_proj``; None: as ``attention_bias``.
         rngs: initialisers' keys and the dropout streams.
     """
 
@@ -422,27 +447,43 @@ class TransformerBlock(nnx.Module):
         gated_mlp: bool = False,
         fused_qkv: bool = False,
         lora: Lora | None = None,
+        context_dim: int | None = None,
+        attention_out_bias: bool | None = None,
         rngs: nnx.Rngs,
     ):
         if norm_position not in ("post", "pre", "parallel"):
             raise ValueError(
                 f"norm_position must be 'post', 'pre' or 'parallel', got {norm_position!r}"
             )
+        if context_dim is not None and norm_position != "pre":
+            raise ValueError(
+                f"cross-attention (context_dim) needs norm_position='pre', got {norm_position!r}"
+            )
         self.norm_position = norm_position
-        self.attention = Attention(
-            dim, num_heads, bias=bias if attention_bias is None else attention_bias,
-            dropout=attention_dropout, causal=causal, fused=fused,
-            fused_implementation=fused_implementation, rotary_dim=rotary_dim,
-            rotary_base=rotary_base, rotary_layout=rotary_layout, num_kv_heads=num_kv_heads,
-            fused_qkv=fused_qkv, lora=lora, rngs=rngs,
+        attention = functools.partial(
+            Attention, dim, num_heads, bias=bias if attention_bias is None else attention_bias,
+            out_bias=attention_out_bias, dropout=attention_dropout, fused=fused,
+            fused_implementation=fused_implementation, num_kv_heads=num_kv_heads, lora=lora,
+            rngs=rngs,
+        )  # fmt: skip
+        self.attention = attention(
+            causal=causal, rotary_dim=rotary_dim, rotary_base=rotary_base,
+            rotary_layout=rotary_layout, fused_qkv=fused_qkv,
         )  # fmt: skip
         self.attention_norm = make_norm(norm, dim, norm_eps, rngs=rngs)
+        cross = context_dim is not None
+        self.cross_attention = attention(context_dim=context_dim) if cross else None
+        self.cross_attention_norm = make_norm(norm, dim, norm_eps, rngs=rngs) if cross else None
         self.mlp = MLP(dim, ffn, activation=activation, bias=bias, gated=gated_mlp, rngs=rngs)
         if norm_position != "parallel":  # the parallel block's MLP reads attention_norm's output
             self.mlp_norm = make_norm(norm, dim, norm_eps, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, key_mask: jax.Array | None = None, context: jax.Array | None = None
+    ) -> jax.Array:
+        if context is not None and self.cross_attention is None:
+            raise ValueError("a context needs a block built with context_dim (cross-attention)")
         if self.norm_position == "parallel":
             h = self.attention_norm(x)
             return x + self.dropout(self.attention(h, key_mask)) + self.dropout(self.mlp(h))
@@ -450,4 +491,7 @@ class TransformerBlock(nnx.Module):
             x = self.attention_norm(x + self.dropout(self.attention(x, key_mask)))
             return self.mlp_norm(x + self.dropout(self.mlp(x)))  # (B, T, D)
         x = x + self.dropout(self.attention(self.attention_norm(x), key_mask))
+        if self.cross_attention is not None:  # its Attention refuses a missing context
+            h = self.cross_attention_norm(x)
+            x = x + self.dropout(self.cross_attention(h, context=context))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))  # (B, T, D)

@@ -12,8 +12,10 @@ in ``tf_norms``):
   (https://arxiv.org/abs/2305.13245); pre-LN: Xiong et al. 2020 (https://arxiv.org/abs/2002.04745);
   parallel attention and MLP: Wang & Komatsuzaki 2021 (GPT-J,
   https://github.com/kingoflolz/mesh-transformer-jax).
-* :func:`apply_rotary`: rotary position embeddings, Su et al. 2021 (RoFormer,
-  https://arxiv.org/abs/2104.09864).
+  Cross-attention (keys and values from a ``context``, Stable Diffusion's text tokens) is
+  the same Attention with ``context_dim``.
+* :func:`apply_rotary` (defined in ``tf_rotary``): rotary position embeddings, Su et al. 2021
+  (RoFormer, https://arxiv.org/abs/2104.09864).
 * :class:`LoRALinear`, :func:`make_linear`: a Dense layer plus a LoRA adapter as
   :mod:`mlperf_tutor.layers.lora` specifies; the gated (SwiGLU, Shazeer 2020,
   https://arxiv.org/abs/2002.05202) MLP and pre-RMSNorm blocks of Llama 2 (Touvron et al. 2023,
@@ -41,6 +43,11 @@ from keras import ops
 
 from mlperf_tutor.layers.lora import Lora
 from mlperf_tutor.layers.tf_norms import NORMS, RMSNorm, make_norm  # noqa: F401 (re-exported)
+from mlperf_tutor.layers.tf_rotary import (  # noqa: F401 (apply_rotary re-exported)
+    RotaryLayout,
+    apply_rotary,
+)
+from mlperf_tutor.layers.tf_rotary import math_dtype as _math_dtype
 
 #: Added to the scores of padded keys: the MLPerf BERT reference's value (modeling.py). Not -inf,
 #: so a row without any real key still has a finite (uniform) softmax, as in the reference.
@@ -80,63 +87,6 @@ def get_activation(name: str):
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {list(ACTIVATIONS)}")
     return ACTIVATIONS[name]
-
-
-def _math_dtype(dtype) -> str:
-    """float64 for float64 tensors, float32 for every other float (float32 at least)."""
-    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
-
-
-RotaryLayout = Literal["interleaved", "half"]
-
-
-def apply_rotary(x, rotary_dim: int, base: float = 10000.0, layout: RotaryLayout = "interleaved"):
-    """Rotary position embeddings (Su et al. 2021, RoFormer, https://arxiv.org/abs/2104.09864).
-
-    Rotates pair j of the first ``rotary_dim`` dims of every head at position t (0..T-1) by the
-    angle ``t * inv_freq[j]``, ``inv_freq = 1 / base ** (arange(0, rotary_dim, 2) / rotary_dim)``;
-    the other ``H - rotary_dim`` dims pass through. The angles and the rotation are computed in
-    float32 (float64 for float64 inputs); the output has ``x``'s dtype.
-
-    Args:
-        x: (B, T, heads, H) queries or keys.
-        rotary_dim: dims rotated, even and at most H.
-        base: the frequency base (10000 in RoFormer, GPT-J and Llama 2).
-        layout: "interleaved" pairs dims (2j, 2j + 1) (GPT-J); "half" pairs (j, j + rotary_dim/2)
-            (GPT-NeoX, Llama).
-
-    Returns:
-        (B, T, heads, H), ``x``'s dtype.
-    """
-    if layout not in ("interleaved", "half"):
-        raise ValueError(f"rotary layout must be 'interleaved' or 'half', got {layout!r}")
-    head_dim = int(x.shape[-1])
-    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
-        raise ValueError(f"rotary_dim ({rotary_dim}) must be even and in (0, head dim {head_dim}]")
-    in_dtype = keras.backend.standardize_dtype(x.dtype)
-    dtype = _math_dtype(in_dtype)
-    half = rotary_dim // 2
-    exponents = ops.arange(0, rotary_dim, 2, dtype=dtype) / rotary_dim  # (R/2,)
-    inv_freq = 1.0 / ops.power(ops.convert_to_tensor(base, dtype=dtype), exponents)  # (R/2,)
-    positions = ops.arange(ops.shape(x)[1], dtype=dtype)  # (T,)
-    angle = positions[:, None] * inv_freq[None, :]  # (T, R/2)
-    cos = ops.cos(angle)[None, :, None, :]  # (1, T, 1, R/2)
-    sin = ops.sin(angle)[None, :, None, :]
-    rot = ops.cast(x[..., :rotary_dim], dtype)  # (B, T, heads, R)
-    if layout == "interleaved":
-        a, b = rot[..., 0::2], rot[..., 1::2]  # (B, T, heads, R/2) each
-    else:
-        a, b = rot[..., :half], rot[..., half:]
-    first, second = a * cos - b * sin, b * cos + a * sin
-    if layout == "interleaved":
-        # (B, T, heads, R/2, 2) -> (B, T, heads, R): back to (2j, 2j + 1) order.
-        rot = ops.reshape(ops.stack([first, second], axis=-1), ops.shape(rot))
-    else:
-        rot = ops.concatenate([first, second], axis=-1)
-    rot = ops.cast(rot, in_dtype)
-    if rotary_dim == head_dim:
-        return rot
-    return ops.concatenate([rot, x[..., rotary_dim:]], axis=-1)
 
 
 def _dense(units: int, bias: bool, name: str, dtype) -> keras.layers.Dense:
@@ -191,7 +141,8 @@ def make_linear(
 
 
 class Attention(keras.layers.Layer):
-    """Multi-head self-attention with grouped-query heads, key padding, causality and rotary.
+    """Multi-head attention with grouped-query heads, key padding, causality and rotary; self-
+    attention, or cross-attention to a ``context`` when ``context_dim`` is set.
 
     ``scores = q k^T / sqrt(H)``; padded keys get :data:`KEY_MASK_VALUE` (-10000, the BERT
     reference's value) added, future keys are set to :data:`CAUSAL_MASK_VALUE` under ``causal``;
@@ -218,10 +169,15 @@ class Attention(keras.layers.Layer):
         fused_qkv: one ``qkv_proj`` whose output is the N H query dims, then the K H key and
             the K H value dims (the MLPerf Llama 2 checkpoint's layout), instead of three.
         lora: LoRA adapters on the projections it targets (``qkv_proj``, ``o_proj``, ...).
+        context_dim: cross-attention: ``k_proj`` and ``v_proj`` read a ``context`` of this width
+            (Stable Diffusion's text tokens); None: self-attention.
+        out_bias: a bias in ``o_proj``; None: same as ``bias`` (SD: no q/k/v bias, o_proj bias).
         **kwargs: Keras layer arguments (``name``, ``dtype``).
 
     Shapes:
-        x: (B, T, D); key_mask: (B, T) of 1 (real token) / 0 (padding), or None. Output (B, T, D).
+        x: (B, T, D); key_mask: (B, S) of 1 (real key) / 0 (padding), or None; context:
+        (B, S, context_dim), given exactly when ``context_dim`` is set (self-attention: S = T).
+        Output (B, T, D).
     """
 
     def __init__(
@@ -239,9 +195,17 @@ class Attention(keras.layers.Layer):
         rotary_layout: RotaryLayout = "interleaved",
         fused_qkv: bool = False,
         lora: Lora | None = None,
+        context_dim: int | None = None,
+        out_bias: bool | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if context_dim is not None and (causal or rotary_dim or fused_qkv):
+            raise ValueError(
+                "cross-attention (context_dim set) takes no causal mask, rotary positions or "
+                f"fused_qkv (got causal={causal}, rotary_dim={rotary_dim}, fused_qkv={fused_qkv})"
+            )
+        self.context_dim = context_dim
         kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if dim % num_heads or num_heads % kv_heads:
             raise ValueError(
@@ -275,7 +239,8 @@ class Attention(keras.layers.Layer):
             self.q_proj = make_linear("q_proj", dim, bias=bias, lora=lora, dtype=dtype)
             self.k_proj = make_linear("k_proj", kv_dim, bias=bias, lora=lora, dtype=dtype)
             self.v_proj = make_linear("v_proj", kv_dim, bias=bias, lora=lora, dtype=dtype)
-        self.o_proj = make_linear("o_proj", dim, bias=bias, lora=lora, dtype=dtype)
+        o_bias = bias if out_bias is None else out_bias
+        self.o_proj = make_linear("o_proj", dim, bias=o_bias, lora=lora, dtype=dtype)
         self.dropout = keras.layers.Dropout(dropout, name="dropout", dtype=dtype)
 
     def _keys(self, x, training):
@@ -289,13 +254,20 @@ class Attention(keras.layers.Layer):
             self.k_proj.build(x.shape)
         return ops.matmul(x, self.k_proj.kernel) + ops.stop_gradient(self.k_proj.bias)
 
-    def call(self, x, key_mask=None, training=False):
+    def call(self, x, key_mask=None, context=None, training=False):
+        if (context is None) != (self.context_dim is None):
+            raise ValueError(
+                f"Attention {self.name!r} needs a context exactly when it was built with "
+                f"context_dim (context_dim={self.context_dim}, context given: "
+                f"{context is not None})"
+            )
         b, t = ops.shape(x)[:2]  # tensors, not ints, inside a shape-relaxed tf.function
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-        q, keys, values = self._project(x, training)
+        q, keys, values = self._project(x, x if context is None else context, training)
+        s = ops.shape(keys)[1]
         q = ops.reshape(q, (b, t, n, h))  # (B, T, N, H)
-        keys = ops.reshape(keys, (b, t, k, h))  # (B, S, K, H); self-attention: S = T
-        values = ops.reshape(values, (b, t, k, h))  # (B, S, K, H)
+        keys = ops.reshape(keys, (b, s, k, h))  # (B, S, K, H); self-attention: S = T
+        values = ops.reshape(values, (b, s, k, h))  # (B, S, K, H)
         if self.rotary_dim:
             q = self._rotate(q)
             keys = self._rotate(keys)
@@ -315,14 +287,15 @@ class Attention(keras.layers.Layer):
             out = self._explicit(q, keys, values, pad, training)  # (B, T, N, H)
         return self.o_proj(ops.reshape(out, (b, t, n * h)), training=training)  # (B, T, D)
 
-    def _project(self, x, training):
-        # (B, T, N H), (B, T, K H), (B, T, K H); ``training`` reaches LoRA's dropout.
+    def _project(self, x, source, training):
+        # (B, T, N H), (B, S, K H), (B, S, K H): keys and values from ``source`` (x, or the
+        # context of cross-attention); ``training`` reaches LoRA's dropout.
         if self.fused_qkv:
             q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             qkv = self.qkv_proj(x, training=training)
             return ops.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
-        keys = self._keys(x, training)
-        return self.q_proj(x, training=training), keys, self.v_proj(x, training=training)
+        keys = self._keys(source, training)
+        return self.q_proj(x, training=training), keys, self.v_proj(source, training=training)
 
     def _rotate(self, x):
         return apply_rotary(x, self.rotary_dim, self.rotary_base, self.rotary_layout)
@@ -403,6 +376,8 @@ class TransformerBlock(keras.layers.Layer):
     * ``norm_position="parallel"`` (GPT-J; Wang & Komatsuzaki 2021,
       https://github.com/kingoflolz/mesh-transformer-jax): one norm, no ``mlp_norm``:
       ``h = attention_norm(x)``; ``x = x + drop(attention(h, key_mask)) + drop(mlp(h))``.
+    * With ``context_dim`` (Stable Diffusion; pre-norm only), a cross-attention branch between
+      the two: ``x = x + drop(cross_attention(cross_attention_norm(x), context))``.
 
     Args:
         dim: model width D.
@@ -426,10 +401,15 @@ class TransformerBlock(keras.layers.Layer):
         gated_mlp: a gated MLP (SwiGLU with "silu"; see :class:`MLP`).
         fused_qkv: one fused query/key/value projection (see :class:`Attention`).
         lora: LoRA adapters on the attention projections it targets.
+        context_dim: width of the context that ``cross_attention`` reads (None: no
+            cross-attention and no ``cross_attention_norm``).
+        attention_out_bias: a bias in the attention's ``o_proj`` (and the cross-attention's);
+            None: same as ``attention_bias``.
         **kwargs: Keras layer arguments (``name``, ``dtype``).
 
     Shapes:
-        x: (B, T, D); key_mask: (B, T) of 1/0 or None. Output (B, T, D).
+        x: (B, T, D); key_mask: (B, T) of 1/0 or None; context: (B, L, context_dim), given
+        exactly when ``context_dim`` is set. Output (B, T, D).
     """
 
     def __init__(
@@ -455,6 +435,8 @@ class TransformerBlock(keras.layers.Layer):
         gated_mlp: bool = False,
         fused_qkv: bool = False,
         lora: Lora | None = None,
+        context_dim: int | None = None,
+        attention_out_bias: bool | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -462,15 +444,31 @@ class TransformerBlock(keras.layers.Layer):
             raise ValueError(
                 f"norm_position must be 'post', 'pre' or 'parallel', got {norm_position!r}"
             )
+        if context_dim is not None and norm_position != "pre":
+            raise ValueError(
+                f"cross-attention (context_dim={context_dim}) needs norm_position='pre', got "
+                f"{norm_position!r}"
+            )
         self.norm_position = norm_position
         dtype = self.dtype_policy
+        attention_bias = bias if attention_bias is None else attention_bias
         self.attention = Attention(
-            dim, num_heads, bias=bias if attention_bias is None else attention_bias,
+            dim, num_heads, bias=attention_bias, out_bias=attention_out_bias,
             dropout=attention_dropout, causal=causal, fused=fused, rotary_dim=rotary_dim,
             rotary_base=rotary_base, rotary_layout=rotary_layout, num_kv_heads=num_kv_heads,
             fused_qkv=fused_qkv, lora=lora, name="attention", dtype=dtype,
         )  # fmt: skip
         self.attention_norm = make_norm(norm, norm_eps, name="attention_norm", dtype=dtype)
+        self.cross_attention = None
+        if context_dim is not None:
+            self.cross_attention = Attention(
+                dim, num_heads, bias=attention_bias, out_bias=attention_out_bias,
+                dropout=attention_dropout, fused=fused, num_kv_heads=num_kv_heads, lora=lora,
+                context_dim=context_dim, name="cross_attention", dtype=dtype,
+            )  # fmt: skip
+            self.cross_attention_norm = make_norm(
+                norm, norm_eps, name="cross_attention_norm", dtype=dtype
+            )
         self.mlp = MLP(
             dim, ffn, activation=activation, bias=bias, dropout=0.0, gated=gated_mlp, name="mlp",
             dtype=dtype,
@@ -479,7 +477,10 @@ class TransformerBlock(keras.layers.Layer):
             self.mlp_norm = make_norm(norm, norm_eps, name="mlp_norm", dtype=dtype)
         self.dropout = keras.layers.Dropout(dropout, name="dropout", dtype=dtype)
 
-    def call(self, x, key_mask=None, training=False):
+    def call(self, x, key_mask=None, context=None, training=False):
+        if context is not None and self.cross_attention is None:
+            raise ValueError(f"block {self.name!r} has no cross-attention (context_dim unset)")
+
         def drop(y):
             return self.dropout(y, training=training)
 
@@ -489,6 +490,9 @@ class TransformerBlock(keras.layers.Layer):
             return x + attended + drop(self.mlp(h, training=training))
         if self.norm_position == "pre":
             x = x + drop(self.attention(self.attention_norm(x), key_mask, training=training))
+            if self.cross_attention is not None:
+                h = self.cross_attention_norm(x)
+                x = x + drop(self.cross_attention(h, context=context, training=training))
             return x + drop(self.mlp(self.mlp_norm(x), training=training))
         x = self.attention_norm(x + drop(self.attention(x, key_mask, training=training)))
         return self.mlp_norm(x + drop(self.mlp(x, training=training)))

@@ -154,14 +154,17 @@ def _check_rotary(rotary_dim: int, head_dim: int, layout: str) -> None:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with optional grouped-query heads, key padding and causality.
+    """Multi-head attention with optional grouped-query heads, key padding and causality; self-
+    attention, or cross-attention to a ``context`` when ``context_dim`` is set.
 
     ``scores = q k^T / sqrt(H)``; padded keys get ``-10000`` added (the MLPerf BERT reference's
     value), future keys are set to the most negative float32 when ``causal``; softmax in float32
     (float64 for float64 models), dropout on the probabilities, then the weighted values go
     through ``o_proj``. With ``num_kv_heads = K < N``, query head ``n`` uses key/value head
     ``n // (N / K)`` (Llama 2's layout of grouped heads). With ``rotary_dim > 0`` the queries
-    and keys get :func:`apply_rotary` after the projections (GPT-J, Llama).
+    and keys get :func:`apply_rotary` after the projections (GPT-J, Llama). With ``context_dim``
+    the keys and values are projected from ``context`` (B, S, context_dim) instead of ``x``
+    (the text cross-attention of Stable Diffusion's UNet).
 
     Args:
         dim: model width D (input and output).
@@ -179,6 +182,9 @@ class Attention(nn.Module):
         fused_qkv: one ``qkv_proj`` whose output is the N H query dims, then the K H key and
             the K H value dims (the MLPerf Llama 2 checkpoint's layout), instead of three.
         lora: LoRA adapters on the projections it targets (``qkv_proj``, ``o_proj``, ...).
+        context_dim: width of the ``context`` that keys and values read (cross-attention);
+            None: self-attention. Not with causal, rotary or fused_qkv.
+        out_bias: whether ``o_proj`` has a bias; None: ``bias``.
     """
 
     def __init__(
@@ -196,8 +202,15 @@ class Attention(nn.Module):
         rotary_layout: str = "interleaved",
         fused_qkv: bool = False,
         lora: Lora | None = None,
+        context_dim: int | None = None,
+        out_bias: bool | None = None,
     ):
         super().__init__()
+        if context_dim is not None and (causal or rotary_dim or fused_qkv):
+            raise ValueError(
+                "cross-attention (context_dim set) supports neither causal, rotary_dim nor "
+                "fused_qkv; leave them at their defaults"
+            )
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if dim % num_heads or num_heads % num_kv_heads:
             raise ValueError(
@@ -211,22 +224,36 @@ class Attention(nn.Module):
         self.rotary_dim, self.rotary_base = rotary_dim, rotary_base
         self.rotary_layout = rotary_layout
         kv_dim = num_kv_heads * self.head_dim
-        self.fused_qkv = fused_qkv
+        self.fused_qkv, self.context_dim = fused_qkv, context_dim
+        kv_in = dim if context_dim is None else context_dim
         if fused_qkv:
             self.qkv_proj = make_linear("qkv_proj", dim, dim + 2 * kv_dim, bias=bias, lora=lora)
         else:
             self.q_proj = make_linear("q_proj", dim, dim, bias=bias, lora=lora)
-            self.k_proj = make_linear("k_proj", dim, kv_dim, bias=bias, lora=lora)
-            self.v_proj = make_linear("v_proj", dim, kv_dim, bias=bias, lora=lora)
-        self.o_proj = make_linear("o_proj", dim, dim, bias=bias, lora=lora)
+            self.k_proj = make_linear("k_proj", kv_in, kv_dim, bias=bias, lora=lora)
+            self.v_proj = make_linear("v_proj", kv_in, kv_dim, bias=bias, lora=lora)
+        out_bias = bias if out_bias is None else out_bias
+        self.o_proj = make_linear("o_proj", dim, dim, bias=out_bias, lora=lora)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # x (B, T, D); context (B, S, context_dim) for cross-attention; key_mask (B, S)
+        if (context is None) != (self.context_dim is None):
+            raise ValueError(
+                f"Attention(context_dim={self.context_dim}) needs a context exactly when "
+                "context_dim is set"
+            )
         b, t, _ = x.shape
-        q, k, v = self._project(x)
+        q, k, v = self._project(x, x if context is None else context)
+        s = k.shape[1]
         q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, N, H)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim)  # (B, S, K, H)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim)  # (B, S, K, H)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim)  # (B, S, K, H)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim)  # (B, S, K, H)
         if self.rotary_dim:
             q = apply_rotary(q, self.rotary_dim, self.rotary_base, self.rotary_layout)
             k = apply_rotary(k, self.rotary_dim, self.rotary_base, self.rotary_layout)
@@ -246,13 +273,15 @@ class Attention(nn.Module):
             out = torch.einsum("BNTS,BSNH->BTNH", probs, v)  # (B, T, N, H)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))  # (B, T, D)
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # (B, T, N H), (B, T, K H), (B, T, K H)
+    def _project(
+        self, x: torch.Tensor, kv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # (B, T, N H), (B, S, K H), (B, S, K H); kv is x itself for self-attention
         if self.fused_qkv:
             kv_dim = self.num_kv_heads * self.head_dim
             q_dim = self.num_heads * self.head_dim
             return self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        return self.q_proj(x), self._keys(x), self.v_proj(x)
+        return self.q_proj(x), self._keys(kv), self.v_proj(kv)
 
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
         # Without rotary, the key bias adds q . b to every score of a query alike, which softmax
@@ -345,6 +374,7 @@ class TransformerBlock(nn.Module):
     ``norm_position="pre"`` (GPT)::
 
         x = x + dropout(attention(attention_norm(x), key_mask))
+        x = x + dropout(cross_attention(cross_attention_norm(x), context))  # with context_dim
         x = x + dropout(mlp(mlp_norm(x)))
 
     ``norm_position="parallel"`` (GPT-J; Wang & Komatsuzaki 2021,
@@ -375,6 +405,10 @@ class TransformerBlock(nn.Module):
         gated_mlp: a gated MLP (SwiGLU with "silu"; see :class:`MLP`).
         fused_qkv: one fused query/key/value projection (see :class:`Attention`).
         lora: LoRA adapters on the attention projections it targets.
+        context_dim: adds a cross-attention to a ``context`` of this width (queries from the
+            block's stream, keys and values from the context; Stable Diffusion); "pre" only.
+        attention_out_bias: whether both attentions' ``o_proj`` have a bias; None: as their
+            other projections.
     """
 
     def __init__(
@@ -400,33 +434,54 @@ class TransformerBlock(nn.Module):
         gated_mlp: bool = False,
         fused_qkv: bool = False,
         lora: Lora | None = None,
+        context_dim: int | None = None,
+        attention_out_bias: bool | None = None,
     ):
         super().__init__()
+        if context_dim is not None and norm_position != "pre":
+            raise ValueError(f"context_dim needs norm_position 'pre', got {norm_position!r}")
         if norm_position not in ("post", "pre", "parallel"):
             raise ValueError(
                 f"norm_position must be 'post' or 'pre' (BERT, GPT-3) or 'parallel' (GPT-J), "
                 f"got {norm_position!r}"
             )
         self.norm_position = norm_position
+        attention_bias = bias if attention_bias is None else attention_bias
         self.attention = Attention(
-            dim, num_heads, bias=bias if attention_bias is None else attention_bias,
-            dropout=attention_dropout, causal=causal, fused=fused, rotary_dim=rotary_dim,
-            rotary_base=rotary_base, rotary_layout=rotary_layout, num_kv_heads=num_kv_heads,
-            fused_qkv=fused_qkv, lora=lora,
+            dim, num_heads, bias=attention_bias, dropout=attention_dropout, causal=causal,
+            fused=fused, rotary_dim=rotary_dim, rotary_base=rotary_base,
+            rotary_layout=rotary_layout, num_kv_heads=num_kv_heads, fused_qkv=fused_qkv,
+            lora=lora, out_bias=attention_out_bias,
         )  # fmt: skip
         self.attention_norm = make_norm(norm, dim, norm_eps)
+        self.cross_attention = None
+        if context_dim is not None:
+            self.cross_attention = Attention(
+                dim, num_heads, bias=attention_bias, dropout=attention_dropout, fused=fused,
+                num_kv_heads=num_kv_heads, lora=lora, context_dim=context_dim,
+                out_bias=attention_out_bias,
+            )  # fmt: skip
+            self.cross_attention_norm = make_norm(norm, dim, norm_eps)
         self.mlp = MLP(dim, ffn, activation=activation, bias=bias, dropout=0.0, gated=gated_mlp)
         if norm_position != "parallel":  # the parallel block's MLP reads attention_norm's output
             self.mlp_norm = make_norm(norm, dim, norm_eps)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # x (B, T, D) in and out
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # x (B, T, D) in and out; context (B, S, context_dim) for the cross-attention
         if self.norm_position == "parallel":
             h = self.attention_norm(x)
             return x + self.dropout(self.attention(h, key_mask)) + self.dropout(self.mlp(h))
         if self.norm_position == "pre":
             x = x + self.dropout(self.attention(self.attention_norm(x), key_mask))
+            if self.cross_attention is not None:
+                h = self.cross_attention(self.cross_attention_norm(x), context=context)
+                x = x + self.dropout(h)
             return x + self.dropout(self.mlp(self.mlp_norm(x)))
         x = self.attention_norm(x + self.dropout(self.attention(x, key_mask)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))

@@ -17,6 +17,7 @@ _REGISTRY = {
     "gpt3": "mlperf_tutor.workloads.gpt:GPT3",
     "gptj": "mlperf_tutor.workloads.gpt:GPTJ",
     "llama2_70b_lora": "mlperf_tutor.workloads.llama:WORKLOAD",
+    "stable_diffusion": "mlperf_tutor.workloads.stable_diffusion:WORKLOAD",
     "toy": "mlperf_tutor.workloads.toy:WORKLOAD",
 }
 

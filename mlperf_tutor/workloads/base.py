@@ -145,6 +145,18 @@ class Workload:
         ``train_samples``: 1 (samples), or tokens per sequence where MLPerf counts tokens."""
         return 1
 
+    def default_target(self, cfg: Config) -> float | None:
+        """The quality that ends a run of ``cfg`` by default: ``quality_target`` (MLPerf's);
+        stable_diffusion's tiny preset scores stand-in metrics with targets of their own."""
+        return self.quality_target
+
+    def quality_reached(self, metrics: dict[str, float], target: float, cfg: Config) -> bool:
+        """Whether an evaluation's ``metrics`` end the run: ``quality_metric`` at ``target``
+        (from below or above, see ``quality_higher_is_better``). Workloads with several bars
+        (stable_diffusion: FID and CLIP score) override this."""
+        quality = metrics[self.quality_metric]
+        return quality >= target if self.quality_higher_is_better else quality <= target
+
     def eval_set(self, cfg: Config) -> Tree:
         """The held-out evaluation examples, the same for every run (name -> (N, ...) array)."""
         raise NotImplementedError
@@ -180,6 +192,9 @@ class Workload:
         """Named outputs (numpy), including ``loss``."""
         return self.adapter(framework).forward(model, batch, train=train)
 
-    def evaluate(self, framework: str, model, eval_set: Tree, batch_size: int) -> float:
-        """The ``quality_metric`` of ``model`` over all of ``eval_set``, in batches (eval mode)."""
+    def evaluate(
+        self, framework: str, model, eval_set: Tree, batch_size: int
+    ) -> float | dict[str, float]:
+        """The ``quality_metric`` of ``model`` over all of ``eval_set``, in batches (eval mode);
+        or a dict of metrics holding it, each logged as an ``eval_accuracy`` of its own."""
         raise NotImplementedError

@@ -1,0 +1,399 @@
+"""Stable Diffusion v2 data as the MLPerf reference stores it: webdataset shards of VAE moments
+and captions for training, a TSV of COCO-2014 captions for evaluation.
+
+- Training (mlcommons/training ``stable_diffusion/configs/train_32x08x08.yaml``): the tar shards
+  ``/datasets/laion-400m/webdataset-moments-filtered/{00000..00831}.tar``, read by webdataset
+  with ``keep_only_keys: ["npy", "txt"]``. A sample is the tar members that share a key (the
+  member name up to the first dot of its base name): ``<key>.npy``, the VAE encoder's moments
+  (mean and log-variance of the 4 latent channels stacked on the channel axis, (8, h, w) or
+  (1, 8, h, w), float16 or float32), and ``<key>.txt``, the caption in utf-8. Each time a sample
+  is read (every step) a new latent is drawn from the moments, as ldm's
+  ``DiagonalGaussianDistribution.sample()`` does, then scaled by 0.18215.
+- Evaluation (``validation`` of that config): ``/datasets/coco2014/val2014_30k.tsv``, tab
+  separated with a header row ``image_id  id  caption`` (written by pandas, so a caption holding
+  a tab, a quote or a newline is quoted with ``"``).
+
+Batches follow the workload's format: ``latents`` (B, 4, h, w), ``noise`` (B, 4, h, w),
+``timesteps`` (B,) int32 and ``context`` (B, L, D), all float32 but the timesteps.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import os
+import re
+import tarfile
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig
+    from mlperf_tutor.workloads.stable_diffusion.standins import TextEncoder
+
+MOMENTS, CAPTION = "npy", "txt"  # the reference's keep_only_keys
+LOGVAR_RANGE = (-30.0, 20.0)  # ldm's DiagonalGaussianDistribution clamps the log-variance
+TSV_COLUMNS = ("image_id", "id", "caption")
+# webdataset's split of a member name into key and extension, and its metadata files to skip.
+_NAME = re.compile(r"^((?:.*/|)[^./][^/]*?)\.([^/]*)$")
+_META = re.compile(r"(^|/)__[^/]*__($|/)")
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz magic
+
+
+class ShardError(ValueError):
+    """A training shard that cannot be read (the message names the shard and member)."""
+
+
+class CaptionsError(ValueError):
+    """A captions TSV file that cannot be read (the message names the file and line)."""
+
+
+# --- writing shards ------------------------------------------------------------------------------
+def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, np.ndarray, str]]) -> None:
+    """Write a webdataset tar shard (atomically: a temporary file beside ``path``, then renamed).
+
+    Args:
+        path: the ``.tar`` file to write.
+        samples: ``(key, moments, caption)`` triples, stored as members ``<key>.npy`` (by
+            ``np.save``, in the moments' own float dtype) and ``<key>.txt`` (utf-8).
+
+    Raises:
+        ValueError: an empty key, a key with a dot in its base name (webdataset cuts the key
+            there), a repeated key, moments that are not a float array, or a non-string caption.
+    """
+    from mlperf_tutor.convert.formats import atomic_file
+
+    members, keys = [], set()
+    for i, (key, moments, caption) in enumerate(samples):
+        if not isinstance(key, str) or not key or "." in key.rsplit("/", 1)[-1]:
+            raise ValueError(f"sample {i}: key {key!r} must be a non-empty name without a dot")
+        if key in keys:
+            raise ValueError(f"sample {i}: key {key!r} repeats an earlier sample's key")
+        moments = np.asarray(moments)
+        if not np.issubdtype(moments.dtype, np.floating):
+            raise ValueError(f"sample {i} ({key!r}): moments must be floats, not {moments.dtype}")
+        if not isinstance(caption, str):
+            raise ValueError(f"sample {i} ({key!r}): the caption must be a str")
+        keys.add(key)
+        npy = io.BytesIO()
+        np.save(npy, moments, allow_pickle=False)
+        members += [(f"{key}.{MOMENTS}", npy.getvalue()), (f"{key}.{CAPTION}", caption.encode())]
+    with atomic_file(path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+
+
+# --- reading shards ------------------------------------------------------------------------------
+def _members(path: Path) -> Iterator[tuple[str, str, str, bytes | None]]:
+    """``(name, key, extension, bytes)`` of each sample file in tar order, streamed; the bytes
+    only for the kept extensions. Directories, metadata and names without a dot are skipped,
+    as webdataset does."""
+    if not path.is_file():
+        raise ShardError(f"shard {path} does not exist; check the shard paths")
+    with open(path, "rb") as file:
+        try:
+            with tarfile.open(fileobj=file, mode="r|*") as tar:
+                for info in tar:
+                    match = _NAME.match(info.name)
+                    if not info.isfile() or _META.search(info.name) or not match:
+                        continue
+                    key, ext = match.group(1), match.group(2).lower()
+                    data = tar.extractfile(info).read() if ext in (MOMENTS, CAPTION) else None
+                    yield info.name, key, ext, data
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise ShardError(
+                f"shard {path} is not a tar file or is truncated ({e}); download or write it again"
+            ) from None
+        if not _has_end_marker(file):
+            raise ShardError(
+                f"shard {path} is truncated: it ends without the tar end-of-archive marker (two "
+                "zero blocks); download or write it again"
+            )
+
+
+def _has_end_marker(file) -> bool:
+    """Whether a tar ends with two zero blocks: tarfile takes a file cut at a member boundary for
+    a whole archive. Compressed files pass (their decompressor notices a cut)."""
+    file.seek(0)
+    if file.read(6).startswith(_COMPRESSED):
+        return True
+    size = file.seek(0, os.SEEK_END)
+    if size < 2 * tarfile.BLOCKSIZE or size % tarfile.BLOCKSIZE:
+        return False
+    file.seek(size - 2 * tarfile.BLOCKSIZE)
+    return not any(file.read(2 * tarfile.BLOCKSIZE))
+
+
+def _grouped(path: Path) -> Iterator[tuple[str, dict[str, tuple[str, bytes | None]]]]:
+    """``(key, {extension: (member name, bytes)})`` per sample: runs of members with one key."""
+    key, parts, seen = None, {}, set()
+    for name, member_key, ext, data in _members(path):
+        if member_key != key:
+            if key is not None:
+                yield key, parts
+            if member_key in seen:
+                raise ShardError(
+                    f"shard {path}: member {name} belongs to sample {member_key!r}, whose other "
+                    "members came before other samples; a sample's members must be adjacent"
+                )
+            key, parts = member_key, {}
+            seen.add(key)
+        if ext in parts:
+            raise ShardError(f"shard {path}: member {name} repeats {parts[ext][0]}")
+        parts[ext] = (name, data)
+    if key is not None:
+        yield key, parts
+
+
+def _moments(path: Path, name: str, data: bytes, channels: int, size: int | None) -> np.ndarray:
+    where = f"shard {path}: member {name}"
+    try:
+        moments = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise ShardError(f"{where} is not a .npy array ({e})") from None
+    if not isinstance(moments, np.ndarray):
+        raise ShardError(f"{where} is an .npz archive, not a .npy array")
+    if not np.issubdtype(moments.dtype, np.floating):
+        raise ShardError(f"{where} has dtype {moments.dtype}; moments must be float16 or float32")
+    if moments.ndim == 4 and moments.shape[0] == 1:
+        moments = moments[0]
+    if moments.ndim != 3 or moments.shape[0] != channels:
+        raise ShardError(
+            f"{where} has shape {moments.shape}; moments must be ({channels}, h, w) or "
+            f"(1, {channels}, h, w): the mean and log-variance of {channels // 2} latent channels"
+        )
+    if size is not None and moments.shape[1:] != (size, size):
+        raise ShardError(
+            f"{where} holds {moments.shape[1]}x{moments.shape[2]} latents; the config's "
+            f"latent_size is {size}"
+        )
+    moments = moments.astype(np.float32)
+    if not np.isfinite(moments).all():
+        raise ShardError(f"{where} has {np.sum(~np.isfinite(moments))} NaN or infinite values")
+    return moments
+
+
+def read_shards(
+    paths: Iterable[str | os.PathLike], latent_channels: int = 4, latent_size: int | None = None
+) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Stream the samples of webdataset shards, in order, without extracting them to disk.
+
+    Members other than ``.npy`` and ``.txt`` are skipped (the reference's ``keep_only_keys``).
+
+    Args:
+        paths: the ``.tar`` shards (compressed ones are read too).
+        latent_channels: C; the moments must have 2C channels.
+        latent_size: when given, the moments must be (2C, latent_size, latent_size).
+
+    Yields:
+        ``(key, moments, caption)``: moments (2C, h, w) float32, the caption as stored.
+
+    Raises:
+        ShardError: a missing file, a file that is not a tar (or is truncated), a sample without
+            its ``.npy`` or ``.txt`` member or whose members are not adjacent, a repeated member,
+            moments that are not a float .npy array of the right shape or hold NaN or inf, or a
+            caption that is not utf-8.
+    """
+    for path in map(Path, paths):
+        for key, parts in _grouped(path):
+            for ext in (MOMENTS, CAPTION):
+                if ext not in parts:
+                    found = ", ".join(name for name, _ in parts.values())
+                    raise ShardError(
+                        f"shard {path}: sample {key!r} has no {key}.{ext} member (it has "
+                        f"{found}); every sample needs adjacent moments (.npy) and caption (.txt)"
+                    )
+            name, data = parts[MOMENTS]
+            moments = _moments(path, name, data, 2 * latent_channels, latent_size)
+            name, data = parts[CAPTION]
+            try:
+                caption = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ShardError(f"shard {path}: member {name} is not utf-8 text ({e})") from None
+            yield key, moments, caption
+
+
+def sample_latents(moments: np.ndarray, rng: np.random.Generator, scale: float) -> np.ndarray:
+    """Draw scaled latents from VAE moments: ``scale * (mean + exp(logvar / 2) * N(0, 1))``.
+
+    The log-variance is clipped to [-30, 20] first, as ldm's ``DiagonalGaussianDistribution``
+    does; with ``scale`` 0.18215 this is the reference's ``get_first_stage_encoding``.
+
+    Args:
+        moments: (..., 2C, h, w): the C mean channels, then the C log-variance channels.
+        rng: the noise source; every call draws new noise.
+        scale: the latent scale factor (``cfg.latent_scale``).
+
+    Returns:
+        (..., C, h, w) float32 latents.
+    """
+    moments = np.asarray(moments, np.float32)
+    if moments.ndim < 3 or moments.shape[-3] % 2:
+        raise ValueError(f"moments must be (..., 2C, h, w); got shape {moments.shape}")
+    mean, logvar = np.split(moments, 2, axis=-3)
+    std = np.exp(np.float32(0.5) * np.clip(logvar, *LOGVAR_RANGE))
+    return np.float32(scale) * (mean + std * rng.standard_normal(mean.shape, dtype=np.float32))
+
+
+class LatentCaptionBatches:
+    """Training batches from webdataset shards of moments and captions.
+
+    Each pass over the shards (an epoch) reads them in order, or, with a shuffle buffer, in a
+    seeded random order through a webdataset-style buffer (the reference shuffles with a
+    1000-sample buffer over shards drawn with replacement). A last incomplete batch is dropped
+    (the reference's ``partial: False``). Iterating again restarts from ``seed``: the same
+    batches.
+
+    Args:
+        paths: the shards.
+        cfg: a ``StableDiffusionConfig`` (uses latent_channels, latent_size, latent_scale,
+            num_timesteps, context_len, context_dim).
+        text_encoder: a frozen ``TextEncoder`` (captions -> (B, L, D) float32).
+        batch_size: B.
+        seed: seeds the shuffle and the latents', noise's and timesteps' draws.
+        shuffle_buffer: samples held in the shuffle buffer; 0 keeps the file order.
+        epochs: passes over the shards; ``None`` repeats them forever.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        cfg: StableDiffusionConfig,
+        text_encoder: TextEncoder,
+        batch_size: int,
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+        epochs: int | None = 1,
+    ):
+        self.paths = [Path(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
+        if not self.paths:
+            raise ValueError("no shards given; pass the paths of the .tar shards")
+        if batch_size < 1 or shuffle_buffer < 0 or (epochs is not None and epochs < 1):
+            raise ValueError("batch_size and epochs must be at least 1, shuffle_buffer at least 0")
+        shape = (text_encoder.context_len, text_encoder.context_dim)
+        if shape != (cfg.context_len, cfg.context_dim):
+            raise ValueError(
+                f"the text encoder's (context_len, context_dim) is {shape}; the config's is "
+                f"{(cfg.context_len, cfg.context_dim)}"
+            )
+        self.cfg, self.text_encoder, self.batch_size = cfg, text_encoder, batch_size
+        self.seed, self.shuffle_buffer, self.epochs = seed, shuffle_buffer, epochs
+        self._size = (cfg.latent_channels, cfg.latent_size)
+
+    def _stream(self, rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray, str]]:
+        for _ in itertools.count() if self.epochs is None else range(self.epochs):
+            n = len(self.paths)
+            order = rng.permutation(n) if self.shuffle_buffer else range(n)
+            empty = True
+            for sample in read_shards([self.paths[i] for i in order], *self._size):
+                empty = False
+                yield sample
+            if empty:
+                raise ShardError(f"the shards {', '.join(map(str, self.paths))} hold no samples")
+
+    def _shuffled(self, rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray, str]]:
+        buffer = []
+        for sample in self._stream(rng):
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = int(rng.integers(len(buffer)))
+            yield buffer[i]
+            buffer[i] = sample
+        for i in rng.permutation(len(buffer)):
+            yield buffer[i]
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        order_rng, draw_rng = map(np.random.default_rng, np.random.SeedSequence(self.seed).spawn(2))
+        samples = self._shuffled(order_rng) if self.shuffle_buffer else self._stream(order_rng)
+        pending = []
+        for sample in samples:
+            pending.append(sample)
+            if len(pending) == self.batch_size:
+                yield self._batch(pending, draw_rng)
+                pending = []
+
+    def _batch(self, samples, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        cfg, b = self.cfg, len(samples)
+        latents = sample_latents(np.stack([m for _, m, _ in samples]), rng, cfg.latent_scale)
+        noise = rng.standard_normal(latents.shape, dtype=np.float32)
+        timesteps = rng.integers(0, cfg.num_timesteps, b).astype(np.int32)
+        context = np.asarray(self.text_encoder([c for _, _, c in samples]), np.float32)
+        if context.shape != (b, cfg.context_len, cfg.context_dim):
+            raise ValueError(
+                f"the text encoder returned shape {context.shape} for {b} captions; expected "
+                f"{(b, cfg.context_len, cfg.context_dim)}"
+            )
+        return {"latents": latents, "noise": noise, "timesteps": timesteps, "context": context}
+
+
+# --- the evaluation captions ---------------------------------------------------------------------
+def read_captions_tsv(path: str | os.PathLike) -> list[tuple[int, int, str]]:
+    """Read the reference's COCO captions TSV (``val2014_30k.tsv``).
+
+    Args:
+        path: a tab-separated utf-8 file whose header names ``image_id``, ``id`` and ``caption``
+            (other columns are ignored); quoted fields (pandas' ``to_csv``) are unquoted.
+
+    Returns:
+        ``(image_id, id, caption)`` per row, in file order.
+
+    Raises:
+        CaptionsError: a missing file, bytes that are not utf-8, a header without the three
+            columns, a row with the wrong number of fields, a non-integer id, an empty caption,
+            or no rows at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionsError(f"captions file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(_tsv_rows(csv.reader(f, delimiter="\t"), path))
+    except UnicodeDecodeError as e:
+        raise CaptionsError(f"captions file {path} is not utf-8 text ({e})") from None
+    except csv.Error as e:
+        raise CaptionsError(f"captions file {path} is not a valid TSV file ({e})") from None
+    if not rows:
+        raise CaptionsError(f"captions file {path} has a header but no caption rows")
+    return rows
+
+
+def _tsv_rows(reader, path: Path) -> Iterator[tuple[int, int, str]]:
+    header = next(reader, None)
+    if header is None or not set(TSV_COLUMNS) <= set(header):
+        raise CaptionsError(
+            f"captions file {path}: the header {header} must name the columns "
+            f"{', '.join(TSV_COLUMNS)} (tab separated)"
+        )
+    where = [header.index(c) for c in TSV_COLUMNS]
+    for fields in reader:
+        line = f"captions file {path}, line {reader.line_num}"
+        if len(fields) != len(header):
+            raise CaptionsError(
+                f"{line}: has {len(fields)} fields, the header {len(header)} (tab separated)"
+            )
+        image_id, sample_id, caption = (fields[i] for i in where)
+        for column, value in (("image_id", image_id), ("id", sample_id)):
+            if not re.fullmatch(r"\s*[+-]?\d+\s*", value):
+                raise CaptionsError(f"{line}: {column} {value!r} is not an integer")
+        if not caption.strip():
+            raise CaptionsError(f"{line}: the caption is empty")
+        yield int(image_id), int(sample_id), caption
+
+
+def write_captions_tsv(path: str | os.PathLike, rows: Iterable[tuple[int, int, str]]) -> None:
+    """Write ``(image_id, id, caption)`` rows as the reference's TSV (atomically; quoted as
+    pandas quotes)."""
+    from mlperf_tutor.convert.formats import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(TSV_COLUMNS)
+        writer.writerows((int(i), int(j), str(c)) for i, j, c in rows)
