@@ -80,11 +80,21 @@ VARIANTS = ("torch-eager", "torch-compile", "jax")
 
 
 def measure(
-    wl, cfg, tree, batch, variants, steps: int, warmup: int, flops: float, unit: str = "tokens"
+    wl,
+    cfg,
+    tree,
+    batch,
+    variants,
+    steps: int,
+    warmup: int,
+    flops: float,
+    unit: str = "tokens",
+    jax_attention: str | None = "cudnn",
 ) -> None:
     """Time each variant's step on ``wl``'s fused-attention model and print units/s and MFU
     (``flops`` model FLOPs per unit: a token of ``input_ids``, or with ``unit="images"`` a
-    sample of the batch)."""
+    sample of the batch). ``jax_attention`` is the ``jax.nn.dot_product_attention``
+    implementation (None: XLA's choice)."""
     import importlib
 
     from timing import timed
@@ -96,7 +106,7 @@ def measure(
         framework = "jax" if variant == "jax" else "torch"
         module = importlib.import_module(f"{wl.package}.{framework}_model")
         if framework == "jax":
-            model = module.build(cfg, fused=True, fused_implementation="cudnn")
+            model = module.build(cfg, fused=True, fused_implementation=jax_attention)
         else:
             model = module.build(cfg, fused=True)
         frameworks.get(framework).load_canonical(model, tree)

@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs the extra: pip install mlperf-tutor[torch]")
 jax = pytest.importorskip("jax", reason="needs the extra: pip install mlperf-tutor[jax]")
 import torch.nn.functional as F  # noqa: E402
+from checks import random_tree  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mlperf_tutor import frameworks, workloads  # noqa: E402
@@ -431,7 +432,7 @@ def test_op_zoo_loss_and_gradients_match_torch(zoo):
 
 # --- the workloads' PyTorch models -----------------------------------------------------------
 
-WORKLOADS = ["bert", "gpt3", "gptj", "dlrm_dcnv2", "llama2_70b_lora", "toy"]
+WORKLOADS = ["bert", "gpt3", "gptj", "dlrm_dcnv2", "llama2_70b_lora", "stable_diffusion", "toy"]
 
 
 @pytest.fixture(scope="module", params=WORKLOADS)
@@ -441,6 +442,8 @@ def workload(request):
     overrides = {"seq_len": 64} if request.param == "gpt3" else {}
     cfg = wl.deterministic(wl.config("tiny", **overrides))
     tree = wl.init_canonical(cfg, seed=0)
+    if request.param == "stable_diffusion":  # its zero-initialised output layers, likewise
+        tree = random_tree(tree, seed=0)
     rng = np.random.default_rng(0)
     for name in tree:  # LoRA's B starts at zero, which makes A's gradient zero: not a test
         if name.endswith("lora_b.weight"):
