@@ -36,7 +36,7 @@ def framework_results(
     """Everything parity compares, computed in one framework (numpy arrays)."""
     adapter = fw_registry.get(framework)
     adapter.pin_precision()
-    tree = wl.init_canonical(cfg, seed=seed)
+    tree = wl.parity_weights(cfg, seed=seed)
     batch = wl.synthetic_batch(cfg, batch_size=batch_size, seed=seed)
 
     model = wl.build(framework, cfg, weights=tree)

@@ -84,6 +84,11 @@ class Workload:
         """Initial weights in canonical names and layouts, from the config's init ranges."""
         raise NotImplementedError
 
+    def parity_weights(self, cfg: Config, seed: int = 0) -> Tree:
+        """The weights parity runs compare frameworks on: :meth:`init_canonical` unless a
+        workload's init would hide differences (stable_diffusion zeroes its output layers)."""
+        return self.init_canonical(cfg, seed=seed)
+
     def deterministic(self, cfg: Config) -> Config:
         """``cfg`` with every source of randomness in the forward (dropout) turned off, as
         parity runs need; workloads with dropout override this."""

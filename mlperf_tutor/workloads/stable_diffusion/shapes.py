@@ -100,17 +100,18 @@ _NORMS = ("norm1", "norm2", "norm", "conv_norm_out", "attention_norm", "cross_at
           "mlp_norm")  # fmt: skip
 
 
-def init_canonical(cfg: StableDiffusionConfig, seed: int = 0) -> Tree:
+def init_canonical(cfg: StableDiffusionConfig, seed: int = 0, zero_init: bool = True) -> Tree:
     """PyTorch's default init made explicit: weights and biases uniform in +-1/sqrt(fan_in)
     (kaiming_uniform with a = sqrt(5)), norms at weight 1 and bias 0, and the ``ZERO_INIT``
-    layers at zero as the reference's ``zero_module``."""
+    layers at zero as the reference's ``zero_module`` (drawn like the others when not
+    ``zero_init``)."""
     rng = np.random.default_rng(seed)
     tree, shapes = {}, canonical_shapes(cfg)
     for name, shape in shapes.items():
         module, leaf = name.rsplit(".", 1)
         if module.rsplit(".", 1)[-1] in _NORMS:
             value = np.ones(shape) if leaf == "weight" else np.zeros(shape)
-        elif any(z in f".{name}" for z in ZERO_INIT):
+        elif zero_init and any(z in f".{name}" for z in ZERO_INIT):
             value = np.zeros(shape)
         else:
             fan_in = math.prod(shapes[f"{module}.weight"][1:])
