@@ -36,13 +36,14 @@ def numpy_state(model) -> dict[str, np.ndarray]:
 
 
 def random_tree(tree: dict, seed: int) -> dict[str, np.ndarray]:
-    """Random float32 weights of ``tree``'s names and shapes: norm scales near 1, biases
-    N(0, 0.2), other weights N(0, 1 / fan_in) (fan_in: a conv's in x kernel, else the last
-    axis), so that no layer starts at zero as inits often do."""
+    """Random float32 weights of ``tree``'s names and shapes (``tree`` maps names to arrays or
+    to shape tuples): norm scales near 1, biases N(0, 0.2), other weights N(0, 1 / fan_in)
+    (fan_in: a conv's in x kernel, else the last axis), so that no layer starts at zero as
+    inits often do."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, value in tree.items():
-        shape = tuple(np.shape(value))
+        shape = value if isinstance(value, tuple) else tuple(np.shape(value))
         if "norm" in name and name.endswith("weight"):
             out[name] = 1.0 + 0.2 * rng.standard_normal(shape)
         elif name.endswith("bias"):

@@ -9,6 +9,20 @@ import pytest
 from mlperf_tutor.workloads.stable_diffusion import hf
 
 
+def random_batch(cfg, batch_size: int = 2, seed: int = 1) -> dict[str, np.ndarray]:
+    """A batch of normal latents, noise and context (no stand-in encoders), with timesteps
+    near both ends of the schedule and in the middle (3, 999, 500)."""
+    rng = np.random.default_rng(seed)
+    latent = (batch_size, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    context = (batch_size, cfg.context_len, cfg.context_dim)
+    return {
+        "latents": rng.standard_normal(latent).astype(np.float32),
+        "noise": rng.standard_normal(latent).astype(np.float32),
+        "timesteps": np.array([3, 999, 500][:batch_size], np.int32),
+        "context": rng.standard_normal(context).astype(np.float32),
+    }
+
+
 def diffusers_unet(cfg, tree):
     """A float32 ``UNet2DConditionModel`` of ``cfg`` holding the canonical ``tree``."""
     torch = pytest.importorskip("torch", reason="install the [torch] extra")

@@ -15,8 +15,8 @@ import pytest  # noqa: E402
 from mlperf_tutor.workloads.stable_diffusion import diffusion  # noqa: E402
 from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig  # noqa: E402
 
-torch = pytest.importorskip("torch")
-schedulers = pytest.importorskip("diffusers.schedulers")
+torch = pytest.importorskip("torch", reason="install the [torch] extra")
+schedulers = pytest.importorskip("diffusers.schedulers", reason="install the [hf] extra")
 
 CFG = StableDiffusionConfig.preset("mlperf")
 TINY = StableDiffusionConfig.preset("tiny")

@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from checks import assert_bit_identical, max_abs, random_tree
+from sd_reference import random_batch
 
 pytest.importorskip("flax", reason="install the [jax] extra")
 
@@ -47,18 +48,6 @@ def _pinned():
     fj.pin_precision()
 
 
-def make_batch(cfg, batch_size: int = 2, seed: int = 1) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    latent = (batch_size, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    context = (batch_size, cfg.context_len, cfg.context_dim)
-    return {
-        "latents": rng.standard_normal(latent).astype(np.float32),
-        "noise": rng.standard_normal(latent).astype(np.float32),
-        "timesteps": np.array([3, 999, 500][:batch_size], np.int32),
-        "context": rng.standard_normal(context).astype(np.float32),
-    }
-
-
 def load_random(module: nnx.Module, seed: int) -> dict[str, np.ndarray]:
     """Load ``checks.random_tree`` weights into ``module`` and return them."""
     tree = random_tree(fj.to_canonical(module), seed)
@@ -71,7 +60,7 @@ def tiny():
     """(model, weights, batch, outputs): the tiny UNet with random weights, one forward."""
     tree = random_tree(WL.init_canonical(TINY), seed=0)
     model = WL.build("jax", TINY, weights=tree)
-    batch = make_batch(TINY)
+    batch = random_batch(TINY)
     return model, tree, batch, fj.forward(model, batch)
 
 
@@ -140,7 +129,7 @@ def test_blocks_without_context_keep_their_names():
 
 
 def test_conv_blocks_match_torch_functional_ops():
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="install the [torch] extra")
     F = torch.nn.functional
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 6, 8, 8)).astype(np.float32)  # NCHW
@@ -255,7 +244,7 @@ def test_forward_grads_and_adamw_steps_match_torch(tiny):
     for fw, m in models.items():
         optimizer = adapters[fw].make_optimizer(*WL.optimizer(TINY), m)
         for step in range(3):
-            adapters[fw].train_step(m, optimizer, make_batch(TINY, seed=10 + step))
+            adapters[fw].train_step(m, optimizer, random_batch(TINY, seed=10 + step))
     after = {fw: adapters[fw].to_canonical(m) for fw, m in models.items()}
     for name in tree:
         assert errors(after["jax"][name], after["torch"][name])[1] <= STEP_RTOL, name

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from checks import assert_bit_identical, max_abs
+from checks import assert_bit_identical, max_abs, random_tree
 
 pytest.importorskip("tensorflow", reason="install the [tf] extra")
 pytest.importorskip("keras", reason="install the [tf] extra")
@@ -31,22 +31,6 @@ from mlperf_tutor.workloads.stable_diffusion.shapes import canonical_shapes  # n
 WL = workloads.get("stable_diffusion")
 CFG = WL.deterministic(WL.config("tiny"))
 F64_ATOL = 1e-10
-
-
-def random_tree(shapes: dict, seed: int) -> dict[str, np.ndarray]:
-    """Random float32 weights for canonical ``shapes``: the init's zero layers (conv2, proj_out,
-    conv_out) would hide most of the network, and its unit norms would hide the norm weights."""
-    rng = np.random.default_rng(seed)
-    tree = {}
-    for name, shape in shapes.items():
-        if "norm" in name and name.endswith("weight"):
-            value = 1.0 + 0.2 * rng.standard_normal(shape)
-        elif name.endswith("bias"):
-            value = 0.2 * rng.standard_normal(shape)
-        else:
-            value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
-        tree[name] = value.astype(np.float32)
-    return tree
 
 
 def load_random(layer, *args, seed: int = 0, **kwargs) -> dict[str, np.ndarray]:
@@ -87,7 +71,7 @@ def torch_model(tree):
 
 # --- layers ---------------------------------------------------------------------------------
 def test_cross_attention_matches_the_torch_formula():
-    F = pytest.importorskip("torch.nn.functional")
+    F = pytest.importorskip("torch.nn.functional", reason="install the [torch] extra")
     dim, heads, ctx_dim = 16, 4, 12
     rng = np.random.default_rng(0)
     x, context = rng.standard_normal((2, 5, dim)), rng.standard_normal((2, 7, ctx_dim))
@@ -142,7 +126,7 @@ def test_cross_attention_arguments_are_checked():
 
 
 def test_timestep_sinusoid_matches_the_torch_formula_cos_first():
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="install the [torch] extra")
     t = np.array([0, 1, 17, 999], np.int32)
     half = 16
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
@@ -155,7 +139,7 @@ def test_timestep_sinusoid_matches_the_torch_formula_cos_first():
 
 
 def test_resnet_block_matches_the_torch_formula():
-    F = pytest.importorskip("torch.nn.functional")
+    F = pytest.importorskip("torch.nn.functional", reason="install the [torch] extra")
     rng = np.random.default_rng(2)
     x, temb = rng.standard_normal((2, 6, 6, 8)), rng.standard_normal((2, 20))  # NHWC
     block = ResnetBlock(8, 16, groups=4, eps=1e-5, dtype="float64")
@@ -177,7 +161,7 @@ def test_resnet_block_matches_the_torch_formula():
 
 
 def test_downsample_pads_both_sides_and_upsample_repeats_pixels():
-    F = pytest.importorskip("torch.nn.functional")
+    F = pytest.importorskip("torch.nn.functional", reason="install the [torch] extra")
     x = np.random.default_rng(3).standard_normal((2, 8, 8, 4))  # NHWC, even sides
     xc = t64(x).permute(0, 3, 1, 2)
     down = Downsample(4, dtype="float64")

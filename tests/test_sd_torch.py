@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from checks import assert_bit_identical, max_abs, randomized
-from sd_reference import diffusers_prediction, diffusers_unet
+from sd_reference import diffusers_prediction, diffusers_unet, random_batch
 
 from mlperf_tutor import frameworks
 from mlperf_tutor.core.parity import OUTPUT_ATOL
@@ -29,19 +29,6 @@ TINY = StableDiffusionConfig.preset("tiny")
 DEEP = StableDiffusionConfig.preset(
     "tiny", transformer_depth=2, channel_mult=(1, 2, 2), attention_levels=(1, 2)
 )
-
-
-def make_batch(cfg, batch_size: int = 2, seed: int = 1) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    latent = (batch_size, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    return {
-        "latents": rng.standard_normal(latent).astype(np.float32),
-        "noise": rng.standard_normal(latent).astype(np.float32),
-        "timesteps": np.array([3, 999, 500][:batch_size], np.int32),
-        "context": rng.standard_normal((batch_size, cfg.context_len, cfg.context_dim)).astype(
-            np.float32
-        ),
-    }
 
 
 @pytest.fixture(scope="module", params=[TINY, DEEP], ids=["tiny", "deep"])
@@ -76,7 +63,7 @@ def test_export_load_roundtrip_is_bit_identical():
 
 def test_prediction_matches_diffusers(unet):
     cfg, model, tree = unet
-    batch = make_batch(cfg)
+    batch = random_batch(cfg)
     x_t, v = diffusion.noisy_and_target(cfg, batch["latents"], batch["noise"], batch["timesteps"])
     out = ADAPTER.forward(model, batch)
     want = diffusers_prediction(cfg, tree, x_t, batch["timesteps"], batch["context"])
@@ -90,7 +77,7 @@ def test_float64_matches_diffusers_to_round_off():
     # In float64 any structural difference would show above round-off.
     model = torch_model.build(DEEP)
     tree = randomized(model, seed=4)
-    batch = make_batch(DEEP)
+    batch = random_batch(DEEP)
     x, t, ctx = (batch[k].astype(np.float64) for k in ("noise", "timesteps", "context"))
     ref = diffusers_unet(DEEP, tree).double()
     with torch.no_grad():
@@ -104,7 +91,7 @@ def test_fused_attention_matches_explicit(unet):
     cfg, model, tree = unet
     fused = torch_model.build(cfg, fused=True)
     ADAPTER.load_canonical(fused, tree)
-    batch = make_batch(cfg)
+    batch = random_batch(cfg)
     args = (batch["noise"], batch["timesteps"], batch["context"])
     assert max_abs(_denoise(fused.eval(), *args), _denoise(model, *args)) <= OUTPUT_ATOL
 
@@ -112,7 +99,7 @@ def test_fused_attention_matches_explicit(unet):
 def test_bfloat16_forward_and_backward():
     model = torch_model.build(TINY)
     randomized(model, seed=5)
-    batch = {k: torch.from_numpy(v) for k, v in make_batch(TINY).items()}
+    batch = {k: torch.from_numpy(v) for k, v in random_batch(TINY).items()}
     want = model(batch)
     model.to(torch.bfloat16).train()
     got = model(batch)
@@ -128,7 +115,7 @@ def test_every_weight_gets_a_gradient():
     model = torch_model.build(TINY)
     randomized(model, seed=6)
     model.train()
-    model({k: torch.from_numpy(v) for k, v in make_batch(TINY).items()})["loss"].backward()
+    model({k: torch.from_numpy(v) for k, v in random_batch(TINY).items()})["loss"].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
