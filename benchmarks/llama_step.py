@@ -32,7 +32,7 @@ import argparse
 import mixed_steps
 
 from mlperf_tutor import workloads
-from mlperf_tutor.layers.lora import is_adapter
+from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.llama import adapter_count, flops_per_token
 
 

@@ -18,7 +18,7 @@ from mlperf_tutor.convert.formats import specs_of
 from mlperf_tutor.convert.safetensors_io import write_safetensors
 from mlperf_tutor.core.checkpoint import CheckpointError
 from mlperf_tutor.core.parity import OUTPUT_ATOL
-from mlperf_tutor.layers.lora import is_adapter
+from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.llama import hf, peft
 
 transformers = pytest.importorskip("transformers", reason="install the [hf] extra (transformers)")

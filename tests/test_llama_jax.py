@@ -32,7 +32,7 @@ from mlperf_tutor.layers.jax_layers import (  # noqa: E402
     make_linear,
     make_norm,
 )
-from mlperf_tutor.layers.lora import Lora, is_adapter  # noqa: E402
+from mlperf_tutor.layers.spec import Lora, is_adapter  # noqa: E402
 from mlperf_tutor.workloads.llama import jax_model as llama_jax  # noqa: E402
 
 fj = frameworks.get("jax")

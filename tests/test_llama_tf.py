@@ -21,7 +21,7 @@ from mlperf_tutor import workloads  # noqa: E402
 from mlperf_tutor.core.checkpoint import tree_specs  # noqa: E402
 from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, errors  # noqa: E402
 from mlperf_tutor.frameworks import tf as adapter  # noqa: E402
-from mlperf_tutor.layers.lora import Lora, is_adapter  # noqa: E402
+from mlperf_tutor.layers.spec import Lora, is_adapter  # noqa: E402
 from mlperf_tutor.layers.tf_layers import (  # noqa: E402
     MLP,
     Attention,

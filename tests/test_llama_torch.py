@@ -14,7 +14,7 @@ from checks import as_f64, lively_lora, padded_lora_batch
 
 from mlperf_tutor import frameworks, workloads
 from mlperf_tutor.core.parity import OUTPUT_ATOL
-from mlperf_tutor.layers.lora import Lora, is_adapter
+from mlperf_tutor.layers.spec import Lora, is_adapter
 from mlperf_tutor.layers.torch_layers import MLP, Attention, LoRALinear, RMSNorm
 from mlperf_tutor.workloads.llama import torch_model
 

@@ -10,7 +10,7 @@ import pytest
 from test_mllog import RULES, checker, read_log, records_of
 
 from mlperf_tutor import cli, convert, frameworks, train, workloads
-from mlperf_tutor.layers.lora import is_adapter
+from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.llama import adapter_count, flops_per_token
 
 WL = workloads.get("llama2_70b_lora")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlperf_tutor.layers.jax_norms import RMSNorm
-from mlperf_tutor.layers.lora import Lora
+from mlperf_tutor.layers.spec import Lora
 
 # --- transformer blocks ---------------------------------------------------------------------
 # Added to the scores of padded keys: the MLPerf BERT reference's value. Not -inf, so a row

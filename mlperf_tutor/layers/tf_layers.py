@@ -41,7 +41,7 @@ from mlperf_tutor.frameworks import tf as _adapter  # noqa: F401
 import keras
 from keras import ops
 
-from mlperf_tutor.layers.lora import Lora
+from mlperf_tutor.layers.spec import Lora
 from mlperf_tutor.layers.tf_norms import NORMS, RMSNorm, make_norm  # noqa: F401 (re-exported)
 from mlperf_tutor.layers.tf_rotary import (  # noqa: F401 (apply_rotary re-exported)
     RotaryLayout,

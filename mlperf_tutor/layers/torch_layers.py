@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlperf_tutor.layers.lora import Lora
+from mlperf_tutor.layers.spec import Lora
 
 # Added to the scores of padded keys: the MLPerf BERT reference's value (modeling.py). It is
 # not -inf so that a fully padded row still has a well-defined (uniform) softmax.

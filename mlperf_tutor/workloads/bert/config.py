@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from mlperf_tutor.core.config import Config
+from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +70,7 @@ class BertConfig(Config):
     }  # fmt: skip
 
     def __post_init__(self):
-        if self.hidden % self.num_heads:
-            raise ValueError(
-                f"hidden ({self.hidden}) must be divisible by num_heads ({self.num_heads})"
-            )
+        self.block_spec()  # heads, widths and dropout checked once, where the layers read them
         if self.seq_len > self.max_positions:
             raise ValueError(
                 f"seq_len ({self.seq_len}) exceeds max_positions ({self.max_positions})"
@@ -86,6 +84,23 @@ class BertConfig(Config):
                 f"eval_every_samples must be at least 1 (or None for the MLPerf rule), got "
                 f"{self.eval_every_samples}"
             )
+
+    def block_spec(self) -> BlockSpec:
+        """Every encoder block: post-LN, bidirectional self-attention with padded keys masked,
+        exact-GELU MLP, dropout on the probabilities and on both residual branches."""
+        return BlockSpec(
+            attention=AttentionSpec(
+                self.hidden,
+                self.num_heads,
+                bias=True,
+                dropout=self.dropout,
+                max_positions=self.max_positions,
+            ),
+            mlp=MlpSpec(self.hidden, self.ffn, activation="gelu", bias=True),
+            norm_eps=self.norm_eps,
+            norm_position="post",
+            dropout=self.dropout,
+        )
 
     @property
     def head_dim(self) -> int:

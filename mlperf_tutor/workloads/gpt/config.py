@@ -25,6 +25,7 @@ import dataclasses
 import math
 
 from mlperf_tutor.core.config import Config
+from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec
 
 # MLPerf GPT-3 starts from a checkpoint the reference trained for 4000 steps at global batch
 # 1536 (mlcommons/training large_language_model/megatron-lm README, "checkpoint"); a run at
@@ -90,10 +91,6 @@ class GptConfig(Config):
     checkpoint_lr: float | None = None
 
     def __post_init__(self):
-        if self.hidden % self.num_heads:
-            raise ValueError(
-                f"hidden ({self.hidden}) must be divisible by num_heads ({self.num_heads})"
-            )
         if self.position not in ("learned", "rotary"):
             raise ValueError(f"position must be 'learned' or 'rotary', got {self.position!r}")
         if self.position == "rotary" and not (
@@ -115,10 +112,32 @@ class GptConfig(Config):
             raise ValueError("lm_head_bias needs an untied head (tie_embeddings=False)")
         if self.vocab_multiple < 1:
             raise ValueError(f"vocab_multiple must be at least 1, got {self.vocab_multiple}")
+        self.block_spec()  # heads, widths and dropout checked once, where the layers read them
 
     @property
     def head_dim(self) -> int:
         return self.hidden // self.num_heads
+
+    def block_spec(self) -> BlockSpec:
+        """Every decoder block: causal self-attention (rotary for GPT-J) and a GELU MLP, pre-LN
+        (GPT-3) or parallel (GPT-J)."""
+        return BlockSpec(
+            attention=AttentionSpec(
+                self.hidden,
+                self.num_heads,
+                bias=self.attention_bias,
+                dropout=self.dropout,
+                causal=True,
+                rotary_dim=self.rotary_dim,
+                rotary_base=self.rotary_base,
+                rotary_layout="interleaved",
+                max_positions=self.max_positions,
+            ),
+            mlp=MlpSpec(self.hidden, self.ffn, activation=self.activation, bias=self.mlp_bias),
+            norm_eps=self.norm_eps,
+            norm_position="parallel" if self.parallel_residual else "pre",
+            dropout=self.dropout,
+        )
 
     @property
     def padded_vocab_size(self) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 
 from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
-from mlperf_tutor.layers.lora import is_adapter
+from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.base import Workload
 from mlperf_tutor.workloads.llama import hf
 from mlperf_tutor.workloads.llama.config import LORA_TARGETS, LlamaConfig

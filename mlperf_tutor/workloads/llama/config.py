@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from mlperf_tutor.core.config import Config
-from mlperf_tutor.layers.lora import Lora
+from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, Lora, MlpSpec
 
 LORA_TARGETS = ("qkv_proj", "o_proj")
 LANGUAGES = ("general", "summary")
@@ -69,13 +69,6 @@ class LlamaConfig(Config):
     language: str = "summary"
 
     def __post_init__(self):
-        if self.hidden % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"hidden ({self.hidden}) must be divisible by num_heads ({self.num_heads}) and "
-                f"num_heads by num_kv_heads ({self.num_kv_heads})"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"rotary needs an even head dim, got {self.head_dim}")
         if self.seq_len > self.max_positions:
             raise ValueError(
                 f"seq_len ({self.seq_len}) exceeds max_positions ({self.max_positions})"
@@ -88,6 +81,31 @@ class LlamaConfig(Config):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.prompt_fraction < 1.0:
             raise ValueError(f"prompt_fraction must be in [0, 1), got {self.prompt_fraction}")
+        self.block_spec()  # heads, kv heads and rotary dims checked once, where the layers read them
+
+    def block_spec(self) -> BlockSpec:
+        """Every decoder block: pre-RMSNorm, causal grouped-query attention with one fused
+        ``qkv_proj`` and rotary positions on every head dim ("half" pairs), a SwiGLU MLP, no
+        biases, no dropout; LoRA adapters on ``qkv_proj`` and ``o_proj`` when ``lora_rank``."""
+        return BlockSpec(
+            attention=AttentionSpec(
+                self.hidden,
+                self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                bias=False,
+                causal=True,
+                rotary_dim=self.head_dim,
+                rotary_base=self.rotary_base,
+                rotary_layout="half",
+                fused_qkv=True,
+                lora=lora_of(self),
+                max_positions=self.max_positions,
+            ),
+            mlp=MlpSpec(self.hidden, self.ffn, activation="silu", bias=False, gated=True),
+            norm_eps=self.norm_eps,
+            norm="rmsnorm",
+            norm_position="pre",
+        )
 
     @property
     def head_dim(self) -> int:

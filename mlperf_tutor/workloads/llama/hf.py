@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
-from mlperf_tutor.layers.lora import is_adapter
+from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.llama.config import LlamaConfig
 
 # Config fields a checkpoint fixes (convert refuses a config that differs in one of them).

@@ -18,7 +18,7 @@ from flax import nnx
 from mlperf_tutor.frameworks.jax import init_empty, set_trainable
 from mlperf_tutor.layers.jax_layers import TransformerBlock
 from mlperf_tutor.layers.jax_norms import RMSNorm
-from mlperf_tutor.layers.lora import is_adapter
+from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.gpt.jax_model import next_token_loss
 from mlperf_tutor.workloads.llama.config import LlamaConfig, lora_of
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
-from mlperf_tutor.layers.lora import is_adapter
+from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.llama.config import LORA_TARGETS, LlamaConfig
 from mlperf_tutor.workloads.llama.hf import _SPLIT, _split_qkv
 

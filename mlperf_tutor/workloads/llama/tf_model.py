@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mlperf_tutor.layers.lora import is_adapter
+from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.layers.tf_layers import RMSNorm, TransformerBlock
 from mlperf_tutor.workloads.gpt.tf_model import next_token_loss
 from mlperf_tutor.workloads.llama.config import LlamaConfig, lora_of

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlperf_tutor.frameworks.torch import set_trainable
-from mlperf_tutor.layers.lora import is_adapter
+from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.layers.torch_layers import RMSNorm, TransformerBlock
 from mlperf_tutor.workloads.llama.config import LlamaConfig, lora_of
 from mlperf_tutor.workloads.llama.data import IGNORE_INDEX

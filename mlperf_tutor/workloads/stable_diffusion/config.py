@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from mlperf_tutor.core.config import Config
+from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,21 @@ class StableDiffusionConfig(Config):
             )
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ValueError("betas need 0 < beta_start < beta_end < 1")
+
+    def block_spec(self, channels: int) -> BlockSpec:
+        """A transformer block of a spatial transformer over ``channels`` (C) channels: pre-LN,
+        self-attention and a cross-attention to the text context with bias-free q/k/v and an
+        ``o_proj`` bias, C / head_channels heads, a GEGLU MLP of width 4 C (exact GELU)."""
+        attention = AttentionSpec(
+            channels, channels // self.head_channels, bias=False, out_bias=True
+        )
+        return BlockSpec(
+            attention=attention,
+            mlp=MlpSpec(channels, 4 * channels, activation="gelu", gated=True),
+            norm_eps=self.layer_norm_eps,
+            norm_position="pre",
+            cross_attention=attention.cross(self.context_dim),
+        )
 
     @property
     def widths(self) -> tuple[int, ...]:
