@@ -291,7 +291,8 @@ class BlockSpec:
         check_norm(self.norm)
         if self.mlp.dim != self.attention.dim:
             raise ValueError(
-                f"the MLP's width ({self.mlp.dim}) must equal the attention's ({self.attention.dim})"
+                f"the MLP's width ({self.mlp.dim}) must equal the attention's "
+                f"({self.attention.dim})"
             )
         if self.attention.is_cross:
             raise ValueError("a block's first attention is a self-attention (context_dim None)")

@@ -81,7 +81,7 @@ class LlamaConfig(Config):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.prompt_fraction < 1.0:
             raise ValueError(f"prompt_fraction must be in [0, 1), got {self.prompt_fraction}")
-        self.block_spec()  # heads, kv heads and rotary dims checked once, where the layers read them
+        self.block_spec()  # heads, kv heads and rotary dims: checked once, in the spec
 
     def block_spec(self) -> BlockSpec:
         """Every decoder block: pre-RMSNorm, causal grouped-query attention with one fused
