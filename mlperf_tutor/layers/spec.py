@@ -33,6 +33,9 @@ KEY_MASK_VALUE = -10000.0
 # where a padded key's -10000 was added before.
 CAUSAL_MASK_VALUE = float(np.finfo(np.float32).min)
 
+# Labels with this value are not predicted (PyTorch's and Hugging Face's ignore_index).
+IGNORE_INDEX = -100
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")  # gelu: exact (erf); gelu_tanh: GPT-2's
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("post", "pre", "parallel")

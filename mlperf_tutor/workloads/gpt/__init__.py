@@ -27,8 +27,6 @@ from mlperf_tutor.workloads.base import Workload
 from mlperf_tutor.workloads.gpt.config import Gpt3Config, GptConfig, GptjConfig
 from mlperf_tutor.workloads.gpt.hf import GPT2, GPTJ
 
-# Labels with this value are not predicted (HF and PyTorch's ignore_index).
-IGNORE_INDEX = -100
 # MLPerf GPT-3 quality target: log perplexity 2.69 on the C4 validation subset (v4.0 rules).
 TARGET_LOG_PERPLEXITY = 2.69
 # Parameters without weight decay unless cfg.decay_norms_and_biases (the MLPerf GPT-3 reference

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from mlperf_tutor.layers.spec import IGNORE_INDEX
+
 # Next tokens each token may be followed by in the synthetic language: entropy about
 # log(BRANCHING) nats per token at best (~1.95 for 7), below the MLPerf target of 2.69, so a
 # tiny model trained on it crosses the target.

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from mlperf_tutor.layers.spec import IGNORE_INDEX
+
 # Probability that a token is followed by its one fixed successor; the other 1 - p is spread
 # uniformly over the vocabulary (so every sequence is possible). The transition matrix is
 # doubly stochastic, the stationary distribution uniform, and the entropy rate roughly
