@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlperf_tutor import frameworks, workloads
+from mlperf_tutor.core.parity import STEP_RTOL
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     )
     print(f"losses max-abs {np.abs(np.array(l_gpu) - l_cpu).max():.1e}; parameters rel {rel:.1e};"
           f" Adam state rel {state:.1e}; steps {s_cpu['step']} / {s_gpu['step']}")  # fmt: skip
-    assert rel <= 1e-4 and state <= 1e-4 and int(s_gpu["step"]) == int(s_cpu["step"]) == 5
+    assert rel <= STEP_RTOL and state <= STEP_RTOL and int(s_gpu["step"]) == int(s_cpu["step"]) == 5
     # The CPU state loaded into a fused CUDA optimizer continues the CPU run.
     batch = wl.synthetic_batch(cfg, batch_size=1, seed=5)
     model = wl.build("torch", cfg, weights=p_cpu).to("cuda")
@@ -51,7 +52,7 @@ def main() -> None:
     a, b = torch.to_canonical(model), torch.to_canonical(cpu_model)
     moved = max(np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(b[k]), 1e-30) for k in b)
     print(f"CPU state resumed on CUDA (fused): parameters rel {moved:.1e}")
-    assert moved <= 1e-4
+    assert moved <= STEP_RTOL
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-# Parity bars (DESIGN.md): the loss like an output, parameters like parameters after N steps.
-LOSS_ATOL = 1e-5
-PARAM_RTOL = 1e-4
+# The parity bars: the loss is held to the output bar (max-abs), the parameters after each step
+# to the bar of parameters after N steps (relative).
+from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, VerificationError
 
 
 class StepState(NamedTuple):
@@ -206,7 +206,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return all(r["loss diff"] <= LOSS_ATOL and r["worst rel"] <= PARAM_RTOL for r in self.rows)
+        return all(r["loss diff"] <= OUTPUT_ATOL and r["worst rel"] <= STEP_RTOL for r in self.rows)
 
     def __str__(self) -> str:
         lines = [f"{'step':>4}  {'torch loss':>12}  {'jax loss':>12}  {'|diff|':>9}  "
@@ -219,8 +219,8 @@ class VerifyReport:
         if self.dropout_off:
             lines.append(f"dropout set to 0 in both for: {', '.join(self.dropout_off)}")
         lines.append(
-            f"{'PASS' if self.ok else 'FAIL'} (bars: loss max-abs <= {LOSS_ATOL:g}, parameters "
-            f"relative <= {PARAM_RTOL:g})"
+            f"{'PASS' if self.ok else 'FAIL'} (bars: loss max-abs <= {OUTPUT_ATOL:g}, parameters "
+            f"relative <= {STEP_RTOL:g})"
         )
         return "\n".join(lines)
 
@@ -228,10 +228,6 @@ class VerifyReport:
         import pandas as pd
 
         return pd.DataFrame(self.rows).set_index("step")
-
-
-class VerificationError(AssertionError):
-    """The migrated step diverged from the torch step past the parity bars."""
 
 
 def verify(
@@ -249,8 +245,9 @@ def verify(
         model, optimizer, loss_fn, scheduler: as for :func:`torch_to_jax`.
         batches: the batches, one per step (dicts/tuples of numpy arrays or tensors).
         quiet: do not print the table.
-        raise_on_failure: raise :class:`VerificationError` past the bars (loss max-abs
-            1e-5, parameters relative 1e-4); otherwise just return the report.
+        raise_on_failure: raise :class:`VerificationError` past the parity bars of
+            :mod:`mlperf_tutor.core.parity` (loss max-abs ``OUTPUT_ATOL``, parameters relative
+            ``STEP_RTOL``); otherwise just return the report.
     """
     from mlperf_tutor.frameworks import get
     from mlperf_tutor.migrate.export import _as_torch

@@ -393,7 +393,7 @@ def diff_layers(
         batch: what both models' ``__call__`` take: a dict of arrays (passed as one argument),
             a tuple of arrays (passed as positional arguments) or one array; numpy arrays are
             converted to torch tensors and jax arrays.
-        atol: max-abs bound on each module's output (DESIGN.md's 1e-5 by default).
+        atol: max-abs bound on each module's output (``core.parity.OUTPUT_ATOL`` by default).
         layout: the NNX side's layout of 4-D activations: "NCHW" (as torch) or "NHWC" (a conv
             port in Flax's native layout; its 4-D outputs are transposed before comparing).
         call: ``(torch_fn, jax_fn)``, each ``fn(model, converted_batch)``, to call the models

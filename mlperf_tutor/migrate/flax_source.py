@@ -23,14 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from mlperf_tutor.core.parity import OUTPUT_ATOL, VerificationError
 from mlperf_tutor.migrate.flax_layers import UnsupportedModuleError
 from mlperf_tutor.migrate.flax_writer import Writer, header
 
 __all__ = ["FlaxSource", "UnsupportedModuleError", "VerificationError", "to_flax_source"]
-
-
-class VerificationError(AssertionError):
-    """The generated model's output differs from the torch module's beyond the tolerance."""
 
 
 @dataclasses.dataclass
@@ -118,7 +115,7 @@ class FlaxSource:
         model = getattr(self.module(), self.class_name)(rngs=nnx.Rngs(seed))
         return self.load_weights(model, state_dict)
 
-    def verify(self, example_input, atol: float = 1e-5) -> float:
+    def verify(self, example_input, atol: float = OUTPUT_ATOL) -> float:
         """Max-abs difference of the built NNX model (eval mode) against the torch model (eval
         mode, no grad) on ``example_input`` (torch layout; 4-D inputs are given to NNX as NHWC).
 
