@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mlperf_tutor.core.parity import STEP_RTOL
 from mlperf_tutor.migrate.schedules import (
     SUPPORTED_SCHEDULERS,
     GroupSchedule,
     constant,
     group_schedules,
-    unsupported_message,
+    is_supported,
 )
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop")
@@ -257,7 +258,8 @@ def _check_position(kind: str, gi: int, group: dict, hp: dict, sched: GroupSched
     # by hand, or a second scheduler steps this optimizer.
     def check(what: str, torch_value: float, ours: Callable):
         got = float(ours(jnp.asarray(epoch, jnp.int32)))
-        if not math.isclose(got, torch_value, rel_tol=1e-4, abs_tol=1e-10):
+        # Within the parity bar of parameters: a larger gap would show in them.
+        if not math.isclose(got, torch_value, rel_tol=STEP_RTOL, abs_tol=1e-10):
             raise ValueError(
                 f"{kind} param group {gi}: {what} is {torch_value} but the scheduler at "
                 f"last_epoch={epoch} gives {got}. Was it set outside the scheduler, or does a "
@@ -289,6 +291,19 @@ def _param_state(name: str, p, st: dict, hp: dict, slots: tuple[str, ...]):
     return step, out
 
 
+def _unsupported_message(optimizer=None, scheduler=None) -> str:
+    """The one error message for an optimizer or LR scheduler this module can't convert: it
+    lists every supported class of both, whichever of the two was refused."""
+    what = optimizer if optimizer is not None else scheduler
+    kind = "optimizer" if optimizer is not None else "LR scheduler"
+    return (
+        f"Can't convert the {kind} {type(what).__module__}.{type(what).__qualname__} to optax. "
+        f"Supported optimizers (torch.optim, exact classes): {', '.join(SUPPORTED_OPTIMIZERS)}. "
+        f"Supported schedulers (torch.optim.lr_scheduler, stepped once per optimizer step): "
+        f"{', '.join(SUPPORTED_SCHEDULERS)}."
+    )
+
+
 def convert_optimizer(
     optimizer, names: Mapping[int, str], scheduler=None
 ) -> tuple[optax.GradientTransformation, TorchOptimState]:
@@ -318,12 +333,14 @@ def convert_optimizer(
 
     kind = type(optimizer).__name__
     if kind not in SUPPORTED_OPTIMIZERS or type(optimizer) is not getattr(torch.optim, kind):
-        raise ValueError(unsupported_message(optimizer=optimizer))
+        raise ValueError(_unsupported_message(optimizer=optimizer))
+    if scheduler is not None and not is_supported(scheduler):
+        raise ValueError(_unsupported_message(scheduler=scheduler))
     if scheduler is None:
         epoch = 0
         scheds = [GroupSchedule(constant(float(_scalar(g["lr"])))) for g in optimizer.param_groups]
     else:
-        scheds = group_schedules(scheduler, optimizer)  # refuses unsupported ones first
+        scheds = group_schedules(scheduler, optimizer)
         epoch = int(scheduler.last_epoch)
 
     groups, step, slots = [], {}, {}

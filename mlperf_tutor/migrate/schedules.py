@@ -248,11 +248,13 @@ def group_schedules(scheduler, optimizer) -> list[GroupSchedule]:
         ValueError: unsupported scheduler, a scheduler of another optimizer, or a LambdaLR whose
             lambda JAX can't trace.
     """
-    import torch.optim.lr_scheduler as lrs
-
     kind = type(scheduler).__name__
-    if kind not in SUPPORTED_SCHEDULERS or type(scheduler) is not getattr(lrs, kind):
-        raise ValueError(unsupported_message(scheduler=scheduler))
+    if not is_supported(scheduler):
+        raise ValueError(
+            f"Can't convert the LR scheduler {type(scheduler).__module__}."
+            f"{type(scheduler).__qualname__} to optax. Supported schedulers "
+            f"(torch.optim.lr_scheduler, exact classes): {', '.join(SUPPORTED_SCHEDULERS)}."
+        )
     if scheduler.optimizer is not optimizer:
         raise ValueError(f"{kind} is attached to another optimizer than the one converted.")
     groups = optimizer.param_groups
@@ -269,15 +271,10 @@ def group_schedules(scheduler, optimizer) -> list[GroupSchedule]:
     return _sequential(scheduler, optimizer)
 
 
-def unsupported_message(optimizer=None, scheduler=None) -> str:
-    """The one error message for an optimizer or scheduler this module can't convert."""
-    from mlperf_tutor.migrate.optim import SUPPORTED_OPTIMIZERS
+def is_supported(scheduler) -> bool:
+    """Whether ``scheduler``'s class is in ``SUPPORTED_SCHEDULERS``, exactly: a subclass may
+    change the rule."""
+    import torch.optim.lr_scheduler as lrs
 
-    what = optimizer if optimizer is not None else scheduler
-    kind = "optimizer" if optimizer is not None else "LR scheduler"
-    return (
-        f"Can't convert the {kind} {type(what).__module__}.{type(what).__qualname__} to optax. "
-        f"Supported optimizers (torch.optim, exact classes): {', '.join(SUPPORTED_OPTIMIZERS)}. "
-        f"Supported schedulers (torch.optim.lr_scheduler, stepped once per optimizer step): "
-        f"{', '.join(SUPPORTED_SCHEDULERS)}."
-    )
+    kind = type(scheduler).__name__
+    return kind in SUPPORTED_SCHEDULERS and type(scheduler) is getattr(lrs, kind)
