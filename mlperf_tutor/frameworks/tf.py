@@ -47,6 +47,7 @@ import tensorflow as tf  # noqa: E402
 
 from mlperf_tutor.core.checkpoint import CheckpointMismatch, Tree, check_tree  # noqa: E402
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec  # noqa: E402
+from mlperf_tutor.frameworks import tf_optim  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -374,8 +375,6 @@ def make_optimizer(spec: OptimizerSpec, schedule: ScheduleSpec, model: keras.Mod
         a :class:`tf_optim.Optimizer`: ``.native`` (the Keras optimizer, built), ``.model``,
         ``.state_dict()`` and ``.load_state_dict(state)`` with slots in canonical layout.
     """
-    from mlperf_tutor.frameworks import tf_optim
-
     return tf_optim.Optimizer(spec, schedule, model, _trainable_leaves(model))
 
 
@@ -388,9 +387,19 @@ def make_array_optimizer(
         a :class:`tf_optim.ArrayOptimizer` with ``.params()``, ``.step(grads)``, ``.native``,
         ``.state_dict()`` and ``.load_state_dict(state)``.
     """
-    from mlperf_tutor.frameworks import tf_optim
-
-    return tf_optim.ArrayOptimizer(spec, schedule, params)
+    leaves = [
+        Leaf(
+            name,
+            keras.Variable(
+                np.asarray(value),
+                dtype=np.asarray(value).dtype.name,
+                name=name.replace("/", "_"),
+            ),
+            IDENTITY,
+        )
+        for name, value in params.items()
+    ]
+    return tf_optim.ArrayOptimizer(spec, schedule, leaves)
 
 
 __all__ = [

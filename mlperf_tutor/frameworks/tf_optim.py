@@ -26,7 +26,6 @@ import tensorflow as tf
 
 from mlperf_tutor.core.checkpoint import check_tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec, state_key
-from mlperf_tutor.frameworks import tf as adapter
 
 
 class SpecSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -215,7 +214,8 @@ class _Bound:
 
     Args:
         spec, schedule: the optimizer and its schedule.
-        leaves: the variables with their canonical names and layouts (``adapter.Leaf``).
+        leaves: the variables with their canonical names and layouts (the adapter's ``Leaf``:
+            ``name``, ``variable``, ``spec``, ``to_canonical``, ``from_canonical``).
     """
 
     def __init__(self, spec: OptimizerSpec, schedule: ScheduleSpec, leaves: Sequence):
@@ -278,22 +278,10 @@ class ArrayOptimizer(_Bound):
 
     Args:
         spec, schedule: the optimizer and its schedule.
-        params: canonical name -> initial value; variables keep each array's dtype.
+        leaves: one variable per array, made by the adapter in canonical layout.
     """
 
-    def __init__(self, spec: OptimizerSpec, schedule: ScheduleSpec, params: Mapping):
-        leaves = [
-            adapter.Leaf(
-                name,
-                keras.Variable(
-                    np.asarray(value),
-                    dtype=np.asarray(value).dtype.name,
-                    name=name.replace("/", "_"),
-                ),
-                adapter.IDENTITY,
-            )
-            for name, value in params.items()
-        ]
+    def __init__(self, spec: OptimizerSpec, schedule: ScheduleSpec, leaves: Sequence):
         super().__init__(spec, schedule, leaves)
         self._variables = [leaf.variable for leaf in leaves]
         self._apply = tf.function(lambda grads: self.native.apply(grads, self._variables))
