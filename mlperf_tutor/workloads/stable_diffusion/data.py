@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mlperf_tutor.workloads.stable_diffusion.diffusion import sample_latents
+
 if TYPE_CHECKING:
     from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig
     from mlperf_tutor.workloads.stable_diffusion.standins import TextEncoder
 
 MOMENTS, CAPTION = "npy", "txt"  # the reference's keep_only_keys
-LOGVAR_RANGE = (-30.0, 20.0)  # ldm's DiagonalGaussianDistribution clamps the log-variance
 TSV_COLUMNS = ("image_id", "id", "caption")
 # webdataset's split of a member name into key and extension, and its metadata files to skip.
 _NAME = re.compile(r"^((?:.*/|)[^./][^/]*?)\.([^/]*)$")
@@ -218,28 +219,6 @@ def read_shards(
             except UnicodeDecodeError as e:
                 raise ShardError(f"shard {path}: member {name} is not utf-8 text ({e})") from None
             yield key, moments, caption
-
-
-def sample_latents(moments: np.ndarray, rng: np.random.Generator, scale: float) -> np.ndarray:
-    """Draw scaled latents from VAE moments: ``scale * (mean + exp(logvar / 2) * N(0, 1))``.
-
-    The log-variance is clipped to [-30, 20] first, as ldm's ``DiagonalGaussianDistribution``
-    does; with ``scale`` 0.18215 this is the reference's ``get_first_stage_encoding``.
-
-    Args:
-        moments: (..., 2C, h, w): the C mean channels, then the C log-variance channels.
-        rng: the noise source; every call draws new noise.
-        scale: the latent scale factor (``cfg.latent_scale``).
-
-    Returns:
-        (..., C, h, w) float32 latents.
-    """
-    moments = np.asarray(moments, np.float32)
-    if moments.ndim < 3 or moments.shape[-3] % 2:
-        raise ValueError(f"moments must be (..., 2C, h, w); got shape {moments.shape}")
-    mean, logvar = np.split(moments, 2, axis=-3)
-    std = np.exp(np.float32(0.5) * np.clip(logvar, *LOGVAR_RANGE))
-    return np.float32(scale) * (mean + std * rng.standard_normal(mean.shape, dtype=np.float32))
 
 
 class LatentCaptionBatches:

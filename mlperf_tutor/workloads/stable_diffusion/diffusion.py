@@ -1,6 +1,10 @@
-"""The diffusion math of SD v2, framework-free: the noise schedule, the v-prediction training
-target and the DDIM sampler used for evaluation.
+"""The diffusion math of SD v2, framework-free: the latents drawn from the VAE's moments, the
+noise schedule, the v-prediction training target and the DDIM sampler used for evaluation.
 
+- Latents: the autoencoder's encoder gives a diagonal Gaussian posterior per image (its
+  moments); training draws a new latent from it each time a sample is read, scaled by
+  ``cfg.latent_scale``, as ldm's ``DiagonalGaussianDistribution.sample()`` and
+  ``get_first_stage_encoding`` do.
 - Forward process (DDPM, Ho et al. 2020, https://arxiv.org/abs/2006.11239): with
   ``a_t = alphas_cumprod[t]``, a noisy latent is ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``.
   Betas are ldm's "linear" schedule (diffusers' "scaled_linear"): linear in sqrt(beta).
@@ -30,6 +34,7 @@ from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig
 # denoise(x, t, conditional) -> v: the UNet at one integer timestep, with the caption's context
 # (conditional=True) or the empty caption's (False), on a framework array x.
 Denoiser = Callable[[Any, int, bool], Any]
+LOGVAR_RANGE = (-30.0, 20.0)  # ldm's DiagonalGaussianDistribution clamps the log-variance
 
 
 class Schedule(NamedTuple):
@@ -63,6 +68,28 @@ def schedule(cfg: StableDiffusionConfig) -> Schedule:
         The float64 tables, each of shape (num_timesteps,).
     """
     return _tables(cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+
+
+def sample_latents(moments: np.ndarray, rng: np.random.Generator, scale: float) -> np.ndarray:
+    """Draw scaled latents from VAE moments: ``scale * (mean + exp(logvar / 2) * N(0, 1))``.
+
+    The log-variance is clipped to [-30, 20] first, as ldm's ``DiagonalGaussianDistribution``
+    does; with ``scale`` 0.18215 this is the reference's ``get_first_stage_encoding``.
+
+    Args:
+        moments: (..., 2C, h, w): the C mean channels, then the C log-variance channels.
+        rng: the noise source; every call draws new noise.
+        scale: the latent scale factor (``cfg.latent_scale``).
+
+    Returns:
+        (..., C, h, w) float32 latents.
+    """
+    moments = np.asarray(moments, np.float32)
+    if moments.ndim < 3 or moments.shape[-3] % 2:
+        raise ValueError(f"moments must be (..., 2C, h, w); got shape {moments.shape}")
+    mean, logvar = np.split(moments, 2, axis=-3)
+    std = np.exp(np.float32(0.5) * np.clip(logvar, *LOGVAR_RANGE))
+    return np.float32(scale) * (mean + std * rng.standard_normal(mean.shape, dtype=np.float32))
 
 
 def noisy_and_target(

@@ -32,7 +32,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig
-from mlperf_tutor.workloads.stable_diffusion.data import sample_latents
+from mlperf_tutor.workloads.stable_diffusion.diffusion import sample_latents
 
 FACTOR = 8  # image pixels per latent pixel, per side (SD's AutoencoderKL)
 COLORS = {  # well separated RGB in [0, 1]
