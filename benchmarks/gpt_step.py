@@ -14,17 +14,8 @@ MFU follows PaLM (Chowdhery et al. 2022, appendix B): ``6 N + 12 L D T`` FLOPs p
 (``mlperf-tutor info gpt3``; N includes the LM head) x tokens/s / 989 TFLOP/s, the dense bf16
 peak of the H100 SXM and H200 in NVIDIA's datasheets.
 
-Measured on one H200 (700 W cap; torch 2.11 + CUDA 13, jax 0.11.2; 2026-11-28):
-
-======  ===========  ==============  ================  ==========================
-preset  batch        torch eager     torch.compile     jax jit (+ triton GEMM off)
-======  ===========  ==============  ================  ==========================
-small   32 x 1024    29.3%           42.6%             38.3% (39.5%)
-1.3b    8 x 2048     48.1%           55.4%             53.1% (55.4%)
-======  ===========  ==============  ================  ==========================
-
-"triton GEMM off" is ``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false`` (cuBLAS for every
-matmul).
+To time JAX with cuBLAS for every matmul instead of XLA's Triton GEMMs, run it with
+``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false``.
 """
 
 from __future__ import annotations

@@ -14,15 +14,6 @@ MFU counts the FLOPs LoRA training needs (``mlperf-tutor info llama2_70b_lora``)
 N_lora + 12 L D T`` per token (forward and activation gradients through every frozen matrix, no
 weight gradients for them) x tokens/s / 989 TFLOP/s, the dense bf16 peak of the H100 SXM and
 H200 in NVIDIA's datasheets.
-
-Measured on one H200 (700 W cap; torch 2.11 + CUDA 13, jax 0.11.2; 2026-11-28), ``small``:
-
-=========  ==============  ================  ==========
-batch      torch eager     torch.compile     jax jit
-=========  ==============  ================  ==========
-4 x 4096   26.4% (41.0k)   34.8% (54.0k)     39.9% (62.0k tokens/s)
-8 x 4096   -               35.1% (54.5k)     40.5% (62.8k tokens/s)
-=========  ==============  ================  ==========
 """
 
 from __future__ import annotations

@@ -12,16 +12,6 @@ jitted JAX update), fused attention (``F.scaled_dot_product_attention``;
 MFU: ``flops_per_image`` (``mlperf-tutor info stable_diffusion``: 3 x the forward's convolution,
 linear and attention FLOPs) x images/s / 989 TFLOP/s, the dense bf16 peak of the H100 SXM and
 H200 in NVIDIA's datasheets.
-
-Measured on one H200 (700 W cap; torch 2.11 + CUDA 13, jax 0.11.2; 2026-11-28):
-
-==============================  ===============  ===============  ===============
-preset, batch                   torch eager      torch.compile    jax jit
-==============================  ===============  ===============  ===============
-small (318M, 32x32), 32         5.9% (286 img/s) 9.1% (439)       14.3% (692)
-small (318M, 32x32), 128        -                24.9% (1,204)    28.2% (1,364)
-mlperf (866M, 64x64), 16        23.2% (95)       32.0% (131)      31.8% (130)
-==============================  ===============  ===============  ===============
 """
 
 from __future__ import annotations
