@@ -43,7 +43,7 @@ import time
 import ml_dtypes
 import numpy as np
 
-from mlperf_tutor.convert.formats import TensorSpec
+from mlperf_tutor.convert import TensorSpec
 from mlperf_tutor.convert.safetensors_io import write_safetensors
 from mlperf_tutor.workloads.llama.config import LlamaConfig
 

@@ -107,14 +107,9 @@ def cmd_convert(args) -> int:
     if wl.hf is not None and convert.detect_format(args.src) == "hf":
         # The checkpoint's own config.json fixes the architecture; no preset has to match it.
         cfg = wl.config_from_hf(args.src, preset=args.preset)
-    convert.convert(
-        args.src,
-        args.dst,
-        workload=wl,
-        cfg=cfg,
-        expected=wl.canonical_specs(cfg),
-        progress=True,
-    )
+    # With the workload and config, convert checks the source against the workload's canonical
+    # names, shapes and dtypes before anything is written.
+    convert.convert(args.src, args.dst, workload=wl, cfg=cfg, progress=True)
     print(f"wrote {args.dst}")
     return 0
 

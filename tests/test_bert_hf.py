@@ -22,9 +22,9 @@ from mlperf_tutor import cli, convert, frameworks  # noqa: E402
 from mlperf_tutor.convert import hf_io  # noqa: E402
 from mlperf_tutor.convert.safetensors_io import SafetensorsReader  # noqa: E402
 from mlperf_tutor.core.checkpoint import CheckpointError  # noqa: E402
+from mlperf_tutor.workloads.bert import hf  # noqa: E402
 
 wl = mt.workloads.get("bert")
-hf = wl.hf
 # The tiny preset's architecture, spelled the way transformers users write it.
 TINY = dict(
     vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

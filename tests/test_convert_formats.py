@@ -10,6 +10,7 @@ import importlib.util
 import itertools
 import pickle
 import re
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -114,7 +115,7 @@ def test_progress_bar_runs(tmp_path, capsys):
 
 
 def test_prefetch_keeps_order_and_budget():
-    from mlperf_tutor.convert.formats import prefetch
+    from mlperf_tutor.convert.tensors import prefetch
 
     log = []
 
@@ -135,7 +136,7 @@ def test_prefetch_keeps_order_and_budget():
 
 
 def test_prefetch_raises_producer_errors_and_stops():
-    from mlperf_tutor.convert.formats import prefetch
+    from mlperf_tutor.convert.tensors import prefetch
 
     def items():
         yield "a", np.zeros(1)
@@ -438,3 +439,71 @@ def test_relative_paths_work_in_every_format(tmp_path, monkeypatch, name):
     tree = mixed_tree()
     convert.save(tree, name)
     assert_bit_identical(convert.load(name), tree, ordered=True)
+
+
+# --- the boundary: convert knows no workload, only the CheckpointOwner interface ---------------
+def test_convert_checks_the_source_against_the_workload_by_default(tmp_path):
+    from mlperf_tutor import workloads
+
+    toy = workloads.get("toy")
+    cfg = toy.config("tiny")
+    other = toy.config("tiny", channels=cfg.channels * 2)
+    convert.save(toy.init_canonical(other), tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointMismatch, match="other.safetensors"):
+        convert.convert(tmp_path / "other.safetensors", tmp_path / "out.pt", workload=toy, cfg=cfg)
+    assert listing(tmp_path) == {"other.safetensors"}
+    # Explicit specs replace the workload's.
+    expected = toy.canonical_specs(other)
+    convert.convert(tmp_path / "other.safetensors", tmp_path / "out.pt", toy, cfg, expected)
+    assert_bit_identical(convert.load(tmp_path / "out.pt"), toy.init_canonical(other))
+
+
+def test_any_checkpoint_owner_reads_and_writes_hf_directories(tmp_path):
+    # Not a Workload: an object with the CheckpointOwner attributes, and Hugging Face "naming"
+    # that keeps canonical names, so convert is seen to need nothing more.
+    from mlperf_tutor import workloads
+    from mlperf_tutor.core.interop import HfInterop
+
+    cfg = workloads.get("toy").config("tiny")
+    tree = mixed_tree()
+
+    def save_pretrained(tree, cfg, directory):
+        specs = convert.specs_of(tree, str(directory))
+        convert.write_hf_directory(directory, {"model_type": "x"}, specs, iter(tree.items()))
+
+    def load_pretrained(directory):
+        assert convert.read_hf_config(directory) == {"model_type": "x"}
+        return cfg, convert.read_hf_weights(directory)
+
+    class Owner:
+        name = "identity"
+        hf = HfInterop(
+            architecture=("channels",),
+            config_from_hf=lambda hf_config, **kwargs: cfg,
+            config_to_hf=lambda cfg: {"model_type": "x"},
+            load_pretrained=load_pretrained,
+            save_pretrained=save_pretrained,
+        )
+
+        def canonical_specs(self, cfg):
+            return tree_specs(tree)
+
+    convert.save(tree, tmp_path / "a.safetensors")
+    convert.convert(tmp_path / "a.safetensors", tmp_path / "b.hf", Owner(), cfg)
+    assert convert.detect_format(tmp_path / "b.hf") == "hf"
+    assert_bit_identical(convert.load(tmp_path / "b.hf", Owner(), cfg), tree, ordered=True)
+    with pytest.raises(CheckpointError, match="channels"):
+        convert.load(tmp_path / "b.hf", Owner(), cfg.replace(channels=cfg.channels * 2))
+
+
+def test_convert_imports_no_workload_and_workloads_use_only_its_public_api():
+    package = Path(convert.__file__).parents[1]
+    for path in (package / "convert").glob("*.py"):
+        assert "mlperf_tutor.workloads" not in path.read_text(), path
+    for path in (package / "workloads").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"mlperf_tutor\.convert\.\w", text), f"{path} reaches inside convert"
+        names = re.findall(r"\bconvert\.(\w+)", text)
+        for group in re.findall(r"from mlperf_tutor\.convert import ([\w, ]+)", text):
+            names += [n.strip() for n in group.split(",")]
+        assert set(names) <= set(convert.__all__), f"{path}: {set(names) - set(convert.__all__)}"

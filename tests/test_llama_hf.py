@@ -13,9 +13,7 @@ import pytest
 import torch
 from checks import assert_bit_identical, lively_lora
 
-from mlperf_tutor import frameworks, workloads
-from mlperf_tutor.convert.formats import specs_of
-from mlperf_tutor.convert.safetensors_io import write_safetensors
+from mlperf_tutor import convert, frameworks, workloads
 from mlperf_tutor.core.checkpoint import CheckpointError
 from mlperf_tutor.core.parity import OUTPUT_ATOL
 from mlperf_tutor.layers.spec import is_adapter
@@ -112,7 +110,7 @@ def test_the_reference_fused_qkv_layout_is_read(tmp_path, hf_dir):
     directory.mkdir()
     config = json.loads((hf_dir[0] / "config.json").read_text()) | {"model_type": "custom_llama"}
     (directory / "config.json").write_text(json.dumps(config))
-    write_safetensors(directory / "model.safetensors", specs_of(fused, "x"), fused.items())
+    convert.save(fused, directory / "model.safetensors")
     _, back = hf.load_pretrained(directory)
     assert_bit_identical(back, tree, ordered=True)
 
@@ -125,7 +123,7 @@ def test_bad_checkpoint_names_every_offending_key(tmp_path, hf_dir):
     directory = tmp_path / "bad"
     directory.mkdir()
     (directory / "config.json").write_text((hf_dir[0] / "config.json").read_text())
-    write_safetensors(directory / "model.safetensors", specs_of(state, "x"), state.items())
+    convert.save(state, directory / "model.safetensors")
     with pytest.raises(CheckpointError) as e:
         hf.load_pretrained(directory)
     assert "model.layers.1.self_attn.k_proj.weight" in str(e.value)

@@ -12,6 +12,7 @@ from test_mllog import RULES, checker, read_log, records_of
 from mlperf_tutor import cli, convert, frameworks, train, workloads
 from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.llama import adapter_count, flops_per_token
+from mlperf_tutor.workloads.llama.hf import merge_adapters
 
 WL = workloads.get("llama2_70b_lora")
 TINY = WL.config("tiny")
@@ -123,7 +124,7 @@ def test_trained_adapters_are_not_dropped_on_the_way_to_transformers(tmp_path):
     with pytest.raises(ValueError, match="trained LoRA adapters"):
         WL.hf.save_pretrained(tree, TINY, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
-    merged = WL.hf.merge_adapters(tree, TINY)
+    merged = merge_adapters(tree, TINY)
     WL.hf.save_pretrained(merged, TINY, tmp_path / "hf")
     batch = WL.synthetic_batch(TINY, batch_size=2, seed=0)
     want = WL.forward("torch", WL.build("torch", TINY, weights=tree), batch)["logits"]

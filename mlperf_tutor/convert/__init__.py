@@ -1,7 +1,8 @@
 """Checkpoint files: the canonical tree in and out of every format, and between formats.
 
 A canonical checkpoint is a flat ``dict[str, np.ndarray]`` in PyTorch ``state_dict`` names and
-layouts (bf16 as ``ml_dtypes.bfloat16``). Formats, chosen from the path (:func:`detect_format`):
+layouts (bf16 as ``ml_dtypes.bfloat16``). Formats, chosen from the path (:func:`detect_format`),
+each one entry of the table :data:`FORMATS` (``convert/formats.py``: detect, read, write):
 
 ==============  ==================================  =========================================
 format          path                                notes
@@ -9,11 +10,21 @@ format          path                                notes
 safetensors     ``*.safetensors``                   streamed; ``load`` memory-maps lazily
 torch           ``*.pt``, ``*.pth``, ``*.bin``      plain state_dict; ``weights_only`` loads
 orbax           any other directory                 the flat dict; streamed a group at a time
-keras           ``*.weights.h5``                    needs ``workload`` and ``cfg`` (TF model)
+keras           ``*.weights.h5``                    needs ``workload`` and ``cfg``: the
+                                                    workload's TF model reads and writes it
 hf              ``*.hf``, or a directory holding    Hugging Face ``save_pretrained``; needs a
-                ``config.json``                     workload with ``hf`` interop (and ``cfg``
-                                                    to write); memory-mapped, written whole
+                ``config.json``                     workload whose ``hf`` maps the names (and
+                                                    ``cfg`` to write); memory-mapped, written
+                                                    whole
 ==============  ==================================  =========================================
+
+This package knows no workload and imports no framework at import time. Where a format needs the
+model, ``workload`` is anything with the small interface of
+:class:`~mlperf_tutor.core.interop.CheckpointOwner` (every ``Workload`` is one): its name, its
+:class:`~mlperf_tutor.core.interop.HfInterop` (or None), ``canonical_specs``,
+``read_keras_weights`` and ``write_keras_weights``. The Hugging Face files themselves are read
+and written here (:func:`read_hf_config`, :func:`read_hf_weights`, :func:`write_hf_directory`),
+for the workloads' ``hf.py`` to use.
 
 Every write is atomic (a crash leaves the previous file or directory intact) and is validated
 first: with ``expected``, a mismatch raises one error naming every bad key, and nothing is written.
@@ -26,142 +37,68 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from mlperf_tutor.convert import hf_io
-from mlperf_tutor.convert.formats import (
-    ACCEPTED,
+from mlperf_tutor.convert.formats import ACCEPTED, FORMATS, Format, detect_format
+from mlperf_tutor.convert.hf_io import CONFIG as HF_CONFIG
+from mlperf_tutor.convert.hf_io import DIFFUSERS_WEIGHTS
+from mlperf_tutor.convert.hf_io import config_dict as hf_config_dict
+from mlperf_tutor.convert.hf_io import read_config as read_hf_config
+from mlperf_tutor.convert.hf_io import read_weights as read_hf_weights
+from mlperf_tutor.convert.hf_io import write_pretrained as write_hf_directory
+from mlperf_tutor.convert.tensors import (
     DTYPES,
-    FORMATS,
     PREFETCH_SLACK,
+    Reader,
     TensorSpec,
-    detect_format,
-    group_by_bytes,
     prefetch,
     specs_of,
 )
-from mlperf_tutor.convert.keras_io import load_keras, require_workload, save_keras
-from mlperf_tutor.convert.orbax_io import group_budget, iter_orbax, orbax_specs, write_orbax
-from mlperf_tutor.convert.safetensors_io import SafetensorsReader, write_safetensors
-from mlperf_tutor.convert.torch_io import load_torch, save_torch
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
+from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.interop import CheckpointOwner
 
 Expected = Mapping[str, tuple[tuple[int, ...], str]]
 
 __all__ = [
     "ACCEPTED",
     "CheckpointError",
+    "DIFFUSERS_WEIGHTS",
     "DTYPES",
     "FORMATS",
+    "Format",
+    "HF_CONFIG",
     "TensorSpec",
     "convert",
     "detect_format",
+    "hf_config_dict",
     "iter_tensors",
     "load",
+    "read_hf_config",
+    "read_hf_weights",
     "save",
+    "specs_of",
     "tensor_specs",
+    "write_hf_directory",
 ]
 
 
-class _Source:
-    """Specs of a checkpoint (known before any data) and its tensors, one at a time."""
-
-    def __init__(self, path: str | os.PathLike, workload: Any = None, cfg: Any = None):
-        self.path, self.format = Path(path), detect_format(path)
-        self._tree: dict[str, np.ndarray] | None = None
-        self._reader: SafetensorsReader | None = None
-        if self.format == "safetensors":
-            self._reader = SafetensorsReader(path)
-            self.specs = self._reader.specs
-        elif self.format == "orbax":
-            self.specs = orbax_specs(path)
-        elif self.format == "torch":
-            # torch and Keras files come whole; their specs need the data.
-            self._tree = load_torch(path)
-            self.specs = specs_of(self._tree, str(path))
-        elif self.format == "hf":
-            # Memory-mapped: the specs come without reading data, each tensor when used.
-            hf = hf_io.require_hf(path, workload)
-            found, self._tree = hf.load_pretrained(path)
-            if cfg is not None:
-                hf_io.check_architecture(hf, found, cfg, path)
-            self.specs = specs_of(self._tree, str(path))
-        else:
-            self._tree = load_keras(path, workload, cfg)
-            self.specs = specs_of(self._tree, str(path))
-
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(name, array) in :attr:`specs` order; each is ours to release after use."""
-        if self._reader is not None:
-            yield from self._reader
-        elif self._tree is not None:
-            while self._tree:
-                # Popping lets each tensor go as soon as the consumer drops it.
-                name = next(iter(self._tree))
-                yield name, self._tree.pop(name)
-        else:
-            yield from iter_orbax(self.path, self.specs)
-
-    def costs(self) -> list[int]:
-        """Bytes that producing each tensor of :meth:`tensors` allocates (see ``prefetch``)."""
-        if self.format != "orbax":
-            return [s.nbytes for s in self.specs.values()]
-        # Orbax restores a group at once: its first tensor brings the others along.
-        costs = []
-        for group in group_by_bytes(self.specs, group_budget(self.specs)):
-            costs += [sum(self.specs[k].nbytes for k in group)] + [0] * (len(group) - 1)
-        return costs
-
-    def mapped(self) -> dict[str, np.ndarray]:
-        """The whole tree, lazily memory-mapped (safetensors only)."""
-        assert self._reader is not None
-        return self._reader.mapped()
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-
-    def __enter__(self) -> _Source:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _write(
-    path: str | os.PathLike,
-    specs: Mapping[str, TensorSpec],
-    tensors: Iterator[tuple[str, np.ndarray]],
-    workload: Any = None,
-    cfg: Any = None,
-) -> None:
-    fmt = detect_format(path)
-    if fmt == "safetensors":
-        write_safetensors(path, specs, tensors)
-    elif fmt == "orbax":
-        write_orbax(path, specs, tensors)
-    elif fmt == "torch":
-        save_torch(dict(tensors), path)
-    elif fmt == "hf":
-        hf_io.require_hf(path, workload, cfg, need_cfg=True).save_pretrained(
-            dict(tensors), cfg, path
-        )
-    else:
-        save_keras(dict(tensors), path, workload, cfg)
+def _open(path: str | os.PathLike, workload: CheckpointOwner | None, cfg: Config | None) -> Reader:
+    """An open reader of a checkpoint, in the format of its path."""
+    return FORMATS[detect_format(path)].read(path, workload, cfg)
 
 
 def tensor_specs(
-    path: str | os.PathLike, workload: Any = None, cfg: Any = None
+    path: str | os.PathLike, workload: CheckpointOwner | None = None, cfg: Config | None = None
 ) -> dict[str, TensorSpec]:
     """name -> :class:`TensorSpec` of a checkpoint (safetensors and Orbax: no data is read)."""
-    with _Source(path, workload, cfg) as source:
+    with _open(path, workload, cfg) as source:
         return dict(source.specs)
 
 
 def iter_tensors(
-    path: str | os.PathLike, workload: Any = None, cfg: Any = None
+    path: str | os.PathLike, workload: CheckpointOwner | None = None, cfg: Config | None = None
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (name, array) of a checkpoint one tensor at a time (streaming where the format can).
 
@@ -169,12 +106,15 @@ def iter_tensors(
         path: any checkpoint :func:`detect_format` accepts.
         workload, cfg: needed for ``.weights.h5`` and Hugging Face directories.
     """
-    with _Source(path, workload, cfg) as source:
+    with _open(path, workload, cfg) as source:
         yield from source.tensors()
 
 
 def load(
-    path: str | os.PathLike, workload: Any = None, cfg: Any = None, expected: Expected | None = None
+    path: str | os.PathLike,
+    workload: CheckpointOwner | None = None,
+    cfg: Config | None = None,
+    expected: Expected | None = None,
 ) -> Tree:
     """Read a checkpoint as a canonical tree.
 
@@ -189,19 +129,18 @@ def load(
         CheckpointError: missing, corrupt or unreadable file (names the file and what to do).
         CheckpointMismatch: the checkpoint does not match ``expected`` (every bad key named).
     """
-    with _Source(path, workload, cfg) as source:
+    with _open(path, workload, cfg) as source:
         if expected is not None:
             check_tree(expected, source.specs, where=str(path))
-        if source.format == "safetensors":
-            return source.mapped()
-        return dict(source.tensors())
+        # Safetensors: lazily memory-mapped, nothing read until used.
+        return source.tree()
 
 
 def save(
     tree: Mapping[str, np.ndarray],
     path: str | os.PathLike,
-    workload: Any = None,
-    cfg: Any = None,
+    workload: CheckpointOwner | None = None,
+    cfg: Config | None = None,
     expected: Expected | None = None,
 ) -> None:
     """Write a canonical tree atomically in the format of ``path``.
@@ -221,14 +160,14 @@ def save(
     specs = specs_of(tree, str(path))
     if expected is not None:
         check_tree(expected, tree, where=f"the tree for {path}")
-    _write(path, specs, iter(tree.items()), workload, cfg)
+    FORMATS[detect_format(path)].write(path, specs, iter(tree.items()), workload, cfg)
 
 
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    workload: Any = None,
-    cfg: Any = None,
+    workload: CheckpointOwner | None = None,
+    cfg: Config | None = None,
     expected: Expected | None = None,
     progress: bool = False,
 ) -> None:
@@ -238,7 +177,9 @@ def convert(
         src: source checkpoint; its format comes from the path.
         dst: destination; written atomically, its format comes from the path.
         workload, cfg: the workload and preset config; needed when either side is
-            ``.weights.h5`` or a Hugging Face directory.
+            ``.weights.h5`` or a Hugging Face directory. With both, the source must be a
+            checkpoint of that model: it is checked against ``workload.canonical_specs(cfg)``
+            (names, shapes and dtypes) unless ``expected`` says otherwise.
         expected: name -> (shape, dtype name); the source is checked against it before
             anything is written.
         progress: show a tqdm bar over the bytes converted.
@@ -248,23 +189,22 @@ def convert(
         CheckpointMismatch: the source does not match ``expected``.
     """
     # A destination that cannot work fails before the source is read.
-    dst_format = detect_format(dst)
-    if dst_format == "keras":
-        require_workload(Path(dst), workload, cfg)
-    elif dst_format == "hf":
-        hf_io.require_hf(dst, workload, cfg, need_cfg=True)
-    with _Source(src, workload, cfg) as source:
+    dst_format = FORMATS[detect_format(dst)]
+    dst_format.check_write(dst, workload, cfg)
+    if expected is None and workload is not None and cfg is not None:
+        expected = workload.canonical_specs(cfg)
+    with _open(src, workload, cfg) as source:
         if expected is not None:
             check_tree(expected, source.specs, where=str(src))
         tensors = source.tensors()
-        if source.format in ("safetensors", "orbax") and source.specs:
+        if source.streams and source.specs:
             # Read ahead within half the largest tensor (plus slack): overlap without breaking
             # the bound of ~1.5x the largest tensor.
             largest = max(s.nbytes for s in source.specs.values())
             tensors = prefetch(tensors, source.costs(), largest // 2 + PREFETCH_SLACK)
         if progress:
             tensors = _with_progress(tensors, source.specs, f"{Path(src).name} -> {Path(dst).name}")
-        _write(dst, source.specs, tensors, workload, cfg)
+        dst_format.write(dst, source.specs, tensors, workload, cfg)
 
 
 def _with_progress(

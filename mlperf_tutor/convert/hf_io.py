@@ -6,11 +6,12 @@ and either one ``model.safetensors`` or shards ``model-00001-of-0000N.safetensor
 diffusers' ``ModelMixin.save_pretrained`` writes the same with the stem
 ``diffusion_pytorch_model`` instead of ``model``.
 Tensors carry the library's own names (e.g. ``bert.encoder.layer.0.attention.self.query.weight``)
-in PyTorch layouts; the workload's ``hf`` module renames them to and from canonical names.
+in PyTorch layouts.
 
-This module handles the files; the naming and the config belong to the workload, whose ``hf``
-module provides ``load_pretrained(directory) -> (cfg, tree)``, ``save_pretrained(tree, cfg,
-directory)``, ``config_from_hf`` and ``ARCHITECTURE`` (the config fields a checkpoint fixes).
+This module handles the files; the naming and the config belong to the workload, whose
+:class:`~mlperf_tutor.core.interop.HfInterop` (``workload.hf``) maps them to and from canonical
+names and its config, reading and writing the files with the functions here (which ``convert``
+exports as ``read_hf_config``, ``read_hf_weights``, ``write_hf_directory``, ...).
 """
 
 from __future__ import annotations
@@ -20,20 +21,26 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from mlperf_tutor.convert.formats import TensorSpec, atomic_dir
 from mlperf_tutor.convert.safetensors_io import SafetensorsReader, write_safetensors
-from mlperf_tutor.core.checkpoint import CheckpointError
+from mlperf_tutor.convert.tensors import TensorSpec
+from mlperf_tutor.core.checkpoint import CheckpointError, Tree
+from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.interop import CheckpointOwner, HfInterop
+from mlperf_tutor.core.io import atomic_dir
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name for the same file
 _WEIGHT_FILES = (WEIGHTS, DIFFUSERS_WEIGHTS)
+# Files that make an existing directory a ``save_pretrained`` one. The weight files count too, so
+# that a directory whose config.json went missing is reported as such rather than as a broken
+# Orbax checkpoint.
+MARKERS = (CONFIG, WEIGHTS, INDEX, DIFFUSERS_WEIGHTS, f"{DIFFUSERS_WEIGHTS}.index.json")
 
 # What a save_pretrained of a model writes; a directory holding only these may be replaced.
 _MODEL_FILES = re.compile(
@@ -42,23 +49,53 @@ _MODEL_FILES = re.compile(
 )
 
 
-def require_hf(path: str | os.PathLike, workload: Any, cfg: Any = None, need_cfg: bool = False):
-    """The ``hf`` module of ``workload``, or a CheckpointError saying what is missing."""
-    if workload is None:
+def detect(path: str, name: str) -> bool:
+    """Whether ``path`` is a ``save_pretrained`` directory: one holding any of :data:`MARKERS`,
+    or any path named ``*.hf`` (how a new one is named)."""
+    if name.endswith(".hf"):
+        return True
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in MARKERS)
+
+
+def require_hf(
+    path: str | os.PathLike,
+    owner: CheckpointOwner | None,
+    cfg: Config | None = None,
+    need_cfg: bool = False,
+) -> HfInterop:
+    """The Hugging Face interop of ``owner``, or a CheckpointError saying what is missing."""
+    if owner is None:
         raise CheckpointError(
             f"{path} is a Hugging Face directory, whose tensor names only the workload knows; "
             "pass workload= (CLI: mlperf-tutor convert WORKLOAD ...)"
         )
-    if workload.hf is None:
+    if owner.hf is None:
         raise CheckpointError(
-            f"{path} is a Hugging Face directory, but workload {workload.name!r} has no Hugging "
+            f"{path} is a Hugging Face directory, but workload {owner.name!r} has no Hugging "
             "Face interop; use .safetensors, .pt, .weights.h5 or an Orbax directory"
         )
     if need_cfg and cfg is None:
         raise CheckpointError(
             f"writing {path} needs the config for its config.json; pass cfg= (CLI: --preset PRESET)"
         )
-    return workload.hf
+    return owner.hf
+
+
+def load_hf(path: str | os.PathLike, owner: CheckpointOwner | None, cfg: Config | None) -> Tree:
+    """The canonical tree of a ``save_pretrained`` directory (memory-mapped), through the
+    owner's naming; with ``cfg``, refused unless its architecture is the directory's."""
+    hf = require_hf(path, owner)
+    found, tree = hf.load_pretrained(path)
+    if cfg is not None:
+        check_architecture(hf, found, cfg, path)
+    return tree
+
+
+def save_hf(
+    tree: Tree, path: str | os.PathLike, owner: CheckpointOwner | None, cfg: Config | None
+) -> None:
+    """Write ``tree`` as a ``save_pretrained`` directory of ``cfg``, through the owner's naming."""
+    require_hf(path, owner, cfg, need_cfg=True).save_pretrained(tree, cfg, path)
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -203,13 +240,13 @@ def write_pretrained(
         write_safetensors(target / weights_file, specs, tensors, metadata={"format": "pt"})
 
 
-def check_architecture(hf: ModuleType, found: Any, cfg: Any, where: str | os.PathLike) -> None:
+def check_architecture(hf: HfInterop, found: Config, cfg: Config, where: str | os.PathLike) -> None:
     """Raise a CheckpointError when the checkpoint's config differs from ``cfg`` in a field of
-    ``hf.ARCHITECTURE`` (layer count, widths, heads, eps: fields that change the model but not
+    ``hf.architecture`` (layer count, widths, heads, eps: fields that change the model but not
     always the tensor shapes)."""
     diff = [
         f"{f} {getattr(found, f)} in the checkpoint, {getattr(cfg, f)} in the config"
-        for f in hf.ARCHITECTURE
+        for f in hf.architecture
         if getattr(found, f) != getattr(cfg, f)
     ]
     if diff:

@@ -23,14 +23,41 @@ from pathlib import Path
 
 import numpy as np
 
-from mlperf_tutor.convert.formats import TensorSpec, atomic_dir, group_by_bytes, native
+from mlperf_tutor.convert.tensors import Reader, TensorSpec, group_by_bytes, native
 from mlperf_tutor.core.checkpoint import CheckpointError
+from mlperf_tutor.core.io import atomic_dir
 
 MIN_GROUP_BYTES = 64 * 2**20
 CHUNK_BYTES = 32 * 2**20
 
 # Custom metadata key under which we keep the tree's key order (Orbax sorts keys).
 _META_KEY = "mlperf_tutor"
+# Files inside an Orbax checkpoint directory (v0 or v1 layout, top level or one level down).
+_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "orbax.checkpoint")
+
+
+def detect(path: str, name: str) -> bool:
+    """Whether ``path`` is an Orbax checkpoint directory: an existing directory (a Hugging Face
+    one is told apart first, see ``FORMATS``), or a new path that ends in a separator or has no
+    extension."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        return True
+    return bool(name) and "." not in name and not os.path.exists(path)
+
+
+def is_orbax_dir(path: Path) -> bool:
+    """Whether ``path`` is absent, empty, or an Orbax checkpoint (safe to replace)."""
+    if not path.exists():
+        return True
+    if not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    if not entries:
+        return True
+    names = {e.name for e in entries}
+    if names & set(_MARKERS):
+        return True
+    return any(e.is_dir() and (e / "_METADATA").exists() for e in entries)
 
 
 def _ocp():
@@ -115,6 +142,31 @@ def iter_orbax(
             yield name, restored.pop(name)
 
 
+class OrbaxReader(Reader):
+    """An Orbax checkpoint as a :class:`~mlperf_tutor.convert.tensors.Reader`: its specs from
+    the metadata, its tensors restored a group at a time as they are asked for.
+
+    Args:
+        path: the checkpoint directory.
+    """
+
+    streams = True
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self.specs = orbax_specs(path)
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        yield from iter_orbax(self.path, self.specs)
+
+    def costs(self) -> list[int]:
+        # A group is restored at once: its first tensor brings the others along.
+        costs = []
+        for group in group_by_bytes(self.specs, group_budget(self.specs)):
+            costs += [sum(self.specs[k].nbytes for k in group)] + [0] * (len(group) - 1)
+        return costs
+
+
 def _take(source: Iterator, group: list[str], specs: Mapping[str, TensorSpec], path) -> dict:
     """The next ``len(group)`` tensors of ``source``, checked against ``group`` and ``specs``."""
     batch = {}
@@ -166,7 +218,7 @@ def write_orbax(
     ctx.memory.deepcopy_host_arrays = False
     source = iter(tensors)
     path = Path(path).absolute()  # Orbax refuses relative paths
-    with atomic_dir(path) as target, ctx:
+    with atomic_dir(path, is_orbax_dir, "an Orbax checkpoint") as target, ctx:
         try:
             for i, group in enumerate(group_by_bytes(specs, group_budget(specs))):
                 batch = _take(source, group, specs, path)

@@ -24,8 +24,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from mlperf_tutor.convert.formats import TensorSpec, atomic_file, native
+from mlperf_tutor.convert.tensors import Reader, TensorSpec, native
 from mlperf_tutor.core.checkpoint import CheckpointError
+from mlperf_tutor.core.io import atomic_file
 
 _TO_NUMPY = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -41,15 +42,19 @@ _MAX_HEADER = 100_000_000
 _ALIGN = 8
 
 
-class SafetensorsReader:
+class SafetensorsReader(Reader):
     """An open safetensors file: its specs from the header, and its tensors on demand.
 
     Use as a context manager. The header is validated completely on opening (dtypes, shapes,
     offsets inside the file), so a truncated or corrupt file fails before any tensor is read.
+    As a :class:`~mlperf_tutor.convert.tensors.Reader`, :meth:`tensors` reads each tensor into
+    its own buffer and :meth:`tree` maps the file (see the module's docstring).
 
     Args:
         path: the ``.safetensors`` file.
     """
+
+    streams = True
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -129,18 +134,21 @@ class SafetensorsReader:
                 tree[name] = np.frombuffer(buf, spec.dtype, count, offset).reshape(spec.shape)
         return tree
 
-    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.specs:
             yield name, self.tensor(name)
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        return self.tensors()
+
+    def tree(self) -> dict[str, np.ndarray]:
+        return self.mapped()
 
     def close(self) -> None:
         self._file.close()
 
     def __enter__(self) -> SafetensorsReader:
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def header_bytes(

@@ -17,8 +17,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from mlperf_tutor.convert.formats import atomic_file, native
+from mlperf_tutor.convert.tensors import native
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree
+from mlperf_tutor.core.io import atomic_file
 
 _RESAVE = (
     "re-save it as a plain state_dict with torch.save({k: v for k, v in "

@@ -1,5 +1,6 @@
 """Framework-neutral machinery (numpy only): configs, canonical checkpoints, tree utilities,
-parity reports, optimizer/schedule specs and their numpy reference implementations."""
+parity reports, optimizer/schedule specs and their numpy reference implementations, atomic file
+writes (``core.io``) and what checkpoint formats need from a workload (``core.interop``)."""
 
 from mlperf_tutor.core.checkpoint import (
     CheckpointError,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
+from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from mlperf_tutor import frameworks
 from mlperf_tutor.core.checkpoint import Tree, tree_specs
 from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.interop import HfInterop
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 
 
@@ -21,11 +24,14 @@ class Workload:
     implement the analytic and numpy-side methods. Framework-side methods are generic: they go
     through the framework adapter (``mlperf_tutor.frameworks``).
 
-    Workloads with a public checkpoint naming set ``hf`` to their interop module (framework-free
-    at import), which provides ``config_from_hf(hf_config, preset, **overrides)``,
-    ``config_to_hf(cfg)``, ``load_pretrained(directory) -> (cfg, tree)``,
-    ``save_pretrained(tree, cfg, directory)`` and ``ARCHITECTURE`` (the config fields a
-    checkpoint fixes). ``mlperf_tutor.convert`` then reads and writes ``save_pretrained``
+    A workload is the :class:`~mlperf_tutor.core.interop.CheckpointOwner` that
+    ``mlperf_tutor.convert`` asks for what only the model knows: ``canonical_specs``, the Keras
+    ``.weights.h5`` files of its TF model (:meth:`read_keras_weights`,
+    :meth:`write_keras_weights`) and, for workloads with a public checkpoint naming, ``hf``: an
+    :class:`~mlperf_tutor.core.interop.HfInterop` built in the workload's ``hf.py``
+    (framework-free), whose ``config_from_hf``, ``config_to_hf``, ``load_pretrained`` and
+    ``save_pretrained`` map Hugging Face names and configs, and whose ``architecture`` names the
+    config fields a checkpoint fixes. ``convert`` then reads and writes ``save_pretrained``
     directories wherever a checkpoint path is accepted.
     """
 
@@ -33,7 +39,7 @@ class Workload:
     description: str = ""
     config_class: type[Config] = Config
     package: str = ""
-    hf: ModuleType | Any | None = None  # a module or an object with the same functions
+    hf: HfInterop | None = None  # Hugging Face naming; None: no save_pretrained directories
     # MLPerf: ``mlperf_benchmark`` is the ``submission_benchmark`` name (None: not an MLPerf
     # benchmark, so no MLPerf log and ``hyperparameters`` is never called). ``quality_target`` is
     # the value of ``quality_metric`` that ends a run (None: the workload is never evaluated, and
@@ -188,6 +194,28 @@ class Workload:
             weights = convert.load(weights, workload=self, cfg=cfg)
         adapter.load_canonical(model, weights)
         return model
+
+    def read_keras_weights(self, path: str | os.PathLike, cfg: Config) -> Tree:
+        """The canonical tree in a ``.weights.h5`` file of the TF model of ``cfg``.
+
+        Keras stores variables by layer path, so the file is loaded into a freshly built model
+        and exported through the TF adapter. Errors of Keras and h5py propagate;
+        ``mlperf_tutor.convert`` (the caller) checks the file and names it in its error.
+        """
+        model = self.build("tf", cfg)
+        model.load_weights(str(path))
+        return self.export("tf", model)
+
+    def write_keras_weights(
+        self, tree: Mapping[str, np.ndarray], path: str | os.PathLike, cfg: Config
+    ) -> None:
+        """Write ``tree`` to ``path`` as the ``.weights.h5`` file of the TF model of ``cfg``.
+
+        Raises:
+            CheckpointMismatch: ``tree`` does not fit the model (every offending key named).
+        """
+        model = self.build("tf", cfg, weights=dict(tree))
+        model.save_weights(str(path))
 
     def export(self, framework: str, model) -> Tree:
         """The model's weights as a canonical dict."""

@@ -84,7 +84,7 @@ class BertWorkload(Workload):
     description = "BERT-large pre-training (masked LM + NSP), LAMB; MLPerf target 0.720 MLM acc"
     config_class = BertConfig
     package = "mlperf_tutor.workloads.bert"
-    hf = hf  # transformers BertForPreTraining interop (framework-free)
+    hf = hf.INTEROP  # transformers BertForPreTraining interop (framework-free)
     mlperf_benchmark = "bert"
     quality_metric = "masked-LM accuracy"
     quality_target = TARGET_MLM_ACCURACY

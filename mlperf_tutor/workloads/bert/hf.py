@@ -5,8 +5,9 @@ decoder's weight is tied to the word embeddings and its bias to ``cls.prediction
 tied copies are dropped when reading and, as transformers 5 does, not written.
 
 ``load_pretrained`` and ``save_pretrained`` read and write ``save_pretrained`` directories
-(config.json + safetensors) without importing transformers; ``mlperf_tutor.convert`` calls them
-for any path it recognises as a Hugging Face directory.
+(config.json + safetensors) without importing transformers; :data:`INTEROP` (the workload's
+``hf``) hands them to ``mlperf_tutor.convert``, which calls them for any path it recognises as a
+Hugging Face directory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from mlperf_tutor import convert
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
+from mlperf_tutor.core.interop import HfInterop
 from mlperf_tutor.workloads.bert.config import BertConfig
 
 # canonical pattern -> HF pattern; "{i}" is a layer index.
@@ -155,9 +158,7 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> BertC
         ValueError: not a BERT model, a feature our BERT lacks (activation other than exact
             GELU, relative positions, decoder/cross-attention, untied decoder), or a bad field.
     """
-    from mlperf_tutor.convert import hf_io
-
-    data, where = hf_io.config_dict(hf_config)
+    data, where = convert.hf_config_dict(hf_config)
     return _config(data, where, preset, overrides)
 
 
@@ -227,15 +228,13 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[BertConfig, Tree]:
             missing, unexpected or misshapen (every one named, in HF names), or a decoder
             weight that is not tied to the word embeddings.
     """
-    from mlperf_tutor.convert import hf_io
-
-    config = hf_io.read_config(directory)
+    config = convert.read_hf_config(directory)
     try:
-        cfg = _config(config, str(Path(directory) / hf_io.CONFIG), "mlperf", {})
+        cfg = _config(config, str(Path(directory) / convert.HF_CONFIG), "mlperf", {})
     except ValueError as e:
         raise CheckpointError(str(e)) from e
     state, tied = {}, {}
-    for name, array in hf_io.read_weights(directory).items():
+    for name, array in convert.read_hf_weights(directory).items():
         module, _, leaf = name.rpartition(".")
         if module.endswith("LayerNorm") and leaf in _LEGACY:
             name = f"{module}.{_LEGACY[leaf]}"
@@ -278,19 +277,26 @@ def save_pretrained(
         CheckpointMismatch: the tree does not fit ``cfg`` (every bad key named; nothing written).
         CheckpointError: the write failed, or ``directory`` exists and holds other files.
     """
-    from mlperf_tutor.convert import hf_io
-    from mlperf_tutor.convert.formats import specs_of
-
     check_tree(_specs(cfg), tree, where=f"the tree for {directory}", check_dtype=False)
     state = to_hf(tree)
-    specs = specs_of(state, str(directory))
+    specs = convert.specs_of(state, str(directory))
     config = config_to_hf(cfg)
     config["dtype"] = state["bert.embeddings.word_embeddings.weight"].dtype.name
-    hf_io.write_pretrained(directory, config, specs, iter(state.items()))
+    convert.write_hf_directory(directory, config, specs, iter(state.items()))
 
+
+# What the bert workload's ``hf`` attribute gives convert and users.
+INTEROP = HfInterop(
+    architecture=ARCHITECTURE,
+    config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
+    load_pretrained=load_pretrained,
+    save_pretrained=save_pretrained,
+)
 
 __all__ = [
     "ARCHITECTURE",
+    "INTEROP",
     "config_from_hf",
     "config_to_hf",
     "from_hf",

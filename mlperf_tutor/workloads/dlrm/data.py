@@ -386,7 +386,7 @@ class CriteoMultiHot:
 
 def _atomic_save(path: Path, write) -> None:
     """Call ``write(file)`` on a temporary file renamed to ``path`` once complete."""
-    from mlperf_tutor.convert.formats import atomic_file
+    from mlperf_tutor.core.io import atomic_file
 
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         write(f)

@@ -25,7 +25,7 @@ from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import Workload
 from mlperf_tutor.workloads.gpt.config import Gpt3Config, GptConfig, GptjConfig
-from mlperf_tutor.workloads.gpt.hf import GPT2, GPTJ
+from mlperf_tutor.workloads.gpt.hf import GPT2_INTEROP, GPTJ_INTEROP
 
 # MLPerf GPT-3 quality target: log perplexity 2.69 on the C4 validation subset (v4.0 rules).
 TARGET_LOG_PERPLEXITY = 2.69
@@ -199,7 +199,7 @@ class Gpt3Workload(GptWorkload):
     name = "gpt3"
     description = "GPT-3 175B causal LM (Adam, cosine); MLPerf target log perplexity 2.69"
     config_class = Gpt3Config
-    hf = GPT2
+    hf = GPT2_INTEROP  # transformers GPT2LMHeadModel
     mlperf_benchmark = "gpt3"
     quality_target = TARGET_LOG_PERPLEXITY
 
@@ -235,7 +235,7 @@ class GptjWorkload(GptWorkload):
         "GPT-J 6B causal LM (rotary, parallel blocks), AdamW; not an MLPerf Training benchmark"
     )
     config_class = GptjConfig
-    hf = GPTJ
+    hf = GPTJ_INTEROP  # transformers GPTJForCausalLM
 
 
 GPT3 = Gpt3Workload()

@@ -200,7 +200,7 @@ class IndexedDataset:
 
 def _atomic_write(path: Path, chunks) -> None:
     """Write byte chunks to ``path`` through a temporary file renamed into place."""
-    from mlperf_tutor.convert.formats import atomic_file
+    from mlperf_tutor.core.io import atomic_file
 
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         for chunk in chunks:

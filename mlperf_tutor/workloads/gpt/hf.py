@@ -1,8 +1,9 @@
 """Hugging Face transformers <-> canonical GPT: GPT2LMHeadModel (gpt3), GPTJForCausalLM (gptj).
 
-Two interop objects, :data:`GPT2` and :data:`GPTJ`, each with the interface the workload's ``hf``
-attribute needs (``config_from_hf``, ``config_to_hf``, ``load_pretrained``, ``save_pretrained``,
-``ARCHITECTURE``), plus ``from_hf``/``to_hf`` for state dicts.
+One naming object per transformers class, :data:`GPT2_NAMING` and :data:`GPTJ_NAMING`
+(:class:`GptNaming`: rename tables, config mapping, ``from_hf``/``to_hf`` for state dicts), and
+the workloads' ``hf`` attributes built from them, :data:`GPT2_INTEROP` and :data:`GPTJ_INTEROP`
+(:class:`~mlperf_tutor.core.interop.HfInterop`).
 
 GPT-2 names the GPT-3 architecture (learned positions, pre-LN blocks, tied head) with
 ``Conv1D`` layers, whose weights are (in, out): every matrix is transposed, and the fused
@@ -12,7 +13,7 @@ GPT-2 names the GPT-3 architecture (learned positions, pre-LN blocks, tied head)
 and dropped. Files of the bare ``GPT2Model``/``GPTJModel`` (no ``transformer.`` prefix, as
 ``openai-community/gpt2`` ships) are read too.
 
-Nothing here imports transformers: files are read and written by ``mlperf_tutor.convert.hf_io``.
+Nothing here imports transformers: files are read and written by ``mlperf_tutor.convert``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from mlperf_tutor import convert
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
+from mlperf_tutor.core.interop import HfInterop
 from mlperf_tutor.workloads.gpt.config import Gpt3Config, GptConfig, GptjConfig
 
 # Config fields a checkpoint fixes (convert refuses a config that differs in one of them).
@@ -49,7 +52,7 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
 
 
-class GptInterop:
+class GptNaming:
     """Names, config and ``save_pretrained`` directories of one transformers GPT class.
 
     Subclasses fill in the class attributes and the config mapping.
@@ -57,7 +60,7 @@ class GptInterop:
 
     workload = ""  # our workload's name
     model_type = ""  # transformers' model_type
-    architecture = ""  # the transformers class the files are for
+    model_class = ""  # the transformers class the files are for
     config_class: type[GptConfig] = GptConfig
     default_preset = ""
     # transformers' config defaults, for keys a config.json leaves out (as transformers does).
@@ -69,7 +72,6 @@ class GptInterop:
     # canonical attention projection -> its part of the fused HF module (GPT-2's c_attn)
     fused: dict[str, int] = {}
     fused_module = ""
-    ARCHITECTURE = ARCHITECTURE
 
     # --- names ---------------------------------------------------------------------------
     def _to_hf_name(self, name: str) -> tuple[str, int | None, bool]:
@@ -85,7 +87,7 @@ class GptInterop:
         module, _, leaf = name.rpartition(".")
         if module in self.top:
             return f"{self.top[module]}.{leaf}", None, False
-        raise ValueError(f"canonical {self.workload} name {name!r} has no {self.architecture} key")
+        raise ValueError(f"canonical {self.workload} name {name!r} has no {self.model_class} key")
 
     def _from_hf_name(self, name: str) -> list[tuple[str, int | None, bool]]:
         """HF name -> [(canonical name, part of the fused tensor or None, transposed)]."""
@@ -104,7 +106,7 @@ class GptInterop:
             if module == theirs and leaf in ("weight", "bias"):
                 return [(f"{ours}.{leaf}", None, False)]
         raise ValueError(
-            f"Hugging Face key {name!r} is not part of {self.architecture}; is this a "
+            f"Hugging Face key {name!r} is not part of {self.model_class}; is this a "
             f"{self.model_type} checkpoint?"
         )
 
@@ -178,9 +180,7 @@ class GptInterop:
             ValueError: another model type, a feature our decoder lacks (the field is named),
                 or an architecture override.
         """
-        from mlperf_tutor.convert import hf_io
-
-        data, where = hf_io.config_dict(hf_config)
+        data, where = convert.hf_config_dict(hf_config)
         return self._config(data, where, preset or self.default_preset, overrides)
 
     def _fields(self, values: dict, where: str) -> dict[str, Any]:
@@ -190,7 +190,7 @@ class GptInterop:
         if data.get("model_type") != self.model_type:
             raise ValueError(
                 f"{where} has model_type={data.get('model_type')!r}; the {self.workload} "
-                f"workload reads {self.architecture} checkpoints (model_type="
+                f"workload reads {self.model_class} checkpoints (model_type="
                 f"{self.model_type!r})"
             )
         values = self.hf_defaults | {k: data[k] for k in self.hf_defaults if k in data}
@@ -233,7 +233,7 @@ class GptInterop:
         for field, want in wants.items():
             if getattr(cfg, field) != want:
                 raise ValueError(
-                    f"{self.architecture} cannot express {field}={getattr(cfg, field)!r} "
+                    f"{self.model_class} cannot express {field}={getattr(cfg, field)!r} "
                     f"(it has {field}={want!r}); this config has no {self.model_type} checkpoint"
                 )
 
@@ -241,7 +241,7 @@ class GptInterop:
         """The config.json of ``cfg`` for transformers (vocab_size: the padded table)."""
         eos = 50256 if cfg.padded_vocab_size > 50256 else None  # GPT-2 BPE's <|endoftext|>
         return {
-            "architectures": [self.architecture],
+            "architectures": [self.model_class],
             "model_type": self.model_type,
             "vocab_size": cfg.padded_vocab_size,
             "n_positions": cfg.max_positions,
@@ -279,14 +279,13 @@ class GptInterop:
                 unexpected or misshapen (every one named, in HF names), or an ``lm_head``
                 that is not the tied copy of the word embeddings.
         """
-        from mlperf_tutor.convert import hf_io
-
-        config = hf_io.read_config(directory)
+        config = convert.read_hf_config(directory)
+        where = str(Path(directory) / convert.HF_CONFIG)
         try:
-            cfg = self._config(config, str(Path(directory) / hf_io.CONFIG), self.default_preset, {})
+            cfg = self._config(config, where, self.default_preset, {})
         except ValueError as e:
             raise CheckpointError(str(e)) from e
-        weights = hf_io.read_weights(directory)
+        weights = convert.read_hf_weights(directory)
         if not any(k.startswith("transformer.") for k in weights):  # a bare GPT2Model file
             weights = {k if k.startswith("lm_head.") else f"transformer.{k}": v
                        for k, v in weights.items()}  # fmt: skip
@@ -301,7 +300,7 @@ class GptInterop:
         expected = {k: (s, "float32") for k, s in self.hf_shapes(cfg).items()}
         check_tree(
             expected, state, where=str(directory), check_dtype=False,
-            hint=f"mlperf_tutor's {self.workload} reads {self.architecture} checkpoints (this "
+            hint=f"mlperf_tutor's {self.workload} reads {self.model_class} checkpoints (this "
             f"one's architectures: {config.get('architectures')})",
         )  # fmt: skip
         tree = self.from_hf(state)
@@ -321,26 +320,33 @@ class GptInterop:
             CheckpointMismatch: the tree does not fit ``cfg`` (every bad key named).
             CheckpointError: the write failed, or ``directory`` exists and holds other files.
         """
-        from mlperf_tutor.convert import hf_io
-        from mlperf_tutor.convert.formats import TensorSpec, specs_of
-
         config = self.config_to_hf(cfg)
         check_tree(self._specs(cfg), tree, where=f"the tree for {directory}", check_dtype=False)
-        dtypes = specs_of(tree, str(directory))
+        dtypes = convert.specs_of(tree, str(directory))
         shapes, specs = self.hf_shapes(cfg), {}
         for name in tree:
             theirs = self._to_hf_name(name)[0]
-            specs.setdefault(theirs, TensorSpec(shapes[theirs], dtypes[name].dtype))
+            specs.setdefault(theirs, convert.TensorSpec(shapes[theirs], dtypes[name].dtype))
         config["dtype"] = dtypes["embeddings.word_embeddings.weight"].dtype.name
-        hf_io.write_pretrained(directory, config, specs, self._iter_hf(tree))
+        convert.write_hf_directory(directory, config, specs, self._iter_hf(tree))
+
+    def interop(self) -> HfInterop:
+        """This naming as a workload's ``hf`` attribute."""
+        return HfInterop(
+            architecture=ARCHITECTURE,
+            config_from_hf=self.config_from_hf,
+            config_to_hf=self.config_to_hf,
+            load_pretrained=self.load_pretrained,
+            save_pretrained=self.save_pretrained,
+        )
 
 
-class Gpt2Interop(GptInterop):
+class Gpt2Naming(GptNaming):
     """gpt3 <-> ``GPT2LMHeadModel``."""
 
     workload = "gpt3"
     model_type = "gpt2"
-    architecture = "GPT2LMHeadModel"
+    model_class = "GPT2LMHeadModel"
     config_class = Gpt3Config
     default_preset = "mlperf"
     hf_defaults = {
@@ -398,12 +404,12 @@ class Gpt2Interop(GptInterop):
         }
 
 
-class GptjInterop(GptInterop):
+class GptjNaming(GptNaming):
     """gptj <-> ``GPTJForCausalLM``."""
 
     workload = "gptj"
     model_type = "gptj"
-    architecture = "GPTJForCausalLM"
+    model_class = "GPTJForCausalLM"
     config_class = GptjConfig
     default_preset = "full"
     hf_defaults = {
@@ -453,7 +459,19 @@ class GptjInterop(GptInterop):
         return super().config_to_hf(cfg) | {"rotary_dim": cfg.rotary_dim}
 
 
-GPT2 = Gpt2Interop()
-GPTJ = GptjInterop()
+GPT2_NAMING = Gpt2Naming()
+GPTJ_NAMING = GptjNaming()
+# What the gpt3 and gptj workloads' ``hf`` attributes give convert and users.
+GPT2_INTEROP = GPT2_NAMING.interop()
+GPTJ_INTEROP = GPTJ_NAMING.interop()
 
-__all__ = ["ARCHITECTURE", "GPT2", "GPTJ", "GptInterop", "Gpt2Interop", "GptjInterop"]
+__all__ = [
+    "ARCHITECTURE",
+    "GPT2_INTEROP",
+    "GPT2_NAMING",
+    "GPTJ_INTEROP",
+    "GPTJ_NAMING",
+    "Gpt2Naming",
+    "GptNaming",
+    "GptjNaming",
+]

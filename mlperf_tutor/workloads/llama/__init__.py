@@ -111,7 +111,7 @@ class LlamaLoraWorkload(Workload):
     quality_metric = "eval loss"
     quality_target = 0.925
     quality_higher_is_better = False
-    hf = hf  # transformers LlamaForCausalLM interop (PEFT adapters: workloads.llama.peft)
+    hf = hf.INTEROP  # transformers LlamaForCausalLM interop (PEFT adapters: workloads.llama.peft)
 
     def build(
         self, framework: str, cfg: LlamaConfig, weights: Tree | str | os.PathLike | None = None

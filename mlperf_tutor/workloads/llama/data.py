@@ -347,7 +347,7 @@ def write_govreport(
         ValueError: a row missing a key, or whose three lists are not 1-D of one length.
     """
     pa, pq = _pyarrow()
-    from mlperf_tutor.convert.formats import atomic_file
+    from mlperf_tutor.core.io import atomic_file
 
     values: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
     lengths = []

@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from mlperf_tutor import convert
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
+from mlperf_tutor.core.interop import HfInterop
 from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.llama.config import LlamaConfig
 
@@ -91,9 +93,7 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> Llama
         ValueError: not a Llama config, a feature our decoder lacks (the field is named), or an
             override of an architecture field.
     """
-    from mlperf_tutor.convert import hf_io
-
-    data, where = hf_io.config_dict(hf_config)
+    data, where = convert.hf_config_dict(hf_config)
     if data.get("model_type") not in MODEL_TYPES:
         raise ValueError(
             f"{where} has model_type={data.get('model_type')!r}; llama2_70b_lora reads "
@@ -213,14 +213,12 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[LlamaConfig, Tree]:
         CheckpointError: another architecture, missing or corrupt files, or tensors missing,
             unexpected or misshapen (every one named, in Hugging Face names).
     """
-    from mlperf_tutor.convert import hf_io
-
-    config = hf_io.read_config(directory)
+    config = convert.read_hf_config(directory)
     try:
         cfg = config_from_hf(config).replace(lora_rank=0)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
-    state = hf_io.read_weights(directory)
+    state = convert.read_hf_weights(directory)
     expected = hf_shapes(cfg)
     if any(k.endswith("self_attn.qkv_proj.weight") for k in state):  # the fused reference model
         expected = {_hf_name(k): s for k, s in base_shapes(cfg).items()}
@@ -244,9 +242,6 @@ def save_pretrained(tree: Mapping[str, np.ndarray], cfg: LlamaConfig, directory)
         ValueError: ``tree`` holds trained adapters.
         CheckpointMismatch: the tree does not fit ``cfg`` (every bad key named).
     """
-    from mlperf_tutor.convert import hf_io
-    from mlperf_tutor.convert.formats import TensorSpec, specs_of
-
     trained = [k for k, v in tree.items() if k.endswith("lora_b.weight") and np.any(v)]
     if trained:
         raise ValueError(
@@ -257,11 +252,12 @@ def save_pretrained(tree: Mapping[str, np.ndarray], cfg: LlamaConfig, directory)
     base = {k: v for k, v in tree.items() if not is_adapter(k)}
     specs = {k: (s, "float32") for k, s in base_shapes(cfg).items()}
     check_tree(specs, base, where=f"the tree for {directory}", check_dtype=False)
-    dtype = specs_of(base, str(directory))["word_embeddings.weight"].dtype
-    config = config_to_hf(cfg) | {"dtype": dtype.name}
-    out = {k: TensorSpec(s, specs_of(base, str(directory))[_canonical_of(k)].dtype)
-           for k, s in hf_shapes(cfg).items()}  # fmt: skip
-    hf_io.write_pretrained(directory, config, out, to_hf(base, cfg))
+    ours = convert.specs_of(base, str(directory))
+    config = config_to_hf(cfg) | {"dtype": ours["word_embeddings.weight"].dtype.name}
+    out = {
+        k: convert.TensorSpec(s, ours[_canonical_of(k)].dtype) for k, s in hf_shapes(cfg).items()
+    }
+    convert.write_hf_directory(directory, config, out, to_hf(base, cfg))
 
 
 def merge_adapters(tree: Mapping[str, np.ndarray], cfg: LlamaConfig) -> Tree:
@@ -291,3 +287,14 @@ def _canonical_of(hf_name: str) -> str:
         if hf_name == f"{theirs}.weight":
             return f"{ours}.weight"
     raise ValueError(f"{hf_name!r} is not a LlamaForCausalLM key")
+
+
+# What the llama2_70b_lora workload's ``hf`` attribute gives convert and users (PEFT adapters:
+# ``mlperf_tutor.workloads.llama.peft``).
+INTEROP = HfInterop(
+    architecture=ARCHITECTURE,
+    config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
+    load_pretrained=load_pretrained,
+    save_pretrained=save_pretrained,
+)

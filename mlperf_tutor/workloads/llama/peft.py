@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mlperf_tutor import convert
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
+from mlperf_tutor.core.io import atomic_dir
 from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.llama.config import LORA_TARGETS, LlamaConfig
 from mlperf_tutor.workloads.llama.hf import _SPLIT, _split_qkv
@@ -126,15 +128,13 @@ def save_adapter(
         ValueError: ``cfg`` has no adapters, or an unknown layout.
         CheckpointMismatch: adapters missing or misshapen (every key named).
     """
-    from mlperf_tutor.convert.formats import atomic_dir, specs_of
-    from mlperf_tutor.convert.safetensors_io import write_safetensors
-
     if not cfg.lora_rank:
         raise ValueError("cfg has lora_rank 0: there are no adapters to save")
     adapters = {k: v for k, v in tree.items() if is_adapter(k)}
     specs = {k: (s, "float32") for k, s in adapter_shapes(cfg).items()}
     check_tree(specs, adapters, where=f"the adapters for {directory}", check_dtype=False)
     peft = to_peft(adapters, cfg, layout)
+    convert.specs_of(peft, str(directory))  # only storable arrays, before anything is written
     config = _peft_config(cfg, layout)
 
     def replaceable(path: Path) -> bool:
@@ -143,8 +143,7 @@ def save_adapter(
     with atomic_dir(directory, replaceable, "a PEFT adapter directory") as target:
         target.mkdir()
         (target / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        write_safetensors(target / WEIGHTS, specs_of(peft, str(directory)), peft.items(),
-                          metadata={"format": "pt"})  # fmt: skip
+        convert.save(peft, target / WEIGHTS)  # with {"format": "pt"}, as PEFT writes
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict:
@@ -164,8 +163,6 @@ def load_adapter(directory: str | os.PathLike, cfg: LlamaConfig) -> Tree:
         CheckpointError: missing or corrupt files, a PEFT config that is not plain LoRA with
             ``cfg``'s rank and alpha, or weights missing, unexpected or misshapen.
     """
-    from mlperf_tutor.convert.safetensors_io import SafetensorsReader
-
     config = read_adapter_config(directory)
     checks = {"peft_type": "LORA", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
               "use_rslora": False, "use_dora": False, "fan_in_fan_out": False}  # fmt: skip
@@ -178,8 +175,7 @@ def load_adapter(directory: str | os.PathLike, cfg: LlamaConfig) -> Tree:
     weights = Path(directory) / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS}")
-    with SafetensorsReader(weights) as reader:
-        state = {k: np.array(v) for k, v in reader}
+    state = {k: np.array(v) for k, v in convert.iter_tensors(weights)}
     tree = from_peft(state, cfg, str(directory))
     specs = {k: (s, "float32") for k, s in adapter_shapes(cfg).items()}
     check_tree(specs, tree, where=str(directory), check_dtype=False)

@@ -92,7 +92,7 @@ class StableDiffusionWorkload(Workload):
     quality_metric = "FID"
     quality_target = 90.0
     quality_higher_is_better = False
-    hf = hf  # diffusers UNet2DConditionModel interop
+    hf = hf.INTEROP  # diffusers UNet2DConditionModel interop
 
     def param_count(self, cfg: StableDiffusionConfig) -> int:
         """UNet parameters (what diffusers' ``UNet2DConditionModel`` counts)."""

@@ -67,7 +67,7 @@ def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, np.ndarray
         ValueError: an empty key, a key with a dot in its base name (webdataset cuts the key
             there), a repeated key, moments that are not a float array, or a non-string caption.
     """
-    from mlperf_tutor.convert.formats import atomic_file
+    from mlperf_tutor.core.io import atomic_file
 
     members, keys = [], set()
     for i, (key, moments, caption) in enumerate(samples):
@@ -370,7 +370,7 @@ def _tsv_rows(reader, path: Path) -> Iterator[tuple[int, int, str]]:
 def write_captions_tsv(path: str | os.PathLike, rows: Iterable[tuple[int, int, str]]) -> None:
     """Write ``(image_id, id, caption)`` rows as the reference's TSV (atomically; quoted as
     pandas quotes)."""
-    from mlperf_tutor.convert.formats import atomic_file
+    from mlperf_tutor.core.io import atomic_file
 
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")

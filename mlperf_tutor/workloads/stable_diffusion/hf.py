@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from mlperf_tutor import convert
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
+from mlperf_tutor.core.interop import HfInterop
 from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig
 from mlperf_tutor.workloads.stable_diffusion.shapes import canonical_shapes
 
@@ -79,9 +81,7 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> Stabl
         ValueError: not a UNet2DConditionModel, a feature our UNet lacks (the field is named),
             or an override of an architecture field.
     """
-    from mlperf_tutor.convert import hf_io
-
-    data, where = hf_io.config_dict(hf_config)
+    data, where = convert.hf_config_dict(hf_config)
     if data.get("_class_name", CLASS_NAME) != CLASS_NAME:
         raise ValueError(
             f"{where} is a {data['_class_name']}; stable_diffusion reads {CLASS_NAME} configs"
@@ -221,14 +221,12 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[StableDiffusionConfig
         CheckpointError: another model, missing or corrupt files, or tensors missing,
             unexpected or misshapen (every one named, in diffusers names).
     """
-    from mlperf_tutor.convert import hf_io
-
-    config = hf_io.read_config(directory)
+    config = convert.read_hf_config(directory)
     try:
         cfg = config_from_hf(config)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{directory}: {e}") from e
-    state = hf_io.read_weights(directory)
+    state = convert.read_hf_weights(directory)
     check_tree(
         {k: (s, "float32") for k, s in hf_shapes(cfg).items()}, state, where=str(directory),
         check_dtype=False, hint=f"stable_diffusion reads diffusers {CLASS_NAME} checkpoints",
@@ -243,16 +241,23 @@ def save_pretrained(tree: Mapping[str, np.ndarray], cfg: StableDiffusionConfig, 
         CheckpointMismatch: the tree does not fit ``cfg`` (every bad key named).
         ValueError: ``cfg`` cannot be expressed as a diffusers config.
     """
-    from mlperf_tutor.convert import hf_io
-    from mlperf_tutor.convert.formats import TensorSpec, specs_of
-
     specs = {k: (s, "float32") for k, s in canonical_shapes(cfg).items()}
     check_tree(specs, tree, where=f"the tree for {directory}", check_dtype=False)
-    ours = specs_of(tree, str(directory))
+    ours = convert.specs_of(tree, str(directory))
     dtype = ours["conv_in.weight"].dtype
     config = config_to_hf(cfg) | {"_diffusers_version": "0.42.1"}
-    out = {k: TensorSpec(s, dtype) for k, s in hf_shapes(cfg).items()}
+    out = {k: convert.TensorSpec(s, dtype) for k, s in hf_shapes(cfg).items()}
     mixed = sorted({s.dtype.name for s in ours.values()} - {dtype.name})
     if mixed:
         raise ValueError(f"the tree mixes dtypes ({dtype.name} and {mixed}); cast it to one")
-    hf_io.write_pretrained(directory, config, out, to_hf(tree), hf_io.DIFFUSERS_WEIGHTS)
+    convert.write_hf_directory(directory, config, out, to_hf(tree), convert.DIFFUSERS_WEIGHTS)
+
+
+# What the stable_diffusion workload's ``hf`` attribute gives convert and users.
+INTEROP = HfInterop(
+    architecture=ARCHITECTURE,
+    config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
+    load_pretrained=load_pretrained,
+    save_pretrained=save_pretrained,
+)
