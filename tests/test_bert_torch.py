@@ -6,6 +6,8 @@ forward against Hugging Face's ``BertForPreTraining`` built locally from a confi
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import numpy_reference as ref
 import pytest
@@ -14,7 +16,10 @@ from checks import as_f64, randomized
 
 from mlperf_tutor import frameworks, workloads
 from mlperf_tutor.core.parity import OUTPUT_ATOL
-from mlperf_tutor.layers.torch_layers import MLP, Attention, TransformerBlock, get_activation
+from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec
+from mlperf_tutor.layers.torch.attention import Attention
+from mlperf_tutor.layers.torch.block import TransformerBlock
+from mlperf_tutor.layers.torch.mlp import MLP, get_activation
 from mlperf_tutor.workloads.bert import canonical_shapes
 from mlperf_tutor.workloads.bert.hf import from_hf
 
@@ -66,7 +71,7 @@ def assert_close(got: np.ndarray, want: np.ndarray, atol: float = OUTPUT_ATOL) -
     ],
 )
 def test_attention_matches_numpy(x, key_mask, masked, causal, num_kv_heads):
-    layer = Attention(D, N, num_kv_heads=num_kv_heads, causal=causal)
+    layer = Attention(AttentionSpec(D, N, num_kv_heads=num_kv_heads, causal=causal))
     w = as_f64(randomized(layer, seed=1))
     mask = key_mask if masked else None
     got = run(layer, x, None if mask is None else torch.from_numpy(mask))
@@ -75,7 +80,7 @@ def test_attention_matches_numpy(x, key_mask, masked, causal, num_kv_heads):
 
 
 def test_grouped_query_attention_has_narrow_key_value_projections():
-    layer = Attention(D, N, num_kv_heads=2, bias=False)
+    layer = Attention(AttentionSpec(D, N, num_kv_heads=2, bias=False))
     shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
     assert shapes == {
         "q_proj.weight": (D, D),
@@ -86,7 +91,7 @@ def test_grouped_query_attention_has_narrow_key_value_projections():
 
 
 def test_padded_keys_do_not_influence_real_queries(x, key_mask):
-    layer = Attention(D, N)
+    layer = Attention(AttentionSpec(D, N))
     randomized(layer, seed=2)
     noisy = x.copy()
     noisy[1, 4:] += 100.0  # change only the padded tokens of example 1
@@ -99,8 +104,8 @@ def test_padded_keys_do_not_influence_real_queries(x, key_mask):
     ("masked", "causal", "num_kv_heads"), [(True, False, None), (True, True, 2)]
 )
 def test_fused_attention_matches_explicit(x, key_mask, masked, causal, num_kv_heads):
-    explicit = Attention(D, N, num_kv_heads=num_kv_heads, causal=causal)
-    fused = Attention(D, N, num_kv_heads=num_kv_heads, causal=causal, fused=True)
+    spec = AttentionSpec(D, N, num_kv_heads=num_kv_heads, causal=causal)
+    explicit, fused = Attention(spec), Attention(dataclasses.replace(spec, fused=True))
     tree = randomized(explicit, seed=3)
     ADAPTER.load_canonical(fused.eval(), tree)
     mask = torch.from_numpy(key_mask) if masked else None
@@ -109,7 +114,7 @@ def test_fused_attention_matches_explicit(x, key_mask, masked, causal, num_kv_he
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "silu"])
 def test_mlp_matches_numpy(x, act):
-    layer = MLP(D, F, activation=act)
+    layer = MLP(MlpSpec(D, F, activation=act))
     w = as_f64(randomized(layer, seed=4))
     assert_close(run(layer, x), ref.mlp(w, x.astype(np.float64), act))
 
@@ -120,12 +125,15 @@ def test_gelu_is_exact_and_unknown_activation_is_refused():
     assert abs(float(get_activation("gelu")(z)) - ref.ACTIVATIONS["gelu"](2.0)) < 1e-12
     assert abs(float(get_activation("gelu")(z) - get_activation("gelu_tanh")(z))) > 1e-5
     with pytest.raises(ValueError, match="unknown activation 'swish'.*gelu_tanh"):
-        MLP(D, F, activation="swish")
+        MlpSpec(D, F, activation="swish")
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        get_activation("swish")
 
 
 @pytest.mark.parametrize("norm_position", ["post", "pre"])
 def test_transformer_block_matches_numpy(x, key_mask, norm_position):
-    layer = TransformerBlock(D, N, F, norm_eps=EPS, norm_position=norm_position, activation="gelu")
+    spec = BlockSpec(AttentionSpec(D, N), MlpSpec(D, F), norm_eps=EPS, norm_position=norm_position)
+    layer = TransformerBlock(spec)
     w = as_f64(randomized(layer, seed=5))
     got = run(layer, x, torch.from_numpy(key_mask))
     assert_close(got, ref.block(w, x.astype(np.float64), N, EPS, norm_position, key_mask=key_mask))
@@ -133,7 +141,7 @@ def test_transformer_block_matches_numpy(x, key_mask, norm_position):
 
 def test_transformer_block_refuses_unknown_norm_position():
     with pytest.raises(ValueError, match="norm_position must be 'post' or 'pre'"):
-        TransformerBlock(D, N, F, norm_eps=EPS, norm_position="sandwich")
+        BlockSpec(AttentionSpec(D, N), MlpSpec(D, F), norm_eps=EPS, norm_position="sandwich")
 
 
 # --- BERT ---------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ causal attention, the parallel block and the whole decoder (logits and loss).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import numpy_reference as ref
 import pytest
@@ -14,7 +16,10 @@ from checks import as_f64, randomized
 
 from mlperf_tutor import frameworks, workloads
 from mlperf_tutor.core.parity import OUTPUT_ATOL
-from mlperf_tutor.layers.torch_layers import Attention, TransformerBlock, apply_rotary
+from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec
+from mlperf_tutor.layers.torch.attention import Attention
+from mlperf_tutor.layers.torch.block import TransformerBlock
+from mlperf_tutor.layers.torch.rotary import apply_rotary
 from mlperf_tutor.workloads.gpt import torch_model
 from mlperf_tutor.workloads.gpt.data import token_cross_entropy
 
@@ -71,11 +76,13 @@ def test_apply_rotary_keeps_dtype_and_layouts_differ():
 
 def test_bad_rotary_arguments_are_refused():
     with pytest.raises(ValueError, match="rotary_layout must be one of"):
-        Attention(D, N, rotary_dim=2, rotary_layout="neox")
+        AttentionSpec(D, N, rotary_dim=2, rotary_layout="neox")
     with pytest.raises(ValueError, match=r"rotary_dim \(5\) must be even"):
-        Attention(D, N, rotary_dim=5)
+        AttentionSpec(D, N, rotary_dim=5)
     with pytest.raises(ValueError, match=r"rotary_dim \(6\) must be even and in \[0, head dim 4\]"):
-        Attention(D, N, rotary_dim=6)
+        AttentionSpec(D, N, rotary_dim=6)
+    with pytest.raises(ValueError, match="rotary_layout must be one of"):
+        apply_rotary(torch.zeros(1, 2, 1, 4), 2, layout="neox")
 
 
 # --- causal rotary attention ------------------------------------------------------------------
@@ -86,21 +93,27 @@ def test_bad_rotary_arguments_are_refused():
     [(2, "interleaved", None), (4, "interleaved", 2), (4, "half", None), (2, "half", 1)],
 )
 def test_causal_rotary_attention_matches_numpy(x, rotary_dim, layout, num_kv_heads):
-    layer = Attention(
+    spec = AttentionSpec(
         D, N, num_kv_heads=num_kv_heads, causal=True, rotary_dim=rotary_dim, rotary_layout=layout
     )
+    layer = Attention(spec)
     w = as_f64(randomized(layer, seed=1))
     want = ref.attention(
-        w, x.astype(np.float64), N, num_kv_heads, causal=True, rotary_dim=rotary_dim,
+        w,
+        x.astype(np.float64),
+        N,
+        num_kv_heads,
+        causal=True,
+        rotary_dim=rotary_dim,
         rotary_layout=layout,
-    )  # fmt: skip
+    )
     assert_close(run(layer, x), want)
     assert_close(run(layer.double(), x.astype(np.float64)), want, F64_ATOL)
 
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_future_tokens_do_not_change_earlier_outputs(x, fused):
-    layer = Attention(D, N, causal=True, rotary_dim=2, fused=fused)
+    layer = Attention(AttentionSpec(D, N, causal=True, rotary_dim=2, fused=fused))
     randomized(layer, seed=2)
     noisy = x.copy()
     noisy[:, -1] += 100.0  # only the last token changes
@@ -111,8 +124,8 @@ def test_future_tokens_do_not_change_earlier_outputs(x, fused):
 
 @pytest.mark.parametrize("num_kv_heads", [None, 2])
 def test_fused_causal_rotary_attention_matches_explicit(x, num_kv_heads):
-    kwargs = dict(num_kv_heads=num_kv_heads, causal=True, rotary_dim=4)
-    explicit, fused = Attention(D, N, **kwargs), Attention(D, N, fused=True, **kwargs)
+    spec = AttentionSpec(D, N, num_kv_heads=num_kv_heads, causal=True, rotary_dim=4)
+    explicit, fused = Attention(spec), Attention(dataclasses.replace(spec, fused=True))
     ADAPTER.load_canonical(fused.eval(), randomized(explicit, seed=3))
     assert_close(run(fused, x), run(explicit, x))
 
@@ -121,27 +134,41 @@ def test_fused_causal_rotary_attention_matches_explicit(x, num_kv_heads):
 
 
 def test_parallel_block_matches_numpy_and_has_one_norm(x):
-    layer = TransformerBlock(
-        D, N, F, norm_eps=EPS, norm_position="parallel", activation="gelu_tanh", bias=True,
-        attention_bias=False, causal=True, rotary_dim=2,
-    )  # fmt: skip
+    spec = BlockSpec(
+        AttentionSpec(D, N, bias=False, causal=True, rotary_dim=2),
+        MlpSpec(D, F, activation="gelu_tanh", bias=True),
+        norm_eps=EPS,
+        norm_position="parallel",
+    )
+    layer = TransformerBlock(spec)
     assert not hasattr(layer, "mlp_norm")
     names = set(layer.state_dict())
     assert "mlp.fc_in.bias" in names and not any("attention.q_proj.bias" in k for k in names)
     assert not any(k.startswith("mlp_norm") for k in names)
     w = as_f64(randomized(layer, seed=4))
     want = ref.block(
-        w, x.astype(np.float64), N, EPS, "parallel", causal=True, activation="gelu_tanh",
+        w,
+        x.astype(np.float64),
+        N,
+        EPS,
+        "parallel",
+        causal=True,
+        activation="gelu_tanh",
         rotary_dim=2,
-    )  # fmt: skip
+    )
     assert_close(run(layer, x), want)
     assert_close(run(layer.double(), x.astype(np.float64)), want, F64_ATOL)
 
 
-def test_attention_bias_defaults_to_bias():
-    block = TransformerBlock(D, N, F, norm_eps=EPS, bias=False)
+def test_attention_and_mlp_biases_follow_their_specs():
+    block = TransformerBlock(
+        BlockSpec(AttentionSpec(D, N, bias=False), MlpSpec(D, F, bias=False), norm_eps=EPS)
+    )
     assert block.attention.q_proj.bias is None and block.mlp.fc_in.bias is None
-    block = TransformerBlock(D, N, F, norm_eps=EPS, bias=True, attention_bias=False)
+    assert block.attention.o_proj.bias is None  # out_bias None: as the other projections
+    block = TransformerBlock(
+        BlockSpec(AttentionSpec(D, N, bias=False), MlpSpec(D, F, bias=True), norm_eps=EPS)
+    )
     assert block.attention.o_proj.bias is None and block.mlp.fc_out.bias is not None
 
 
@@ -210,7 +237,7 @@ def test_fused_decoder_matches_explicit(setup):
     wl, cfg, tree, batch = setup
     fused = torch_model.build(cfg, fused=True)
     ADAPTER.load_canonical(fused, tree)
-    assert all(block.attention.fused for block in fused.blocks)
+    assert all(block.attention.spec.fused for block in fused.blocks)
     ours = wl.forward("torch", wl.build("torch", cfg, weights=tree), batch)
     theirs = wl.forward("torch", fused, batch)
     for key in ("logits", "loss"):

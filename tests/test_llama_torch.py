@@ -6,6 +6,8 @@ update into the weights (``W + scaling B A``) instead of adding it to the output
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import numpy_reference as ref
 import pytest
@@ -14,8 +16,11 @@ from checks import as_f64, lively_lora, padded_lora_batch
 
 from mlperf_tutor import frameworks, workloads
 from mlperf_tutor.core.parity import OUTPUT_ATOL
-from mlperf_tutor.layers.spec import Lora, is_adapter
-from mlperf_tutor.layers.torch_layers import MLP, Attention, LoRALinear, RMSNorm
+from mlperf_tutor.layers.spec import AttentionSpec, Lora, MlpSpec, is_adapter
+from mlperf_tutor.layers.torch.attention import Attention
+from mlperf_tutor.layers.torch.lora import LoRALinear
+from mlperf_tutor.layers.torch.mlp import MLP
+from mlperf_tutor.layers.torch.norms import RMSNorm
 from mlperf_tutor.workloads.llama import torch_model
 
 ADAPTER = frameworks.get("torch")
@@ -38,7 +43,7 @@ def test_rms_norm_matches_numpy_and_keeps_bf16():
 
 
 def test_swiglu_mlp_matches_numpy():
-    mlp = MLP(6, 10, activation="silu", bias=False, gated=True).double()
+    mlp = MLP(MlpSpec(6, 10, activation="silu", bias=False, gated=True)).double()
     w = {k: v.numpy() for k, v in mlp.state_dict().items()}
     assert sorted(w) == ["fc_gate.weight", "fc_in.weight", "fc_out.weight"]
     x = np.random.default_rng(1).standard_normal((3, 6))
@@ -63,10 +68,11 @@ def test_lora_linear_adds_the_scaled_low_rank_update():
 
 def test_fused_qkv_attention_equals_three_projections():
     dim, n, k = 16, 4, 2
-    fused = Attention(dim, n, num_kv_heads=k, bias=False, causal=True, rotary_dim=4,
-                      rotary_layout="half", fused_qkv=True).double()  # fmt: skip
-    split = Attention(dim, n, num_kv_heads=k, bias=False, causal=True, rotary_dim=4,
-                      rotary_layout="half").double()  # fmt: skip
+    spec = AttentionSpec(
+        dim, n, num_kv_heads=k, bias=False, causal=True, rotary_dim=4, rotary_layout="half"
+    )
+    fused = Attention(dataclasses.replace(spec, fused_qkv=True)).double()
+    split = Attention(spec).double()
     qkv = fused.qkv_proj.weight.detach()
     h = dim // n
     with torch.no_grad():

@@ -6,6 +6,7 @@ Checked against diffusers' own ``UNet2DConditionModel`` holding the same weights
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,8 +18,10 @@ from sd_reference import diffusers_prediction, diffusers_unet, random_batch
 
 from mlperf_tutor import frameworks
 from mlperf_tutor.core.parity import OUTPUT_ATOL
-from mlperf_tutor.layers.torch_conv import Downsample, Upsample, timestep_sinusoid
-from mlperf_tutor.layers.torch_layers import Attention, TransformerBlock
+from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec
+from mlperf_tutor.layers.torch.attention import Attention
+from mlperf_tutor.layers.torch.block import TransformerBlock
+from mlperf_tutor.layers.torch.conv import Downsample, Upsample, timestep_sinusoid
 from mlperf_tutor.workloads.stable_diffusion import diffusion, shapes, torch_model
 from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig
 
@@ -148,11 +151,16 @@ def test_downsample_and_upsample_layouts():
 def test_cross_attention_matches_formula():
     torch.manual_seed(0)
     d, n, c, t, s = 8, 2, 5, 6, 4  # width, heads, context width, query and context tokens
-    attn = Attention(d, n, bias=False, out_bias=True, context_dim=c).double()
+    spec = AttentionSpec(d, n, bias=False, out_bias=True, context_dim=c)
+    attn = Attention(spec).double()
     x, ctx = torch.randn(3, t, d, dtype=torch.float64), torch.randn(3, s, c, dtype=torch.float64)
     assert sorted(attn.state_dict()) == [
-        "k_proj.weight", "o_proj.bias", "o_proj.weight", "q_proj.weight", "v_proj.weight"
-    ]  # fmt: skip
+        "k_proj.weight",
+        "o_proj.bias",
+        "o_proj.weight",
+        "q_proj.weight",
+        "v_proj.weight",
+    ]
     assert attn.k_proj.weight.shape == (d, c)
     q = (x @ attn.q_proj.weight.T).view(3, t, n, d // n).transpose(1, 2)  # (B, N, T, H)
     k = (ctx @ attn.k_proj.weight.T).view(3, s, n, d // n).transpose(1, 2)  # (B, N, S, H)
@@ -162,16 +170,19 @@ def test_cross_attention_matches_formula():
     want = out @ attn.o_proj.weight.T + attn.o_proj.bias
     with torch.no_grad():
         assert (attn(x, context=ctx) - want).abs().max() <= 1e-12
-        attn.fused = True
-        assert (attn(x, context=ctx) - want).abs().max() <= 1e-12
+        fused = Attention(dataclasses.replace(spec, fused=True)).double()
+        fused.load_state_dict(attn.state_dict())
+        assert (fused(x, context=ctx) - want).abs().max() <= 1e-12
 
 
 def test_cross_attention_block_adds_a_pre_norm_branch():
-    block = TransformerBlock(8, 2, 16, norm_eps=1e-5, norm_position="pre", context_dim=5)
+    attention = AttentionSpec(8, 2)
+    spec = BlockSpec(attention, MlpSpec(8, 16), norm_eps=1e-5, norm_position="pre")
+    block = TransformerBlock(dataclasses.replace(spec, cross_attention=attention.cross(5)))
     names = set(block.state_dict())
     assert {"cross_attention_norm.weight", "cross_attention.k_proj.weight"} <= names
     assert block.cross_attention.k_proj.weight.shape == (8, 5)
-    plain = TransformerBlock(8, 2, 16, norm_eps=1e-5, norm_position="pre")
+    plain = TransformerBlock(spec)
     assert not any("cross" in k for k in plain.state_dict())
     x, ctx = torch.randn(2, 3, 8), torch.randn(2, 4, 5)
     with torch.no_grad():
@@ -179,15 +190,24 @@ def test_cross_attention_block_adds_a_pre_norm_branch():
         h = h + block.cross_attention(block.cross_attention_norm(h), context=ctx)
         want = h + block.mlp(block.mlp_norm(h))
         assert torch.equal(block(x, context=ctx), want)
+    with pytest.raises(ValueError, match="no cross-attention"):
+        plain(x, context=ctx)
 
 
 def test_cross_attention_refuses_what_it_does_not_support():
     for kwargs in (dict(causal=True), dict(rotary_dim=2), dict(fused_qkv=True)):
         with pytest.raises(ValueError, match="cross-attention"):
-            Attention(8, 2, context_dim=4, **kwargs)
+            AttentionSpec(8, 2, context_dim=4, **kwargs)
+    attention = AttentionSpec(8, 2)
     with pytest.raises(ValueError, match="norm_position 'pre'"):
-        TransformerBlock(8, 2, 16, norm_eps=1e-5, norm_position="post", context_dim=4)
+        BlockSpec(
+            attention,
+            MlpSpec(8, 16),
+            norm_eps=1e-5,
+            norm_position="post",
+            cross_attention=attention.cross(4),
+        )
     with pytest.raises(ValueError, match="context"):
-        Attention(8, 2, context_dim=4)(torch.randn(1, 3, 8))
+        Attention(attention.cross(4))(torch.randn(1, 3, 8))
     with pytest.raises(ValueError, match="context"):
-        Attention(8, 2)(torch.randn(1, 3, 8), context=torch.randn(1, 2, 8))
+        Attention(attention)(torch.randn(1, 3, 8), context=torch.randn(1, 2, 8))

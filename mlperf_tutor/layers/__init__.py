@@ -1,1 +1,2 @@
-"""Shared building blocks per framework: ``torch_layers``, ``jax_layers`` and ``tf_layers``."""
+"""Shared building blocks: ``spec.py`` (framework-free specs of the transformer block) and one
+package per framework, ``torch``, ``jax`` and ``tf``, with the same file and class names."""

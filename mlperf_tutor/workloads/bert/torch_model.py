@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlperf_tutor.layers.torch_layers import TransformerBlock
+from mlperf_tutor.layers.torch.block import TransformerBlock
 from mlperf_tutor.workloads.bert.config import BertConfig
 
 # Added to the masked-LM weight sum, as the reference does (an all-padding batch gives 0 loss).
@@ -80,26 +80,20 @@ class BertPretraining(nn.Module):
     Args:
         cfg: the BERT config (dropout is ``cfg.dropout``, hidden and attention alike).
         fused: ``F.scaled_dot_product_attention`` in every block (GPU benchmarks; see
-            :class:`~mlperf_tutor.layers.torch_layers.Attention`).
+            :class:`~mlperf_tutor.layers.torch.attention.Attention`).
     """
 
     def __init__(self, cfg: BertConfig, *, fused: bool = False):
         super().__init__()
+        self.spec = cfg.block_spec().with_fused(fused)
         self.embeddings = BertEmbeddings(cfg)
-        blocks = [
-            TransformerBlock(
-                cfg.hidden, cfg.num_heads, cfg.ffn, norm_eps=cfg.norm_eps, norm_position="post",
-                activation="gelu", bias=True, dropout=cfg.dropout,
-                attention_dropout=cfg.dropout, causal=False, fused=fused,
-            )
-            for _ in range(cfg.num_layers)
-        ]  # fmt: skip
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList([TransformerBlock(self.spec) for _ in range(cfg.num_layers)])
         self.pooler = BertPooler(cfg)
         self.mlm_head = BertMlmHead(cfg)
         self.nsp_head = nn.Linear(cfg.hidden, 2)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.spec.check_length(batch["input_ids"].shape[1])  # before the position table
         x = self.embeddings(batch["input_ids"].long(), batch["segment_ids"].long())  # (B, S, D)
         for block in self.blocks:
             x = block(x, batch["input_mask"])

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlperf_tutor.layers.torch_layers import TransformerBlock
+from mlperf_tutor.layers.torch.block import TransformerBlock
+from mlperf_tutor.layers.torch.losses import next_token_loss
 from mlperf_tutor.workloads.gpt.config import GptConfig
-from mlperf_tutor.workloads.gpt.data import IGNORE_INDEX
 
 
 class GptEmbeddings(nn.Module):
@@ -52,25 +52,14 @@ class GptDecoder(nn.Module):
     Args:
         cfg: the GPT config (``gpt3`` or ``gptj``).
         fused: ``F.scaled_dot_product_attention`` with ``is_causal`` in every block (GPU
-            benchmarks; see :class:`~mlperf_tutor.layers.torch_layers.Attention`).
+            benchmarks; see :class:`~mlperf_tutor.layers.torch.attention.Attention`).
     """
 
     def __init__(self, cfg: GptConfig, *, fused: bool = False):
         super().__init__()
-        self.max_positions = cfg.max_positions
+        self.spec = cfg.block_spec().with_fused(fused)
         self.embeddings = GptEmbeddings(cfg)
-        blocks = [
-            TransformerBlock(
-                cfg.hidden, cfg.num_heads, cfg.ffn, norm_eps=cfg.norm_eps,
-                norm_position="parallel" if cfg.parallel_residual else "pre",
-                activation=cfg.activation, bias=cfg.mlp_bias, attention_bias=cfg.attention_bias,
-                dropout=cfg.dropout, attention_dropout=cfg.dropout, causal=True, fused=fused,
-                rotary_dim=cfg.rotary_dim, rotary_base=cfg.rotary_base,
-                rotary_layout="interleaved",
-            )
-            for _ in range(cfg.num_layers)
-        ]  # fmt: skip
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList([TransformerBlock(self.spec) for _ in range(cfg.num_layers)])
         self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps, bias=True)
         if cfg.tie_embeddings:
             self.lm_head = None  # logits from the word embedding matrix
@@ -79,11 +68,7 @@ class GptDecoder(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         input_ids = batch["input_ids"].long()  # (B, T)
-        if input_ids.shape[1] > self.max_positions:
-            raise ValueError(
-                f"input_ids has {input_ids.shape[1]} tokens; the model takes at most "
-                f"max_positions = {self.max_positions}"
-            )
+        self.spec.check_length(input_ids.shape[1])  # before the position table
         x = self.embeddings(input_ids)  # (B, T, D)
         for block in self.blocks:
             x = block(x)
@@ -93,14 +78,8 @@ class GptDecoder(nn.Module):
         else:
             logits = self.lm_head(x)  # (B, T, V)
         out = {"logits": logits}
-        if batch.get("labels") is not None:
-            labels = batch["labels"].long()  # (B, T)
-            # "mean" with ignore_index is sum / count over the labelled tokens. In float32 at
-            # least (bf16 logits lose the softmax's precision); float64 models stay float64.
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            out["loss"] = F.cross_entropy(
-                logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
-            )
+        if batch.get("labels") is not None:  # (B, T), already the next tokens
+            out["loss"] = next_token_loss(logits, batch["labels"].long())
         return out
 
 

@@ -9,14 +9,14 @@ attribute names are the canonical names.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mlperf_tutor.frameworks.torch import set_trainable
 from mlperf_tutor.layers.spec import is_adapter
-from mlperf_tutor.layers.torch_layers import RMSNorm, TransformerBlock
-from mlperf_tutor.workloads.llama.config import LlamaConfig, lora_of
-from mlperf_tutor.workloads.llama.data import IGNORE_INDEX
+from mlperf_tutor.layers.torch.block import TransformerBlock
+from mlperf_tutor.layers.torch.losses import next_token_loss
+from mlperf_tutor.layers.torch.norms import RMSNorm
+from mlperf_tutor.workloads.llama.config import LlamaConfig
 
 
 class LlamaDecoder(nn.Module):
@@ -35,29 +35,15 @@ class LlamaDecoder(nn.Module):
 
     def __init__(self, cfg: LlamaConfig, *, fused: bool = False):
         super().__init__()
-        self.max_positions = cfg.max_positions
+        self.spec = cfg.block_spec().with_fused(fused)
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        blocks = [
-            TransformerBlock(
-                cfg.hidden, cfg.num_heads, cfg.ffn, norm_eps=cfg.norm_eps, norm_position="pre",
-                activation="silu", bias=False, causal=True, fused=fused,
-                rotary_dim=cfg.head_dim, rotary_base=cfg.rotary_base, rotary_layout="half",
-                num_kv_heads=cfg.num_kv_heads, norm="rmsnorm", gated_mlp=True, fused_qkv=True,
-                lora=lora_of(cfg),
-            )
-            for _ in range(cfg.num_layers)
-        ]  # fmt: skip
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList([TransformerBlock(self.spec) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         input_ids = batch["input_ids"].long()  # (B, T)
-        if input_ids.shape[1] > self.max_positions:
-            raise ValueError(
-                f"input_ids has {input_ids.shape[1]} tokens; the model takes at most "
-                f"max_positions = {self.max_positions}"
-            )
+        self.spec.check_length(input_ids.shape[1])
         key_mask = batch.get("attention_mask")  # (B, T) or None
         x = self.word_embeddings(input_ids)  # (B, T, D)
         for block in self.blocks:
@@ -66,11 +52,7 @@ class LlamaDecoder(nn.Module):
         out = {"logits": logits}
         if batch.get("labels") is not None:
             labels = batch["labels"].long()[:, 1:]  # (B, T - 1): the token after position t
-            # Cross-entropy in float32 at least (bf16 logits lose the softmax's precision).
-            shifted = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-            out["loss"] = F.cross_entropy(
-                shifted.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
-            )
+            out["loss"] = next_token_loss(logits[:, :-1], labels)
         return out
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlperf_tutor.layers.torch_conv import (
+from mlperf_tutor.layers.torch.conv import (
     Downsample,
     ResnetBlock,
     SpatialTransformer,
@@ -33,22 +33,21 @@ from mlperf_tutor.workloads.stable_diffusion.plan import Level, unet_plan
 def _blocks(cfg: StableDiffusionConfig, level: Level, fused: bool):
     """The residual blocks of ``level`` and its spatial transformers (empty without heads)."""
     resnets = [
-        ResnetBlock(n_in, n_out, time_dim=cfg.time_dim, groups=cfg.norm_groups,
-                    eps=cfg.resnet_eps)
+        ResnetBlock(n_in, n_out, time_dim=cfg.time_dim, groups=cfg.norm_groups, eps=cfg.resnet_eps)
         for n_in, n_out in level.resnets
-    ]  # fmt: skip
-    attentions = [
-        _transformer(cfg, n_out, level.heads, fused) for _, n_out in level.resnets if level.heads
     ]
+    attentions = [_transformer(cfg, n_out, fused) for _, n_out in level.resnets if level.heads]
     return nn.ModuleList(resnets), nn.ModuleList(attentions)
 
 
-def _transformer(cfg: StableDiffusionConfig, ch: int, heads: int, fused: bool):
+def _transformer(cfg: StableDiffusionConfig, ch: int, fused: bool) -> SpatialTransformer:
+    """A spatial transformer over ``ch`` channels (its heads: ch / cfg.head_channels)."""
     return SpatialTransformer(
-        ch, heads, depth=cfg.transformer_depth, context_dim=cfg.context_dim,
-        groups=cfg.norm_groups, norm_eps=cfg.transformer_norm_eps,
-        layer_norm_eps=cfg.layer_norm_eps, fused=fused,
-    )  # fmt: skip
+        cfg.block_spec(ch).with_fused(fused),
+        depth=cfg.transformer_depth,
+        groups=cfg.norm_groups,
+        norm_eps=cfg.transformer_norm_eps,
+    )
 
 
 class DownBlock(nn.Module):
@@ -80,7 +79,7 @@ class MidBlock(nn.Module):
         super().__init__()
         level = Level(((width, width), (width, width)), heads, False)
         self.resnets, _ = _blocks(cfg, level, fused)
-        self.attentions = nn.ModuleList([_transformer(cfg, width, heads, fused)])
+        self.attentions = nn.ModuleList([_transformer(cfg, width, fused)])
 
     def forward(self, h, temb, context) -> torch.Tensor:
         h = self.resnets[0](h, temb)

@@ -2,10 +2,10 @@
 
 Latent diffusion: Rombach et al. 2022 (https://arxiv.org/abs/2112.10752); residual blocks with a
 timestep projection as in DDPM (Ho et al. 2020, https://arxiv.org/abs/2006.11239); the spatial
-transformer wraps the shared :class:`~mlperf_tutor.layers.torch_layers.TransformerBlock` with
-text cross-attention. Attribute names follow diffusers' ``UNet2DConditionModel`` and equal
-those of ``jax_conv`` and ``tf_conv``. Layout NCHW; letters: B batch, C channels, H/W spatial,
-T = H W tokens, L context tokens, E timestep-embedding width.
+transformer wraps the shared :class:`~mlperf_tutor.layers.torch.block.TransformerBlock` with
+text cross-attention. Attribute names follow diffusers' ``UNet2DConditionModel`` and equal those
+of ``layers/jax/conv.py`` and ``layers/tf/conv.py``. Layout NCHW; letters: B batch, C channels,
+H/W spatial, T = H W tokens, L context tokens, E timestep-embedding width.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlperf_tutor.layers.torch_layers import TransformerBlock
+from mlperf_tutor.layers.spec import BlockSpec
+from mlperf_tutor.layers.torch.block import TransformerBlock
 
 
 def timestep_sinusoid(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -88,44 +89,23 @@ class SpatialTransformer(nn.Module):
         tokens = transformer_blocks(tokens, context)
         out = x + proj_out(tokens) as (B, C, H, W)
 
-    Each block is a pre-LayerNorm :class:`TransformerBlock` with bias-free q/k/v projections,
-    ``o_proj`` bias, and a GEGLU MLP of width 4 C (exact GELU).
+    Each block is a :class:`TransformerBlock` of ``spec`` (Stable Diffusion's: pre-LayerNorm,
+    bias-free q/k/v projections with an ``o_proj`` bias, a cross-attention and a GEGLU MLP of
+    width 4 C; ``cfg.block_spec(C)``).
 
     Args:
-        ch: channels C.
-        heads: attention heads (head width C / heads).
+        spec: the blocks' spec; its width is the channels C.
         depth: transformer blocks.
-        context_dim: width of the context (text-encoder output).
         groups: GroupNorm groups.
         norm_eps: GroupNorm epsilon at the input.
-        layer_norm_eps: the blocks' LayerNorm epsilon.
-        fused: the attentions' fused (SDPA) path.
     """
 
-    def __init__(
-        self,
-        ch: int,
-        heads: int,
-        *,
-        depth: int,
-        context_dim: int,
-        groups: int,
-        norm_eps: float,
-        layer_norm_eps: float,
-        fused: bool = False,
-    ):
+    def __init__(self, spec: BlockSpec, *, depth: int, groups: int, norm_eps: float):
         super().__init__()
+        ch = spec.dim
         self.norm = nn.GroupNorm(groups, ch, eps=norm_eps, affine=True)
         self.proj_in = nn.Linear(ch, ch)
-        blocks = [
-            TransformerBlock(
-                ch, heads, 4 * ch, norm_eps=layer_norm_eps, norm_position="pre",
-                activation="gelu", gated_mlp=True, attention_bias=False,
-                attention_out_bias=True, context_dim=context_dim, fused=fused,
-            )
-            for _ in range(depth)
-        ]  # fmt: skip
-        self.transformer_blocks = nn.ModuleList(blocks)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(spec) for _ in range(depth)])
         self.proj_out = nn.Linear(ch, ch)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
