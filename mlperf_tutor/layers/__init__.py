@@ -1,1 +1,2 @@
-"""Shared building blocks per framework: ``torch_layers``, ``jax_layers`` and ``tf_layers``."""
+"""Shared building blocks: ``spec`` (framework-free: what a transformer block is) and one package
+per framework, ``torch``, ``jax`` and ``tf``, with the same file and class names."""
