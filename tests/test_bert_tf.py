@@ -14,7 +14,10 @@ pytest.importorskip("keras")
 from mlperf_tutor import workloads  # noqa: E402
 from mlperf_tutor.core.parity import OUTPUT_ATOL  # noqa: E402
 from mlperf_tutor.frameworks import tf as adapter  # noqa: E402
-from mlperf_tutor.layers.tf_layers import MLP, Attention, TransformerBlock  # noqa: E402
+from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec  # noqa: E402
+from mlperf_tutor.layers.tf.attention import Attention  # noqa: E402
+from mlperf_tutor.layers.tf.block import TransformerBlock  # noqa: E402
+from mlperf_tutor.layers.tf.mlp import MLP  # noqa: E402
 from mlperf_tutor.workloads.bert import canonical_shapes, tf_model  # noqa: E402
 
 WL = workloads.get("bert")
@@ -79,7 +82,7 @@ def test_param_count_and_blocks_under_layers():
 @pytest.mark.parametrize("causal", [False, True], ids=["key_mask", "causal"])
 def test_attention_matches_numpy(causal, fused):
     x, key_mask = inputs()
-    layer = Attention(D, N, causal=causal, fused=fused)
+    layer = Attention(AttentionSpec(D, N, causal=causal, fused=fused))
     tree = load_random(layer, x, key_mask=key_mask)
     want = ref.attention(tree, x.astype(np.float64), N, key_mask=key_mask, causal=causal)
     got = adapter.to_numpy(layer(x, key_mask))
@@ -89,7 +92,7 @@ def test_attention_matches_numpy(causal, fused):
 @pytest.mark.parametrize("fused", [False, True], ids=["explicit", "fused"])
 def test_grouped_query_attention_without_bias_matches_numpy(fused):
     x, key_mask = inputs(1)
-    layer = Attention(D, N, num_kv_heads=2, bias=False, causal=True, fused=fused)
+    layer = Attention(AttentionSpec(D, N, num_kv_heads=2, bias=False, causal=True, fused=fused))
     tree = load_random(layer, x, seed=1, key_mask=key_mask)
     assert tree["k_proj.weight"].shape == (2 * D // N, D) and "q_proj.bias" not in tree
     want = ref.attention(tree, x.astype(np.float64), N, 2, key_mask=key_mask, causal=True)
@@ -98,13 +101,13 @@ def test_grouped_query_attention_without_bias_matches_numpy(fused):
 
 def test_fused_attention_refuses_dropout():
     with pytest.raises(ValueError, match="no attention-probability dropout"):
-        Attention(D, N, dropout=0.1, fused=True)
+        Attention(AttentionSpec(D, N, dropout=0.1, fused=True))
 
 
 @pytest.mark.parametrize("activation", list(ref.ACTIVATIONS))
 def test_mlp_matches_numpy(activation):
     x, _ = inputs(2)
-    layer = MLP(D, F, activation=activation)
+    layer = MLP(MlpSpec(D, F, activation=activation))
     tree = load_random(layer, x, seed=2)
     want = ref.mlp(tree, x.astype(np.float64), activation)
     assert max_abs(adapter.to_numpy(layer(x)), want) <= OUTPUT_ATOL
@@ -112,13 +115,14 @@ def test_mlp_matches_numpy(activation):
 
 def test_mlp_rejects_unknown_activation():
     with pytest.raises(ValueError, match="unknown activation 'gelu_exact'"):
-        MLP(D, F, activation="gelu_exact")
+        MLP(MlpSpec(D, F, activation="gelu_exact"))
 
 
 @pytest.mark.parametrize("position", ["post", "pre"])
 def test_transformer_block_matches_numpy(position):
     x, key_mask = inputs(3)
-    layer = TransformerBlock(D, N, F, norm_eps=1e-12, norm_position=position)
+    spec = BlockSpec(AttentionSpec(D, N), MlpSpec(D, F), norm_eps=1e-12, norm_position=position)
+    layer = TransformerBlock(spec)
     tree = load_random(layer, x, seed=3, key_mask=key_mask)
     want = ref.block(tree, x.astype(np.float64), N, 1e-12, position, key_mask=key_mask)
     assert max_abs(adapter.to_numpy(layer(x, key_mask)), want) <= OUTPUT_ATOL
@@ -126,7 +130,10 @@ def test_transformer_block_matches_numpy(position):
 
 def test_causal_pre_ln_block_matches_numpy():
     x, _ = inputs(4)
-    layer = TransformerBlock(D, N, F, norm_eps=1e-5, norm_position="pre", causal=True)
+    spec = BlockSpec(
+        AttentionSpec(D, N, causal=True), MlpSpec(D, F), norm_eps=1e-5, norm_position="pre"
+    )
+    layer = TransformerBlock(spec)
     tree = load_random(layer, x, seed=4)
     want = ref.block(tree, x.astype(np.float64), N, 1e-5, "pre", causal=True)
     assert max_abs(adapter.to_numpy(layer(x)), want) <= OUTPUT_ATOL

@@ -15,7 +15,10 @@ pytest.importorskip("keras")
 from mlperf_tutor import workloads  # noqa: E402
 from mlperf_tutor.core.checkpoint import tree_specs  # noqa: E402
 from mlperf_tutor.frameworks import tf as adapter  # noqa: E402
-from mlperf_tutor.layers.tf_layers import Attention, TransformerBlock, apply_rotary  # noqa: E402
+from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec  # noqa: E402
+from mlperf_tutor.layers.tf.attention import Attention  # noqa: E402
+from mlperf_tutor.layers.tf.block import TransformerBlock  # noqa: E402
+from mlperf_tutor.layers.tf.rotary import apply_rotary  # noqa: E402
 from mlperf_tutor.workloads.gpt import tf_model  # noqa: E402
 from mlperf_tutor.workloads.gpt.data import token_cross_entropy  # noqa: E402
 
@@ -68,14 +71,14 @@ def test_apply_rotary_matches_numpy(layout, t, base):
     got32 = apply_rotary(adapter.from_numpy(x, "float32"), 6, base, layout)
     assert got32.dtype.name == "float32"
     assert max_abs(got32, ref.rotary(x, 6, layout, base)) <= FLOAT32_ATOL
-    with pytest.raises(ValueError, match="rotary layout"):
+    with pytest.raises(ValueError, match="rotary_layout must be one of"):
         apply_rotary(adapter.from_numpy(x), 6, base, "neox")
 
 
 @pytest.mark.parametrize("t", [5, 7])
 def test_causal_rotary_attention_matches_numpy(t):
     x = np.random.default_rng(t).standard_normal((B, t, D))
-    layer = Attention(D, N, causal=True, rotary_dim=R, dtype="float64")
+    layer = Attention(AttentionSpec(D, N, causal=True, rotary_dim=R), dtype="float64")
     tree = load_random(layer, x, seed=t)
     want = ref.attention(tree, x, N, causal=True, rotary_dim=R)
     assert max_abs(layer(x), want) <= FLOAT64_ATOL
@@ -84,7 +87,7 @@ def test_causal_rotary_attention_matches_numpy(t):
 @pytest.mark.parametrize("fused", [False, True], ids=["explicit", "fused"])
 def test_future_tokens_do_not_change_earlier_outputs(fused):
     x = np.random.default_rng(1).standard_normal((B, 7, D)).astype(np.float32)
-    layer = Attention(D, N, causal=True, fused=fused, rotary_dim=R)
+    layer = Attention(AttentionSpec(D, N, causal=True, rotary_dim=R, fused=fused))
     load_random(layer, x, seed=1)
     changed = x.copy()
     changed[:, -1] += 1.0
@@ -95,10 +98,13 @@ def test_future_tokens_do_not_change_earlier_outputs(fused):
 
 def test_parallel_block_matches_numpy_and_has_no_mlp_norm():
     x = np.random.default_rng(2).standard_normal((B, 7, D))
-    layer = TransformerBlock(
-        D, N, F, norm_eps=1e-5, norm_position="parallel", activation="gelu_tanh",
-        attention_bias=False, causal=True, rotary_dim=R, dtype="float64",
-    )  # fmt: skip
+    spec = BlockSpec(
+        AttentionSpec(D, N, bias=False, causal=True, rotary_dim=R),
+        MlpSpec(D, F, activation="gelu_tanh"),
+        norm_eps=1e-5,
+        norm_position="parallel",
+    )
+    layer = TransformerBlock(spec, dtype="float64")
     tree = load_random(layer, x, seed=2)
     assert not hasattr(layer, "mlp_norm") and not any(k.startswith("mlp_norm") for k in tree)
     assert "attention.q_proj.bias" not in tree and "mlp.fc_in.bias" in tree

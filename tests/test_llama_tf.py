@@ -6,6 +6,8 @@ update into the weights), against the PyTorch model in float32, and the adapter'
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import numpy_reference as ref
 import pytest
@@ -21,16 +23,11 @@ from mlperf_tutor import workloads  # noqa: E402
 from mlperf_tutor.core.checkpoint import tree_specs  # noqa: E402
 from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, errors  # noqa: E402
 from mlperf_tutor.frameworks import tf as adapter  # noqa: E402
-from mlperf_tutor.layers.spec import Lora, is_adapter  # noqa: E402
-from mlperf_tutor.layers.tf_layers import (  # noqa: E402
-    MLP,
-    Attention,
-    LoRALinear,
-    RMSNorm,
-    make_linear,
-    make_norm,
-)
-from mlperf_tutor.layers.tf_norms import BatchNorm  # noqa: E402
+from mlperf_tutor.layers.spec import AttentionSpec, Lora, MlpSpec, is_adapter  # noqa: E402
+from mlperf_tutor.layers.tf.attention import Attention  # noqa: E402
+from mlperf_tutor.layers.tf.lora import LoRALinear, make_linear  # noqa: E402
+from mlperf_tutor.layers.tf.mlp import MLP  # noqa: E402
+from mlperf_tutor.layers.tf.norms import BatchNorm, RMSNorm, make_norm  # noqa: E402
 from mlperf_tutor.workloads.llama import adapter_count, tf_model  # noqa: E402
 
 WL = workloads.get("llama2_70b_lora")
@@ -82,7 +79,7 @@ def test_rms_norm_matches_numpy_and_keeps_bf16():
 
 
 def test_swiglu_mlp_matches_numpy():
-    mlp = MLP(6, 10, activation="silu", bias=False, gated=True, dtype="float64")
+    mlp = MLP(MlpSpec(6, 10, activation="silu", bias=False, gated=True), dtype="float64")
     x = np.random.default_rng(1).standard_normal((3, 6))
     w = load_random(mlp, x, seed=1)
     assert sorted(w) == ["fc_gate.weight", "fc_in.weight", "fc_out.weight"]
@@ -92,8 +89,8 @@ def test_swiglu_mlp_matches_numpy():
 
 
 def test_lora_linear_adds_the_scaled_low_rank_update():
-    layer = make_linear("o_proj", 7, bias=True, lora=Lora(rank=2, alpha=6.0, targets=("o_proj",)),
-                        dtype="float64")  # fmt: skip
+    lora = Lora(rank=2, alpha=6.0, targets=("o_proj",))
+    layer = make_linear("o_proj", 7, bias=True, lora=lora, dtype="float64")
     assert isinstance(layer, LoRALinear) and isinstance(layer, keras.layers.Dense)
     assert type(make_linear("q_proj", 7, bias=True, lora=Lora(2, 6.0), dtype=None)) is (
         keras.layers.Dense
@@ -112,21 +109,25 @@ def test_lora_linear_adds_the_scaled_low_rank_update():
 def test_fused_qkv_attention_equals_three_projections():
     dim, n, k = 16, 4, 2
     h = dim // n
-    kwargs = dict(num_kv_heads=k, bias=False, causal=True, rotary_dim=4, rotary_layout="half",
-                  dtype="float64")  # fmt: skip
-    fused = Attention(dim, n, fused_qkv=True, **kwargs)
-    split = Attention(dim, n, **kwargs)
+    spec = AttentionSpec(
+        dim, n, num_kv_heads=k, bias=False, causal=True, rotary_dim=4, rotary_layout="half"
+    )
+    fused = Attention(dataclasses.replace(spec, fused_qkv=True), dtype="float64")
+    split = Attention(spec, dtype="float64")
     x = np.random.default_rng(3).standard_normal((2, 5, dim))
     w = load_random(fused, x, seed=3)
     assert sorted(w) == ["o_proj.weight", "qkv_proj.weight"]
     split(x)
     qkv = w["qkv_proj.weight"]  # ((N + 2K) H, D)
-    adapter.load_canonical(split, {
-        "q_proj.weight": qkv[: n * h],
-        "k_proj.weight": qkv[n * h : (n + k) * h],
-        "v_proj.weight": qkv[(n + k) * h :],
-        "o_proj.weight": w["o_proj.weight"],
-    })  # fmt: skip
+    adapter.load_canonical(
+        split,
+        {
+            "q_proj.weight": qkv[: n * h],
+            "k_proj.weight": qkv[n * h : (n + k) * h],
+            "v_proj.weight": qkv[(n + k) * h :],
+            "o_proj.weight": w["o_proj.weight"],
+        },
+    )
     assert max_abs(fused(x), split(x)) <= F64_ATOL
 
 

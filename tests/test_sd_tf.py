@@ -17,13 +17,15 @@ pytest.importorskip("keras", reason="install the [tf] extra")
 from mlperf_tutor import workloads  # noqa: E402
 from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, errors  # noqa: E402
 from mlperf_tutor.frameworks import tf as adapter  # noqa: E402
-from mlperf_tutor.layers.tf_conv import (  # noqa: E402
+from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec  # noqa: E402
+from mlperf_tutor.layers.tf.attention import Attention  # noqa: E402
+from mlperf_tutor.layers.tf.block import TransformerBlock  # noqa: E402
+from mlperf_tutor.layers.tf.conv import (  # noqa: E402
     Downsample,
     ResnetBlock,
     Upsample,
     timestep_sinusoid,
 )
-from mlperf_tutor.layers.tf_layers import Attention, TransformerBlock  # noqa: E402
 from mlperf_tutor.workloads.stable_diffusion import tf_model  # noqa: E402
 from mlperf_tutor.workloads.stable_diffusion.diffusion import noisy_and_target  # noqa: E402
 from mlperf_tutor.workloads.stable_diffusion.shapes import canonical_shapes  # noqa: E402
@@ -75,10 +77,16 @@ def test_cross_attention_matches_the_torch_formula():
     dim, heads, ctx_dim = 16, 4, 12
     rng = np.random.default_rng(0)
     x, context = rng.standard_normal((2, 5, dim)), rng.standard_normal((2, 7, ctx_dim))
-    layer = Attention(dim, heads, bias=False, out_bias=True, context_dim=ctx_dim, dtype="float64")
+    spec = AttentionSpec(dim, heads, bias=False, out_bias=True, context_dim=ctx_dim)
+    layer = Attention(spec, dtype="float64")
     w = load_random(layer, x, context=context)
-    assert sorted(w) == ["k_proj.weight", "o_proj.bias", "o_proj.weight", "q_proj.weight",
-                         "v_proj.weight"]  # fmt: skip
+    assert sorted(w) == [
+        "k_proj.weight",
+        "o_proj.bias",
+        "o_proj.weight",
+        "q_proj.weight",
+        "v_proj.weight",
+    ]
     assert w["k_proj.weight"].shape == (dim, ctx_dim)
 
     def split(y):  # (B, S, D) -> (B, N, S, H)
@@ -96,9 +104,15 @@ def test_block_with_cross_attention_adds_a_pre_norm_branch():
     dim, ctx_dim = 16, 12
     rng = np.random.default_rng(1)
     x, context = rng.standard_normal((2, 5, dim)), rng.standard_normal((2, 3, ctx_dim))
-    block = TransformerBlock(dim, 4, 64, norm_eps=1e-5, norm_position="pre", gated_mlp=True,
-                             attention_bias=False, attention_out_bias=True, context_dim=ctx_dim,
-                             dtype="float64")  # fmt: skip
+    attention = AttentionSpec(dim, 4, bias=False, out_bias=True)
+    spec = BlockSpec(
+        attention,
+        MlpSpec(dim, 64, gated=True),
+        norm_eps=1e-5,
+        norm_position="pre",
+        cross_attention=attention.cross(ctx_dim),
+    )
+    block = TransformerBlock(spec, dtype="float64")
     w = load_random(block, x, context=context, seed=1)
     assert "cross_attention_norm.weight" in w and "attention.o_proj.bias" in w
     assert "attention.q_proj.bias" not in w and "mlp.fc_gate.bias" in w
@@ -110,19 +124,23 @@ def test_block_with_cross_attention_adds_a_pre_norm_branch():
 
 
 def test_cross_attention_arguments_are_checked():
-    with pytest.raises(ValueError, match="causal mask, rotary"):
-        Attention(16, 4, context_dim=8, causal=True)
-    with pytest.raises(ValueError, match="causal mask, rotary"):
-        Attention(16, 4, context_dim=8, rotary_dim=4)
-    with pytest.raises(ValueError, match="norm_position='pre'"):
-        TransformerBlock(16, 4, 32, norm_eps=1e-5, norm_position="post", context_dim=8)
+    # What a cross-attention may be the spec refuses, before any layer is built; the layers
+    # check that a call matches their spec.
+    with pytest.raises(ValueError, match="supports neither causal"):
+        Attention(AttentionSpec(16, 4, context_dim=8, causal=True))
+    with pytest.raises(ValueError, match="supports neither causal"):
+        Attention(AttentionSpec(16, 4, context_dim=8, rotary_dim=4))
+    attention = AttentionSpec(16, 4)
+    with pytest.raises(ValueError, match="needs norm_position 'pre'"):
+        BlockSpec(attention, MlpSpec(16, 32), norm_eps=1e-5, cross_attention=attention.cross(8))
     x = np.zeros((1, 3, 16), np.float32)
     with pytest.raises(ValueError, match="needs a context"):
-        Attention(16, 4, context_dim=8)(x)
+        Attention(AttentionSpec(16, 4, context_dim=8))(x)
     with pytest.raises(ValueError, match="needs a context"):
-        Attention(16, 4)(x, context=np.zeros((1, 2, 16), np.float32))
+        Attention(AttentionSpec(16, 4))(x, context=np.zeros((1, 2, 16), np.float32))
+    spec = BlockSpec(attention, MlpSpec(16, 32), norm_eps=1e-5)
     with pytest.raises(ValueError, match="no cross-attention"):
-        TransformerBlock(16, 4, 32, norm_eps=1e-5)(x, context=np.zeros((1, 2, 8), np.float32))
+        TransformerBlock(spec)(x, context=np.zeros((1, 2, 8), np.float32))
 
 
 def test_timestep_sinusoid_matches_the_torch_formula_cos_first():

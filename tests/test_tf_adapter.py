@@ -20,7 +20,7 @@ import keras  # noqa: E402
 from mlperf_tutor import workloads  # noqa: E402
 from mlperf_tutor.core import CheckpointMismatch  # noqa: E402
 from mlperf_tutor.frameworks import tf as adapter  # noqa: E402
-from mlperf_tutor.layers.tf_norms import BatchNorm  # noqa: E402
+from mlperf_tutor.layers.tf.norms import BatchNorm  # noqa: E402
 from mlperf_tutor.workloads.toy import tf_model  # noqa: E402
 
 WL = workloads.get("toy")

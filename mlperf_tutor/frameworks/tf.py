@@ -18,7 +18,7 @@ Canonical names come from the attribute path of each layer inside the model (``m
 ``fc1.``, ``model.blocks[3].attn`` -> ``blocks.3.attn.``), never from Keras variable paths, which
 depend on the name scopes active when a layer was built. Leaf names and layouts follow the rule
 table :data:`LEAF_RULES`, keyed by layer type; a custom layer declares its own leaves with a
-``canonical_leaves`` class attribute (see ``layers/tf_norms.BatchNorm``).
+``canonical_leaves`` class attribute (see ``layers/tf/norms.py``'s ``BatchNorm``).
 """
 
 from __future__ import annotations

@@ -15,12 +15,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from mlperf_tutor.layers.tf_layers import TransformerBlock
+from mlperf_tutor.layers.tf.block import TransformerBlock, check_input_length
 from mlperf_tutor.workloads.bert.config import BertConfig
 
 
 def _embedding(n: int, dim: int, name: str, dtype) -> keras.layers.Embedding:
-    # Zeros: the weights come from load_canonical (see layers/tf_layers.py).
+    # Zeros: the weights come from load_canonical (see layers/tf/lora.py).
     return keras.layers.Embedding(n, dim, embeddings_initializer="zeros", name=name, dtype=dtype)
 
 
@@ -109,21 +109,19 @@ class BertPretraining(keras.Model):
     def __init__(self, cfg: BertConfig, dtype: str = "float32", **kwargs):
         super().__init__(dtype=dtype, **kwargs)
         self.cfg = cfg
+        self.spec = cfg.block_spec()
         d = cfg.hidden
         self.embeddings = BertEmbeddings(cfg, name="embeddings", dtype=dtype)
         self.blocks = [
-            TransformerBlock(
-                d, cfg.num_heads, cfg.ffn, norm_eps=cfg.norm_eps, norm_position="post",
-                activation="gelu", dropout=cfg.dropout, attention_dropout=cfg.dropout,
-                name=f"blocks.{i}", dtype=dtype,
-            )
+            TransformerBlock(self.spec, name=f"blocks.{i}", dtype=dtype)
             for i in range(cfg.num_layers)
-        ]  # fmt: skip
+        ]
         self.pooler = BertPooler(d, name="pooler", dtype=dtype)
         self.mlm_head = BertMlmHead(d, cfg.vocab_size, cfg.norm_eps, name="mlm_head", dtype=dtype)
         self.nsp_head = _dense(2, "nsp_head", dtype)
 
     def call(self, batch, training=False):
+        check_input_length(self.spec, batch["input_ids"])  # before the position table
         mask = batch["input_mask"]
         x = self.embeddings(batch["input_ids"], batch["segment_ids"], training=training)
         for block in self.blocks:

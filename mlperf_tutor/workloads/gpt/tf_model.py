@@ -16,15 +16,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from mlperf_tutor.layers.tf_layers import TransformerBlock
+from mlperf_tutor.layers.tf.block import TransformerBlock, check_input_length
+from mlperf_tutor.layers.tf.losses import next_token_loss
 from mlperf_tutor.workloads.gpt.config import GptConfig
-
-# Labels with this value are not predicted (see workloads/gpt/data.py).
-IGNORE_INDEX = -100
 
 
 def _embedding(n: int, dim: int, name: str, dtype) -> keras.layers.Embedding:
-    # Zeros: the weights come from load_canonical (see layers/tf_layers.py).
+    # Zeros: the weights come from load_canonical (see layers/tf/lora.py).
     return keras.layers.Embedding(n, dim, embeddings_initializer="zeros", name=name, dtype=dtype)
 
 
@@ -63,7 +61,7 @@ class GptDecoder(keras.Model):
     Args:
         cfg: the GPT config (GPT-3 or GPT-J).
         fused: the attention's fused path (``keras.ops.dot_product_attention``; see
-            ``tf_layers.Attention``); needs ``cfg.dropout == 0``.
+            ``layers/tf/attention.py``); needs ``cfg.dropout == 0``.
         dtype: variable and compute dtype of every layer ("float32"; "float64" and "bfloat16"
             work too).
 
@@ -76,28 +74,26 @@ class GptDecoder(keras.Model):
     def __init__(self, cfg: GptConfig, *, fused: bool = False, dtype: str = "float32", **kwargs):
         super().__init__(dtype=dtype, **kwargs)
         self.cfg, self.fused = cfg, fused
+        self.spec = cfg.block_spec().with_fused(fused)
         self.embeddings = GptEmbeddings(cfg, name="embeddings", dtype=dtype)
         self.blocks = [
-            TransformerBlock(
-                cfg.hidden, cfg.num_heads, cfg.ffn, norm_eps=cfg.norm_eps,
-                norm_position="parallel" if cfg.parallel_residual else "pre",
-                activation=cfg.activation, bias=cfg.mlp_bias, attention_bias=cfg.attention_bias,
-                dropout=cfg.dropout, attention_dropout=cfg.dropout, causal=True, fused=fused,
-                rotary_dim=cfg.rotary_dim, rotary_base=cfg.rotary_base,
-                rotary_layout="interleaved", name=f"blocks.{i}", dtype=dtype,
-            )
+            TransformerBlock(self.spec, name=f"blocks.{i}", dtype=dtype)
             for i in range(cfg.num_layers)
-        ]  # fmt: skip
+        ]
         self.final_norm = keras.layers.LayerNormalization(
             epsilon=cfg.norm_eps, name="final_norm", dtype=dtype
         )
         if not cfg.tie_embeddings:
             self.lm_head = keras.layers.Dense(
-                cfg.padded_vocab_size, use_bias=cfg.lm_head_bias, kernel_initializer="zeros",
-                name="lm_head", dtype=dtype,
-            )  # fmt: skip
+                cfg.padded_vocab_size,
+                use_bias=cfg.lm_head_bias,
+                kernel_initializer="zeros",
+                name="lm_head",
+                dtype=dtype,
+            )
 
     def call(self, batch, training=False):
+        check_input_length(self.spec, batch["input_ids"])  # before the position table
         x = self.embeddings(batch["input_ids"], training=training)  # (B, T, D)
         for block in self.blocks:
             x = block(x, training=training)  # (B, T, D)
@@ -126,19 +122,6 @@ class GptDecoder(keras.Model):
         # Every field is in the dict, so the base class rebuilds GPT-3 and GPT-J alike.
         cfg = GptConfig(**config["cfg"])
         return cls(cfg, fused=config["fused"], dtype=config["dtype"], name=config["name"])
-
-
-def next_token_loss(logits, labels):
-    """Mean cross-entropy of ``logits`` (B, T, V) against ``labels`` (B, T) over the labels that
-    are not -100 (sum / count), in float32 (float64 for float64 logits)."""
-    dtype = "float64" if keras.backend.standardize_dtype(logits.dtype) == "float64" else "float32"
-    keep = ops.not_equal(labels, IGNORE_INDEX)  # (B, T)
-    targets = ops.where(keep, labels, ops.zeros_like(labels))  # any valid id; weighted by 0
-    ce = ops.sparse_categorical_crossentropy(
-        targets, ops.cast(logits, dtype), from_logits=True
-    )  # (B, T)
-    weights = ops.cast(keep, dtype)
-    return ops.sum(ce * weights) / ops.sum(weights)
 
 
 def dummy_batch(batch_size: int = 1, seq_len: int = 2) -> dict:

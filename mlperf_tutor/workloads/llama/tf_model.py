@@ -14,12 +14,12 @@ from mlperf_tutor.frameworks import tf as _adapter
 # isort: split
 import keras
 import numpy as np
-import tensorflow as tf
 
 from mlperf_tutor.layers.spec import is_adapter
-from mlperf_tutor.layers.tf_layers import RMSNorm, TransformerBlock
-from mlperf_tutor.workloads.gpt.tf_model import next_token_loss
-from mlperf_tutor.workloads.llama.config import LlamaConfig, lora_of
+from mlperf_tutor.layers.tf.block import TransformerBlock, check_input_length
+from mlperf_tutor.layers.tf.losses import next_token_loss
+from mlperf_tutor.layers.tf.norms import RMSNorm
+from mlperf_tutor.workloads.llama.config import LlamaConfig
 
 
 class LlamaDecoder(keras.Model):
@@ -35,7 +35,7 @@ class LlamaDecoder(keras.Model):
     Args:
         cfg: the Llama config; ``lora_rank > 0`` puts adapters on ``qkv_proj`` and ``o_proj``.
         fused: ``keras.ops.dot_product_attention`` in every block (GPU benchmarks; see
-            ``tf_layers.Attention``).
+            ``layers/tf/attention.py``).
         dtype: variable and compute dtype of every layer ("float32"; "float64" and "bfloat16"
             work too).
     """
@@ -43,29 +43,26 @@ class LlamaDecoder(keras.Model):
     def __init__(self, cfg: LlamaConfig, *, fused: bool = False, dtype: str = "float32", **kwargs):
         super().__init__(dtype=dtype, **kwargs)
         self.cfg, self.fused = cfg, fused
+        self.spec = cfg.block_spec().with_fused(fused)
         self.word_embeddings = keras.layers.Embedding(
-            cfg.vocab_size, cfg.hidden, embeddings_initializer="zeros", name="word_embeddings",
+            cfg.vocab_size,
+            cfg.hidden,
+            embeddings_initializer="zeros",
+            name="word_embeddings",
             dtype=dtype,
-        )  # fmt: skip
+        )
         self.blocks = [
-            TransformerBlock(
-                cfg.hidden, cfg.num_heads, cfg.ffn, norm_eps=cfg.norm_eps, norm_position="pre",
-                activation="silu", bias=False, causal=True, fused=fused,
-                rotary_dim=cfg.head_dim, rotary_base=cfg.rotary_base, rotary_layout="half",
-                num_kv_heads=cfg.num_kv_heads, norm="rmsnorm", gated_mlp=True, fused_qkv=True,
-                lora=lora_of(cfg), name=f"blocks.{i}", dtype=dtype,
-            )
+            TransformerBlock(self.spec, name=f"blocks.{i}", dtype=dtype)
             for i in range(cfg.num_layers)
-        ]  # fmt: skip
+        ]
         self.final_norm = RMSNorm(cfg.norm_eps, name="final_norm", dtype=dtype)
         self.lm_head = keras.layers.Dense(
-            cfg.vocab_size, use_bias=False, kernel_initializer="zeros", name="lm_head",
-            dtype=dtype,
-        )  # fmt: skip
+            cfg.vocab_size, use_bias=False, kernel_initializer="zeros", name="lm_head", dtype=dtype
+        )
 
     def call(self, batch, training=False):
         input_ids = batch["input_ids"]  # (B, T)
-        self._check_length(input_ids)
+        check_input_length(self.spec, input_ids)
         key_mask = batch.get("attention_mask")  # (B, T) or None
         x = self.word_embeddings(input_ids)  # (B, T, D)
         for block in self.blocks:
@@ -77,15 +74,6 @@ class LlamaDecoder(keras.Model):
             # Hugging Face's shift: position t predicts labels[:, t + 1].
             out["loss"] = next_token_loss(logits[:, :-1], labels[:, 1:])
         return out
-
-    def _check_length(self, input_ids) -> None:
-        limit = self.cfg.max_positions
-        message = f"the model takes at most max_positions = {limit} tokens"
-        t = input_ids.shape[1]
-        if t is None:  # a shape-relaxed tf.function (train_step): checked when it runs
-            tf.debugging.assert_less_equal(tf.shape(input_ids)[1], limit, message=message)
-        elif t > limit:
-            raise ValueError(f"input_ids has {t} tokens; {message}")
 
     def get_config(self) -> dict:
         return {

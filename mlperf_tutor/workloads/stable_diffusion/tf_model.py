@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from mlperf_tutor.layers.tf_conv import (
+from mlperf_tutor.layers.tf.conv import (
     Downsample,
     PaddedConv2D,
     ResnetBlock,
@@ -36,25 +36,37 @@ from mlperf_tutor.workloads.stable_diffusion.plan import Level, unet_plan
 
 def _resnets(cfg: StableDiffusionConfig, level: Level, dtype) -> list[ResnetBlock]:
     return [
-        ResnetBlock(n_in, n_out, groups=cfg.norm_groups, eps=cfg.resnet_eps,
-                    name=f"resnets.{j}", dtype=dtype)
+        ResnetBlock(
+            n_in,
+            n_out,
+            groups=cfg.norm_groups,
+            eps=cfg.resnet_eps,
+            name=f"resnets.{j}",
+            dtype=dtype,
+        )
         for j, (n_in, n_out) in enumerate(level.resnets)
-    ]  # fmt: skip
+    ]
 
 
-def _transformer(cfg: StableDiffusionConfig, ch: int, heads: int, name: str, dtype):
+def _transformer(cfg: StableDiffusionConfig, ch: int, name: str, dtype) -> SpatialTransformer:
+    # Its heads are cfg.block_spec(ch)'s ch / head_channels, the plan's heads of this width.
     return SpatialTransformer(
-        ch, heads, context_dim=cfg.context_dim, depth=cfg.transformer_depth,
-        groups=cfg.norm_groups, norm_eps=cfg.transformer_norm_eps,
-        layer_norm_eps=cfg.layer_norm_eps, name=name, dtype=dtype,
-    )  # fmt: skip
+        cfg.block_spec(ch),
+        depth=cfg.transformer_depth,
+        groups=cfg.norm_groups,
+        norm_eps=cfg.transformer_norm_eps,
+        name=name,
+        dtype=dtype,
+    )
 
 
 def _attentions(cfg: StableDiffusionConfig, level: Level, dtype) -> list[SpatialTransformer]:
     if not level.heads:
         return []
-    return [_transformer(cfg, n_out, level.heads, f"attentions.{j}", dtype)
-            for j, (_, n_out) in enumerate(level.resnets)]  # fmt: skip
+    return [
+        _transformer(cfg, n_out, f"attentions.{j}", dtype)
+        for j, (_, n_out) in enumerate(level.resnets)
+    ]
 
 
 class DownBlock(keras.layers.Layer):
@@ -75,8 +87,9 @@ class DownBlock(keras.layers.Layer):
         self.resnets = _resnets(cfg, level, dtype)
         self.attentions = _attentions(cfg, level, dtype)
         width = level.resnets[-1][1]
-        self.downsamplers = [Downsample(width, name="downsamplers.0", dtype=dtype)
-                             ] if level.resample else []  # fmt: skip
+        self.downsamplers = (
+            [Downsample(width, name="downsamplers.0", dtype=dtype)] if level.resample else []
+        )
 
     def call(self, h, temb, context, training=False):
         skips = []
@@ -97,7 +110,7 @@ class MidBlock(keras.layers.Layer):
     Args:
         cfg: the Stable Diffusion config.
         width: channels.
-        heads: the transformer's heads.
+        heads: the transformer's heads (the plan's; ``cfg.block_spec(width)`` has the same).
         **kwargs: Keras layer arguments (``name``, ``dtype``).
     """
 
@@ -105,7 +118,7 @@ class MidBlock(keras.layers.Layer):
         super().__init__(**kwargs)
         dtype = self.dtype_policy
         self.resnets = _resnets(cfg, Level(((width, width), (width, width)), heads, False), dtype)
-        self.attentions = [_transformer(cfg, width, heads, "attentions.0", dtype)]
+        self.attentions = [_transformer(cfg, width, "attentions.0", dtype)]
 
     def call(self, h, temb, context, training=False):
         h = self.resnets[0](h, temb)
@@ -130,8 +143,9 @@ class UpBlock(keras.layers.Layer):
         self.resnets = _resnets(cfg, level, dtype)
         self.attentions = _attentions(cfg, level, dtype)
         width = level.resnets[-1][1]
-        self.upsamplers = [Upsample(width, name="upsamplers.0", dtype=dtype)
-                           ] if level.resample else []  # fmt: skip
+        self.upsamplers = (
+            [Upsample(width, name="upsamplers.0", dtype=dtype)] if level.resample else []
+        )
 
     def call(self, h, skips, temb, context, training=False):
         for j, resnet in enumerate(self.resnets):
@@ -165,18 +179,27 @@ class UNet(keras.Model):
         self._sqrt_1ma = np.asarray(tables.sqrt_one_minus_alphas_cumprod, np.float32)
         self.time_embedding = TimestepEmbedding(cfg.time_dim, name="time_embedding", dtype=dtype)
         self.conv_in = PaddedConv2D(c0, 3, padding=1, name="conv_in", dtype=dtype)
-        self.down_blocks = [DownBlock(cfg, level, name=f"down_blocks.{i}", dtype=dtype)
-                            for i, level in enumerate(plan.down)]  # fmt: skip
-        self.mid_block = MidBlock(cfg, plan.mid_width, plan.mid_heads, name="mid_block",
-                                  dtype=dtype)  # fmt: skip
-        self.up_blocks = [UpBlock(cfg, level, name=f"up_blocks.{i}", dtype=dtype)
-                          for i, level in enumerate(plan.up)]  # fmt: skip
+        self.down_blocks = [
+            DownBlock(cfg, level, name=f"down_blocks.{i}", dtype=dtype)
+            for i, level in enumerate(plan.down)
+        ]
+        self.mid_block = MidBlock(
+            cfg, plan.mid_width, plan.mid_heads, name="mid_block", dtype=dtype
+        )
+        self.up_blocks = [
+            UpBlock(cfg, level, name=f"up_blocks.{i}", dtype=dtype)
+            for i, level in enumerate(plan.up)
+        ]
         self.conv_norm_out = keras.layers.GroupNormalization(
-            groups=cfg.norm_groups, axis=-1, epsilon=cfg.resnet_eps, name="conv_norm_out",
+            groups=cfg.norm_groups,
+            axis=-1,
+            epsilon=cfg.resnet_eps,
+            name="conv_norm_out",
             dtype=dtype,
-        )  # fmt: skip
-        self.conv_out = PaddedConv2D(cfg.latent_channels, 3, padding=1, name="conv_out",
-                                     dtype=dtype)  # fmt: skip
+        )
+        self.conv_out = PaddedConv2D(
+            cfg.latent_channels, 3, padding=1, name="conv_out", dtype=dtype
+        )
 
     def denoise(self, x, timesteps, context, training=False):
         """The UNet alone: v estimate (B, 4, h, w) at x_t (B, 4, h, w), timesteps (B,) and
@@ -206,8 +229,7 @@ class UNet(keras.Model):
         s = ops.take(self._sqrt_1ma, t)[:, None, None, None]
         x_t = a * latents + s * noise
         target = a * noise - s * latents  # v
-        prediction = ops.cast(self.denoise(x_t, t, batch["context"], training=training),
-                              "float32")  # fmt: skip
+        prediction = ops.cast(self.denoise(x_t, t, batch["context"], training=training), "float32")
         return {"prediction": prediction, "loss": ops.mean(ops.square(prediction - target))}
 
     def get_config(self) -> dict:

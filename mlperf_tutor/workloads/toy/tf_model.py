@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from mlperf_tutor.layers.tf_norms import BatchNorm
+from mlperf_tutor.layers.tf.norms import BatchNorm
 from mlperf_tutor.workloads.toy.config import ToyConfig
 
 

@@ -1,4 +1,4 @@
-"""Keras normalisation with PyTorch's numbers, shared by the workloads.
+"""Keras normalisation layers with PyTorch's numbers, shared by the workloads.
 
 * :class:`BatchNorm`: batch normalisation (Ioffe & Szegedy 2015, https://arxiv.org/abs/1502.03167)
   with ``torch.nn.BatchNorm{1,2,3}d``'s momentum convention and unbiased running variance, which
@@ -17,6 +17,8 @@ from mlperf_tutor.frameworks import tf as _adapter  # noqa: F401
 # isort: split
 import keras
 from keras import ops
+
+from mlperf_tutor.layers.spec import check_norm
 
 
 class BatchNorm(keras.layers.Layer):
@@ -119,11 +121,8 @@ class BatchNorm(keras.layers.Layer):
         }
 
 
-NORMS = ("layernorm", "rmsnorm")
-
-
 class RMSNorm(keras.layers.Layer):
-    """Root-mean-square norm over the last axis as Llama (and ``torch_layers.RMSNorm``) computes
+    """Root-mean-square norm over the last axis as Llama (and ``layers/torch``'s RMSNorm) computes
     it: in float32 at least, ``x * rsqrt(mean(x**2) + eps)``, cast back to the input dtype, then
     times ``scale``.
 
@@ -166,9 +165,8 @@ class RMSNorm(keras.layers.Layer):
 def make_norm(kind: str, epsilon: float, **kwargs) -> keras.layers.Layer:
     """A LayerNorm with ``gamma`` and ``beta`` ("layernorm") or an :class:`RMSNorm`
     ("rmsnorm"); ``kwargs`` are Keras layer arguments (``name``, ``dtype``). Keras builds the
-    width from the first input, so unlike ``torch_layers.make_norm`` it takes no ``dim``."""
+    width from the first input, so unlike the torch ``make_norm`` it takes no ``dim``."""
+    check_norm(kind)
     if kind == "layernorm":
         return keras.layers.LayerNormalization(epsilon=epsilon, **kwargs)
-    if kind == "rmsnorm":
-        return RMSNorm(epsilon, **kwargs)
-    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+    return RMSNorm(epsilon, **kwargs)

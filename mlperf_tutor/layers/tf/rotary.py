@@ -1,8 +1,6 @@
 """Rotary position embeddings in Keras (Su et al. 2021, RoFormer,
-https://arxiv.org/abs/2104.09864), with the numbers of ``torch_layers.apply_rotary``.
-
-Split out of ``tf_layers`` (which re-exports :func:`apply_rotary`) to keep that file short.
-"""
+https://arxiv.org/abs/2104.09864), with the numbers of ``layers/torch/rotary.py``, and the
+float32-at-least dtype the attention computes its softmax in."""
 
 from __future__ import annotations
 
@@ -15,13 +13,14 @@ from mlperf_tutor.frameworks import tf as _adapter  # noqa: F401
 import keras
 from keras import ops
 
+from mlperf_tutor.layers.spec import check_rotary
+
+RotaryLayout = Literal["interleaved", "half"]
+
 
 def math_dtype(dtype) -> str:
     """float64 for float64 tensors, float32 for every other float (float32 at least)."""
     return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
-
-
-RotaryLayout = Literal["interleaved", "half"]
 
 
 def apply_rotary(x, rotary_dim: int, base: float = 10000.0, layout: RotaryLayout = "interleaved"):
@@ -42,11 +41,8 @@ def apply_rotary(x, rotary_dim: int, base: float = 10000.0, layout: RotaryLayout
     Returns:
         (B, T, heads, H), ``x``'s dtype.
     """
-    if layout not in ("interleaved", "half"):
-        raise ValueError(f"rotary layout must be 'interleaved' or 'half', got {layout!r}")
     head_dim = int(x.shape[-1])
-    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
-        raise ValueError(f"rotary_dim ({rotary_dim}) must be even and in (0, head dim {head_dim}]")
+    check_rotary(rotary_dim, head_dim, layout)
     in_dtype = keras.backend.standardize_dtype(x.dtype)
     dtype = math_dtype(in_dtype)
     half = rotary_dim // 2

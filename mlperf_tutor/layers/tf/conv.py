@@ -1,4 +1,5 @@
-"""Keras convolutional blocks of the latent-diffusion UNet, with the numbers of ``torch_conv``.
+"""Keras convolutional blocks of the latent-diffusion UNet, with the numbers of
+``layers/torch/conv.py``.
 
 Channels-last (NHWC) throughout: the UNet transposes its NCHW inputs once. Rombach et al. 2022
 (https://arxiv.org/abs/2112.10752); residual blocks after He et al. 2016
@@ -8,8 +9,8 @@ https://arxiv.org/abs/1803.08494); timestep sinusoids after Vaswani et al. 2017
 
 * :func:`timestep_sinusoid`, :class:`TimestepEmbedding`: the timestep's embedding.
 * :class:`ResnetBlock`: GroupNorm, SiLU, conv, plus the timestep embedding per channel.
-* :class:`SpatialTransformer`: the shared ``TransformerBlock`` with cross-attention, on the
-  pixels as tokens.
+* :class:`SpatialTransformer`: the shared ``TransformerBlock`` (built from the workload's
+  ``cfg.block_spec(channels)``, with cross-attention) on the pixels as tokens.
 * :class:`Downsample`, :class:`Upsample`: stride-2 conv; nearest x2 then conv.
 
 Convolutions pad explicitly (:class:`PaddedConv2D`): Keras' "same" pads a stride-2 conv of an
@@ -19,6 +20,7 @@ epsilons and groups are always passed: the frameworks' defaults differ.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 # The adapter first: it sets KERAS_BACKEND (and TF's log level) before Keras is imported.
@@ -28,7 +30,8 @@ from mlperf_tutor.frameworks import tf as _adapter  # noqa: F401
 import keras
 from keras import ops
 
-from mlperf_tutor.layers.tf_layers import TransformerBlock
+from mlperf_tutor.layers.spec import BlockSpec
+from mlperf_tutor.layers.tf.block import TransformerBlock, block_spec_from_config
 
 
 def timestep_sinusoid(timesteps, dim: int):
@@ -53,13 +56,14 @@ def timestep_sinusoid(timesteps, dim: int):
 
 
 def _dense(units: int, name: str, dtype) -> keras.layers.Dense:
-    # Zeros: the weights come from load_canonical (see layers/tf_layers.py).
+    # Zeros: the weights come from load_canonical (see layers/tf/lora.py).
     return keras.layers.Dense(units, kernel_initializer="zeros", name=name, dtype=dtype)
 
 
 def _group_norm(groups: int, eps: float, name: str, dtype) -> keras.layers.GroupNormalization:
-    return keras.layers.GroupNormalization(groups=groups, axis=-1, epsilon=eps, name=name,
-                                           dtype=dtype)  # fmt: skip
+    return keras.layers.GroupNormalization(
+        groups=groups, axis=-1, epsilon=eps, name=name, dtype=dtype
+    )
 
 
 class PaddedConv2D(keras.layers.Conv2D):
@@ -75,12 +79,18 @@ class PaddedConv2D(keras.layers.Conv2D):
         **kwargs: Keras layer arguments (``name``, ``dtype``).
     """
 
-    def __init__(self, filters: int, kernel_size: int, *, strides: int = 1, padding: int = 0,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self, filters: int, kernel_size: int, *, strides: int = 1, padding: int = 0, **kwargs
+    ):
         super().__init__(
-            filters, kernel_size, strides=strides, padding="valid",
-            data_format="channels_last", kernel_initializer="zeros", **kwargs,
-        )  # fmt: skip
+            filters,
+            kernel_size,
+            strides=strides,
+            padding="valid",
+            data_format="channels_last",
+            kernel_initializer="zeros",
+            **kwargs,
+        )
         self.pad = int(padding)
 
     def call(self, x):
@@ -154,39 +164,31 @@ class ResnetBlock(keras.layers.Layer):
 
 class SpatialTransformer(keras.layers.Layer):
     """Transformer over the pixels of a feature map, with cross-attention to a context:
-    GroupNorm, ``proj_in``, ``depth`` pre-LN :class:`TransformerBlock` s (self-attention,
-    cross-attention, GEGLU MLP), ``proj_out``, plus the input.
+    GroupNorm, ``proj_in``, ``depth`` :class:`TransformerBlock` s built from ``spec`` (SD:
+    pre-LN, self-attention, cross-attention, GEGLU MLP), ``proj_out``, plus the input.
 
     Args:
-        ch: channels C (the transformer width).
-        heads: attention heads N.
-        context_dim: width of the context tokens.
+        spec: the blocks' spec (``cfg.block_spec(channels)``); its width D is the channels C.
         depth: transformer blocks.
         groups: GroupNorm groups.
         norm_eps: the GroupNorm's epsilon.
-        layer_norm_eps: the blocks' LayerNorm epsilon.
         **kwargs: Keras layer arguments (``name``, ``dtype``).
 
     Shapes:
         x: (B, H, W, C); context: (B, L, context_dim). Output (B, H, W, C).
     """
 
-    def __init__(self, ch: int, heads: int, *, context_dim: int, depth: int, groups: int,
-                 norm_eps: float, layer_norm_eps: float, **kwargs):  # fmt: skip
+    def __init__(self, spec: BlockSpec, *, depth: int, groups: int, norm_eps: float, **kwargs):
         super().__init__(**kwargs)
+        self.spec, self.depth, self.groups, self.norm_eps = spec, depth, groups, norm_eps
         dtype = self.dtype_policy
         self.norm = _group_norm(groups, norm_eps, "norm", dtype)
-        self.proj_in = _dense(ch, "proj_in", dtype)
+        self.proj_in = _dense(spec.dim, "proj_in", dtype)
         self.transformer_blocks = [
-            TransformerBlock(
-                ch, heads, 4 * ch, norm_eps=layer_norm_eps, norm_position="pre",
-                activation="gelu", gated_mlp=True, attention_bias=False,
-                attention_out_bias=True, context_dim=context_dim,
-                name=f"transformer_blocks.{k}", dtype=dtype,
-            )
+            TransformerBlock(spec, name=f"transformer_blocks.{k}", dtype=dtype)
             for k in range(depth)
-        ]  # fmt: skip
-        self.proj_out = _dense(ch, "proj_out", dtype)
+        ]
+        self.proj_out = _dense(spec.dim, "proj_out", dtype)
 
     def call(self, x, context, training=False):
         b, height, width, c = ops.shape(x)
@@ -197,6 +199,19 @@ class SpatialTransformer(keras.layers.Layer):
             h = block(h, context=context, training=training)  # (B, H W, C)
         h = ops.reshape(self.proj_out(h), (b, height, width, c))  # (B, H, W, C)
         return h + x
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "spec": dataclasses.asdict(self.spec),
+            "depth": self.depth,
+            "groups": self.groups,
+            "norm_eps": self.norm_eps,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> SpatialTransformer:
+        return super().from_config({**config, "spec": block_spec_from_config(config["spec"])})
 
 
 class Downsample(keras.layers.Layer):
