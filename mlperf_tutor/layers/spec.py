@@ -128,9 +128,9 @@ class AttentionSpec:
         max_positions: the longest sequence the model takes (its position table or trained
             context); None: no limit. See :meth:`check_length`.
         fused: run the framework's fused attention kernel (torch SDPA,
-            ``jax.nn.dot_product_attention``; TF keeps the explicit path). Same math, but the
-            dropout draws other random numbers and the softmax runs in the input dtype; the
-            explicit path is the reference.
+            ``jax.nn.dot_product_attention``, ``keras.ops.dot_product_attention``). Same math,
+            but the dropout draws other random numbers and the softmax runs in the input dtype;
+            the explicit path is the reference.
         fused_implementation: JAX's fused implementation, "xla" or "cudnn"; None: cuDNN for
             bf16/fp16 on a GPU, XLA otherwise. Ignored by torch and TF.
     """
