@@ -1,1 +1,3 @@
-"""Shared building blocks per framework: ``torch_layers``, ``jax_layers`` and ``tf_layers``."""
+"""Shared building blocks: the framework-free specs (``spec.py``) and, per framework, the
+packages ``torch``, ``jax`` and ``tf`` with the same files by role (attention, mlp, block, norms,
+rotary, lora, conv, losses)."""
