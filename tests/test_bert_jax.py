@@ -4,6 +4,8 @@ and LAMB training."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import numpy_reference as ref
 import pytest
@@ -16,12 +18,10 @@ from flax import nnx  # noqa: E402
 
 from mlperf_tutor import frameworks, workloads  # noqa: E402
 from mlperf_tutor.core.parity import OUTPUT_ATOL  # noqa: E402
-from mlperf_tutor.layers.jax_layers import (  # noqa: E402
-    MLP,
-    Attention,
-    TransformerBlock,
-    get_activation,
-)
+from mlperf_tutor.layers.jax.attention import Attention  # noqa: E402
+from mlperf_tutor.layers.jax.block import TransformerBlock  # noqa: E402
+from mlperf_tutor.layers.jax.mlp import MLP, get_activation  # noqa: E402
+from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec  # noqa: E402
 from mlperf_tutor.workloads.bert import canonical_shapes  # noqa: E402
 from mlperf_tutor.workloads.bert import jax_model as bert_jax  # noqa: E402
 
@@ -82,7 +82,8 @@ def _apply(module, x, mask):
     ids=["key_mask", "causal", "causal_key_mask", "gqa_key_mask", "mqa_causal_key_mask"],
 )
 def test_attention_matches_numpy(num_kv_heads, causal, masked):
-    attention = Attention(D, N, num_kv_heads=num_kv_heads, causal=causal, rngs=nnx.Rngs(0))
+    spec = AttentionSpec(D, N, num_kv_heads=num_kv_heads, causal=causal)
+    attention = Attention(spec, rngs=nnx.Rngs(0))
     w = randomise(attention, seed=1)
     if num_kv_heads:
         assert w["k_proj.weight"].shape == (num_kv_heads * D // N, D)
@@ -95,7 +96,7 @@ def test_attention_matches_numpy(num_kv_heads, causal, masked):
 
 
 def test_attention_without_bias_has_no_bias_leaves():
-    attention = Attention(D, N, num_kv_heads=2, bias=False, rngs=nnx.Rngs(0))
+    attention = Attention(AttentionSpec(D, N, num_kv_heads=2, bias=False), rngs=nnx.Rngs(0))
     assert sorted(fj.to_canonical(attention)) == [
         f"{p}.weight" for p in ("k_proj", "o_proj", "q_proj", "v_proj")
     ]
@@ -103,8 +104,9 @@ def test_attention_without_bias_has_no_bias_leaves():
 
 @pytest.mark.parametrize("num_kv_heads, causal", [(None, False), (2, True)])
 def test_fused_attention_matches_explicit(num_kv_heads, causal):
-    explicit = Attention(D, N, num_kv_heads=num_kv_heads, causal=causal, rngs=nnx.Rngs(0))
-    fused = Attention(D, N, num_kv_heads=num_kv_heads, causal=causal, fused=True, rngs=nnx.Rngs(1))
+    spec = AttentionSpec(D, N, num_kv_heads=num_kv_heads, causal=causal)
+    explicit = Attention(spec, rngs=nnx.Rngs(0))
+    fused = Attention(dataclasses.replace(spec, fused=True), rngs=nnx.Rngs(1))
     fj.load_canonical(fused, fj.to_canonical(explicit))
     x, mask = map(jnp.asarray, inputs(seed=2))
     assert max_abs(_apply(fused, x, mask), _apply(explicit, x, mask)) <= OUTPUT_ATOL
@@ -112,12 +114,12 @@ def test_fused_attention_matches_explicit(num_kv_heads, causal):
 
 def test_fused_attention_refuses_dropout():
     with pytest.raises(ValueError, match="dropout"):
-        Attention(D, N, dropout=0.1, fused=True, rngs=nnx.Rngs(0))
+        Attention(AttentionSpec(D, N, dropout=0.1, fused=True), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
 def test_mlp_activations_match_numpy(activation):
-    mlp = MLP(D, F, activation=activation, rngs=nnx.Rngs(0))
+    mlp = MLP(MlpSpec(D, F, activation=activation), rngs=nnx.Rngs(0))
     w = randomise(mlp, seed=3)
     x, _ = inputs(seed=3)
     got = nnx.jit(lambda m, x: m(x))(mlp, jnp.asarray(x))
@@ -134,17 +136,23 @@ def test_gelu_is_exact_not_tanh():
 
 def test_unknown_names_raise():
     with pytest.raises(ValueError, match="gelu_tanh"):
-        MLP(D, F, activation="swish", rngs=nnx.Rngs(0))
+        get_activation("swish")
+    with pytest.raises(ValueError, match="gelu_tanh"):
+        MlpSpec(D, F, activation="swish")
     with pytest.raises(ValueError, match="post"):
-        TransformerBlock(D, N, F, norm_eps=1e-5, norm_position="middle", rngs=nnx.Rngs(0))
+        BlockSpec(AttentionSpec(D, N), MlpSpec(D, F), norm_eps=1e-5, norm_position="middle")
+
+
+def block_spec(eps: float = 1e-5, causal: bool = False, **block) -> BlockSpec:
+    """A BERT-like block over D with N heads and an exact-GELU MLP of width F."""
+    return BlockSpec(AttentionSpec(D, N, causal=causal), MlpSpec(D, F), norm_eps=eps, **block)
 
 
 @pytest.mark.parametrize("norm_position, causal", [("post", False), ("pre", True)])
 def test_transformer_block_matches_numpy(norm_position, causal):
     eps = 1e-5
-    block = TransformerBlock(
-        D, N, F, norm_eps=eps, norm_position=norm_position, causal=causal, rngs=nnx.Rngs(0)
-    )
+    spec = block_spec(eps, causal, norm_position=norm_position)
+    block = TransformerBlock(spec, rngs=nnx.Rngs(0))
     w = randomise(block, seed=4)
     assert {k.split(".")[0] for k in w} == {"attention", "attention_norm", "mlp", "mlp_norm"}
     x, mask = inputs(seed=4)
@@ -155,7 +163,12 @@ def test_transformer_block_matches_numpy(norm_position, causal):
 
 @pytest.mark.parametrize("which", ["dropout", "attention_dropout"])
 def test_block_dropout_is_random_in_train_mode_and_off_in_eval(which):
-    block = TransformerBlock(D, N, F, norm_eps=1e-5, rngs=nnx.Rngs(0), **{which: 0.3})
+    spec = block_spec()
+    if which == "dropout":
+        spec = dataclasses.replace(spec, dropout=0.3)
+    else:
+        spec = dataclasses.replace(spec, attention=AttentionSpec(D, N, dropout=0.3))
+    block = TransformerBlock(spec, rngs=nnx.Rngs(0))
     w = randomise(block, seed=5)
     x, mask = inputs(seed=5)
     args = jnp.asarray(x), jnp.asarray(mask)

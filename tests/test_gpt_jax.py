@@ -17,7 +17,10 @@ from flax import nnx  # noqa: E402
 
 from mlperf_tutor import frameworks, workloads  # noqa: E402
 from mlperf_tutor.core.parity import OUTPUT_ATOL  # noqa: E402
-from mlperf_tutor.layers.jax_layers import Attention, TransformerBlock, apply_rotary  # noqa: E402
+from mlperf_tutor.layers.jax.attention import Attention  # noqa: E402
+from mlperf_tutor.layers.jax.block import TransformerBlock  # noqa: E402
+from mlperf_tutor.layers.jax.rotary import apply_rotary  # noqa: E402
+from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec  # noqa: E402
 from mlperf_tutor.workloads.gpt import jax_model as gpt_jax  # noqa: E402
 
 fj = frameworks.get("jax")
@@ -109,10 +112,10 @@ def test_apply_rotary_keeps_the_dtype_and_refuses_bad_arguments():
     "t, layout, num_kv_heads", [(5, "interleaved", None), (7, "half", None), (7, "interleaved", 2)]
 )
 def test_causal_rotary_attention_matches_numpy(t, layout, num_kv_heads):
-    attention = Attention(
-        D, N, num_kv_heads=num_kv_heads, causal=True, rotary_dim=R, rotary_layout=layout,
-        rngs=nnx.Rngs(0),
-    )  # fmt: skip
+    spec = AttentionSpec(
+        D, N, num_kv_heads=num_kv_heads, causal=True, rotary_dim=R, rotary_layout=layout
+    )
+    attention = Attention(spec, rngs=nnx.Rngs(0))
     w = randomise(attention, seed=t)
     x = np.random.default_rng(t).standard_normal((B, t, D)).astype(np.float32)
     got = _apply(attention, jnp.asarray(x))
@@ -125,7 +128,8 @@ def test_causal_rotary_attention_matches_numpy(t, layout, num_kv_heads):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["explicit", "fused"])
 def test_future_tokens_do_not_change_earlier_outputs(fused):
-    attention = Attention(D, N, causal=True, fused=fused, rotary_dim=R, rngs=nnx.Rngs(0))
+    spec = AttentionSpec(D, N, causal=True, fused=fused, rotary_dim=R)
+    attention = Attention(spec, rngs=nnx.Rngs(0))
     randomise(attention, seed=2)
     x = np.random.default_rng(2).standard_normal((B, 7, D)).astype(np.float32)
     changed = x.copy()
@@ -136,27 +140,37 @@ def test_future_tokens_do_not_change_earlier_outputs(fused):
 
 
 def test_parallel_block_matches_numpy():
-    block = TransformerBlock(
-        D, N, F, norm_eps=1e-5, norm_position="parallel", activation="gelu_tanh",
-        attention_bias=False, causal=True, rotary_dim=R, rngs=nnx.Rngs(0),
-    )  # fmt: skip
+    spec = BlockSpec(
+        AttentionSpec(D, N, bias=False, causal=True, rotary_dim=R),
+        MlpSpec(D, F, activation="gelu_tanh"),
+        norm_eps=1e-5,
+        norm_position="parallel",
+    )
+    block = TransformerBlock(spec, rngs=nnx.Rngs(0))
     assert not hasattr(block, "mlp_norm")
     w = randomise(block, seed=3)
     assert {k.split(".")[0] for k in w} == {"attention", "attention_norm", "mlp"}
     assert "attention.q_proj.bias" not in w and "mlp.fc_in.bias" in w  # attention_bias apart
     x = np.random.default_rng(3).standard_normal((B, 7, D)).astype(np.float32)
     want = ref.block(
-        w, x.astype(np.float64), N, 1e-5, "parallel", causal=True, activation="gelu_tanh",
+        w,
+        x.astype(np.float64),
+        N,
+        1e-5,
+        "parallel",
+        causal=True,
+        activation="gelu_tanh",
         rotary_dim=R,
-    )  # fmt: skip
+    )
     assert max_abs(_apply(block, jnp.asarray(x)), want) <= OUTPUT_ATOL
 
 
-def test_attention_bias_defaults_to_bias():
-    block = TransformerBlock(D, N, F, norm_eps=1e-5, bias=False, rngs=nnx.Rngs(0))
+def test_out_bias_defaults_to_bias():
+    spec = BlockSpec(AttentionSpec(D, N, bias=False), MlpSpec(D, F, bias=False), norm_eps=1e-5)
+    block = TransformerBlock(spec, rngs=nnx.Rngs(0))
     assert not any(k.endswith("bias") and "norm" not in k for k in fj.to_canonical(block))
     with pytest.raises(ValueError, match="parallel"):
-        TransformerBlock(D, N, F, norm_eps=1e-5, norm_position="sandwich", rngs=nnx.Rngs(0))
+        BlockSpec(spec.attention, spec.mlp, norm_eps=1e-5, norm_position="sandwich")
 
 
 # --- the decoders ---------------------------------------------------------------------------
@@ -196,9 +210,11 @@ def test_decoder_matches_numpy_in_float32(case):
     masked = dict(case["batch"], labels=case["batch"]["labels"].copy())
     masked["labels"][:, :3] = -100
     want = ref.gpt(
-        {k: v.astype(np.float64) for k, v in case["tree"].items()}, case["cfg"],
-        masked["input_ids"], masked["labels"],
-    )["loss"]  # fmt: skip
+        {k: v.astype(np.float64) for k, v in case["tree"].items()},
+        case["cfg"],
+        masked["input_ids"],
+        masked["labels"],
+    )["loss"]
     assert max_abs(fj.forward(model, masked)["loss"], want) <= OUTPUT_ATOL
     assert set(fj.forward(model, {"input_ids": case["batch"]["input_ids"]})) == {"logits"}
 

@@ -21,7 +21,7 @@ from mlperf_tutor.core import (  # noqa: E402
     ReferenceOptimizer,
     ScheduleSpec,
 )
-from mlperf_tutor.layers.jax_norms import BatchNorm  # noqa: E402
+from mlperf_tutor.layers.jax.norms import BatchNorm  # noqa: E402
 
 fj = frameworks.get("jax")
 TOY = mt.workloads.get("toy")
@@ -98,7 +98,7 @@ LAYERS = {
         1,
     ),
     # Flax's own BatchNorm: the rule maps its leaves; eval mode only (its train-mode numbers
-    # are not PyTorch's, which is why layers.jax_norms.BatchNorm exists).
+    # are not PyTorch's, which is why layers.jax.norms.BatchNorm exists).
     "nnx_batchnorm_eval": (
         lambda: torch.nn.BatchNorm2d(6, eps=1e-5).eval(),
         lambda: nnx.BatchNorm(6, epsilon=1e-5, use_running_average=True, rngs=rngs()),

@@ -8,6 +8,8 @@ and against the PyTorch model.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import numpy_reference as ref
@@ -24,15 +26,11 @@ from flax import nnx  # noqa: E402
 from mlperf_tutor import frameworks, workloads  # noqa: E402
 from mlperf_tutor.core import OptimizerSpec, ScheduleSpec  # noqa: E402
 from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, errors  # noqa: E402
-from mlperf_tutor.layers.jax_layers import (  # noqa: E402
-    MLP,
-    Attention,
-    LoRALinear,
-    RMSNorm,
-    make_linear,
-    make_norm,
-)
-from mlperf_tutor.layers.spec import Lora, is_adapter  # noqa: E402
+from mlperf_tutor.layers.jax.attention import Attention  # noqa: E402
+from mlperf_tutor.layers.jax.lora import LoRALinear, make_linear  # noqa: E402
+from mlperf_tutor.layers.jax.mlp import MLP  # noqa: E402
+from mlperf_tutor.layers.jax.norms import RMSNorm, make_norm  # noqa: E402
+from mlperf_tutor.layers.spec import AttentionSpec, Lora, MlpSpec, is_adapter  # noqa: E402
 from mlperf_tutor.workloads.llama import jax_model as llama_jax  # noqa: E402
 
 fj = frameworks.get("jax")
@@ -97,7 +95,7 @@ def test_rms_norm_matches_numpy_and_keeps_bf16():
 def test_swiglu_mlp_matches_numpy():
     x = np.random.default_rng(1).standard_normal((3, 6))
     with jax.enable_x64(True):
-        mlp = MLP(6, 10, activation="silu", bias=False, gated=True, rngs=nnx.Rngs(0))
+        mlp = MLP(MlpSpec(6, 10, activation="silu", bias=False, gated=True), rngs=nnx.Rngs(0))
         w = randomise64(mlp, seed=1)
         got = np.asarray(_apply(mlp, jnp.asarray(x)))
     assert sorted(w) == ["fc_gate.weight", "fc_in.weight", "fc_out.weight"]
@@ -126,18 +124,25 @@ def test_lora_linear_adds_the_scaled_low_rank_update():
 def test_fused_qkv_attention_equals_three_projections():
     dim, n, k = 16, 4, 2
     h = dim // n
-    kwargs = dict(num_kv_heads=k, bias=False, causal=True, rotary_dim=4, rotary_layout="half")
-    fused = Attention(dim, n, fused_qkv=True, **kwargs, rngs=nnx.Rngs(0))
-    split = Attention(dim, n, **kwargs, rngs=nnx.Rngs(1))
+    spec = AttentionSpec(
+        dim, n, num_kv_heads=k, bias=False, causal=True, rotary_dim=4, rotary_layout="half"
+    )
+    fused = Attention(dataclasses.replace(spec, fused_qkv=True), rngs=nnx.Rngs(0))
+    split = Attention(spec, rngs=nnx.Rngs(1))
     x = np.random.default_rng(3).standard_normal((2, 5, dim))
     with jax.enable_x64(True):
         w = randomise64(fused, seed=3)
         randomise64(split, seed=4)
         qkv = w["qkv_proj.weight"]  # ((N + 2K) H, D)
-        fj.load_canonical(split, {
-            "q_proj.weight": qkv[: n * h], "k_proj.weight": qkv[n * h : (n + k) * h],
-            "v_proj.weight": qkv[(n + k) * h :], "o_proj.weight": w["o_proj.weight"],
-        })  # fmt: skip
+        fj.load_canonical(
+            split,
+            {
+                "q_proj.weight": qkv[: n * h],
+                "k_proj.weight": qkv[n * h : (n + k) * h],
+                "v_proj.weight": qkv[(n + k) * h :],
+                "o_proj.weight": w["o_proj.weight"],
+            },
+        )
         a, b = _apply(fused, jnp.asarray(x)), _apply(split, jnp.asarray(x))
     assert sorted(w) == ["o_proj.weight", "qkv_proj.weight"]
     assert max_abs(a, b) <= F64_ATOL

@@ -9,6 +9,7 @@ the PyTorch model (outputs, gradients, AdamW steps).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import ml_dtypes
@@ -25,13 +26,15 @@ from flax import nnx  # noqa: E402
 
 from mlperf_tutor import frameworks, workloads  # noqa: E402
 from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, errors  # noqa: E402
-from mlperf_tutor.layers.jax_conv import (  # noqa: E402
+from mlperf_tutor.layers.jax.attention import Attention  # noqa: E402
+from mlperf_tutor.layers.jax.block import TransformerBlock  # noqa: E402
+from mlperf_tutor.layers.jax.conv import (  # noqa: E402
     Downsample,
     ResnetBlock,
     Upsample,
     timestep_sinusoid,
 )
-from mlperf_tutor.layers.jax_layers import Attention, TransformerBlock  # noqa: E402
+from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec  # noqa: E402
 from mlperf_tutor.workloads.stable_diffusion import diffusion, jax_model, shapes  # noqa: E402
 
 fj = frameworks.get("jax")
@@ -70,15 +73,20 @@ def test_cross_attention_matches_a_plain_formula():
     rng = np.random.default_rng(0)
     x, context = rng.standard_normal((2, 5, dim)), rng.standard_normal((2, 7, ctx_dim))
     with jax.enable_x64(True):
-        attn = Attention(dim, heads, bias=False, out_bias=True, context_dim=ctx_dim,
-                         rngs=nnx.Rngs(0))  # fmt: skip
+        spec = AttentionSpec(dim, heads, bias=False, out_bias=True, context_dim=ctx_dim)
+        attn = Attention(spec, rngs=nnx.Rngs(0))
         for _, var in nnx.to_flat_state(nnx.state(attn, nnx.Param)):
             var.set_value(jnp.asarray(var.get_value(), jnp.float64))
         w = {k: rng.standard_normal(v.shape) / 3 for k, v in fj.to_canonical(attn).items()}
         fj.load_canonical(attn, w)
         got = np.asarray(nnx.jit(lambda m, a, c: m(a, context=c))(attn, x, context))
-    assert sorted(w) == ["k_proj.weight", "o_proj.bias", "o_proj.weight", "q_proj.weight",
-                         "v_proj.weight"]  # fmt: skip
+    assert sorted(w) == [
+        "k_proj.weight",
+        "o_proj.bias",
+        "o_proj.weight",
+        "q_proj.weight",
+        "v_proj.weight",
+    ]
     assert w["k_proj.weight"].shape == (dim, ctx_dim)
 
     def split(a):  # (B, S, D) -> (B, N, S, H)
@@ -97,34 +105,46 @@ def test_cross_attention_matches_a_plain_formula():
     assert max_abs(got, want) <= F64_ATOL
 
 
+def pre_block(attention: AttentionSpec, cross: bool = False) -> BlockSpec:
+    """A pre-norm block over 16 channels with a 32-wide MLP; with ``cross``, a cross-attention
+    to an 8-wide context beside ``attention``."""
+    return BlockSpec(
+        attention,
+        MlpSpec(16, 32),
+        norm_eps=1e-5,
+        norm_position="pre",
+        cross_attention=attention.cross(8) if cross else None,
+    )
+
+
 def test_cross_attention_is_refused_where_it_has_no_meaning():
     rngs = nnx.Rngs(0)
     for bad in (dict(causal=True), dict(rotary_dim=4), dict(fused_qkv=True)):
         with pytest.raises(ValueError, match="cross-attention"):
-            Attention(16, 2, context_dim=8, **bad, rngs=rngs)
-    with pytest.raises(ValueError, match="norm_position='pre'"):
-        TransformerBlock(16, 2, 32, norm_eps=1e-5, norm_position="post", context_dim=8, rngs=rngs)
+            AttentionSpec(16, 2, context_dim=8, **bad)
+    spec = pre_block(AttentionSpec(16, 2), cross=True)
+    with pytest.raises(ValueError, match="norm_position 'pre'"):
+        dataclasses.replace(spec, norm_position="post")
     x, context = jnp.zeros((1, 3, 16)), jnp.zeros((1, 4, 8))
     with pytest.raises(ValueError, match="context_dim"):
-        Attention(16, 2, rngs=rngs)(x, context=context)
+        Attention(AttentionSpec(16, 2), rngs=rngs)(x, context=context)
     with pytest.raises(ValueError, match="context_dim"):
-        Attention(16, 2, context_dim=8, rngs=rngs)(x)
+        Attention(AttentionSpec(16, 2, context_dim=8), rngs=rngs)(x)
     with pytest.raises(ValueError, match="context_dim"):
-        TransformerBlock(16, 2, 32, norm_eps=1e-5, norm_position="pre", rngs=rngs)(x, None, context)
+        TransformerBlock(pre_block(AttentionSpec(16, 2)), rngs=rngs)(x, None, context)
 
 
 def test_blocks_without_context_keep_their_names():
-    block = TransformerBlock(16, 2, 32, norm_eps=1e-5, norm_position="pre", rngs=nnx.Rngs(0))
+    block = TransformerBlock(pre_block(AttentionSpec(16, 2)), rngs=nnx.Rngs(0))
     assert block.cross_attention is None and block.cross_attention_norm is None
     assert not any("cross" in k for k in fj.to_canonical(block))
-    # out_bias follows bias unless given; attention_out_bias only touches o_proj.
-    names = fj.to_canonical(
-        TransformerBlock(16, 2, 32, norm_eps=1e-5, norm_position="pre", attention_bias=False,
-                         attention_out_bias=True, context_dim=8, rngs=nnx.Rngs(0))
-    )  # fmt: skip
+    # out_bias follows bias unless given; an out_bias only touches o_proj.
+    spec = pre_block(AttentionSpec(16, 2, bias=False, out_bias=True), cross=True)
+    names = fj.to_canonical(TransformerBlock(spec, rngs=nnx.Rngs(0)))
     assert {k for k in names if k.endswith("proj.bias")} == {
-        "attention.o_proj.bias", "cross_attention.o_proj.bias"
-    }  # fmt: skip
+        "attention.o_proj.bias",
+        "cross_attention.o_proj.bias",
+    }
     assert names["cross_attention.k_proj.weight"].shape == (16, 8)
 
 
@@ -144,12 +164,22 @@ def test_conv_blocks_match_torch_functional_ops():
     resnet = ResnetBlock(6, 4, 10, groups=2, eps=1e-5, rngs=nnx.Rngs(0))
     w = {k: torch.from_numpy(v) for k, v in load_random(resnet, seed=3).items()}
     tx = torch.from_numpy(x)
-    h = F.conv2d(F.silu(F.group_norm(tx, 2, w["norm1.weight"], w["norm1.bias"], 1e-5)),
-                 w["conv1.weight"], w["conv1.bias"], padding=1)  # fmt: skip
-    h = h + F.linear(F.silu(torch.from_numpy(temb)), w["time_emb_proj.weight"],
-                     w["time_emb_proj.bias"])[:, :, None, None]  # fmt: skip
-    h = F.conv2d(F.silu(F.group_norm(h, 2, w["norm2.weight"], w["norm2.bias"], 1e-5)),
-                 w["conv2.weight"], w["conv2.bias"], padding=1)  # fmt: skip
+    h = F.conv2d(
+        F.silu(F.group_norm(tx, 2, w["norm1.weight"], w["norm1.bias"], 1e-5)),
+        w["conv1.weight"],
+        w["conv1.bias"],
+        padding=1,
+    )
+    shift = F.linear(
+        F.silu(torch.from_numpy(temb)), w["time_emb_proj.weight"], w["time_emb_proj.bias"]
+    )
+    h = h + shift[:, :, None, None]
+    h = F.conv2d(
+        F.silu(F.group_norm(h, 2, w["norm2.weight"], w["norm2.bias"], 1e-5)),
+        w["conv2.weight"],
+        w["conv2.bias"],
+        padding=1,
+    )
     want = F.conv2d(tx, w["conv_shortcut.weight"], w["conv_shortcut.bias"]) + h
     got = nchw(resnet(nhwc(x), jnp.asarray(temb)))
     assert max_abs(got, want.numpy()) <= OUTPUT_ATOL
@@ -234,8 +264,10 @@ def test_forward_grads_and_adamw_steps_match_torch(tiny):
     want = ft.forward(torch_model, batch)
     for key in ("prediction", "loss"):
         assert max_abs(out[key], want[key]) <= OUTPUT_ATOL, key
-    grads = {"jax": fj.loss_and_grads(model, batch)[1], "torch": ft.loss_and_grads(
-        torch_model, batch)[1]}  # fmt: skip
+    grads = {
+        "jax": fj.loss_and_grads(model, batch)[1],
+        "torch": ft.loss_and_grads(torch_model, batch)[1],
+    }
     assert set(grads["jax"]) == set(grads["torch"]) == set(tree)
     for name, g in grads["torch"].items():
         assert errors(grads["jax"][name], g)[1] <= STEP_RTOL, name

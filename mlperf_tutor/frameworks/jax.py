@@ -88,7 +88,7 @@ def flip_bn_momentum(momentum: float) -> float:
     weight of the new batch. Flax (``nnx.BatchNorm``) and Keras update ``running = m' * running
     + (1 - m') * batch``: ``m'`` (default 0.99) is the weight of the old value. So
     ``m' = 1 - m`` and the conversion is its own inverse. (Beyond the momentum, PyTorch also
-    feeds the unbiased batch variance into ``running_var``; see ``layers.jax_norms.BatchNorm``.)
+    feeds the unbiased batch variance into ``running_var``; see ``layers.jax.norms.BatchNorm``.)
 
     Args:
         momentum: the momentum in one convention.

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 
 from mlperf_tutor.frameworks.jax import init_empty
-from mlperf_tutor.layers.jax_layers import TransformerBlock
+from mlperf_tutor.layers.jax.block import TransformerBlock
 from mlperf_tutor.workloads.bert.config import BertConfig
 
 
@@ -98,26 +98,16 @@ class BertPretraining(nnx.Module):
 
     def __init__(self, cfg: BertConfig, *, fused: bool = False, rngs: nnx.Rngs):
         self.embeddings = BertEmbeddings(cfg, rngs=rngs)
+        self.spec = cfg.block_spec().with_fused(fused)
         self.blocks = nnx.List(
-            TransformerBlock(
-                cfg.hidden,
-                cfg.num_heads,
-                cfg.ffn,
-                norm_eps=cfg.norm_eps,
-                norm_position="post",
-                activation="gelu",
-                dropout=cfg.dropout,
-                attention_dropout=cfg.dropout,
-                fused=fused,
-                rngs=rngs,
-            )
-            for _ in range(cfg.num_layers)
+            TransformerBlock(self.spec, rngs=rngs) for _ in range(cfg.num_layers)
         )
         self.pooler = BertPooler(cfg, rngs=rngs)
         self.mlm_head = BertMlmHead(cfg, rngs=rngs)
         self.nsp_head = nnx.Linear(cfg.hidden, 2, rngs=rngs)
 
     def __call__(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        self.spec.check_length(batch["input_ids"].shape[1])  # before the position table
         x = self.embeddings(batch["input_ids"], batch["segment_ids"])  # (B, S, D)
         for block in self.blocks:
             x = block(x, batch["input_mask"])

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from mlperf_tutor.frameworks.jax import init_empty
-from mlperf_tutor.layers.jax_layers import TransformerBlock
+from mlperf_tutor.layers.jax.block import TransformerBlock
+from mlperf_tutor.layers.jax.losses import next_token_loss
 from mlperf_tutor.workloads.gpt.config import GptConfig
-from mlperf_tutor.workloads.gpt.data import IGNORE_INDEX
 
 
 class GptEmbeddings(nnx.Module):
@@ -55,7 +54,7 @@ class GptDecoder(nnx.Module):
         fused: fused attention (``jax.nn.dot_product_attention``, causal), for GPU benchmarks;
             needs ``cfg.dropout == 0``.
         fused_implementation: its implementation, "xla" or "cudnn"; None: cuDNN for bf16/fp16
-            on GPU, XLA otherwise (see :class:`~mlperf_tutor.layers.jax_layers.Attention`).
+            on GPU, XLA otherwise (see :class:`~mlperf_tutor.layers.jax.attention.Attention`).
         rngs: initialisers' keys and the dropout streams.
     """
 
@@ -69,27 +68,9 @@ class GptDecoder(nnx.Module):
     ):
         self.tie_embeddings = cfg.tie_embeddings
         self.embeddings = GptEmbeddings(cfg, rngs=rngs)
+        self.spec = cfg.block_spec().with_fused(fused, fused_implementation)
         self.blocks = nnx.List(
-            TransformerBlock(
-                cfg.hidden,
-                cfg.num_heads,
-                cfg.ffn,
-                norm_eps=cfg.norm_eps,
-                norm_position="parallel" if cfg.parallel_residual else "pre",
-                activation=cfg.activation,
-                bias=cfg.mlp_bias,
-                attention_bias=cfg.attention_bias,
-                dropout=cfg.dropout,
-                attention_dropout=cfg.dropout,
-                causal=True,
-                fused=fused,
-                fused_implementation=fused_implementation,
-                rotary_dim=cfg.rotary_dim,
-                rotary_base=cfg.rotary_base,
-                rotary_layout="interleaved",
-                rngs=rngs,
-            )  # fmt: skip
-            for _ in range(cfg.num_layers)
+            TransformerBlock(self.spec, rngs=rngs) for _ in range(cfg.num_layers)
         )
         self.final_norm = nnx.LayerNorm(
             cfg.hidden, epsilon=cfg.norm_eps, use_fast_variance=False, rngs=rngs
@@ -100,6 +81,7 @@ class GptDecoder(nnx.Module):
             )
 
     def __call__(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        self.spec.check_length(batch["input_ids"].shape[1])  # before the position table
         x = self.embeddings(batch["input_ids"])  # (B, T, D)
         for block in self.blocks:
             x = block(x)
@@ -113,17 +95,6 @@ class GptDecoder(nnx.Module):
         if "labels" in batch:
             out["loss"] = next_token_loss(logits, batch["labels"])
         return out
-
-
-def next_token_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean cross-entropy of ``logits`` (B, T, V) against ``labels`` (B, T) over the labels that
-    are not -100 (sum / count), in float32 at least (float64 models stay float64)."""
-    keep = labels != IGNORE_INDEX
-    acc = jnp.promote_types(logits.dtype, jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(acc), jnp.where(keep, labels, 0)
-    )  # (B, T)
-    return jnp.sum(jnp.where(keep, ce, 0.0)) / jnp.sum(keep).astype(acc)
 
 
 def build(

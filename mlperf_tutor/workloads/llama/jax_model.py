@@ -16,11 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlperf_tutor.frameworks.jax import init_empty, set_trainable
-from mlperf_tutor.layers.jax_layers import TransformerBlock
-from mlperf_tutor.layers.jax_norms import RMSNorm
+from mlperf_tutor.layers.jax.block import TransformerBlock
+from mlperf_tutor.layers.jax.losses import next_token_loss
+from mlperf_tutor.layers.jax.norms import RMSNorm
 from mlperf_tutor.layers.spec import is_adapter
-from mlperf_tutor.workloads.gpt.jax_model import next_token_loss
-from mlperf_tutor.workloads.llama.config import LlamaConfig, lora_of
+from mlperf_tutor.workloads.llama.config import LlamaConfig
 
 
 class LlamaDecoder(nnx.Module):
@@ -36,7 +36,7 @@ class LlamaDecoder(nnx.Module):
         cfg: the Llama config; ``lora_rank > 0`` puts adapters on ``qkv_proj`` and ``o_proj``.
         fused: ``jax.nn.dot_product_attention`` in every block (GPU benchmarks).
         fused_implementation: its implementation, "xla" or "cudnn"; None: cuDNN for bf16/fp16
-            on GPU, XLA otherwise (see :class:`~mlperf_tutor.layers.jax_layers.Attention`).
+            on GPU, XLA otherwise (see :class:`~mlperf_tutor.layers.jax.attention.Attention`).
         rngs: initialisers' keys and the LoRA dropout streams.
     """
 
@@ -48,42 +48,17 @@ class LlamaDecoder(nnx.Module):
         fused_implementation: str | None = None,
         rngs: nnx.Rngs,
     ):
-        self.max_positions = cfg.max_positions
+        self.spec = cfg.block_spec().with_fused(fused, fused_implementation)
         self.word_embeddings = nnx.Embed(cfg.vocab_size, cfg.hidden, rngs=rngs)
         self.blocks = nnx.List(
-            TransformerBlock(
-                cfg.hidden,
-                cfg.num_heads,
-                cfg.ffn,
-                norm_eps=cfg.norm_eps,
-                norm_position="pre",
-                activation="silu",
-                bias=False,
-                causal=True,
-                fused=fused,
-                fused_implementation=fused_implementation,
-                rotary_dim=cfg.head_dim,
-                rotary_base=cfg.rotary_base,
-                rotary_layout="half",
-                num_kv_heads=cfg.num_kv_heads,
-                norm="rmsnorm",
-                gated_mlp=True,
-                fused_qkv=True,
-                lora=lora_of(cfg),
-                rngs=rngs,
-            )  # fmt: skip
-            for _ in range(cfg.num_layers)
+            TransformerBlock(self.spec, rngs=rngs) for _ in range(cfg.num_layers)
         )
         self.final_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.lm_head = nnx.Linear(cfg.hidden, cfg.vocab_size, use_bias=False, rngs=rngs)
 
     def __call__(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         input_ids = batch["input_ids"]  # (B, T)
-        if input_ids.shape[1] > self.max_positions:
-            raise ValueError(
-                f"input_ids has {input_ids.shape[1]} tokens; the model takes at most "
-                f"max_positions = {self.max_positions}"
-            )
+        self.spec.check_length(input_ids.shape[1])
         key_mask = batch.get("attention_mask")  # (B, T) or None
         # A plain gather: nnx.Embed's call casts its output to float32 (its dtype defaults to
         # the parameter dtype), which would turn bf16 mixed precision back into float32.

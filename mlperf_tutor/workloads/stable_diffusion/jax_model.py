@@ -12,6 +12,7 @@ C channels, h/w latent height/width, L context tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlperf_tutor.frameworks.jax import init_empty
-from mlperf_tutor.layers.jax_conv import (
+from mlperf_tutor.layers.jax.conv import (
     Downsample,
     ResnetBlock,
     SpatialTransformer,
@@ -29,44 +30,56 @@ from mlperf_tutor.layers.jax_conv import (
     group_norm,
     timestep_sinusoid,
 )
+from mlperf_tutor.layers.spec import BlockSpec
 from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig
 from mlperf_tutor.workloads.stable_diffusion.diffusion import schedule
 from mlperf_tutor.workloads.stable_diffusion.plan import Level, unet_plan
 
 Array = jax.Array
+SpecOf = Callable[[int], BlockSpec]  # channels C -> the spatial transformers' blocks
 
 
 class _Blocks(nnx.Module):
     """Residual blocks of ``level`` and their spatial transformers (an empty list without
-    heads), shared by the down, middle and up blocks."""
+    heads), shared by the down, middle and up blocks; ``spec_of(C)`` gives the transformer
+    blocks over C channels."""
 
-    def __init__(self, cfg: StableDiffusionConfig, level: Level, attn: dict, *, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: StableDiffusionConfig, level: Level, spec_of: SpecOf, *, rngs: nnx.Rngs
+    ):
         self.resnets = nnx.List(
-            ResnetBlock(n_in, n_out, cfg.time_dim, groups=cfg.norm_groups, eps=cfg.resnet_eps,
-                        rngs=rngs)
+            ResnetBlock(
+                n_in, n_out, cfg.time_dim, groups=cfg.norm_groups, eps=cfg.resnet_eps, rngs=rngs
+            )
             for n_in, n_out in level.resnets
-        )  # fmt: skip
+        )
         self.attentions = nnx.List(
-            _transformer(cfg, n_out, level.heads, attn, rngs=rngs)
+            _transformer(cfg, spec_of(n_out), rngs=rngs)
             for _, n_out in level.resnets
             if level.heads
         )
 
 
-def _transformer(cfg: StableDiffusionConfig, ch: int, heads: int, attn: dict, *, rngs):
+def _transformer(
+    cfg: StableDiffusionConfig, spec: BlockSpec, *, rngs: nnx.Rngs
+) -> SpatialTransformer:
     return SpatialTransformer(
-        ch, heads, context_dim=cfg.context_dim, depth=cfg.transformer_depth,
-        groups=cfg.norm_groups, norm_eps=cfg.transformer_norm_eps,
-        layer_norm_eps=cfg.layer_norm_eps, **attn, rngs=rngs,
-    )  # fmt: skip
+        spec,
+        depth=cfg.transformer_depth,
+        groups=cfg.norm_groups,
+        norm_eps=cfg.transformer_norm_eps,
+        rngs=rngs,
+    )
 
 
 class DownBlock(_Blocks):
     """Residual blocks (each followed by a spatial transformer when ``level.heads``), then an
     optional stride-2 ``downsamplers.0``; every inner output is kept as a skip."""
 
-    def __init__(self, cfg: StableDiffusionConfig, level: Level, attn: dict, *, rngs: nnx.Rngs):
-        super().__init__(cfg, level, attn, rngs=rngs)
+    def __init__(
+        self, cfg: StableDiffusionConfig, level: Level, spec_of: SpecOf, *, rngs: nnx.Rngs
+    ):
+        super().__init__(cfg, level, spec_of, rngs=rngs)
         width = level.resnets[-1][1]
         self.downsamplers = nnx.List([Downsample(width, rngs=rngs)] if level.resample else [])
 
@@ -85,12 +98,11 @@ class DownBlock(_Blocks):
 class MidBlock(_Blocks):
     """Residual block, spatial transformer, residual block at the last level's width."""
 
-    def __init__(
-        self, cfg: StableDiffusionConfig, width: int, heads: int, attn: dict, *, rngs: nnx.Rngs
-    ):
-        super().__init__(cfg, Level(((width, width), (width, width)), 0, False), attn, rngs=rngs)
-        # One transformer, even where the last level has none (plan.mid_heads).
-        self.attentions = nnx.List([_transformer(cfg, width, heads, attn, rngs=rngs)])
+    def __init__(self, cfg: StableDiffusionConfig, width: int, spec_of: SpecOf, *, rngs: nnx.Rngs):
+        level = Level(((width, width), (width, width)), 0, False)
+        super().__init__(cfg, level, spec_of, rngs=rngs)
+        # One transformer, even where the last level has none (its heads: plan.mid_heads).
+        self.attentions = nnx.List([_transformer(cfg, spec_of(width), rngs=rngs)])
 
     def __call__(self, h: Array, temb: Array, context: Array) -> Array:
         h = self.resnets[0](h, temb)
@@ -103,8 +115,10 @@ class UpBlock(_Blocks):
     followed by a spatial transformer when ``level.heads``), then an optional nearest x2
     ``upsamplers.0``."""
 
-    def __init__(self, cfg: StableDiffusionConfig, level: Level, attn: dict, *, rngs: nnx.Rngs):
-        super().__init__(cfg, level, attn, rngs=rngs)
+    def __init__(
+        self, cfg: StableDiffusionConfig, level: Level, spec_of: SpecOf, *, rngs: nnx.Rngs
+    ):
+        super().__init__(cfg, level, spec_of, rngs=rngs)
         width = level.resnets[-1][1]
         self.upsamplers = nnx.List([Upsample(width, rngs=rngs)] if level.resample else [])
 
@@ -131,7 +145,7 @@ class UNet(nnx.Module):
         cfg: the Stable Diffusion config.
         fused: ``jax.nn.dot_product_attention`` in every attention (GPU benchmarks).
         fused_implementation: its implementation, "xla" or "cudnn"; None: cuDNN for bf16/fp16
-            on GPU, XLA otherwise (see :class:`~mlperf_tutor.layers.jax_layers.Attention`).
+            on GPU, XLA otherwise (see :class:`~mlperf_tutor.layers.jax.attention.Attention`).
         rngs: initialisers' keys.
     """
 
@@ -144,13 +158,16 @@ class UNet(nnx.Module):
         rngs: nnx.Rngs,
     ):
         plan, c0 = unet_plan(cfg), cfg.model_channels
-        attn = dict(fused=fused, fused_implementation=fused_implementation)
+
+        def spec_of(channels: int) -> BlockSpec:
+            return cfg.block_spec(channels).with_fused(fused, fused_implementation)
+
         self.cfg = cfg  # static: the schedule tables are built from it at trace time
         self.time_embedding = TimestepEmbedding(c0, cfg.time_dim, rngs=rngs)
         self.conv_in = conv3x3(cfg.latent_channels, c0, rngs=rngs)
-        self.down_blocks = nnx.List(DownBlock(cfg, lvl, attn, rngs=rngs) for lvl in plan.down)
-        self.mid_block = MidBlock(cfg, plan.mid_width, plan.mid_heads, attn, rngs=rngs)
-        self.up_blocks = nnx.List(UpBlock(cfg, lvl, attn, rngs=rngs) for lvl in plan.up)
+        self.down_blocks = nnx.List(DownBlock(cfg, lvl, spec_of, rngs=rngs) for lvl in plan.down)
+        self.mid_block = MidBlock(cfg, plan.mid_width, spec_of, rngs=rngs)
+        self.up_blocks = nnx.List(UpBlock(cfg, lvl, spec_of, rngs=rngs) for lvl in plan.up)
         self.conv_norm_out = group_norm(c0, cfg.norm_groups, cfg.resnet_eps, rngs=rngs)
         self.conv_out = conv3x3(c0, cfg.latent_channels, rngs=rngs)
 

@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from mlperf_tutor.frameworks.jax import init_empty
-from mlperf_tutor.layers.jax_norms import BatchNorm
+from mlperf_tutor.layers.jax.norms import BatchNorm
 from mlperf_tutor.workloads.toy.config import ToyConfig
 
 PAD1 = ((1, 1),)  # explicit: "SAME" pads stride-2 convolutions differently from PyTorch

@@ -3,8 +3,9 @@
 :class:`BatchNorm`: batch normalisation (Ioffe & Szegedy 2015, https://arxiv.org/abs/1502.03167)
 with the semantics of ``torch.nn.BatchNorm{1,2,3}d``, which ``nnx.BatchNorm`` lacks.
 :class:`RMSNorm`: root-mean-square norm (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467)
-as Llama 2 computes it (the rounding of ``torch_layers.RMSNorm``, which ``nnx.RMSNorm`` does not
-reproduce in half precision).
+as Llama 2 computes it (the rounding of ``layers/torch/norms.py``'s ``RMSNorm``, which
+``nnx.RMSNorm`` does not reproduce in half precision). :func:`make_norm`: a transformer block's
+norm by name.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlperf_tutor.frameworks.jax import BATCHNORM_RULES, NORM_RULES, register_rules
+from mlperf_tutor.layers.spec import check_norm
 
 
 class BatchNorm(nnx.Module):
@@ -116,3 +118,13 @@ class RMSNorm(nnx.Module):
 
 
 register_rules(RMSNorm, NORM_RULES)
+
+
+def make_norm(kind: str, dim: int, eps: float, *, rngs: nnx.Rngs) -> nnx.Module:
+    """A LayerNorm with scale and bias ("layernorm") or an :class:`RMSNorm` ("rmsnorm") over the
+    last dimension D (a ``BlockSpec``'s ``norm``)."""
+    check_norm(kind)
+    if kind == "layernorm":
+        # Two-pass variance, as PyTorch computes it (Flax's default is E[x^2] - E[x]^2).
+        return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+    return RMSNorm(dim, eps)

@@ -1,5 +1,5 @@
 """Flax NNX convolutional blocks of a diffusion UNet (same class, attribute and argument names as
-``torch_conv`` and ``tf_conv``), in NHWC.
+``layers/torch/conv.py`` and ``layers/tf/conv.py``), in NHWC.
 
 Residual blocks with a timestep embedding and spatial transformers as in the latent-diffusion
 UNet (Rombach et al. 2022, https://arxiv.org/abs/2112.10752; Ho et al. 2020,
@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlperf_tutor.layers.jax_layers import TransformerBlock
+from mlperf_tutor.layers.jax.block import TransformerBlock
+from mlperf_tutor.layers.spec import BlockSpec
 
 PAD1 = ((1, 1), (1, 1))  # one pixel on every side, as PyTorch's padding=1
 
@@ -102,52 +103,21 @@ class SpatialTransformer(nnx.Module):
         out = x + spatial(proj_out(h))
 
     Args:
-        ch: channels C (the blocks' width).
-        heads: attention heads; the head width is C / heads.
-        context_dim: width of the context (B, L, context_dim).
+        spec: the transformer blocks (``cfg.block_spec(channels)``); their width is the
+            channels C.
         depth: number of transformer blocks.
         groups: GroupNorm groups.
         norm_eps: the GroupNorm's epsilon.
-        layer_norm_eps: the blocks' LayerNorm epsilon.
-        fused: the attentions' fused path (see :class:`~mlperf_tutor.layers.jax_layers.Attention`).
-        fused_implementation: "xla", "cudnn" or None (see the same).
         rngs: initialisers' keys.
     """
 
     def __init__(
-        self,
-        ch: int,
-        heads: int,
-        *,
-        context_dim: int,
-        depth: int,
-        groups: int,
-        norm_eps: float,
-        layer_norm_eps: float,
-        fused: bool = False,
-        fused_implementation: str | None = None,
-        rngs: nnx.Rngs,
+        self, spec: BlockSpec, *, depth: int, groups: int, norm_eps: float, rngs: nnx.Rngs
     ):
+        ch = spec.dim
         self.norm = group_norm(ch, groups, norm_eps, rngs=rngs)
         self.proj_in = nnx.Linear(ch, ch, rngs=rngs)
-        self.transformer_blocks = nnx.List(
-            TransformerBlock(
-                ch,
-                heads,
-                4 * ch,
-                norm_eps=layer_norm_eps,
-                norm_position="pre",
-                activation="gelu",
-                gated_mlp=True,
-                attention_bias=False,
-                attention_out_bias=True,
-                context_dim=context_dim,
-                fused=fused,
-                fused_implementation=fused_implementation,
-                rngs=rngs,
-            )  # fmt: skip
-            for _ in range(depth)
-        )
+        self.transformer_blocks = nnx.List(TransformerBlock(spec, rngs=rngs) for _ in range(depth))
         self.proj_out = nnx.Linear(ch, ch, rngs=rngs)
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
