@@ -4,19 +4,20 @@
 optimizer through the framework adapter, with a progress bar showing loss and throughput. The
 loss and metric curve can be written to a CSV file for the chapters' plots.
 
+The run rules come from the workload's :class:`~mlperf_tutor.workloads.recipe.Recipe`.
 Workloads with a quality target (bert: masked-LM accuracy 0.720; gpt3: log perplexity 2.69, a
-loss, so reached from above) are evaluated as MLPerf does:
-on a held-out eval set (synthetic, the same for every run) every ``eval_every_samples`` training
-samples, and once more at the step limit. A run stops at the first evaluation that reaches the
-target (status "success") or at ``max_steps`` ("aborted"). With ``mllog`` the run writes an MLPerf
-Training v4.0 log that ``mlperf_logging.compliance_checker`` accepts and
-``mlperf_tutor.mlperf.score`` scores (see :mod:`mlperf_tutor.mlperf.mllog`).
+loss, so reached from above) are evaluated as MLPerf does: on a held-out eval set (synthetic, the
+same for every run) every ``eval_every_samples`` training samples, and once more at the step
+limit. A run stops at the first evaluation that reaches the target (status "success") or at
+``max_steps`` ("aborted"). With ``mllog`` the run writes an MLPerf Training v4.0 log that
+``mlperf_logging.compliance_checker`` accepts and ``mlperf_tutor.mlperf.score`` scores (see
+:mod:`mlperf_tutor.mlperf.mllog`).
 
 Workloads that MLPerf starts from a checkpoint (gpt3: the reference's step-4000 checkpoint) start
-from one here too: before the run (and before ``init_start``) the loop trains
-``Workload.checkpoint_start_step`` steps and keeps the weights and the optimizer state, as a
-saved checkpoint would; the run loads both during init and continues the step count (and so the
-learning-rate schedule) from there. Its log counts samples (or tokens) from the checkpoint on.
+from one here too: before the run (and before ``init_start``) the loop trains the steps of the
+recipe's ``checkpoint`` and keeps the weights and the optimizer state, as a saved checkpoint
+would; the run loads both during init and continues the step count (and so the learning-rate
+schedule) from there. Its log counts samples (or tokens) from the checkpoint on.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from mlperf_tutor import frameworks, workloads
 from mlperf_tutor.core.config import Config
 from mlperf_tutor.mlperf.mllog import RunLog, check_benchmark
 from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.recipe import CheckpointStart, Recipe
 
 
 @dataclasses.dataclass
@@ -77,48 +79,57 @@ def _setup(
     return wl, cfg, batch_size
 
 
-def _target(wl: Workload, cfg: Config, target: float | None) -> float | None:
-    """The quality that ends the run, or None when the workload is not evaluated."""
-    if wl.quality_target is None:
+def _recipe(wl: Workload, cfg: Config, target: float | None) -> Recipe:
+    """The run rules of ``cfg``, with ``target`` (when given) as the quality that ends the run."""
+    recipe = wl.recipe(cfg)
+    if not recipe.evaluated:
         if target is not None:
             raise ValueError(
                 f"workload {wl.name!r} is not evaluated (it has no quality target), so target "
                 "does not apply; drop --target"
             )
-        return None
-    target = wl.default_target(cfg) if target is None else target
-    if wl.quality_higher_is_better and not 0.0 <= target <= 1.0:
+        return recipe
+    if target is None:
+        return recipe
+    first = recipe.targets[0]
+    if first.higher_is_better and not 0.0 <= target <= 1.0:
         raise ValueError(
-            f"target must be a fraction between 0 and 1 ({wl.name}'s MLPerf target, "
-            f"{wl.quality_metric}, is {wl.quality_target}), got {target}"
+            f"target must be a fraction between 0 and 1 ({wl.name}'s default target, "
+            f"{first.metric}, is {first.value}), got {target}"
         )
-    if not wl.quality_higher_is_better and target <= 0.0:
+    if not first.higher_is_better and target <= 0.0:
         raise ValueError(
-            f"target must be positive ({wl.name}'s MLPerf target, {wl.quality_metric}, is "
-            f"{wl.quality_target}), got {target}"
+            f"target must be positive ({wl.name}'s default target, {first.metric}, is "
+            f"{first.value}), got {target}"
         )
-    return target
+    return recipe.with_target(target)
 
 
 def _checkpoint(
-    wl: Workload, cfg: Config, framework: str, batch_size: int, seed: int, progress: bool
+    wl: Workload,
+    cfg: Config,
+    start: CheckpointStart | None,
+    framework: str,
+    batch_size: int,
+    seed: int,
+    progress: bool,
 ):
-    """(weights, optimizer state, losses) after ``wl.checkpoint_start_step(cfg)`` steps from
-    the initial weights, on batches ``seed + 1 + step``; (initial weights, None, []) for 0.
+    """(weights, optimizer state, losses) after the ``start.steps`` steps of the start
+    checkpoint from the initial weights, on batches ``seed + 1 + step``; (initial weights,
+    None, []) without one.
 
-    The checkpoint's model is ``wl.checkpoint_config(cfg)``'s; the run gets its trained weights
-    where the names agree and its own initial weights elsewhere, and the optimizer state only
-    when ``wl.checkpoint_continues(cfg)``."""
+    The checkpoint's model is ``start.config``'s; the run gets its trained weights where the
+    names agree and its own initial weights elsewhere, and the optimizer state only when
+    ``start.continues``."""
     weights = wl.init_canonical(cfg, seed=seed)
-    steps = wl.checkpoint_start_step(cfg)
-    if steps == 0:
+    if start is None:
         return weights, None, []
     adapter = frameworks.get(framework)
-    checkpoint_cfg = wl.checkpoint_config(cfg)
-    start = weights if checkpoint_cfg == cfg else wl.init_canonical(checkpoint_cfg, seed=seed)
-    model = wl.build(framework, checkpoint_cfg, weights=start)
-    optimizer = adapter.make_optimizer(*wl.checkpoint_optimizer(cfg), model)
-    todo = range(steps)
+    checkpoint_cfg = start.config
+    init = weights if checkpoint_cfg == cfg else wl.init_canonical(checkpoint_cfg, seed=seed)
+    model = wl.build(framework, checkpoint_cfg, weights=init)
+    optimizer = adapter.make_optimizer(start.optimizer, start.schedule, model)
+    todo = range(start.steps)
     if progress:
         from tqdm.auto import tqdm
 
@@ -129,7 +140,7 @@ def _checkpoint(
         losses.append(float(adapter.train_step(model, optimizer, batch)))
     trained = adapter.to_canonical(model)
     weights = {name: trained.get(name, value) for name, value in weights.items()}
-    state = optimizer.state_dict() if wl.checkpoint_continues(cfg) else None
+    state = optimizer.state_dict() if start.continues else None
     return weights, state, losses
 
 
@@ -165,8 +176,9 @@ def train(
         seed: seeds the initial weights and the batches (batch ``i`` uses ``seed + 1 + i``).
         deterministic: turn dropout off (``Workload.deterministic``), so that frameworks can be
             compared step by step.
-        target: the quality that ends the run (default: the workload's ``quality_target``);
-            only for workloads that are evaluated.
+        target: the quality that ends the run (default: the first target of the workload's
+            recipe; other bars, such as stable_diffusion's CLIP score, stay); only for
+            workloads that are evaluated.
         curve: a CSV path to write ``step,loss,eval`` rows to (see :func:`write_curve`).
         mllog: a file to write the run's MLPerf log to (MLPerf benchmark workloads only).
         progress: show a progress bar with loss, throughput and the last evaluation.
@@ -181,16 +193,16 @@ def train(
     wl, cfg, batch_size = _setup(workload, preset, batch_size, deterministic)
     if max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}")
-    target = _target(wl, cfg, target)
+    recipe = _recipe(wl, cfg, target)
     if mllog is not None:
-        check_benchmark(wl)
+        check_benchmark(wl, cfg)
     adapter = frameworks.get(framework)  # a missing framework fails before the log is opened
     adapter.seed(seed)
     weights, opt_state, checkpoint_losses = _checkpoint(
-        wl, cfg, framework, batch_size, seed, progress
+        wl, cfg, recipe.checkpoint, framework, batch_size, seed, progress
     )
-    first_step = wl.checkpoint_start_step(cfg)  # batches continue after the checkpoint's
-    unit = wl.logged_units_per_sample(cfg)  # the log counts samples or tokens
+    first_step = recipe.start_step  # batches continue after the checkpoint's
+    unit = recipe.units_per_sample  # the log counts samples or tokens
 
     with RunLog(mllog) as log:
         log.init_start()
@@ -202,9 +214,9 @@ def train(
         optimizer = adapter.make_optimizer(spec, schedule, model)
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
-        evaluated = target is not None
+        evaluated = recipe.evaluated
         eval_set = wl.eval_set(cfg) if evaluated else None
-        every = wl.eval_every_samples(cfg, batch_size) if evaluated else None
+        every = recipe.eval_every_samples(batch_size) if evaluated else None
         log.init_stop()
 
         log.run_start()
@@ -244,12 +256,13 @@ def train(
                 log.eval_start(samples * unit)
                 measured = wl.evaluate(framework, model, eval_set, batch_size)
                 # One quality, or several metrics (stable_diffusion: FID and CLIP score).
-                metrics = measured if isinstance(measured, dict) else {wl.quality_metric: measured}
-                quality = metrics[wl.quality_metric]
+                metric = recipe.quality_metric
+                metrics = measured if isinstance(measured, dict) else {metric: measured}
+                quality = metrics[metric]
                 log.eval_stop(samples * unit, measured)
                 evals.append((samples, quality))
                 eval_metrics.append(metrics)
-                reached = wl.quality_reached(metrics, target, cfg)
+                reached = recipe.quality_reached(metrics)
                 if bar is not None:
                     shown |= {k: f"{v:.4f}" for k, v in metrics.items()}
                     bar.set_postfix(shown)
@@ -262,7 +275,15 @@ def train(
     if curve is not None:
         write_curve(curve, losses, evals, batch_size)
     return TrainResult(
-        framework, losses, elapsed, rate, evals, target, status, checkpoint_losses, eval_metrics
+        framework,
+        losses,
+        elapsed,
+        rate,
+        evals,
+        recipe.target,
+        status,
+        checkpoint_losses,
+        eval_metrics,
     )
 
 
@@ -289,7 +310,7 @@ def dry_run(
         ValueError: the workload is not an MLPerf benchmark, or an unknown framework.
     """
     wl, cfg, batch_size = _setup(workload, preset, batch_size, deterministic)
-    check_benchmark(wl)
+    check_benchmark(wl, cfg)
     frameworks.check_name(framework)
     with RunLog(sys.stdout if mllog is None else mllog) as log:
         platform = f"{framework} (dry run: no device used)"

@@ -62,7 +62,7 @@ def test_optimizer_follows_the_reference():
     assert (spec.name, spec.weight_decay, spec.clip_norm, spec.no_decay) == ("adamw", 1e-4, 0.3, ())
     assert (schedule.lr, schedule.warmup_steps, schedule.decay) == (4e-4, 0, "cosine")
     assert schedule.lr_at(0) == 4e-4 and schedule.lr_at(1024) == 0.0
-    assert WL.hyperparameters(WL.config("mlperf"))["lora_rank"] == 16
+    assert WL.recipe(WL.config("mlperf")).hyperparameters["lora_rank"] == 16
 
 
 @pytest.mark.parametrize(

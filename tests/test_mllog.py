@@ -97,9 +97,9 @@ def test_ten_converged_runs_make_a_folder_that_scores(tmp_path):
 def test_eval_cadence_follows_mlperf_rule_and_crosses_each_multiple():
     wl = workloads.get("bert")
     # The MLPerf rule at the batch of NVIDIA's 8-GPU submissions (3584) and of the mlperf preset.
-    assert wl.eval_every_samples(wl.config("mlperf"), 3584) == 175_000
-    assert wl.eval_every_samples(wl.config("mlperf"), 8192) == 225_000
-    assert wl.eval_every_samples(wl.config("tiny"), 8) == 40
+    assert wl.recipe(wl.config("mlperf")).eval_every_samples(3584) == 175_000
+    assert wl.recipe(wl.config("mlperf")).eval_every_samples(8192) == 225_000
+    assert wl.recipe(wl.config("tiny")).eval_every_samples(8) == 40
     # Batch 6, every 40 samples: after step 7 (42 samples), step 14 (84), then the limit.
     ends, steps = [], 0
     while steps < 16:

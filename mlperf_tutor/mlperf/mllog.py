@@ -21,7 +21,7 @@ BERT has no epochs (a run sees a fraction of the data once): MLPerf counts its e
 training samples, so every ``epoch_num`` and ``first_epoch_num`` here is the number of samples
 trained so far and ``epoch_count`` the samples of a block (the RCP checker reads BERT's
 ``eval_accuracy`` ``epoch_num`` as samples; its ``train_samples`` is the samples trained).
-GPT-3 counts tokens instead (``Workload.logged_units_per_sample``), from the checkpoint the run
+GPT-3 counts tokens instead (its recipe's ``units_per_sample``), from the checkpoint the run
 starts at, as the v4.0 submissions' logs do.
 
 ``mlperf_logging`` is imported only when a log is written, so ``import mlperf_tutor`` stays light.
@@ -48,17 +48,24 @@ STATUS = "research"
 _ROOT = re.escape(str(Path(__file__).resolve().parents[2]))
 
 
-def check_benchmark(wl: Workload) -> str:
-    """The workload's MLPerf benchmark name; a ValueError if it is not an MLPerf benchmark."""
-    if wl.mlperf_benchmark is None:
+def check_benchmark(wl: Workload, cfg: Config) -> str:
+    """The MLPerf benchmark a run of ``cfg`` is logged as (``wl.recipe(cfg).benchmark``); a
+    ValueError if the workload is not an MLPerf benchmark."""
+    benchmark = wl.recipe(cfg).benchmark
+    if benchmark is None:
         from mlperf_tutor import workloads
 
-        benchmarks = [n for n in workloads.names() if workloads.get(n).mlperf_benchmark]
+        benchmarks = [n for n in workloads.names() if _is_benchmark(workloads.get(n))]
         raise ValueError(
             f"workload {wl.name!r} is not an MLPerf Training benchmark, so it has no MLPerf log; "
             f"drop --mllog/--dry-run or train one of {benchmarks}"
         )
-    return wl.mlperf_benchmark
+    return benchmark
+
+
+def _is_benchmark(wl: Workload) -> bool:
+    # A workload is one benchmark or none, whatever the config: its default preset tells.
+    return wl.recipe(wl.config()).benchmark is not None
 
 
 def division(wl: Workload, cfg: Config, batch_size: int) -> str:
@@ -150,10 +157,10 @@ class RunLog:
         org: str = ORG,
         status: str = STATUS,
     ) -> None:
-        """The submission keys, the seed, the batch and the workload's hyperparameters.
+        """The submission keys, the seed, the batch and the recipe's logged hyperparameters.
 
         Args:
-            wl: an MLPerf benchmark workload (``wl.mlperf_benchmark`` set).
+            wl: an MLPerf benchmark workload (its recipe names a benchmark).
             cfg: its config; ``cfg.eval_samples`` is logged as ``eval_samples``.
             batch_size: examples per optimizer step (``global_batch_size``; no accumulation).
             seed: the run's seed.
@@ -164,7 +171,7 @@ class RunLog:
         if not self.enabled:
             return
         for key, value in (
-            ("submission_benchmark", check_benchmark(wl)),
+            ("submission_benchmark", check_benchmark(wl, cfg)),
             ("submission_division", division(wl, cfg, batch_size)),
             ("submission_org", org),
             ("submission_platform", platform),
@@ -173,7 +180,7 @@ class RunLog:
             ("global_batch_size", batch_size),
             ("gradient_accumulation_steps", 1),
             ("eval_samples", cfg.eval_samples),
-            *wl.hyperparameters(cfg).items(),
+            *wl.recipe(cfg).hyperparameters.items(),
         ):
             self._log("event", key, value)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -10,10 +11,11 @@ from typing import Any
 import numpy as np
 
 from mlperf_tutor import frameworks
-from mlperf_tutor.core.checkpoint import Tree, tree_specs
+from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.config import Config
 from mlperf_tutor.core.interop import HfInterop
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
+from mlperf_tutor.workloads.recipe import Recipe
 
 
 class Workload:
@@ -21,7 +23,11 @@ class Workload:
 
     Subclasses set ``name``, ``config_class``, ``package`` (the module path holding
     ``torch_model``, ``jax_model`` and ``tf_model``, each with a ``build(cfg)`` function) and
-    implement the analytic and numpy-side methods. Framework-side methods are generic: they go
+    implement the analytic and numpy-side methods: :meth:`canonical_shapes` (from which
+    :meth:`param_count`, :meth:`canonical_specs` and :meth:`init_canonical` follow),
+    :meth:`init_weight` where the default initialisation does not fit, ``synthetic_batch`` and
+    ``optimizer``. Workloads that MLPerf runs also give their run rules (:meth:`recipe`) and
+    their evaluation (``eval_set``, ``evaluate``). Framework-side methods are generic: they go
     through the framework adapter (``mlperf_tutor.frameworks``).
 
     A workload is the :class:`~mlperf_tutor.core.interop.CheckpointOwner` that
@@ -40,16 +46,6 @@ class Workload:
     config_class: type[Config] = Config
     package: str = ""
     hf: HfInterop | None = None  # Hugging Face naming; None: no save_pretrained directories
-    # MLPerf: ``mlperf_benchmark`` is the ``submission_benchmark`` name (None: not an MLPerf
-    # benchmark, so no MLPerf log and ``hyperparameters`` is never called). ``quality_target`` is
-    # the value of ``quality_metric`` that ends a run (None: the workload is never evaluated, and
-    # the eval methods are never called).
-    mlperf_benchmark: str | None = None
-    quality_metric: str = ""
-    quality_target: float | None = None
-    # Accuracy-like metrics end a run when they reach the target from below; losses such as
-    # GPT-3's log perplexity when they fall to it.
-    quality_higher_is_better: bool = True
 
     # --- framework-free -------------------------------------------------------------------
     def config(self, preset: str = "tiny", **overrides) -> Config:
@@ -78,17 +74,41 @@ class Workload:
             raise ValueError(f"workload {self.name!r} has no Hugging Face interop")
         return self.hf.config_from_hf(hf_config, **kwargs)
 
-    def param_count(self, cfg: Config) -> int:
-        """Number of trainable parameters, computed analytically (no allocation)."""
+    def canonical_shapes(self, cfg: Config) -> dict[str, tuple[int, ...]]:
+        """Canonical name -> shape of every weight (PyTorch layouts), in a fixed order: the
+        order :meth:`init_canonical` draws them in. Analytic: nothing allocated, so it works
+        for the mlperf presets."""
         raise NotImplementedError
+
+    def param_count(self, cfg: Config) -> int:
+        """Number of parameters, computed analytically from :meth:`canonical_shapes` (no
+        allocation); workloads with entries that are not parameters override it."""
+        return sum(math.prod(shape) for shape in self.canonical_shapes(cfg).values())
 
     def synthetic_batch(self, cfg: Config, batch_size: int = 2, seed: int = 0) -> dict:
         """A seeded batch of the right shapes, dtypes and ranges (numpy arrays)."""
         raise NotImplementedError
 
     def init_canonical(self, cfg: Config, seed: int = 0) -> Tree:
-        """Initial weights in canonical names and layouts, from the config's init ranges."""
-        raise NotImplementedError
+        """Initial weights in canonical names and layouts, float32: :meth:`init_weight` of each
+        entry of :meth:`canonical_shapes`, in that order, from one generator seeded ``seed``."""
+        rng = np.random.default_rng(seed)
+        return {
+            name: self.init_weight(cfg, name, shape, rng).astype(np.float32)
+            for name, shape in self.canonical_shapes(cfg).items()
+        }
+
+    def init_weight(
+        self, cfg: Config, name: str, shape: tuple[int, ...], rng: np.random.Generator
+    ) -> np.ndarray:
+        """The initial value of one weight (any float dtype; :meth:`init_canonical` casts),
+        drawing from ``rng`` if it is random. By default a transformer's: norm weights 1, other
+        vectors (biases, norm biases) 0, matrices normal with std ``cfg.init_std``."""
+        if "norm." in name and name.endswith("weight"):
+            return np.ones(shape)
+        if len(shape) == 1:
+            return np.zeros(shape)
+        return cfg.init_std * rng.standard_normal(shape)
 
     def parity_weights(self, cfg: Config, seed: int = 0) -> Tree:
         """The weights parity runs compare frameworks on: :meth:`init_canonical` unless a
@@ -101,9 +121,9 @@ class Workload:
         return cfg
 
     def canonical_specs(self, cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Canonical name -> (shape, dtype name) of every weight; workloads with large presets
-        override this to avoid allocating."""
-        return tree_specs(self.init_canonical(cfg))
+        """Canonical name -> (shape, dtype name) of every weight, from :meth:`canonical_shapes`
+        (float32, as :meth:`init_canonical` makes them; nothing allocated)."""
+        return {name: (shape, "float32") for name, shape in self.canonical_shapes(cfg).items()}
 
     def optimizer(self, cfg: Config) -> tuple[OptimizerSpec, ScheduleSpec]:
         """The workload's optimizer and learning-rate schedule."""
@@ -119,54 +139,12 @@ class Workload:
             "fp32 weights + grads + Adam state (GB)": n * 16 / 1e9,
         }
 
-    # --- MLPerf logging and evaluation (see mlperf_benchmark and quality_target) -------------
-    def hyperparameters(self, cfg: Config) -> dict[str, Any]:
-        """MLPerf log key -> value of the hyperparameters the closed division's rules name
-        (beyond ``global_batch_size``, ``gradient_accumulation_steps`` and ``seed``, which the
-        training loop logs)."""
-        raise NotImplementedError
-
-    def eval_every_samples(self, cfg: Config, batch_size: int) -> int:
-        """Training samples between two evaluations at ``batch_size`` examples per step."""
-        raise NotImplementedError
-
-    def checkpoint_start_step(self, cfg: Config) -> int:
-        """Optimizer steps of the checkpoint a run starts from (MLPerf's GPT-3 rule); 0: a run
-        starts from the initial weights."""
-        return 0
-
-    def checkpoint_optimizer(self, cfg: Config) -> tuple[OptimizerSpec, ScheduleSpec]:
-        """The optimizer and schedule of the steps that made the start checkpoint (see
-        :meth:`checkpoint_start_step`); by default the run's own."""
-        return self.optimizer(cfg)
-
-    def checkpoint_config(self, cfg: Config) -> Config:
-        """The config of the model that made the start checkpoint; by default the run's own.
-        Llama 2 LoRA pretrains the base model without adapters: the run takes the weights the
-        two share and initialises the rest (the adapters)."""
-        return cfg
-
-    def checkpoint_continues(self, cfg: Config) -> bool:
-        """Whether a run continues the start checkpoint's optimizer state and step count
-        (GPT-3 resumes pretraining), or starts a fresh optimizer at step 0 (fine-tuning)."""
-        return True
-
-    def logged_units_per_sample(self, cfg: Config) -> int:
-        """What one training sample counts for in the MLPerf log's ``epoch_num`` and
-        ``train_samples``: 1 (samples), or tokens per sequence where MLPerf counts tokens."""
-        return 1
-
-    def default_target(self, cfg: Config) -> float | None:
-        """The quality that ends a run of ``cfg`` by default: ``quality_target`` (MLPerf's);
-        stable_diffusion's tiny preset scores stand-in metrics with targets of their own."""
-        return self.quality_target
-
-    def quality_reached(self, metrics: dict[str, float], target: float, cfg: Config) -> bool:
-        """Whether an evaluation's ``metrics`` end the run: ``quality_metric`` at ``target``
-        (from below or above, see ``quality_higher_is_better``). Workloads with several bars
-        (stable_diffusion: FID and CLIP score) override this."""
-        quality = metrics[self.quality_metric]
-        return quality >= target if self.quality_higher_is_better else quality <= target
+    # --- MLPerf run rules and evaluation ------------------------------------------------------
+    def recipe(self, cfg: Config) -> Recipe:
+        """The MLPerf run rules of ``cfg``: benchmark, targets, eval cadence, start checkpoint,
+        logged units and hyperparameters (see :class:`~mlperf_tutor.workloads.recipe.Recipe`).
+        By default none: no MLPerf log, no evaluation, a run from the initial weights."""
+        return Recipe()
 
     def eval_set(self, cfg: Config) -> Tree:
         """The held-out evaluation examples, the same for every run (name -> (N, ...) array)."""
@@ -228,6 +206,7 @@ class Workload:
     def evaluate(
         self, framework: str, model, eval_set: Tree, batch_size: int
     ) -> float | dict[str, float]:
-        """The ``quality_metric`` of ``model`` over all of ``eval_set``, in batches (eval mode);
-        or a dict of metrics holding it, each logged as an ``eval_accuracy`` of its own."""
+        """The quality of ``model`` (the recipe's ``quality_metric``) over all of ``eval_set``,
+        in batches (eval mode); or a dict of metrics holding it, each logged as an
+        ``eval_accuracy`` of its own."""
         raise NotImplementedError

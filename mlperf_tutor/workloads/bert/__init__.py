@@ -21,12 +21,12 @@ import math
 
 import numpy as np
 
-from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import Workload
 from mlperf_tutor.workloads.bert import hf
 from mlperf_tutor.workloads.bert.config import BertConfig
 from mlperf_tutor.workloads.bert.data import TARGET_MLM_ACCURACY, masked_lm_counts
+from mlperf_tutor.workloads.recipe import Recipe, Target
 
 # Token ids of the synthetic data (the real WordPiece vocabulary has [CLS] 101, [SEP] 102,
 # [MASK] 103; [PAD] is 0 in both).
@@ -72,6 +72,13 @@ def canonical_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def mlperf_eval_every_samples(batch_size: int) -> int:
+    """Training samples between two evaluations at global batch size ``batch_size``, by the
+    MLPerf Training rules (training_rules.adoc, BERT evaluation frequency):
+    floor(0.05 * (230.23 * B + 3e6) / 25e3) * 25e3 (175,000 at B = 3584, 225,000 at 8192)."""
+    return math.floor(0.05 * (230.23 * batch_size + 3_000_000) / 25_000) * 25_000
+
+
 def encoder_flops_per_token(cfg: BertConfig) -> int:
     """Forward multiply-adds x 2 of one token through the encoder (matmuls only)."""
     d, f, s = cfg.hidden, cfg.ffn, cfg.seq_len
@@ -85,31 +92,12 @@ class BertWorkload(Workload):
     config_class = BertConfig
     package = "mlperf_tutor.workloads.bert"
     hf = hf.INTEROP  # transformers BertForPreTraining interop (framework-free)
-    mlperf_benchmark = "bert"
-    quality_metric = "masked-LM accuracy"
-    quality_target = TARGET_MLM_ACCURACY
 
-    def param_count(self, cfg: BertConfig) -> int:
-        return sum(int(np.prod(s)) for s in canonical_shapes(cfg).values())
-
-    def canonical_specs(self, cfg: BertConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {k: (s, "float32") for k, s in canonical_shapes(cfg).items()}
+    def canonical_shapes(self, cfg: BertConfig) -> dict[str, tuple[int, ...]]:
+        return canonical_shapes(cfg)
 
     def deterministic(self, cfg: BertConfig) -> BertConfig:
         return cfg.replace(dropout=0.0)
-
-    def init_canonical(self, cfg: BertConfig, seed: int = 0) -> Tree:
-        rng = np.random.default_rng(seed)
-        tree = {}
-        for name, shape in canonical_shapes(cfg).items():
-            if "norm." in name and name.endswith("weight"):
-                value = np.ones(shape)
-            elif len(shape) == 1:
-                value = np.zeros(shape)
-            else:
-                value = cfg.init_std * rng.standard_normal(shape)
-            tree[name] = value.astype(np.float32)
-        return tree
 
     def synthetic_batch(self, cfg: BertConfig, batch_size: int = 2, seed: int = 0) -> dict:
         """Sentence pairs of Zipf-distributed tokens, masked like the reference's data.
@@ -163,33 +151,35 @@ class BertWorkload(Workload):
         )  # fmt: skip
         return spec, schedule
 
-    def hyperparameters(self, cfg: BertConfig) -> dict:
-        """The hyperparameter keys of mlperf_logging's ``training_4.0.0/closed_bert.yaml``, plus
-        two mllog constants it does not require (the decay power and the sequence length), so
-        the log states the whole schedule. Read from the optimizer and schedule that train, so
-        the log cannot disagree with them."""
-        spec, schedule = self.optimizer(cfg)
-        return {
-            "opt_base_learning_rate": schedule.lr,
-            "opt_lamb_epsilon": spec.eps,
-            "opt_lamb_learning_rate_decay_poly_power": schedule.power,
-            "opt_lamb_weight_decay_rate": spec.weight_decay,
-            "opt_lamb_beta_1": spec.beta1,
-            "opt_lamb_beta_2": spec.beta2,
-            "opt_learning_rate_warmup_steps": schedule.warmup_steps,
-            "num_warmup_steps": schedule.warmup_steps,
-            "start_warmup_step": schedule.start_warmup_step,
-            "opt_learning_rate_training_steps": schedule.total_steps,
-            "max_sequence_length": cfg.seq_len,
-        }
+    def recipe(self, cfg: BertConfig) -> Recipe:
+        """MLPerf's ``bert``: masked-LM accuracy 0.720, evaluated every ``cfg.eval_every_samples``
+        or by the rules' formula of the batch size (:func:`mlperf_eval_every_samples`).
 
-    def eval_every_samples(self, cfg: BertConfig, batch_size: int) -> int:
-        if cfg.eval_every_samples is not None:
-            return cfg.eval_every_samples
-        # MLPerf Training rules (training_rules.adoc, BERT evaluation frequency): every
-        # floor(0.05 * (230.23 * B + 3e6) / 25e3) * 25e3
-        # samples for global batch size B (175,000 at B = 3584, 225,000 at B = 8192).
-        return math.floor(0.05 * (230.23 * batch_size + 3_000_000) / 25_000) * 25_000
+        The logged hyperparameters are the keys of mlperf_logging's
+        ``training_4.0.0/closed_bert.yaml``, plus two mllog constants it does not require (the
+        decay power and the sequence length), so the log states the whole schedule. They are
+        read from the optimizer and schedule that train, so the log cannot disagree with them.
+        """
+        spec, schedule = self.optimizer(cfg)
+        every = cfg.eval_every_samples
+        return Recipe(
+            benchmark="bert",
+            targets=(Target("masked-LM accuracy", TARGET_MLM_ACCURACY),),
+            eval_every=mlperf_eval_every_samples if every is None else every,
+            hyperparameters={
+                "opt_base_learning_rate": schedule.lr,
+                "opt_lamb_epsilon": spec.eps,
+                "opt_lamb_learning_rate_decay_poly_power": schedule.power,
+                "opt_lamb_weight_decay_rate": spec.weight_decay,
+                "opt_lamb_beta_1": spec.beta1,
+                "opt_lamb_beta_2": spec.beta2,
+                "opt_learning_rate_warmup_steps": schedule.warmup_steps,
+                "num_warmup_steps": schedule.warmup_steps,
+                "start_warmup_step": schedule.start_warmup_step,
+                "opt_learning_rate_training_steps": schedule.total_steps,
+                "max_sequence_length": cfg.seq_len,
+            },
+        )
 
     def eval_set(self, cfg: BertConfig) -> dict:
         # One draw of all rows, so that the set does not depend on the eval batch size.

@@ -21,11 +21,11 @@ import math
 
 import numpy as np
 
-from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import Workload
 from mlperf_tutor.workloads.dlrm.config import DlrmConfig
 from mlperf_tutor.workloads.dlrm.data import TARGET_AUC, roc_auc, synthetic_batch
+from mlperf_tutor.workloads.recipe import Recipe, Target
 
 # Seed of the synthetic click model (the "task"), and of the eval set; far from the training
 # batches' seeds (seed + 1 + step).
@@ -62,32 +62,22 @@ class DlrmWorkload(Workload):
     description = "DLRM-DCNv2 click-through prediction, Adagrad; MLPerf target AUC 0.80275"
     config_class = DlrmConfig
     package = "mlperf_tutor.workloads.dlrm"
-    mlperf_benchmark = "dlrm_dcnv2"
-    quality_metric = "ROC AUC"
-    quality_target = TARGET_AUC
 
-    def param_count(self, cfg: DlrmConfig) -> int:
-        return sum(math.prod(s) for s in canonical_shapes(cfg).values())
+    def canonical_shapes(self, cfg: DlrmConfig) -> dict[str, tuple[int, ...]]:
+        return canonical_shapes(cfg)
 
-    def canonical_specs(self, cfg: DlrmConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {k: (s, "float32") for k, s in canonical_shapes(cfg).items()}
-
-    def init_canonical(self, cfg: DlrmConfig, seed: int = 0) -> Tree:
+    def init_weight(
+        self, cfg: DlrmConfig, name: str, shape: tuple[int, ...], rng: np.random.Generator
+    ) -> np.ndarray:
         """The original DLRM's initialisation (facebookresearch/dlrm ``dlrm_s_pytorch.py``):
         Linear weights normal with std sqrt(2 / (fan_in + fan_out)), biases normal with std
         sqrt(1 / fan_out), embedding rows uniform in +-sqrt(1 / rows)."""
-        rng = np.random.default_rng(seed)
-        tree = {}
-        for name, shape in canonical_shapes(cfg).items():
-            if name.startswith("embedding_bags."):
-                bound = math.sqrt(1.0 / shape[0])
-                value = rng.uniform(-bound, bound, shape)
-            elif len(shape) == 2:
-                value = rng.normal(0.0, math.sqrt(2.0 / (shape[0] + shape[1])), shape)
-            else:
-                value = rng.normal(0.0, math.sqrt(1.0 / shape[0]), shape)
-            tree[name] = value.astype(np.float32)
-        return tree
+        if name.startswith("embedding_bags."):
+            bound = math.sqrt(1.0 / shape[0])
+            return rng.uniform(-bound, bound, shape)
+        if len(shape) == 2:
+            return rng.normal(0.0, math.sqrt(2.0 / (shape[0] + shape[1])), shape)
+        return rng.normal(0.0, math.sqrt(1.0 / shape[0]), shape)
 
     def synthetic_batch(self, cfg: DlrmConfig, batch_size: int = 2, seed: int = 0) -> dict:
         return synthetic_batch(cfg, batch_size, seed, TASK_SEED)
@@ -96,24 +86,28 @@ class DlrmWorkload(Workload):
         spec = OptimizerSpec("adagrad", eps=cfg.eps, weight_decay=0.0, initial_accumulator=0.0)
         return spec, ScheduleSpec(cfg.lr)
 
-    def hyperparameters(self, cfg: DlrmConfig) -> dict:
-        """The keys of mlperf_logging's ``training_4.0.0/closed_dlrm_dcnv2.yaml``, read from
-        the optimizer and schedule that train."""
+    def recipe(self, cfg: DlrmConfig) -> Recipe:
+        """MLPerf's ``dlrm_dcnv2``: ROC AUC 0.80275, evaluated every ``cfg.eval_every_samples``;
+        the logged hyperparameters are the keys of mlperf_logging's
+        ``training_4.0.0/closed_dlrm_dcnv2.yaml``, read from the optimizer and schedule that
+        train."""
         spec, schedule = self.optimizer(cfg)
-        return {
-            "opt_name": "adagrad",
-            "opt_base_learning_rate": schedule.lr,
-            "opt_adagrad_learning_rate_decay": 0.0,
-            "opt_weight_decay": spec.weight_decay,
-            "opt_adagrad_initial_accumulator_value": spec.initial_accumulator,
-            "opt_adagrad_epsilon": spec.eps,
-            "opt_learning_rate_warmup_steps": schedule.warmup_steps,
-            "opt_learning_rate_decay_start_step": 0,
-            "opt_learning_rate_decay_steps": 0,
-        }
-
-    def eval_every_samples(self, cfg: DlrmConfig, batch_size: int) -> int:
-        return cfg.eval_every_samples
+        return Recipe(
+            benchmark="dlrm_dcnv2",
+            targets=(Target("ROC AUC", TARGET_AUC),),
+            eval_every=cfg.eval_every_samples,
+            hyperparameters={
+                "opt_name": "adagrad",
+                "opt_base_learning_rate": schedule.lr,
+                "opt_adagrad_learning_rate_decay": 0.0,
+                "opt_weight_decay": spec.weight_decay,
+                "opt_adagrad_initial_accumulator_value": spec.initial_accumulator,
+                "opt_adagrad_epsilon": spec.eps,
+                "opt_learning_rate_warmup_steps": schedule.warmup_steps,
+                "opt_learning_rate_decay_start_step": 0,
+                "opt_learning_rate_decay_steps": 0,
+            },
+        )
 
     def eval_set(self, cfg: DlrmConfig) -> dict:
         return synthetic_batch(cfg, cfg.eval_samples, EVAL_SEED, TASK_SEED)

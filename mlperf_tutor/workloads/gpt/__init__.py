@@ -17,15 +17,16 @@ gives logits only (generation).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
-from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import Workload
 from mlperf_tutor.workloads.gpt.config import Gpt3Config, GptConfig, GptjConfig
 from mlperf_tutor.workloads.gpt.hf import GPT2_INTEROP, GPTJ_INTEROP
+from mlperf_tutor.workloads.recipe import CheckpointStart, Recipe, Target
 
 # MLPerf GPT-3 quality target: log perplexity 2.69 on the C4 validation subset (v4.0 rules).
 TARGET_LOG_PERPLEXITY = 2.69
@@ -83,33 +84,24 @@ class GptWorkload(Workload):
     """A causal language model; GPT-3 and GPT-J are instances with their own configs."""
 
     package = "mlperf_tutor.workloads.gpt"
-    quality_metric = "log perplexity"
-    quality_higher_is_better = False
 
-    def param_count(self, cfg: GptConfig) -> int:
-        return sum(math.prod(s) for s in canonical_shapes(cfg).values())
-
-    def canonical_specs(self, cfg: GptConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {k: (s, "float32") for k, s in canonical_shapes(cfg).items()}
+    def canonical_shapes(self, cfg: GptConfig) -> dict[str, tuple[int, ...]]:
+        return canonical_shapes(cfg)
 
     def deterministic(self, cfg: GptConfig) -> GptConfig:
         return cfg.replace(dropout=0.0)
 
-    def init_canonical(self, cfg: GptConfig, seed: int = 0) -> Tree:
-        rng = np.random.default_rng(seed)
-        residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        tree = {}
-        for name, shape in canonical_shapes(cfg).items():
-            if "norm." in name and name.endswith("weight"):
-                value = np.ones(shape)
-            elif len(shape) == 1:
-                value = np.zeros(shape)
-            else:
-                into_residual = name.endswith(("o_proj.weight", "fc_out.weight"))
-                std = residual_std if into_residual and cfg.scaled_residual_init else cfg.init_std
-                value = std * rng.standard_normal(shape)
-            tree[name] = value.astype(np.float32)
-        return tree
+    def init_weight(
+        self, cfg: GptConfig, name: str, shape: tuple[int, ...], rng: np.random.Generator
+    ) -> np.ndarray:
+        """The default (norms 1, biases 0, matrices normal with ``cfg.init_std``), except that
+        with ``cfg.scaled_residual_init`` the two projections into the residual stream get
+        std ``init_std / sqrt(2 L)``."""
+        into_residual = len(shape) > 1 and name.endswith(("o_proj.weight", "fc_out.weight"))
+        if into_residual and cfg.scaled_residual_init:
+            residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+            return residual_std * rng.standard_normal(shape)
+        return super().init_weight(cfg, name, shape, rng)
 
     def synthetic_batch(self, cfg: GptConfig, batch_size: int = 2, seed: int = 0) -> dict:
         """Sequences of a seeded random bigram language (see :func:`data.bigram_sequences`)."""
@@ -130,16 +122,17 @@ class GptWorkload(Workload):
         )  # fmt: skip
         return spec, schedule
 
-    def checkpoint_start_step(self, cfg: GptConfig) -> int:
-        return cfg.init_checkpoint_step
-
-    def checkpoint_optimizer(self, cfg: GptConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
-        if cfg.checkpoint_lr is None:
-            return self.optimizer(cfg)
-        return self.optimizer(cfg.replace(lr=cfg.checkpoint_lr))
-
-    def eval_every_samples(self, cfg: GptConfig, batch_size: int) -> int:
-        return cfg.eval_every_samples
+    def recipe(self, cfg: GptConfig) -> Recipe:
+        """A run from a checkpoint of ``cfg.init_checkpoint_step`` steps (at ``checkpoint_lr``
+        when set), whose optimizer state and step count it continues; no MLPerf benchmark and
+        no evaluation (GPT-3 adds them)."""
+        if cfg.init_checkpoint_step == 0:
+            return Recipe()
+        pretraining = cfg if cfg.checkpoint_lr is None else cfg.replace(lr=cfg.checkpoint_lr)
+        optimizer, schedule = self.optimizer(pretraining)
+        return Recipe(
+            checkpoint=CheckpointStart(cfg.init_checkpoint_step, optimizer, schedule, config=cfg)
+        )
 
     def eval_set(self, cfg: GptConfig) -> dict:
         return self.synthetic_batch(cfg, batch_size=cfg.eval_samples, seed=EVAL_SEED)
@@ -200,33 +193,37 @@ class Gpt3Workload(GptWorkload):
     description = "GPT-3 175B causal LM (Adam, cosine); MLPerf target log perplexity 2.69"
     config_class = Gpt3Config
     hf = GPT2_INTEROP  # transformers GPT2LMHeadModel
-    mlperf_benchmark = "gpt3"
-    quality_target = TARGET_LOG_PERPLEXITY
 
-    def logged_units_per_sample(self, cfg: GptConfig) -> int:
-        # MLPerf GPT-3 logs count tokens: Google's v4.0 logs evaluate at epoch_num
-        # 50331648 = 24576 samples x 2048 tokens, and train_samples is in tokens too.
-        return cfg.seq_len
-
-    def hyperparameters(self, cfg: GptConfig) -> dict:
-        """The keys of mlperf_logging's ``training_4.0.0/closed_gpt3.yaml``, read from the
-        optimizer and schedule that train."""
+    def recipe(self, cfg: GptConfig) -> Recipe:
+        """MLPerf's ``gpt3``: log perplexity 2.69 (reached from above), evaluated every
+        ``cfg.eval_every_samples`` sequences, from the start checkpoint of
+        :meth:`GptWorkload.recipe`. The log counts tokens: Google's v4.0 logs evaluate at
+        epoch_num 50331648 = 24576 samples x 2048 tokens, and train_samples is in tokens too.
+        The logged hyperparameters are the keys of mlperf_logging's
+        ``training_4.0.0/closed_gpt3.yaml``, read from the optimizer and schedule that train."""
         spec, schedule = self.optimizer(cfg)
-        return {
-            "max_sequence_length": cfg.seq_len,
-            "opt_name": "adam",
-            "opt_base_learning_rate": schedule.lr,
-            "opt_end_learning_rate": schedule.end_lr,
-            "opt_learning_rate_decay_steps": schedule.total_steps,
-            "opt_learning_rate_warmup_steps": schedule.warmup_steps,
-            "opt_learning_rate_decay_schedule": "cosine with linear warmup",
-            "opt_adam_beta_1": spec.beta1,
-            "opt_adam_beta_2": spec.beta2,
-            "opt_adam_epsilon": spec.eps,
-            "opt_gradient_clip_norm": spec.clip_norm,
-            "opt_weight_decay": spec.weight_decay,
-            "init_checkpoint_step": cfg.init_checkpoint_step,
-        }
+        return dataclasses.replace(
+            super().recipe(cfg),
+            benchmark="gpt3",
+            targets=(Target("log perplexity", TARGET_LOG_PERPLEXITY, higher_is_better=False),),
+            eval_every=cfg.eval_every_samples,
+            units_per_sample=cfg.seq_len,
+            hyperparameters={
+                "max_sequence_length": cfg.seq_len,
+                "opt_name": "adam",
+                "opt_base_learning_rate": schedule.lr,
+                "opt_end_learning_rate": schedule.end_lr,
+                "opt_learning_rate_decay_steps": schedule.total_steps,
+                "opt_learning_rate_warmup_steps": schedule.warmup_steps,
+                "opt_learning_rate_decay_schedule": "cosine with linear warmup",
+                "opt_adam_beta_1": spec.beta1,
+                "opt_adam_beta_2": spec.beta2,
+                "opt_adam_epsilon": spec.eps,
+                "opt_gradient_clip_norm": spec.clip_norm,
+                "opt_weight_decay": spec.weight_decay,
+                "init_checkpoint_step": cfg.init_checkpoint_step,
+            },
+        )
 
 
 class GptjWorkload(GptWorkload):

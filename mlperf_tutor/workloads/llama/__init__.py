@@ -29,11 +29,14 @@ from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.base import Workload
 from mlperf_tutor.workloads.llama import hf
 from mlperf_tutor.workloads.llama.config import LORA_TARGETS, LlamaConfig
+from mlperf_tutor.workloads.recipe import CheckpointStart, Recipe, Target
 
 # Seeds of the synthetic languages (their successor tables) and of the eval set: far from the
 # training batches' seeds (seed + 1 + step).
 LANGUAGE_SEEDS = {"general": 2**31 - 5, "summary": 2**31 - 4}
 EVAL_SEED = 2**31 - 3
+# MLPerf llama2_70b_lora quality target: eval loss 0.925 on the GovReport validation set.
+TARGET_EVAL_LOSS = 0.925
 
 
 def canonical_shapes(cfg: LlamaConfig, adapters: bool = True) -> dict[str, tuple[int, ...]]:
@@ -107,10 +110,6 @@ class LlamaLoraWorkload(Workload):
     )
     config_class = LlamaConfig
     package = "mlperf_tutor.workloads.llama"
-    mlperf_benchmark = "llama2_70b_lora"
-    quality_metric = "eval loss"
-    quality_target = 0.925
-    quality_higher_is_better = False
     hf = hf.INTEROP  # transformers LlamaForCausalLM interop (PEFT adapters: workloads.llama.peft)
 
     def build(
@@ -126,31 +125,26 @@ class LlamaLoraWorkload(Workload):
             weights = {**weights, **init_adapters(cfg, seed=0)}
         return super().build(framework, cfg, weights)
 
-    def param_count(self, cfg: LlamaConfig) -> int:
-        """Parameters of the base model (what ``LlamaForCausalLM`` counts); the adapters are
-        :func:`adapter_count`."""
-        return sum(math.prod(s) for s in canonical_shapes(cfg, adapters=False).values())
+    def canonical_shapes(self, cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+        return canonical_shapes(cfg)
 
-    def canonical_specs(self, cfg: LlamaConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {k: (s, "float32") for k, s in canonical_shapes(cfg).items()}
+    def param_count(self, cfg: LlamaConfig) -> int:
+        """Parameters of the base model (what ``LlamaForCausalLM`` counts), not the trained
+        ones: the adapters are :func:`adapter_count`."""
+        return sum(math.prod(s) for s in canonical_shapes(cfg, adapters=False).values())
 
     def deterministic(self, cfg: LlamaConfig) -> LlamaConfig:
         return cfg.replace(lora_dropout=0.0)
 
-    def init_canonical(self, cfg: LlamaConfig, seed: int = 0) -> Tree:
-        """Base weights normal(0, init_std) with norms at 1; ``lora_a`` uniform in
-        +-1/sqrt(in) and ``lora_b`` zero (PEFT's init), so the adapters start as a no-op."""
-        rng = np.random.default_rng(seed)
-        tree = {}
-        for name, shape in canonical_shapes(cfg).items():
-            if name.endswith("norm.weight"):
-                value = np.ones(shape)
-            elif is_adapter(name):
-                value = _adapter_init(name, shape, rng)
-            else:
-                value = cfg.init_std * rng.standard_normal(shape)
-            tree[name] = value.astype(np.float32)
-        return tree
+    def init_weight(
+        self, cfg: LlamaConfig, name: str, shape: tuple[int, ...], rng: np.random.Generator
+    ) -> np.ndarray:
+        """Base weights as the default (norms at 1, matrices normal with ``init_std``);
+        ``lora_a`` uniform in +-1/sqrt(in) and ``lora_b`` zero (PEFT's init), so the adapters
+        start as a no-op."""
+        if is_adapter(name):
+            return _adapter_init(name, shape, rng)
+        return super().init_weight(cfg, name, shape, rng)
 
     def synthetic_batch(self, cfg: LlamaConfig, batch_size: int = 2, seed: int = 0) -> dict:
         """Sequences of the config's seeded low-entropy Markov language, the first
@@ -169,38 +163,45 @@ class LlamaLoraWorkload(Workload):
         )
         return spec, schedule
 
-    # --- the pretrained base of presets that have none (see LlamaConfig.init_checkpoint_step)
-    def checkpoint_start_step(self, cfg: LlamaConfig) -> int:
-        return cfg.init_checkpoint_step
+    def recipe(self, cfg: LlamaConfig) -> Recipe:
+        """MLPerf's ``llama2_70b_lora``: eval loss 0.925 (reached from above), evaluated every
+        ``cfg.eval_every_samples``. The logged hyperparameters are the keys of mlperf_logging's
+        ``training_4.0.0/closed_llama2_70b_lora.yaml`` and the ones the v4.0 submissions log
+        beside them.
 
-    def checkpoint_config(self, cfg: LlamaConfig) -> LlamaConfig:
-        # The base model alone, trained on every token of the general language: pretraining.
-        return cfg.replace(lora_rank=0, prompt_fraction=0.0, lora_dropout=0.0, language="general")
-
-    def checkpoint_optimizer(self, cfg: LlamaConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
-        spec = OptimizerSpec("adamw", weight_decay=0.0, clip_norm=1.0)
-        return spec, ScheduleSpec(cfg.checkpoint_lr)
-
-    def checkpoint_continues(self, cfg: LlamaConfig) -> bool:
-        return False  # fine-tuning starts a fresh optimizer at step 0
-
-    # --- MLPerf -------------------------------------------------------------------------
-    def hyperparameters(self, cfg: LlamaConfig) -> dict:
-        """The keys of mlperf_logging's ``training_4.0.0/closed_llama2_70b_lora.yaml``, and
-        the ones the v4.0 submissions log beside them."""
+        Presets without a pretrained base (``cfg.init_checkpoint_step`` > 0) pretrain one first:
+        the base model alone, on every token of the general language, with AdamW at
+        ``checkpoint_lr``; the run takes its weights, fresh adapters and a fresh optimizer at
+        step 0 (fine-tuning).
+        """
         spec, schedule = self.optimizer(cfg)
-        return {
-            "opt_base_learning_rate": schedule.lr,
-            "opt_learning_rate_training_steps": schedule.total_steps,
-            "opt_learning_rate_warmup_factor": 0.0,
-            "opt_gradient_clip_norm": spec.clip_norm,
-            "opt_adamw_weight_decay": spec.weight_decay,
-            "lora_rank": cfg.lora_rank,
-            "lora_alpha": cfg.lora_alpha,
-        }
-
-    def eval_every_samples(self, cfg: LlamaConfig, batch_size: int) -> int:
-        return cfg.eval_every_samples
+        checkpoint = None
+        if cfg.init_checkpoint_step:
+            base = cfg.replace(
+                lora_rank=0, prompt_fraction=0.0, lora_dropout=0.0, language="general"
+            )
+            checkpoint = CheckpointStart(
+                cfg.init_checkpoint_step,
+                OptimizerSpec("adamw", weight_decay=0.0, clip_norm=1.0),
+                ScheduleSpec(cfg.checkpoint_lr),
+                config=base,
+                continues=False,
+            )
+        return Recipe(
+            benchmark="llama2_70b_lora",
+            targets=(Target("eval loss", TARGET_EVAL_LOSS, higher_is_better=False),),
+            eval_every=cfg.eval_every_samples,
+            checkpoint=checkpoint,
+            hyperparameters={
+                "opt_base_learning_rate": schedule.lr,
+                "opt_learning_rate_training_steps": schedule.total_steps,
+                "opt_learning_rate_warmup_factor": 0.0,
+                "opt_gradient_clip_norm": spec.clip_norm,
+                "opt_adamw_weight_decay": spec.weight_decay,
+                "lora_rank": cfg.lora_rank,
+                "lora_alpha": cfg.lora_alpha,
+            },
+        )
 
     def eval_set(self, cfg: LlamaConfig) -> dict:
         return self.synthetic_batch(cfg, batch_size=cfg.eval_samples, seed=EVAL_SEED)

@@ -25,14 +25,11 @@ import numpy as np
 from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.recipe import Recipe, Target
 from mlperf_tutor.workloads.stable_diffusion import hf
 from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig
 from mlperf_tutor.workloads.stable_diffusion.plan import unet_plan
-from mlperf_tutor.workloads.stable_diffusion.shapes import (
-    canonical_shapes,
-    init_canonical,
-    param_count,
-)
+from mlperf_tutor.workloads.stable_diffusion.shapes import canonical_shapes, init_canonical
 
 # Seeds of the eval captions and of the sampler's starting noise: far from the training
 # batches' seeds (seed + 1 + step).
@@ -88,20 +85,15 @@ class StableDiffusionWorkload(Workload):
     )
     config_class = StableDiffusionConfig
     package = "mlperf_tutor.workloads.stable_diffusion"
-    mlperf_benchmark = "stable_diffusion"
-    quality_metric = "FID"
-    quality_target = 90.0
-    quality_higher_is_better = False
     hf = hf.INTEROP  # diffusers UNet2DConditionModel interop
 
-    def param_count(self, cfg: StableDiffusionConfig) -> int:
-        """UNet parameters (what diffusers' ``UNet2DConditionModel`` counts)."""
-        return param_count(cfg)
-
-    def canonical_specs(self, cfg: StableDiffusionConfig) -> dict:
-        return {k: (s, "float32") for k, s in canonical_shapes(cfg).items()}
+    def canonical_shapes(self, cfg: StableDiffusionConfig) -> dict[str, tuple[int, ...]]:
+        """The UNet's weights (what diffusers' ``UNet2DConditionModel`` counts)."""
+        return canonical_shapes(cfg)
 
     def init_canonical(self, cfg: StableDiffusionConfig, seed: int = 0) -> Tree:
+        # Not per weight (init_weight): a bias's range comes from its weight's fan-in, and
+        # parity_weights draws the same weights without the zero layers.
         return init_canonical(cfg, seed)
 
     def parity_weights(self, cfg: StableDiffusionConfig, seed: int = 0) -> Tree:
@@ -128,28 +120,29 @@ class StableDiffusionWorkload(Workload):
         return spec, schedule
 
     # --- MLPerf -------------------------------------------------------------------------
-    def hyperparameters(self, cfg: StableDiffusionConfig) -> dict:
-        """The keys of mlperf_logging's ``training_4.0.0/closed_stable_diffusion.yaml``."""
+    def recipe(self, cfg: StableDiffusionConfig) -> Recipe:
+        """MLPerf's ``stable_diffusion``: both bars, FID at most ``cfg.fid_target`` and CLIP
+        score at least ``cfg.clip_target`` (the tiny preset's stand-in metrics have their own),
+        evaluated every ``cfg.eval_every_samples``; the logged hyperparameters are the keys of
+        mlperf_logging's ``training_4.0.0/closed_stable_diffusion.yaml``."""
         spec, schedule = self.optimizer(cfg)
-        return {
-            "opt_name": "adamw",
-            "opt_adamw_beta_1": spec.beta1,
-            "opt_adamw_beta_2": spec.beta2,
-            "opt_adamw_epsilon": spec.eps,
-            "opt_adamw_weight_decay": spec.weight_decay,
-            "opt_base_learning_rate": schedule.lr,
-            "opt_learning_rate_warmup_steps": schedule.warmup_steps,
-        }
-
-    def eval_every_samples(self, cfg: StableDiffusionConfig, batch_size: int) -> int:
-        return cfg.eval_every_samples
-
-    def default_target(self, cfg: StableDiffusionConfig) -> float:
-        return cfg.fid_target
-
-    def quality_reached(self, metrics: dict, target: float, cfg: StableDiffusionConfig) -> bool:
-        """Both MLPerf bars: FID at most ``target`` and CLIP score at least ``cfg.clip_target``."""
-        return metrics["FID"] <= target and metrics["CLIP"] >= cfg.clip_target
+        return Recipe(
+            benchmark="stable_diffusion",
+            targets=(
+                Target("FID", cfg.fid_target, higher_is_better=False),
+                Target("CLIP", cfg.clip_target),
+            ),
+            eval_every=cfg.eval_every_samples,
+            hyperparameters={
+                "opt_name": "adamw",
+                "opt_adamw_beta_1": spec.beta1,
+                "opt_adamw_beta_2": spec.beta2,
+                "opt_adamw_epsilon": spec.eps,
+                "opt_adamw_weight_decay": spec.weight_decay,
+                "opt_base_learning_rate": schedule.lr,
+                "opt_learning_rate_warmup_steps": schedule.warmup_steps,
+            },
+        )
 
     def eval_set(self, cfg: StableDiffusionConfig) -> dict:
         """Captions (their contexts), the sampler's starting noise and the reference images'

@@ -88,10 +88,6 @@ def canonical_shapes(cfg: StableDiffusionConfig) -> Shapes:
     return shapes
 
 
-def param_count(cfg: StableDiffusionConfig) -> int:
-    return sum(math.prod(s) for s in canonical_shapes(cfg).values())
-
-
 # Layers the reference initialises to zero (ldm's zero_module): the last conv of every residual
 # block, every spatial transformer's proj_out and conv_out, so each residual branch and the
 # whole UNet start as the identity / zero.

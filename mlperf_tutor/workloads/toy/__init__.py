@@ -15,9 +15,10 @@ JAX and TensorFlow take the NCHW image and transpose it to NHWC at the model's e
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import Workload
 from mlperf_tutor.workloads.toy.config import ToyConfig
@@ -60,11 +61,13 @@ class ToyWorkload(Workload):
     config_class = ToyConfig
     package = "mlperf_tutor.workloads.toy"
 
-    def param_count(self, cfg: ToyConfig) -> int:
-        return sum(int(np.prod(s)) for k, s in canonical_shapes(cfg).items() if k not in BUFFERS)
+    def canonical_shapes(self, cfg: ToyConfig) -> dict[str, tuple[int, ...]]:
+        return canonical_shapes(cfg)
 
-    def canonical_specs(self, cfg: ToyConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {k: (s, "float32") for k, s in canonical_shapes(cfg).items()}
+    def param_count(self, cfg: ToyConfig) -> int:
+        """Parameters: the canonical entries without BatchNorm's running statistics."""
+        shapes = canonical_shapes(cfg)
+        return sum(math.prod(s) for k, s in shapes.items() if k not in BUFFERS)
 
     def synthetic_batch(self, cfg: ToyConfig, batch_size: int = 2, seed: int = 0) -> dict:
         rng = np.random.default_rng(seed)
@@ -75,23 +78,19 @@ class ToyWorkload(Workload):
             "labels": rng.integers(0, cfg.num_classes, (batch_size,), dtype=np.int32),
         }
 
-    def init_canonical(self, cfg: ToyConfig, seed: int = 0) -> Tree:
+    def init_weight(
+        self, cfg: ToyConfig, name: str, shape: tuple[int, ...], rng: np.random.Generator
+    ) -> np.ndarray:
         # Norm weights and biases are random too (not 1 and 0) so a layout mistake shows up.
-        rng = np.random.default_rng(seed)
-        tree = {}
-        for name, shape in canonical_shapes(cfg).items():
-            if name.endswith("running_mean"):
-                value = 0.1 * rng.standard_normal(shape)
-            elif name.endswith("running_var"):
-                value = rng.uniform(0.5, 1.5, shape)
-            elif name.split(".")[0] in ("bn", "gn", "ln") and name.endswith("weight"):
-                value = 1.0 + 0.1 * rng.standard_normal(shape)
-            elif name.endswith("bias"):
-                value = 0.1 * rng.standard_normal(shape)
-            else:
-                value = cfg.init_std * rng.standard_normal(shape)
-            tree[name] = value.astype(np.float32)
-        return tree
+        if name.endswith("running_mean"):
+            return 0.1 * rng.standard_normal(shape)
+        if name.endswith("running_var"):
+            return rng.uniform(0.5, 1.5, shape)
+        if name.split(".")[0] in ("bn", "gn", "ln") and name.endswith("weight"):
+            return 1.0 + 0.1 * rng.standard_normal(shape)
+        if name.endswith("bias"):
+            return 0.1 * rng.standard_normal(shape)
+        return cfg.init_std * rng.standard_normal(shape)
 
     def optimizer(self, cfg: ToyConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
         spec = OptimizerSpec(
