@@ -68,7 +68,7 @@ def test_optimizer_follows_the_reference():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"num_kv_heads": 3}, r"num_heads by num_kv_heads \(3\)"),
+        ({"num_kv_heads": 3}, r"num_heads divisible by num_kv_heads \(3\)"),
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
         ({"language": "french"}, "language must be one of"),
         ({"seq_len": 500}, r"exceeds max_positions"),
