@@ -38,8 +38,10 @@ def gpu(args) -> None:
 
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    print(f"{name}; bert small (D {cfg.hidden}, L {cfg.num_layers}, S {cfg.seq_len}), "
-          f"batch {args.batch_size}, bf16 mixed precision, fused attention")  # fmt: skip
+    print(
+        f"{name}; bert small (D {cfg.hidden}, L {cfg.num_layers}, S {cfg.seq_len}), "
+        f"batch {args.batch_size}, bf16 mixed precision, fused attention"
+    )
     tree, (spec, schedule) = wl.init_canonical(cfg), wl.optimizer(cfg)
     for framework in ("torch", "jax"):
         module = importlib.import_module(f"{wl.package}.{framework}_model")

@@ -79,13 +79,17 @@ def _child(src: str, dst: str) -> None:
     convert.convert(src, dst)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({
-        "seconds": seconds,
-        "peak_rss_mb": _peak_rss_mb(),
-        "import_rss_mb": base,
-        "user_s": after.ru_utime - before.ru_utime,
-        "sys_s": after.ru_stime - before.ru_stime,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "peak_rss_mb": _peak_rss_mb(),
+                "import_rss_mb": base,
+                "user_s": after.ru_utime - before.ru_utime,
+                "sys_s": after.ru_stime - before.ru_stime,
+            }
+        )
+    )
 
 
 def _files(path: str) -> list[str]:
@@ -110,8 +114,10 @@ def _convert(src: str, dst: str, cache: str) -> dict:
     _prepare([src], cache)
     out = subprocess.run(
         [sys.executable, __file__, "--child", src, dst],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -252,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         def mbs(seconds: float) -> str:
             return f"{total_mb / seconds:6.0f}"
 
-        print(f"\n{total_mb:.0f} MB in {len(specs)} tensors ({what}), largest {largest_name} "
-              f"{specs[largest_name].shape} {largest_mb:.0f} MB; {args.cache} page cache; "
-              f"MB/s of each of {args.repeat} runs")  # fmt: skip
+        print(
+            f"\n{total_mb:.0f} MB in {len(specs)} tensors ({what}), largest {largest_name} "
+            f"{specs[largest_name].shape} {largest_mb:.0f} MB; {args.cache} page cache; "
+            f"MB/s of each of {args.repeat} runs"
+        )
         print(f"  {'plain copy (shutil.copyfile)':28s} " + " ".join(map(mbs, runs["copy"])))
         print(f"  {'plain copy + fsync':28s} " + " ".join(map(mbs, runs["copy+fsync"])))
         for key, label in (("to", "safetensors -> orbax"), ("from", "orbax -> safetensors")):

@@ -81,8 +81,10 @@ def bandwidth(steps: int) -> None:
     print(f"copy bandwidth {copy_rate / 1e12:.2f} TB/s (1 GiB device-to-device, read + write)")
     for name, s in (("torch EmbeddingBag", seconds), ("jax take + sum", jax_seconds)):
         rate = gathered / s
-        print(f"  {name:20s} {1e3 * s:6.2f} ms  {rate / 1e12:5.2f} TB/s gathered "
-              f"= {100 * rate / copy_rate:4.1f}% of copy")  # fmt: skip
+        print(
+            f"  {name:20s} {1e3 * s:6.2f} ms  {rate / 1e12:5.2f} TB/s gathered "
+            f"= {100 * rate / copy_rate:4.1f}% of copy"
+        )
 
 
 def main() -> None:

@@ -48,9 +48,11 @@ def main() -> None:
     batch = wl.synthetic_batch(cfg, batch_size=args.batch_size, seed=0)
     tree = wl.init_canonical(cfg)  # once: 1.3b draws 1.3e9 normals
     flops = flops_per_token(cfg)
-    print(f"gpt3 {args.preset}: {wl.param_count(cfg) / 1e6:.0f}M parameters, L {cfg.num_layers}, "
-          f"D {cfg.hidden}, T {cfg.seq_len}, batch {args.batch_size}; {flops / 1e9:.2f} GFLOP "
-          f"per token (6N + 12LDT)")  # fmt: skip
+    print(
+        f"gpt3 {args.preset}: {wl.param_count(cfg) / 1e6:.0f}M parameters, L {cfg.num_layers}, "
+        f"D {cfg.hidden}, T {cfg.seq_len}, batch {args.batch_size}; {flops / 1e9:.2f} GFLOP "
+        f"per token (6N + 12LDT)"
+    )
     mixed_steps.measure(wl, cfg, tree, batch, args.variants, args.steps, args.warmup, flops)
 
 

@@ -36,8 +36,10 @@ def main() -> None:
         for k in s_cpu
         if k != "step"
     )
-    print(f"losses max-abs {np.abs(np.array(l_gpu) - l_cpu).max():.1e}; parameters rel {rel:.1e};"
-          f" Adam state rel {state:.1e}; steps {s_cpu['step']} / {s_gpu['step']}")  # fmt: skip
+    print(
+        f"losses max-abs {np.abs(np.array(l_gpu) - l_cpu).max():.1e}; parameters rel {rel:.1e};"
+        f" Adam state rel {state:.1e}; steps {s_cpu['step']} / {s_gpu['step']}"
+    )
     assert rel <= STEP_RTOL and state <= STEP_RTOL and int(s_gpu["step"]) == int(s_cpu["step"]) == 5
     # The CPU state loaded into a fused CUDA optimizer continues the CPU run.
     batch = wl.synthetic_batch(cfg, batch_size=1, seed=5)

@@ -48,10 +48,12 @@ def main() -> None:
     tree = wl.init_canonical(cfg)
     assert sum(map(is_adapter, tree)) == 4 * cfg.num_layers
     flops = flops_per_token(cfg)
-    print(f"llama2_70b_lora {args.preset}: {wl.param_count(cfg) / 1e6:.0f}M base parameters, "
-          f"{adapter_count(cfg) / 1e6:.2f}M adapter parameters, L {cfg.num_layers}, D "
-          f"{cfg.hidden}, T {cfg.seq_len}, batch {args.batch_size}; {flops / 1e9:.2f} GFLOP per "
-          f"token (4N + 6N_lora + 12LDT)")  # fmt: skip
+    print(
+        f"llama2_70b_lora {args.preset}: {wl.param_count(cfg) / 1e6:.0f}M base parameters, "
+        f"{adapter_count(cfg) / 1e6:.2f}M adapter parameters, L {cfg.num_layers}, D "
+        f"{cfg.hidden}, T {cfg.seq_len}, batch {args.batch_size}; {flops / 1e9:.2f} GFLOP per "
+        f"token (4N + 6N_lora + 12LDT)"
+    )
     mixed_steps.measure(wl, cfg, tree, batch, args.variants, args.steps, args.warmup, flops)
 
 

@@ -93,8 +93,10 @@ def main() -> None:
     cfg = wl.deterministic(wl.config("tiny", seq_len=args.seq_len))
     tree = wl.init_canonical(cfg, seed=0)
     batch = wl.synthetic_batch(cfg, batch_size=args.batch_size, seed=0)
-    print(f"{args.workload} tiny, seq_len {args.seq_len}, batch {args.batch_size}, "
-          f"{wl.param_count(cfg):,} parameters, {os.cpu_count()} CPU cores, float32")  # fmt: skip
+    print(
+        f"{args.workload} tiny, seq_len {args.seq_len}, batch {args.batch_size}, "
+        f"{wl.param_count(cfg):,} parameters, {os.cpu_count()} CPU cores, float32"
+    )
     seconds = {}
     for name, make in (("torch", torch_step), ("migrated", migrated_step), ("flax", flax_step)):
         step, sync = make(wl, cfg, tree, batch)

@@ -116,6 +116,9 @@ def measure(
             step, sync = torch_step(model, spec, schedule, batch, variant == "torch-compile")
         seconds = timed(step, steps, warmup, sync)
         rate = units / seconds
-        print(f"  {variant:14s} {1e3 * seconds:8.1f} ms/step  {rate:10.1f} {unit}/s  "
-              f"MFU {100 * flops * rate / PEAK_BF16:5.1f}%", flush=True)  # fmt: skip
+        print(
+            f"  {variant:14s} {1e3 * seconds:8.1f} ms/step  {rate:10.1f} {unit}/s  "
+            f"MFU {100 * flops * rate / PEAK_BF16:5.1f}%",
+            flush=True,
+        )
         del step, sync, model

@@ -44,15 +44,25 @@ def main() -> None:
     batch = wl.synthetic_batch(cfg, batch_size=args.batch_size, seed=0)
     tree = wl.init_canonical(cfg)
     flops = flops_per_image(cfg)
-    print(f"stable_diffusion {args.preset}: {wl.param_count(cfg) / 1e6:.0f}M parameters, "
-          f"latents {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size}, batch "
-          f"{args.batch_size}; {flops / 1e9:.1f} GFLOP per training image")  # fmt: skip
+    print(
+        f"stable_diffusion {args.preset}: {wl.param_count(cfg) / 1e6:.0f}M parameters, "
+        f"latents {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size}, batch "
+        f"{args.batch_size}; {flops / 1e9:.1f} GFLOP per training image"
+    )
     # cuDNN's flash attention refuses the 77 context tokens of cross-attention (JAX 0.11:
     # "Unsupported sequence length"), so JAX attention is XLA's.
     mixed_steps.measure(
-        wl, cfg, tree, batch, args.variants, args.steps, args.warmup, flops, unit="images",
+        wl,
+        cfg,
+        tree,
+        batch,
+        args.variants,
+        args.steps,
+        args.warmup,
+        flops,
+        unit="images",
         jax_attention=None,
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

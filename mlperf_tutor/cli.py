@@ -72,17 +72,29 @@ def cmd_train(args) -> int:
 
     if args.dry_run:
         train.dry_run(
-            args.workload, args.framework, args.preset, batch_size=args.batch_size,
-            seed=args.seed, deterministic=args.deterministic, mllog=args.mllog,
-        )  # fmt: skip
+            args.workload,
+            args.framework,
+            args.preset,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            deterministic=args.deterministic,
+            mllog=args.mllog,
+        )
         if args.mllog:
             print(f"MLPerf log (configuration only): {args.mllog}")
         return 0
     result = train.train(
-        args.workload, args.framework, args.preset, max_steps=args.max_steps,
-        batch_size=args.batch_size, seed=args.seed, deterministic=args.deterministic,
-        target=args.target, curve=args.curve, mllog=args.mllog,
-    )  # fmt: skip
+        args.workload,
+        args.framework,
+        args.preset,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        deterministic=args.deterministic,
+        target=args.target,
+        curve=args.curve,
+        mllog=args.mllog,
+    )
     print(
         f"{args.workload} {args.framework}: {len(result.losses)} steps, loss "
         f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
@@ -159,29 +171,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--framework", required=True, choices=frameworks.NAMES)
     p.add_argument("--preset", default="tiny")
     p.add_argument(
-        "--max-steps", type=int, default=50,
+        "--max-steps",
+        type=int,
+        default=50,
         help="step limit; a run that has not reached --target by then stops as aborted",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--target", type=float, default=None,
+        "--target",
+        type=float,
+        default=None,
         help="quality that ends the run (default: the workload's target; bert 0.720, gpt3 "
         "2.69; stable_diffusion: FID, with the preset's CLIP bar beside it)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--batch-size", type=int, default=None,
+        "--batch-size",
+        type=int,
+        default=None,
         help="examples per step (default: the preset's global batch size)",
-    )  # fmt: skip
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="dropout off")
     p.add_argument("--curve", default=None, help="write step,loss rows to this CSV file")
     p.add_argument(
-        "--mllog", default=None,
+        "--mllog",
+        default=None,
         help="write an MLPerf Training v4.0 log to this file (MLPerf workloads, not toy)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--dry-run", action="store_true",
+        "--dry-run",
+        action="store_true",
         help="log the configuration and hyperparameters (to --mllog, or stdout) without training",
-    )  # fmt: skip
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

@@ -172,8 +172,16 @@ class ParityReport:
         """Plain-text summary table, one line per (group, pair)."""
         rows = self.summary_rows()
         header = [
-            "group", "pair", "tensors", "worst tensor", "max_abs", "rel", "bound", "floored", "ok"
-        ]  # fmt: skip
+            "group",
+            "pair",
+            "tensors",
+            "worst tensor",
+            "max_abs",
+            "rel",
+            "bound",
+            "floored",
+            "ok",
+        ]
         cells = [
             [
                 r["group"],

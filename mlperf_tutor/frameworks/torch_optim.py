@@ -50,9 +50,12 @@ class Lamb(torch.optim.Optimizer):
         trust_ratio: bool = True,
     ):
         defaults = {
-            "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
             "trust_ratio": trust_ratio,
-        }  # fmt: skip
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -189,30 +192,55 @@ def build_native(
             groups.append(group)
     if spec.name == "lamb":
         return Lamb(
-            groups, lr=lr, betas=(spec.beta1, spec.beta2), eps=spec.eps,
-            weight_decay=spec.weight_decay, trust_ratio=True,
-        )  # fmt: skip
+            groups,
+            lr=lr,
+            betas=(spec.beta1, spec.beta2),
+            eps=spec.eps,
+            weight_decay=spec.weight_decay,
+            trust_ratio=True,
+        )
     # foreach/fused None: torch picks the implementation for the device (same math).
     if spec.name == "sgd":
         return torch.optim.SGD(
-            groups, lr=lr, momentum=spec.momentum, dampening=0.0,
-            weight_decay=spec.weight_decay, nesterov=spec.nesterov, maximize=False,
-            foreach=None, differentiable=False, fused=None,
-        )  # fmt: skip
+            groups,
+            lr=lr,
+            momentum=spec.momentum,
+            dampening=0.0,
+            weight_decay=spec.weight_decay,
+            nesterov=spec.nesterov,
+            maximize=False,
+            foreach=None,
+            differentiable=False,
+            fused=None,
+        )
     if spec.name == "adagrad":
         return torch.optim.Adagrad(
-            groups, lr=lr, lr_decay=0.0, weight_decay=spec.weight_decay,
-            initial_accumulator_value=spec.initial_accumulator, eps=spec.eps, foreach=None,
-            maximize=False, differentiable=False, fused=None,
-        )  # fmt: skip
+            groups,
+            lr=lr,
+            lr_decay=0.0,
+            weight_decay=spec.weight_decay,
+            initial_accumulator_value=spec.initial_accumulator,
+            eps=spec.eps,
+            foreach=None,
+            maximize=False,
+            differentiable=False,
+            fused=None,
+        )
     # On CUDA, Adam(W)'s fused kernel updates every tensor in one launch (same math; torch's
     # default there is the multi-tensor "foreach" path, several launches per step).
     on_cuda = all(p.is_cuda and p.is_floating_point() for p in named_params.values())
     adam_args = {
-        "lr": lr, "betas": (spec.beta1, spec.beta2), "eps": spec.eps,
-        "weight_decay": spec.weight_decay, "amsgrad": False, "foreach": None, "maximize": False,
-        "capturable": False, "differentiable": False, "fused": True if on_cuda else None,
-    }  # fmt: skip
+        "lr": lr,
+        "betas": (spec.beta1, spec.beta2),
+        "eps": spec.eps,
+        "weight_decay": spec.weight_decay,
+        "amsgrad": False,
+        "foreach": None,
+        "maximize": False,
+        "capturable": False,
+        "differentiable": False,
+        "fused": True if on_cuda else None,
+    }
     if spec.name == "adamw":
         return torch.optim.AdamW(groups, **adam_args)
     return torch.optim.Adam(groups, **adam_args, decoupled_weight_decay=False)

@@ -169,9 +169,14 @@ def torch_to_jax(
         return translation.eval_apply(params, state.buffers, state.frozen, batch)[0]
 
     return Migrated(
-        params=params, state=state, step=jax.jit(pure_step), loss=jax.jit(eval_loss),
-        translation=translation, tx=tx, pure_step=pure_step,
-    )  # fmt: skip
+        params=params,
+        state=state,
+        step=jax.jit(pure_step),
+        loss=jax.jit(eval_loss),
+        translation=translation,
+        tx=tx,
+        pure_step=pure_step,
+    )
 
 
 def _without_dropout(model) -> list[str]:
@@ -209,8 +214,10 @@ class VerifyReport:
         return all(r["loss diff"] <= OUTPUT_ATOL and r["worst rel"] <= STEP_RTOL for r in self.rows)
 
     def __str__(self) -> str:
-        lines = [f"{'step':>4}  {'torch loss':>12}  {'jax loss':>12}  {'|diff|':>9}  "
-                 f"{'worst param rel':>15}  worst param"]  # fmt: skip
+        lines = [
+            f"{'step':>4}  {'torch loss':>12}  {'jax loss':>12}  {'|diff|':>9}  "
+            f"{'worst param rel':>15}  worst param"
+        ]
         for r in self.rows:
             lines.append(
                 f"{r['step']:>4}  {r['torch loss']:>12.6f}  {r['jax loss']:>12.6f}  "
@@ -231,9 +238,15 @@ class VerifyReport:
 
 
 def verify(
-    model, optimizer, loss_fn: Callable, batches: Iterable, scheduler=None, *,
-    quiet: bool = False, raise_on_failure: bool = True,
-) -> VerifyReport:  # fmt: skip
+    model,
+    optimizer,
+    loss_fn: Callable,
+    batches: Iterable,
+    scheduler=None,
+    *,
+    quiet: bool = False,
+    raise_on_failure: bool = True,
+) -> VerifyReport:
     """Run the torch step and its migration side by side and compare every step.
 
     Works on deep copies: ``model``, ``optimizer`` and ``scheduler`` are left untouched. Each
@@ -276,9 +289,16 @@ def verify(
             if rel > worst:
                 worst, worst_name = float(rel), name
         t = float(torch_loss.detach())
-        rows.append({"step": step, "torch loss": t, "jax loss": jax_loss,
-                     "loss diff": abs(t - jax_loss), "worst rel": worst,
-                     "worst param": worst_name})  # fmt: skip
+        rows.append(
+            {
+                "step": step,
+                "torch loss": t,
+                "jax loss": jax_loss,
+                "loss diff": abs(t - jax_loss),
+                "worst rel": worst,
+                "worst param": worst_name,
+            }
+        )
     report = VerifyReport(rows, dropout_off)
     if not quiet:
         print(report)
@@ -310,6 +330,12 @@ def to_flax_source(model, example_input, *, class_name: str | None = None):
 
 
 __all__ = [
-    "Migrated", "StepState", "VerificationError", "VerifyReport", "to_flax_source", "to_tf",
-    "torch_to_jax", "verify",
-]  # fmt: skip
+    "Migrated",
+    "StepState",
+    "VerificationError",
+    "VerifyReport",
+    "to_flax_source",
+    "to_tf",
+    "torch_to_jax",
+    "verify",
+]

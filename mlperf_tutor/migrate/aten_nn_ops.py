@@ -28,19 +28,22 @@ def _tuple(value, n: int) -> tuple[int, ...]:
 
 
 @aten("convolution.default")
-def _convolution(
-    x, weight, bias, stride, padding, dilation, transposed, output_padding, groups
-):  # fmt: skip
+def _convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
     n = weight.ndim - 2  # spatial dims
     stride, padding, dilation = (_tuple(v, n) for v in (stride, padding, dilation))
     letters = "DHW"[-n:] if n <= 3 else None
     numbers = ("NC" + letters, "OI" + letters, "NC" + letters)
     if not transposed:
         y = lax.conv_general_dilated(
-            x, weight, stride, [(p, p) for p in padding], rhs_dilation=dilation,
-            dimension_numbers=numbers, feature_group_count=groups,
+            x,
+            weight,
+            stride,
+            [(p, p) for p in padding],
+            rhs_dilation=dilation,
+            dimension_numbers=numbers,
+            feature_group_count=groups,
             preferred_element_type=wide(x, weight),
-        )  # fmt: skip
+        )
     else:
         # A transposed convolution is the gradient of a convolution: dilate the input by the
         # stride and convolve with the flipped kernel, (in, out/g) swapped per group.
@@ -53,10 +56,16 @@ def _convolution(
             for k, p, d, o in zip(kernel, padding, dilation, _tuple(output_padding, n), strict=True)
         ]
         y = lax.conv_general_dilated(
-            x, w, (1,) * n, pads, lhs_dilation=stride, rhs_dilation=dilation,
-            dimension_numbers=numbers, feature_group_count=groups,
+            x,
+            w,
+            (1,) * n,
+            pads,
+            lhs_dilation=stride,
+            rhs_dilation=dilation,
+            dimension_numbers=numbers,
+            feature_group_count=groups,
             preferred_element_type=wide(x, weight),
-        )  # fmt: skip
+        )
     return y if bias is None else y + bias.reshape(-1, *(1,) * n)
 
 
@@ -90,9 +99,14 @@ def _window_reduce(x, init, op, n, kernel, stride, dilation, pads):
     # lax.pad takes negative (cropping) widths, which floor mode needs at the end.
     x = lax.pad(x, init, [(0, 0, 0)] * lead + [(lo, hi, 0) for lo, hi in pads])
     return lax.reduce_window(
-        x, init, op, (1,) * lead + kernel, (1,) * lead + stride,
-        "VALID", window_dilation=(1,) * lead + dilation,
-    )  # fmt: skip
+        x,
+        init,
+        op,
+        (1,) * lead + kernel,
+        (1,) * lead + stride,
+        "VALID",
+        window_dilation=(1,) * lead + dilation,
+    )
 
 
 def _indices_unused(node) -> str | None:
@@ -101,8 +115,12 @@ def _indices_unused(node) -> str | None:
     return None
 
 
-@aten("max_pool2d_with_indices.default", "max_pool3d_with_indices.default",
-      "max_pool1d_with_indices.default", check=_indices_unused)  # fmt: skip
+@aten(
+    "max_pool2d_with_indices.default",
+    "max_pool3d_with_indices.default",
+    "max_pool1d_with_indices.default",
+    check=_indices_unused,
+)
 def _max_pool(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
     n, kernel, stride, padding, dilation = _pool_args(x, kernel_size, stride, padding, dilation)
     pads = _pool_pads(x.shape[-n:], kernel, stride, padding, dilation, ceil_mode)
@@ -118,9 +136,14 @@ def _max_pool_values(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode
 
 @aten("avg_pool2d.default", "avg_pool3d.default", "avg_pool1d.default")
 def _avg_pool(
-    x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
+    x,
+    kernel_size,
+    stride=(),
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
     divisor_override=None,
-):  # fmt: skip
+):
     n, kernel, stride, padding, dilation = _pool_args(x, kernel_size, stride, padding)
     pads = _pool_pads(x.shape[-n:], kernel, stride, padding, dilation, ceil_mode)
     total = _window_reduce(x, 0, lax.add, n, kernel, stride, dilation, pads)
@@ -155,14 +178,22 @@ def _adaptive(x, output_size, reduce):
     return x
 
 
-@aten("_adaptive_avg_pool2d.default", "_adaptive_avg_pool3d.default",
-      "adaptive_avg_pool1d.default", "adaptive_avg_pool2d.default")  # fmt: skip
+@aten(
+    "_adaptive_avg_pool2d.default",
+    "_adaptive_avg_pool3d.default",
+    "adaptive_avg_pool1d.default",
+    "adaptive_avg_pool2d.default",
+)
 def _adaptive_avg_pool(x, output_size):
     return _adaptive(x, output_size, lambda v, axis: v.mean(axis))
 
 
-@aten("adaptive_max_pool2d.default", "adaptive_max_pool3d.default",
-      "adaptive_max_pool1d.default", check=_indices_unused)  # fmt: skip
+@aten(
+    "adaptive_max_pool2d.default",
+    "adaptive_max_pool3d.default",
+    "adaptive_max_pool1d.default",
+    check=_indices_unused,
+)
 def _adaptive_max_pool(x, output_size):
     out = _adaptive(x, output_size, lambda v, axis: v.max(axis))
     return out, jnp.zeros(out.shape, jnp.int32)  # the check keeps the indices unused
@@ -328,9 +359,16 @@ def _embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse
 
 @aten("_embedding_bag.default", "_embedding_bag_forward_only.default", check=_no_freq_scaling)
 def _embedding_bag(
-    weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False,
-    per_sample_weights=None, include_last_offset=False, padding_idx=-1,
-):  # fmt: skip
+    weight,
+    indices,
+    offsets,
+    scale_grad_by_freq=False,
+    mode=0,
+    sparse=False,
+    per_sample_weights=None,
+    include_last_offset=False,
+    padding_idx=-1,
+):
     n, bags = indices.shape[0], offsets.shape[0] - (1 if include_last_offset else 0)
     valid = indices != padding_idx if padding_idx >= 0 else jnp.ones(indices.shape, bool)
     rows = jnp.take(weight, indices, axis=0)
@@ -387,8 +425,9 @@ def _dropout_of(key, x, p):
 
 
 @aten("scaled_dot_product_attention.default", random=True)
-def _sdpa(key, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
-          enable_gqa=False):  # fmt: skip
+def _sdpa(
+    key, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False
+):
     # q (..., N, T, E), k (..., K, S, E), v (..., K, S, Ev)
     if enable_gqa and q.ndim >= 3 and k.shape[-3] != q.shape[-3]:
         group = q.shape[-3] // k.shape[-3]  # query head n reads kv head n // group

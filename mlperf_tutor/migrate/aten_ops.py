@@ -133,23 +133,56 @@ def dims_of(dim, ndim: int) -> tuple[int, ...] | None:
 # --- elementwise ----------------------------------------------------------------------------
 
 _FLOAT_UNARY = {
-    "exp": jnp.exp, "exp2": jnp.exp2, "expm1": jnp.expm1, "log": jnp.log, "log2": jnp.log2,
-    "log10": jnp.log10, "log1p": jnp.log1p, "sqrt": jnp.sqrt, "rsqrt": lax.rsqrt,
-    "reciprocal": lambda x: 1 / x, "sin": jnp.sin, "cos": jnp.cos, "tan": jnp.tan,
-    "sinh": jnp.sinh, "cosh": jnp.cosh, "tanh": jnp.tanh, "asin": jnp.arcsin,
-    "acos": jnp.arccos, "atan": jnp.arctan, "asinh": jnp.arcsinh, "acosh": jnp.arccosh,
-    "atanh": jnp.arctanh, "sigmoid": jax.nn.sigmoid, "erf": lax.erf, "erfc": lax.erfc,
-    "erfinv": lax.erf_inv, "silu": jax.nn.silu, "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "exp": jnp.exp,
+    "exp2": jnp.exp2,
+    "expm1": jnp.expm1,
+    "log": jnp.log,
+    "log2": jnp.log2,
+    "log10": jnp.log10,
+    "log1p": jnp.log1p,
+    "sqrt": jnp.sqrt,
+    "rsqrt": lax.rsqrt,
+    "reciprocal": lambda x: 1 / x,
+    "sin": jnp.sin,
+    "cos": jnp.cos,
+    "tan": jnp.tan,
+    "sinh": jnp.sinh,
+    "cosh": jnp.cosh,
+    "tanh": jnp.tanh,
+    "asin": jnp.arcsin,
+    "acos": jnp.arccos,
+    "atan": jnp.arctan,
+    "asinh": jnp.arcsinh,
+    "acosh": jnp.arccosh,
+    "atanh": jnp.arctanh,
+    "sigmoid": jax.nn.sigmoid,
+    "erf": lax.erf,
+    "erfc": lax.erfc,
+    "erfinv": lax.erf_inv,
+    "silu": jax.nn.silu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
     "hardsigmoid": lambda x: jnp.clip(x / 6 + 0.5, 0, 1),
-    "hardswish": lambda x: x * jnp.clip(x / 6 + 0.5, 0, 1), "log_sigmoid": jax.nn.log_sigmoid,
-}  # fmt: skip
+    "hardswish": lambda x: x * jnp.clip(x / 6 + 0.5, 0, 1),
+    "log_sigmoid": jax.nn.log_sigmoid,
+}
 _UNARY = {
-    "abs": jnp.abs, "neg": jnp.negative, "sign": jnp.sign, "sgn": jnp.sign,
-    "floor": jnp.floor, "ceil": jnp.ceil, "round": jnp.round, "trunc": jnp.trunc,
-    "relu": jax.nn.relu, "logical_not": jnp.logical_not, "bitwise_not": jnp.invert,
-    "isnan": jnp.isnan, "isinf": jnp.isinf, "isfinite": jnp.isfinite, "square": jnp.square,
+    "abs": jnp.abs,
+    "neg": jnp.negative,
+    "sign": jnp.sign,
+    "sgn": jnp.sign,
+    "floor": jnp.floor,
+    "ceil": jnp.ceil,
+    "round": jnp.round,
+    "trunc": jnp.trunc,
+    "relu": jax.nn.relu,
+    "logical_not": jnp.logical_not,
+    "bitwise_not": jnp.invert,
+    "isnan": jnp.isnan,
+    "isinf": jnp.isinf,
+    "isfinite": jnp.isfinite,
+    "square": jnp.square,
     "frac": lambda x: x - jnp.trunc(x),
-}  # fmt: skip
+}
 for _name, _fn in _FLOAT_UNARY.items():
     aten(f"{_name}.default")(lambda x, _fn=_fn: _fn(*opmath(as_float(x))))
 for _name, _fn in _UNARY.items():
@@ -249,8 +282,14 @@ def _pow_scalar(x, exponent):
     if is_half(x) and isinstance(exponent, float):  # PyTorch rounds the exponent first
         exponent = float(np.asarray(exponent, x.dtype))
     (x,) = opmath(x)
-    special = {2: jnp.square, 3: lambda v: v * v * v, 0.5: jnp.sqrt, -0.5: lax.rsqrt,
-               -1: lambda v: 1 / v, -2: lambda v: 1 / (v * v)}  # fmt: skip
+    special = {
+        2: jnp.square,
+        3: lambda v: v * v * v,
+        0.5: jnp.sqrt,
+        -0.5: lax.rsqrt,
+        -1: lambda v: 1 / v,
+        -2: lambda v: 1 / (v * v),
+    }
     if exponent in special and (is_float(x) or exponent in (2, 3)):
         return special[exponent](x)
     if isinstance(exponent, float) and not is_float(x):
@@ -265,19 +304,33 @@ def _pow(x, exponent):
 
 
 _BINARY = {
-    "maximum.default": jnp.maximum, "minimum.default": jnp.minimum, "max.other": jnp.maximum,
-    "min.other": jnp.minimum, "fmax.default": jnp.fmax, "fmin.default": jnp.fmin,
+    "maximum.default": jnp.maximum,
+    "minimum.default": jnp.minimum,
+    "max.other": jnp.maximum,
+    "min.other": jnp.minimum,
+    "fmax.default": jnp.fmax,
+    "fmin.default": jnp.fmin,
     "atan2.default": lambda x, y: jnp.arctan2(*opmath(as_float(x), as_float(y))),
-    "logical_and.default": jnp.logical_and, "logical_or.default": jnp.logical_or,
-    "logical_xor.default": jnp.logical_xor, "bitwise_and.Tensor": jnp.bitwise_and,
-    "bitwise_and.Scalar": jnp.bitwise_and, "bitwise_or.Tensor": jnp.bitwise_or,
-    "bitwise_or.Scalar": jnp.bitwise_or, "bitwise_xor.Tensor": jnp.bitwise_xor,
+    "logical_and.default": jnp.logical_and,
+    "logical_or.default": jnp.logical_or,
+    "logical_xor.default": jnp.logical_xor,
+    "bitwise_and.Tensor": jnp.bitwise_and,
+    "bitwise_and.Scalar": jnp.bitwise_and,
+    "bitwise_or.Tensor": jnp.bitwise_or,
+    "bitwise_or.Scalar": jnp.bitwise_or,
+    "bitwise_xor.Tensor": jnp.bitwise_xor,
     "bitwise_xor.Scalar": jnp.bitwise_xor,
-}  # fmt: skip
+}
 for _name, _fn in _BINARY.items():
     aten(_name)(lambda x, y, _fn=_fn: _fn(x, y))
-for _name, _fn in {"eq": jnp.equal, "ne": jnp.not_equal, "lt": jnp.less, "le": jnp.less_equal,
-                   "gt": jnp.greater, "ge": jnp.greater_equal}.items():  # fmt: skip
+for _name, _fn in {
+    "eq": jnp.equal,
+    "ne": jnp.not_equal,
+    "lt": jnp.less,
+    "le": jnp.less_equal,
+    "gt": jnp.greater,
+    "ge": jnp.greater_equal,
+}.items():
     aten(f"{_name}.Tensor", f"{_name}.Scalar")(lambda x, y, _fn=_fn: _fn(x, y))
 
 
@@ -344,8 +397,9 @@ def _ones(size, *, dtype=None, **_):
 
 
 # The graph never reads uninitialised memory it did not then overwrite; zeros stand in for it.
-@aten("empty.memory_format", "empty_strided.default", "new_empty.default",
-      "new_empty_strided.default")  # fmt: skip
+@aten(
+    "empty.memory_format", "empty_strided.default", "new_empty.default", "new_empty_strided.default"
+)
 def _empty(*args, dtype=None, **_):
     if isinstance(args[0], Sequence):  # empty(size) / empty_strided(size, stride)
         return _filled(args[0], 0.0, dtype)
@@ -426,8 +480,13 @@ def _copy(x, src, non_blocking=False):
     return jnp.broadcast_to(jnp.asarray(src, x.dtype), x.shape)
 
 
-@aten("clone.default", "alias.default", "lift_fresh_copy.default", "contiguous.default",
-      "alias_copy.default")  # fmt: skip
+@aten(
+    "clone.default",
+    "alias.default",
+    "lift_fresh_copy.default",
+    "contiguous.default",
+    "alias_copy.default",
+)
 def _identity(x, *args, **kwargs):
     return x  # jax arrays are immutable: a copy and an alias are the same value
 
@@ -438,9 +497,14 @@ def _stop_gradient(x):
 
 
 # Runtime assertions of the exported graph; shapes are static here, so they hold.
-@aten("_assert_tensor_metadata.default", "_assert_scalar.default",
-      "sym_constrain_range_for_size.default", "sym_constrain_range.default",
-      "_assert_async.msg", "_assert_async.default")  # fmt: skip
+@aten(
+    "_assert_tensor_metadata.default",
+    "_assert_scalar.default",
+    "sym_constrain_range_for_size.default",
+    "sym_constrain_range.default",
+    "_assert_async.msg",
+    "_assert_async.default",
+)
 def _no_op(*args, **kwargs):
     return None
 

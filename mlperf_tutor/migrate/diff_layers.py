@@ -452,9 +452,16 @@ def diff_layers(
         key = (t_call.name, t_call.index)
         input_state[key] = inputs_ok
         row = LayerDiff(
-            t_call.name, t_call.index, classes.get(t_call.name, "?"), depth, shape, max_abs, rel,
-            inputs_ok, status,
-        )  # fmt: skip
+            t_call.name,
+            t_call.index,
+            classes.get(t_call.name, "?"),
+            depth,
+            shape,
+            max_abs,
+            rel,
+            inputs_ok,
+            status,
+        )
         if not row.ok:
             failing.add(key)
         rows.append(row)

@@ -288,9 +288,15 @@ def translate(model: torch.nn.Module, loss_fn: Callable, example_batch: Any) -> 
     for graph in graphs.values():
         if graph.num_user_inputs != len(leaves):
             raise UnsupportedOp(
-                [(f"a batch with non-tensor leaves ({graph.num_user_inputs} graph inputs for "
-                  f"{len(leaves)} tensors)", "translate()", None)]
-            )  # fmt: skip
+                [
+                    (
+                        f"a batch with non-tensor leaves ({graph.num_user_inputs} graph inputs for "
+                        f"{len(leaves)} tensors)",
+                        "translate()",
+                        None,
+                    )
+                ]
+            )
 
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     state = model.state_dict(keep_vars=True)
@@ -301,6 +307,12 @@ def translate(model: torch.nn.Module, loss_fn: Callable, example_batch: Any) -> 
     named = {**dict(model.named_buffers()), **state}
     buffers = {k: to_numpy(named[k]) for k in named if k in graphs[True].buffers}
     return Translation(
-        params=params, buffers=buffers, frozen=frozen, train_program=programs[True],
-        eval_program=programs[False], _train=graphs[True], _eval=graphs[False], _leaves=leaves,
-    )  # fmt: skip
+        params=params,
+        buffers=buffers,
+        frozen=frozen,
+        train_program=programs[True],
+        eval_program=programs[False],
+        _train=graphs[True],
+        _eval=graphs[False],
+        _leaves=leaves,
+    )

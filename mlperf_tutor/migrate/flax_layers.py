@@ -159,9 +159,10 @@ def layer_ctor(mod: nn.Module, hp: str, in_rank: int | None) -> tuple[Ctor, dict
         args = [
             arg("in_features", mod.in_channels, False),
             arg("out_features", mod.out_channels, False),
-            arg("kernel_size", kernel), arg("strides", pair(mod.stride)),
+            arg("kernel_size", kernel),
+            arg("strides", pair(mod.stride)),
             arg("padding", "VALID" if pad == [(0, 0), (0, 0)] else pad),
-        ]  # fmt: skip
+        ]
         if dilation != (1, 1):
             args.append(arg("kernel_dilation", dilation))
         if mod.groups != 1:
@@ -175,9 +176,10 @@ def layer_ctor(mod: nn.Module, hp: str, in_rank: int | None) -> tuple[Ctor, dict
         args = [
             arg("num_features", mod.num_features, False),
             arg("momentum", round(1.0 - mod.momentum, 12)),  # flax keeps `momentum` of the old
-            arg("epsilon", mod.eps), *off(use_scale=mod.affine, use_bias=mod.affine),
+            arg("epsilon", mod.eps),
+            *off(use_scale=mod.affine, use_bias=mod.affine),
             arg("use_fast_variance", False),  # torch's two-pass variance
-        ]  # fmt: skip
+        ]
         stats = {"running_mean": ("mean", None), "running_var": ("var", None)}
         return Ctor("nnx.BatchNorm", args + [rngs]), affine | stats | {"num_batches_tracked": None}
     if kind is nn.LayerNorm:
@@ -186,18 +188,21 @@ def layer_ctor(mod: nn.Module, hp: str, in_rank: int | None) -> tuple[Ctor, dict
             raise UnsupportedModuleError("LayerNorm over more than the last dimension")
         scale = mod.elementwise_affine
         args = [
-            arg("num_features", mod.normalized_shape[0], False), arg("epsilon", mod.eps),
+            arg("num_features", mod.normalized_shape[0], False),
+            arg("epsilon", mod.eps),
             *off(use_scale=scale, use_bias=scale and mod.bias is not None),
             arg("use_fast_variance", False),  # torch's two-pass variance
-        ]  # fmt: skip
+        ]
         return Ctor("nnx.LayerNorm", args + [rngs]), affine
     if kind is nn.GroupNorm:
         needs_rank((2, 4))
         args = [
-            arg("num_features", mod.num_channels, False), arg("num_groups", mod.num_groups),
-            arg("epsilon", mod.eps), *off(use_scale=mod.affine, use_bias=mod.affine),
+            arg("num_features", mod.num_channels, False),
+            arg("num_groups", mod.num_groups),
+            arg("epsilon", mod.eps),
+            *off(use_scale=mod.affine, use_bias=mod.affine),
             arg("use_fast_variance", False),  # torch's two-pass variance
-        ]  # fmt: skip
+        ]
         return Ctor("nnx.GroupNorm", args + [rngs]), affine
     if kind is nn.Embedding:
         if mod.max_norm is not None:

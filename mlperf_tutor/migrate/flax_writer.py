@@ -142,10 +142,14 @@ class Writer:
                 return Code(as_function(stateless_code(mod, self._rank(mod))))
             if kind in (nn.Sequential, nn.ModuleList):
                 items = [
-                    (None, f"{hp}_{i}".lstrip("_"), self._value(c, f"{hp}_{i}".lstrip("_")),
-                     self._comment(c) if kind is nn.Sequential else "")
+                    (
+                        None,
+                        f"{hp}_{i}".lstrip("_"),
+                        self._value(c, f"{hp}_{i}".lstrip("_")),
+                        self._comment(c) if kind is nn.Sequential else "",
+                    )
                     for i, c in enumerate(mod)
-                ]  # fmt: skip
+                ]
                 if mod is self.model and kind is nn.Sequential:
                     self.bodies[mod] = _Body(mod, "nnx.Sequential", items, [], [])
                     return _Instance(mod)

@@ -188,10 +188,21 @@ def load_long() -> pd.DataFrame:
     ]
     long["accelerator"] = long["accelerator_model_name"].map(lambda a: ACCELERATORS.get(a, a))
     columns = [
-        "division", "availability", "submitter", "system", "nodes", "host_processor",
-        "host_processors", "accelerator", "accelerators", "benchmark", "minutes", "framework",
-        "framework_text", "summary_row",
-    ]  # fmt: skip
+        "division",
+        "availability",
+        "submitter",
+        "system",
+        "nodes",
+        "host_processor",
+        "host_processors",
+        "accelerator",
+        "accelerators",
+        "benchmark",
+        "minutes",
+        "framework",
+        "framework_text",
+        "summary_row",
+    ]
     return long[columns]
 
 

@@ -89,10 +89,18 @@ class Scores:
         """One line per benchmark folder under a header; minutes to three decimals."""
         header = ("system", "benchmark", "minutes", "runs", "used", "dropped", "non-conv", "scale")
         lines = [
-            (r.system, r.benchmark, f"{r.minutes:.3f}", str(r.runs), str(r.used), str(r.dropped),
-             str(r.non_converged), f"{r.scaling_factor:.6g}")
+            (
+                r.system,
+                r.benchmark,
+                f"{r.minutes:.3f}",
+                str(r.runs),
+                str(r.used),
+                str(r.dropped),
+                str(r.non_converged),
+                f"{r.scaling_factor:.6g}",
+            )
             for r in self.rows
-        ]  # fmt: skip
+        ]
         widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
         # Names left-aligned, numbers right-aligned, as in the summarizer's printed frame.
         fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))

@@ -142,13 +142,23 @@ class BertWorkload(Workload):
 
     def optimizer(self, cfg: BertConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
         spec = OptimizerSpec(
-            "lamb", beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-            no_decay=NO_DECAY, clip_norm=cfg.clip_norm,
-        )  # fmt: skip
+            "lamb",
+            beta1=cfg.beta1,
+            beta2=cfg.beta2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            no_decay=NO_DECAY,
+            clip_norm=cfg.clip_norm,
+        )
         schedule = ScheduleSpec(
-            cfg.lr, warmup_steps=cfg.warmup_steps, start_warmup_step=cfg.start_warmup_step,
-            decay="polynomial", total_steps=cfg.total_steps, power=1.0, end_lr=0.0,
-        )  # fmt: skip
+            cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            start_warmup_step=cfg.start_warmup_step,
+            decay="polynomial",
+            total_steps=cfg.total_steps,
+            power=1.0,
+            end_lr=0.0,
+        )
         return spec, schedule
 
     def recipe(self, cfg: BertConfig) -> Recipe:

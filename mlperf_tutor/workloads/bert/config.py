@@ -52,22 +52,43 @@ class BertConfig(Config):
         # Trains on 2 CPU cores in seconds: tests, notebooks, parity. 76/512 of 32 tokens -> 5.
         # LAMB moves each weight by about lr relative to its norm: 1e-2 lets 50 steps show it.
         "tiny": {
-            "num_layers": 2, "hidden": 32, "num_heads": 4, "ffn": 64, "vocab_size": 96,
-            "max_positions": 64, "seq_len": 32, "max_predictions": 5, "lr": 1e-2,
-            "warmup_steps": 3, "total_steps": 50, "global_batch_size": 8, "eval_samples": 64,
+            "num_layers": 2,
+            "hidden": 32,
+            "num_heads": 4,
+            "ffn": 64,
+            "vocab_size": 96,
+            "max_positions": 64,
+            "seq_len": 32,
+            "max_predictions": 5,
+            "lr": 1e-2,
+            "warmup_steps": 3,
+            "total_steps": 50,
+            "global_batch_size": 8,
+            "eval_samples": 64,
             "eval_every_samples": 40,
         },
         # BERT-base sized; one accelerator. 76/512 of 128 tokens -> 20 (the reference's phase 1).
         "small": {
-            "num_layers": 12, "hidden": 768, "num_heads": 12, "ffn": 3072, "seq_len": 128,
-            "max_predictions": 20, "warmup_steps": 100, "total_steps": 1000,
+            "num_layers": 12,
+            "hidden": 768,
+            "num_heads": 12,
+            "ffn": 3072,
+            "seq_len": 128,
+            "max_predictions": 20,
+            "warmup_steps": 100,
+            "total_steps": 1000,
             "global_batch_size": 256,
         },
         "mlperf": {
-            "lr": 0.00288293, "beta1": 0.88, "beta2": 0.88, "weight_decay": 0.0166629,
-            "warmup_steps": 287, "start_warmup_step": -76, "total_steps": 600,
+            "lr": 0.00288293,
+            "beta1": 0.88,
+            "beta2": 0.88,
+            "weight_decay": 0.0166629,
+            "warmup_steps": 287,
+            "start_warmup_step": -76,
+            "total_steps": 600,
         },
-    }  # fmt: skip
+    }
 
     def __post_init__(self):
         self.block_spec()  # heads, widths and dropout checked once, where the layers read them

@@ -41,16 +41,24 @@ TARGET_MLM_ACCURACY = 0.720
 
 # In the order of synthetic_batch's keys.
 KEYS = (
-    "input_ids", "segment_ids", "input_mask", "masked_lm_positions", "masked_lm_ids",
+    "input_ids",
+    "segment_ids",
+    "input_mask",
+    "masked_lm_positions",
+    "masked_lm_ids",
     "next_sentence_labels",
-)  # fmt: skip
+)
 _TOKENS = ("input_ids", "input_mask", "segment_ids")  # (N, S)
 _MASKED = ("masked_lm_positions", "masked_lm_ids")  # (N, P)
 # The reference's on-disk dtypes (create_pretraining_data.py), which write_shard reproduces.
 _DISK_DTYPES = {
-    "input_ids": "i4", "input_mask": "i1", "segment_ids": "i1", "masked_lm_positions": "i4",
-    "masked_lm_ids": "i4", "next_sentence_labels": "i1",
-}  # fmt: skip
+    "input_ids": "i4",
+    "input_mask": "i1",
+    "segment_ids": "i1",
+    "masked_lm_positions": "i4",
+    "masked_lm_ids": "i4",
+    "next_sentence_labels": "i1",
+}
 
 
 class DataError(ValueError):

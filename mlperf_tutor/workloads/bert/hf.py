@@ -61,9 +61,15 @@ _LEGACY = {"gamma": "weight", "beta": "bias"}
 # Config fields a checkpoint fixes (convert refuses a config that differs in one of them);
 # dropout and init_std are training settings.
 ARCHITECTURE = (
-    "num_layers", "hidden", "num_heads", "ffn", "vocab_size", "max_positions",
-    "type_vocab_size", "norm_eps",
-)  # fmt: skip
+    "num_layers",
+    "hidden",
+    "num_heads",
+    "ffn",
+    "vocab_size",
+    "max_positions",
+    "type_vocab_size",
+    "norm_eps",
+)
 # BertConfig field -> transformers BertConfig key.
 _FIELDS = {
     "num_layers": "num_hidden_layers",
@@ -80,11 +86,18 @@ _FIELDS = {
 # transformers' BertConfig defaults (bert-base-uncased), used for keys a config.json leaves out,
 # exactly as transformers does.
 HF_DEFAULTS = {
-    "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
-    "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1,
-    "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02,
-}  # fmt: skip
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "initializer_range": 0.02,
+}
 
 
 def to_hf_name(name: str) -> str:
@@ -245,10 +258,13 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[BertConfig, Tree]:
     expected = {to_hf_name(k): spec for k, spec in _specs(cfg).items()}
     # Checked in HF names, so that the message names what the user's files hold.
     check_tree(
-        expected, state, where=str(directory), check_dtype=False,
+        expected,
+        state,
+        where=str(directory),
+        check_dtype=False,
         hint=f"mlperf_tutor reads BertForPreTraining checkpoints (this one's architectures: "
         f"{config.get('architectures')})",
-    )  # fmt: skip
+    )
     for copy, source in TIED.items():
         if copy in tied and not _same_bits(tied[copy], state[source]):
             raise CheckpointError(

@@ -123,11 +123,14 @@ class Dlrm(keras.Model):
         self.bottom_mlp = Mlp(cfg.bottom_mlp, True, name="bottom_mlp", dtype=dtype)
         self.embedding_bags = [
             keras.layers.Embedding(
-                rows, cfg.embedding_dim, embeddings_initializer="zeros",
-                name=f"embedding_bags.{i}", dtype=dtype,
+                rows,
+                cfg.embedding_dim,
+                embeddings_initializer="zeros",
+                name=f"embedding_bags.{i}",
+                dtype=dtype,
             )
             for i, rows in enumerate(cfg.table_sizes)
-        ]  # fmt: skip
+        ]
         for table in self.embedding_bags:
             table.build()  # never called (the bags read the table), so built here
         self.interaction = CrossNet(cfg, name="interaction", dtype=dtype)

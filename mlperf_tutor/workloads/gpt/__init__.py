@@ -112,14 +112,21 @@ class GptWorkload(Workload):
 
     def optimizer(self, cfg: GptConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
         spec = OptimizerSpec(
-            "adamw", beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-            weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm,
+            "adamw",
+            beta1=cfg.beta1,
+            beta2=cfg.beta2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            clip_norm=cfg.clip_norm,
             no_decay=() if cfg.decay_norms_and_biases else NO_DECAY,
-        )  # fmt: skip
+        )
         schedule = ScheduleSpec(
-            cfg.lr, warmup_steps=cfg.warmup_steps, decay="cosine", total_steps=cfg.total_steps,
+            cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            decay="cosine",
+            total_steps=cfg.total_steps,
             end_lr=cfg.lr * cfg.end_lr_fraction,
-        )  # fmt: skip
+        )
         return spec, schedule
 
     def recipe(self, cfg: GptConfig) -> Recipe:

@@ -177,26 +177,53 @@ class Gpt3Config(GptConfig):
         # perplexity on the synthetic language is 2.70, just above the target, as the MLPerf
         # reference checkpoint's (about 2.77) is above 2.69. About 32 steps reach the target.
         "tiny": {
-            "num_layers": 2, "hidden": 32, "num_heads": 2, "ffn": 128, "vocab_size": 90,
-            "vocab_multiple": 32, "lr": 3e-5, "warmup_steps": 5, "total_steps": 200,
-            "global_batch_size": 1, "eval_samples": 4, "eval_every_samples": 8,
-            "init_checkpoint_step": 60, "checkpoint_lr": 5e-3,
+            "num_layers": 2,
+            "hidden": 32,
+            "num_heads": 2,
+            "ffn": 128,
+            "vocab_size": 90,
+            "vocab_multiple": 32,
+            "lr": 3e-5,
+            "warmup_steps": 5,
+            "total_steps": 200,
+            "global_batch_size": 1,
+            "eval_samples": 4,
+            "eval_every_samples": 8,
+            "init_checkpoint_step": 60,
+            "checkpoint_lr": 5e-3,
         },
         # GPT-3 Small (Brown et al. Table 2.1: 12 layers, d 768, 12 heads); lr 6e-4 (ibid.).
         "small": {
-            "num_layers": 12, "hidden": 768, "num_heads": 12, "ffn": 3072, "max_positions": 1024,
-            "seq_len": 1024, "lr": 6e-4, "warmup_steps": 100, "total_steps": 5000,
-            "global_batch_size": 32, "eval_samples": 256, "eval_every_samples": 3200,
+            "num_layers": 12,
+            "hidden": 768,
+            "num_heads": 12,
+            "ffn": 3072,
+            "max_positions": 1024,
+            "seq_len": 1024,
+            "lr": 6e-4,
+            "warmup_steps": 100,
+            "total_steps": 5000,
+            "global_batch_size": 32,
+            "eval_samples": 256,
+            "eval_every_samples": 3200,
             "init_checkpoint_step": 1,
         },
         # GPT-3 XL sized (24 layers, d 2048), with 16 heads of 128; lr 2e-4 (ibid.).
         "1.3b": {
-            "num_layers": 24, "hidden": 2048, "num_heads": 16, "ffn": 8192, "lr": 2e-4,
-            "warmup_steps": 100, "total_steps": 5000, "global_batch_size": 8,
-            "eval_samples": 64, "eval_every_samples": 800, "init_checkpoint_step": 1,
+            "num_layers": 24,
+            "hidden": 2048,
+            "num_heads": 16,
+            "ffn": 8192,
+            "lr": 2e-4,
+            "warmup_steps": 100,
+            "total_steps": 5000,
+            "global_batch_size": 8,
+            "eval_samples": 64,
+            "eval_every_samples": 800,
+            "init_checkpoint_step": 1,
         },
         "mlperf": mlperf_schedule(1536),
-    }  # fmt: skip
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,10 +258,20 @@ class GptjConfig(GptConfig):
 
     PRESETS = {
         "tiny": {
-            "num_layers": 2, "hidden": 32, "num_heads": 4, "ffn": 128, "vocab_size": 96,
-            "rotary_dim": 4, "max_positions": 64, "seq_len": 32, "lr": 3e-3,
-            "warmup_steps": 5, "total_steps": 200, "global_batch_size": 8, "eval_samples": 64,
+            "num_layers": 2,
+            "hidden": 32,
+            "num_heads": 4,
+            "ffn": 128,
+            "vocab_size": 96,
+            "rotary_dim": 4,
+            "max_positions": 64,
+            "seq_len": 32,
+            "lr": 3e-3,
+            "warmup_steps": 5,
+            "total_steps": 200,
+            "global_batch_size": 8,
+            "eval_samples": 64,
             "eval_every_samples": 16,
         },
         "full": {},
-    }  # fmt: skip
+    }

@@ -92,10 +92,15 @@ INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 # Megatron-LM's DType codes (core/datasets/indexed_dataset.py; older forks differ for 6 and 7).
 DTYPE_CODES = {
-    1: np.dtype(np.uint8), 2: np.dtype(np.int8), 3: np.dtype(np.int16), 4: np.dtype(np.int32),
-    5: np.dtype(np.int64), 6: np.dtype(np.float64), 7: np.dtype(np.float32),
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.int8),
+    3: np.dtype(np.int16),
+    4: np.dtype(np.int32),
+    5: np.dtype(np.int64),
+    6: np.dtype(np.float64),
+    7: np.dtype(np.float32),
     8: np.dtype(np.uint16),
-}  # fmt: skip
+}
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, document entries
 
 

@@ -35,10 +35,23 @@ from mlperf_tutor.workloads.gpt.config import Gpt3Config, GptConfig, GptjConfig
 # padded_vocab_size, not vocab_size: HF stores the padded table, so gpt3's "tiny" (90 tokens
 # padded to 96) matches a checkpoint whose config says vocab_size 96.
 ARCHITECTURE = (
-    "num_layers", "hidden", "num_heads", "ffn", "padded_vocab_size", "max_positions",
-    "position", "rotary_dim", "rotary_base", "parallel_residual", "attention_bias", "mlp_bias",
-    "tie_embeddings", "lm_head_bias", "activation", "norm_eps",
-)  # fmt: skip
+    "num_layers",
+    "hidden",
+    "num_heads",
+    "ffn",
+    "padded_vocab_size",
+    "max_positions",
+    "position",
+    "rotary_dim",
+    "rotary_base",
+    "parallel_residual",
+    "attention_bias",
+    "mlp_bias",
+    "tie_embeddings",
+    "lm_head_bias",
+    "activation",
+    "norm_eps",
+)
 # Our activation -> transformers' name; on reading, "gelu_pytorch_tanh" is the same function.
 _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -287,8 +300,9 @@ class GptNaming:
             raise CheckpointError(str(e)) from e
         weights = convert.read_hf_weights(directory)
         if not any(k.startswith("transformer.") for k in weights):  # a bare GPT2Model file
-            weights = {k if k.startswith("lm_head.") else f"transformer.{k}": v
-                       for k, v in weights.items()}  # fmt: skip
+            weights = {
+                k if k.startswith("lm_head.") else f"transformer.{k}": v for k, v in weights.items()
+            }
         state = {k: v for k, v in weights.items() if not _BUFFER.fullmatch(k)}
         wte = "transformer.wte.weight"
         if cfg.tie_embeddings and "lm_head.weight" in state and wte in state:
@@ -299,10 +313,13 @@ class GptNaming:
                 )
         expected = {k: (s, "float32") for k, s in self.hf_shapes(cfg).items()}
         check_tree(
-            expected, state, where=str(directory), check_dtype=False,
+            expected,
+            state,
+            where=str(directory),
+            check_dtype=False,
             hint=f"mlperf_tutor's {self.workload} reads {self.model_class} checkpoints (this "
             f"one's architectures: {config.get('architectures')})",
-        )  # fmt: skip
+        )
         tree = self.from_hf(state)
         return cfg, {name: tree[name] for name in self._specs(cfg)}
 
@@ -350,12 +367,21 @@ class Gpt2Naming(GptNaming):
     config_class = Gpt3Config
     default_preset = "mlperf"
     hf_defaults = {
-        "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
-        "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": 0.1,
-        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
+        "vocab_size": 50257,
+        "n_positions": 1024,
+        "n_embd": 768,
+        "n_layer": 12,
+        "n_head": 12,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": 0.1,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "add_cross_attention": False,
         "tie_word_embeddings": True,
-    }  # fmt: skip
+    }
     block = {
         "attention_norm": ("ln_1", False),
         "attention.o_proj": ("attn.c_proj", True),
@@ -386,16 +412,27 @@ class Gpt2Naming(GptNaming):
                     "and cannot load this model"
                 )
         return {
-            "position": "learned", "rotary_dim": 0, "rotary_base": 10000.0,
-            "parallel_residual": False, "attention_bias": True, "mlp_bias": True,
-            "tie_embeddings": bool(values["tie_word_embeddings"]), "lm_head_bias": False,
-        }  # fmt: skip
+            "position": "learned",
+            "rotary_dim": 0,
+            "rotary_base": 10000.0,
+            "parallel_residual": False,
+            "attention_bias": True,
+            "mlp_bias": True,
+            "tie_embeddings": bool(values["tie_word_embeddings"]),
+            "lm_head_bias": False,
+        }
 
     def config_to_hf(self, cfg: GptConfig) -> dict[str, Any]:
-        self._require(cfg, {
-            "position": "learned", "parallel_residual": False, "attention_bias": True,
-            "mlp_bias": True, "lm_head_bias": False,
-        })  # fmt: skip
+        self._require(
+            cfg,
+            {
+                "position": "learned",
+                "parallel_residual": False,
+                "attention_bias": True,
+                "mlp_bias": True,
+                "lm_head_bias": False,
+            },
+        )
         return super().config_to_hf(cfg) | {
             "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False,
@@ -413,10 +450,19 @@ class GptjNaming(GptNaming):
     config_class = GptjConfig
     default_preset = "full"
     hf_defaults = {
-        "vocab_size": 50400, "n_positions": 2048, "n_embd": 4096, "n_layer": 28, "n_head": 16,
-        "rotary_dim": 64, "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": 0.0,
-        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "tie_word_embeddings": False,
-    }  # fmt: skip
+        "vocab_size": 50400,
+        "n_positions": 2048,
+        "n_embd": 4096,
+        "n_layer": 28,
+        "n_head": 16,
+        "rotary_dim": 64,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": 0.0,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+    }
     block = {
         "attention_norm": ("ln_1", False),
         "attention.q_proj": ("attn.q_proj", False),
@@ -445,17 +491,29 @@ class GptjNaming(GptNaming):
                 "rotary_dim of at most the head dim"
             )
         return {
-            "position": "rotary", "rotary_dim": values["rotary_dim"], "rotary_base": 10000.0,
-            "parallel_residual": True, "attention_bias": False, "mlp_bias": True,
-            "tie_embeddings": False, "lm_head_bias": True,
-        }  # fmt: skip
+            "position": "rotary",
+            "rotary_dim": values["rotary_dim"],
+            "rotary_base": 10000.0,
+            "parallel_residual": True,
+            "attention_bias": False,
+            "mlp_bias": True,
+            "tie_embeddings": False,
+            "lm_head_bias": True,
+        }
 
     def config_to_hf(self, cfg: GptConfig) -> dict[str, Any]:
-        self._require(cfg, {
-            "position": "rotary", "rotary_base": 10000.0, "parallel_residual": True,
-            "attention_bias": False, "mlp_bias": True, "tie_embeddings": False,
-            "lm_head_bias": True,
-        })  # fmt: skip
+        self._require(
+            cfg,
+            {
+                "position": "rotary",
+                "rotary_base": 10000.0,
+                "parallel_residual": True,
+                "attention_bias": False,
+                "mlp_bias": True,
+                "tie_embeddings": False,
+                "lm_head_bias": True,
+            },
+        )
         return super().config_to_hf(cfg) | {"rotary_dim": cfg.rotary_dim}
 
 

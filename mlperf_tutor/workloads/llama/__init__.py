@@ -155,9 +155,13 @@ class LlamaLoraWorkload(Workload):
 
     def optimizer(self, cfg: LlamaConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
         spec = OptimizerSpec(
-            "adamw", beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-            weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm,
-        )  # fmt: skip
+            "adamw",
+            beta1=cfg.beta1,
+            beta2=cfg.beta2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            clip_norm=cfg.clip_norm,
+        )
         schedule = ScheduleSpec(
             cfg.lr, warmup_steps=cfg.warmup_steps, decay="cosine", total_steps=cfg.total_steps
         )

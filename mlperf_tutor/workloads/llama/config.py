@@ -134,15 +134,31 @@ LlamaConfig.PRESETS = {
     # (rank 16, alpha 32, dropout 0.1: the reference's) then learn the "summary" language and
     # cross the MLPerf target eval loss 0.925 after about 180 steps of batch 8.
     "tiny": dict(
-        num_layers=2, hidden=64, num_heads=4, num_kv_heads=2, ffn=160, vocab_size=32,
-        max_positions=128, seq_len=64, lr=1e-2, total_steps=256, global_batch_size=8,
-        eval_samples=32, eval_every_samples=256, init_checkpoint_step=60,
+        num_layers=2,
+        hidden=64,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn=160,
+        vocab_size=32,
+        max_positions=128,
+        seq_len=64,
+        lr=1e-2,
+        total_steps=256,
+        global_batch_size=8,
+        eval_samples=32,
+        eval_every_samples=256,
+        init_checkpoint_step=60,
     ),
     # Llama-style 1.1B (the TinyLlama 1.1B shape: 22 layers, d 2048, 32 heads, 4 kv heads,
     # F 5632) at 4096 tokens: one accelerator.
     "small": dict(
-        num_layers=22, hidden=2048, num_heads=32, num_kv_heads=4, ffn=5632,
-        max_positions=4096, seq_len=4096,
+        num_layers=22,
+        hidden=2048,
+        num_heads=32,
+        num_kv_heads=4,
+        ffn=5632,
+        max_positions=4096,
+        seq_len=4096,
     ),
     "mlperf": {},
-}  # fmt: skip
+}

@@ -39,9 +39,15 @@ from mlperf_tutor.workloads.llama.config import LlamaConfig
 
 # Config fields a checkpoint fixes (convert refuses a config that differs in one of them).
 ARCHITECTURE = (
-    "num_layers", "hidden", "num_heads", "num_kv_heads", "ffn", "vocab_size", "norm_eps",
+    "num_layers",
+    "hidden",
+    "num_heads",
+    "num_kv_heads",
+    "ffn",
+    "vocab_size",
+    "norm_eps",
     "rotary_base",
-)  # fmt: skip
+)
 MODEL_TYPES = ("llama", "custom_llama")  # transformers' Llama; the MLPerf reference's fused one
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -100,9 +106,11 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> Llama
             f"LlamaForCausalLM checkpoints (model_type one of {list(MODEL_TYPES)})"
         )
     for key, want in (
-        ("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+        ("hidden_act", "silu"),
+        ("attention_bias", False),
+        ("mlp_bias", False),
         ("tie_word_embeddings", False),
-    ):  # fmt: skip
+    ):
         if data.get(key, want) != want:
             raise ValueError(
                 f"{where} has {key}={data[key]!r}; Llama 2 has {key}={want!r} and our decoder "
@@ -115,13 +123,17 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> Llama
             f"= {hidden // heads}; our decoder cannot load this model"
         )
     fields = {
-        "num_layers": data["num_hidden_layers"], "hidden": hidden, "num_heads": heads,
+        "num_layers": data["num_hidden_layers"],
+        "hidden": hidden,
+        "num_heads": heads,
         "num_kv_heads": data.get("num_key_value_heads") or heads,
-        "ffn": data["intermediate_size"], "vocab_size": data["vocab_size"],
-        "norm_eps": data.get("rms_norm_eps", 1e-6), "rotary_base": _rope_theta(data, where),
+        "ffn": data["intermediate_size"],
+        "vocab_size": data["vocab_size"],
+        "norm_eps": data.get("rms_norm_eps", 1e-6),
+        "rotary_base": _rope_theta(data, where),
         "max_positions": data.get("max_position_embeddings", 4096),
         "init_std": data.get("initializer_range", 0.02),
-    }  # fmt: skip
+    }
     fixed = sorted(set(overrides) & set(ARCHITECTURE))
     if fixed:
         raise ValueError(f"{fixed} come from {where}; they cannot be overridden")
@@ -133,17 +145,27 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> Llama
 def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
     """The config.json of ``cfg``'s base model for transformers' ``LlamaForCausalLM``."""
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden,
-        "intermediate_size": cfg.ffn, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_positions, "rms_norm_eps": cfg.norm_eps,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.ffn,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_positions,
+        "rms_norm_eps": cfg.norm_eps,
         "rope_parameters": {"rope_theta": cfg.rotary_base, "rope_type": "default"},
-        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-        "initializer_range": cfg.init_std, "bos_token_id": 1, "eos_token_id": 2,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         "dtype": "float32",
-    }  # fmt: skip
+    }
 
 
 # --- base weights ---------------------------------------------------------------------------
@@ -223,9 +245,12 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[LlamaConfig, Tree]:
     if any(k.endswith("self_attn.qkv_proj.weight") for k in state):  # the fused reference model
         expected = {_hf_name(k): s for k, s in base_shapes(cfg).items()}
     check_tree(
-        {k: (s, "float32") for k, s in expected.items()}, state, where=str(directory),
-        check_dtype=False, hint="llama2_70b_lora reads LlamaForCausalLM checkpoints",
-    )  # fmt: skip
+        {k: (s, "float32") for k, s in expected.items()},
+        state,
+        where=str(directory),
+        check_dtype=False,
+        hint="llama2_70b_lora reads LlamaForCausalLM checkpoints",
+    )
     return cfg, from_hf(state, cfg)
 
 

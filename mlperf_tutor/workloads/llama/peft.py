@@ -39,14 +39,25 @@ def adapter_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def _peft_config(cfg: LlamaConfig, layout: str) -> dict:
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank,
-        "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-        "target_modules": sorted(LAYOUTS[layout]), "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-        "base_model_name_or_path": None, "inference_mode": True, "modules_to_save": None,
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": sorted(LAYOUTS[layout]),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
         "alpha_pattern": {},
-    }  # fmt: skip
+    }
 
 
 def to_peft(tree: Mapping[str, np.ndarray], cfg: LlamaConfig, layout: str = "hf") -> Tree:
@@ -164,8 +175,14 @@ def load_adapter(directory: str | os.PathLike, cfg: LlamaConfig) -> Tree:
             ``cfg``'s rank and alpha, or weights missing, unexpected or misshapen.
     """
     config = read_adapter_config(directory)
-    checks = {"peft_type": "LORA", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-              "use_rslora": False, "use_dora": False, "fan_in_fan_out": False}  # fmt: skip
+    checks = {
+        "peft_type": "LORA",
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+    }
     for key, want in checks.items():
         if config.get(key, want) != want:
             raise CheckpointError(

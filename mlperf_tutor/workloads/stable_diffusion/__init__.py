@@ -184,8 +184,11 @@ class StableDiffusionWorkload(Workload):
         adapter = self.adapter(framework)
         denoise = _compiled_denoise(framework)
         ctx = adapter.from_numpy(np.asarray(context, np.float32))
-        unc = None if uncond_context is None else adapter.from_numpy(
-            np.asarray(uncond_context, np.float32))  # fmt: skip
+        unc = (
+            None
+            if uncond_context is None
+            else adapter.from_numpy(np.asarray(uncond_context, np.float32))
+        )
         batch = len(noise)
 
         def step(x, t: int, conditional: bool):
@@ -210,9 +213,13 @@ class StableDiffusionWorkload(Workload):
             part = slice(start, start + batch_size)
             n = len(eval_set["noise"][part])
             latents = self.sample(
-                framework, model, eval_set["noise"][part], eval_set["context"][part], cfg,
+                framework,
+                model,
+                eval_set["noise"][part],
+                eval_set["context"][part],
+                cfg,
                 uncond_context=uncond[:n],
-            )  # fmt: skip
+            )
             images.append(vae.decode(latents / cfg.latent_scale))
         images = np.concatenate(images)
         captions = [str(c) for c in eval_set["captions"]]

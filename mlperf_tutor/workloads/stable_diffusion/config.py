@@ -124,13 +124,26 @@ StableDiffusionConfig.PRESETS = {
     # torch run measured FID 3.3 -> 0.57 -> 0.27 and CLIP 0.23 -> 0.81 -> 0.90 after 80, 160
     # and 240 steps; noise scores FID 5.4, CLIP 0.0; perfect samples FID 0, CLIP 0.99.
     "tiny": dict(
-        latent_size=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attention_levels=(0, 1), head_channels=16, context_dim=32, context_len=8,
-        norm_groups=8, lr_per_sample=2.5e-4, warmup_steps=20, global_batch_size=8,
-        sampler_steps=10, guidance_scale=1.0, eval_samples=64, eval_every_samples=640,
-        fid_target=0.4, clip_target=0.85,
+        latent_size=8,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(0, 1),
+        head_channels=16,
+        context_dim=32,
+        context_len=8,
+        norm_groups=8,
+        lr_per_sample=2.5e-4,
+        warmup_steps=20,
+        global_batch_size=8,
+        sampler_steps=10,
+        guidance_scale=1.0,
+        eval_samples=64,
+        eval_every_samples=640,
+        fid_target=0.4,
+        clip_target=0.85,
     ),
     # The SD v2 layout at 192 channels on 32x32 latents (256 px): one accelerator.
     "small": dict(model_channels=192, latent_size=32, global_batch_size=64),
     "mlperf": {},
-}  # fmt: skip
+}

@@ -35,32 +35,64 @@ from mlperf_tutor.workloads.stable_diffusion.shapes import canonical_shapes
 
 # Config fields a checkpoint fixes (convert refuses a config that differs in one of them).
 ARCHITECTURE = (
-    "latent_channels", "model_channels", "channel_mult", "num_res_blocks", "attention_levels",
-    "head_channels", "transformer_depth", "context_dim", "norm_groups", "resnet_eps",
-)  # fmt: skip
+    "latent_channels",
+    "model_channels",
+    "channel_mult",
+    "num_res_blocks",
+    "attention_levels",
+    "head_channels",
+    "transformer_depth",
+    "context_dim",
+    "norm_groups",
+    "resnet_eps",
+)
 CLASS_NAME = "UNet2DConditionModel"
 # What diffusers fixes and our UNet assumes: its own defaults, which SD 2 keeps.
 _TRANSFORMER_NORM_EPS = 1e-6  # Transformer2DModel's GroupNorm
 _LAYER_NORM_EPS = 1e-5  # BasicTransformerBlock's LayerNorms (UNet2DConditionModel's default)
 _REQUIRED = {
-    "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "use_linear_projection": True,
-    "only_cross_attention": False, "dual_cross_attention": False, "class_embed_type": None,
-    "num_class_embeds": None, "addition_embed_type": None, "time_embedding_type": "positional",
-    "resnet_time_scale_shift": "default", "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "conv_in_kernel": 3, "conv_out_kernel": 3, "encoder_hid_dim": None,
-    "time_embedding_dim": None, "timestep_post_act": None, "time_cond_proj_dim": None,
-    "attention_type": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
-    "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
-}  # fmt: skip
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "use_linear_projection": True,
+    "only_cross_attention": False,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "addition_embed_type": None,
+    "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default",
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "encoder_hid_dim": None,
+    "time_embedding_dim": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "attention_type": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "cross_attention_norm": None,
+    "reverse_transformer_layers_per_block": None,
+}
 _DOWN = ("DownBlock2D", "CrossAttnDownBlock2D")  # index: whether the level has attention
 _UP = ("UpBlock2D", "CrossAttnUpBlock2D")
 
 _BLOCK_RENAMES = (  # ours -> diffusers, inside a transformer block
-    ("cross_attention_norm", "norm2"), ("attention_norm", "norm1"), ("mlp_norm", "norm3"),
-    ("cross_attention.", "attn2."), ("attention.", "attn1."), ("q_proj", "to_q"),
-    ("k_proj", "to_k"), ("v_proj", "to_v"), ("o_proj", "to_out.0"), ("mlp.fc_out", "ff.net.2"),
-)  # fmt: skip
+    ("cross_attention_norm", "norm2"),
+    ("attention_norm", "norm1"),
+    ("mlp_norm", "norm3"),
+    ("cross_attention.", "attn2."),
+    ("attention.", "attn1."),
+    ("q_proj", "to_q"),
+    ("k_proj", "to_k"),
+    ("v_proj", "to_v"),
+    ("o_proj", "to_out.0"),
+    ("mlp.fc_out", "ff.net.2"),
+)
 _GEGLU = "ff.net.0.proj"
 _BLOCK = re.compile(r"(.+\.transformer_blocks\.\d+)\.(.+)")
 
@@ -104,9 +136,11 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> Stabl
     # diffusers' attention_head_dim counts heads when num_attention_heads is unset (its legacy
     # naming, which SD 2's config relies on).
     heads = _per_level(
-        data.get("num_attention_heads") or data.get("attention_head_dim", 8), levels,
-        "attention heads", where,
-    )  # fmt: skip
+        data.get("num_attention_heads") or data.get("attention_head_dim", 8),
+        levels,
+        "attention heads",
+        where,
+    )
     head_widths = {widths[i] // heads[i] for i in [*attention, levels - 1]}
     if len(head_widths) != 1:
         raise ValueError(
@@ -118,13 +152,18 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> Stabl
     if len(depths) != 1 or len(set(per_block)) != 1:
         raise ValueError(f"{where} varies transformer or resnet depth per level; ours does not")
     fields = {
-        "latent_channels": data["in_channels"], "model_channels": widths[0],
-        "channel_mult": tuple(w // widths[0] for w in widths), "num_res_blocks": per_block[0],
-        "attention_levels": attention, "head_channels": head_widths.pop(),
-        "transformer_depth": depths.pop(), "context_dim": data["cross_attention_dim"],
-        "norm_groups": data.get("norm_num_groups", 32), "resnet_eps": data.get("norm_eps", 1e-5),
+        "latent_channels": data["in_channels"],
+        "model_channels": widths[0],
+        "channel_mult": tuple(w // widths[0] for w in widths),
+        "num_res_blocks": per_block[0],
+        "attention_levels": attention,
+        "head_channels": head_widths.pop(),
+        "transformer_depth": depths.pop(),
+        "context_dim": data["cross_attention_dim"],
+        "norm_groups": data.get("norm_num_groups", 32),
+        "resnet_eps": data.get("norm_eps", 1e-5),
         "latent_size": data.get("sample_size", 64),
-    }  # fmt: skip
+    }
     if data.get("out_channels", data["in_channels"]) != data["in_channels"]:
         raise ValueError(f"{where} has out_channels != in_channels; ours predicts latents")
     if [fields["model_channels"] * m for m in fields["channel_mult"]] != widths:
@@ -149,16 +188,22 @@ def config_to_hf(cfg: StableDiffusionConfig) -> dict[str, Any]:
         )
     levels = range(len(cfg.widths))
     return {
-        "_class_name": CLASS_NAME, "in_channels": cfg.latent_channels,
-        "out_channels": cfg.latent_channels, "sample_size": cfg.latent_size,
-        "block_out_channels": list(cfg.widths), "layers_per_block": cfg.num_res_blocks,
+        "_class_name": CLASS_NAME,
+        "in_channels": cfg.latent_channels,
+        "out_channels": cfg.latent_channels,
+        "sample_size": cfg.latent_size,
+        "block_out_channels": list(cfg.widths),
+        "layers_per_block": cfg.num_res_blocks,
         "down_block_types": [_DOWN[i in cfg.attention_levels] for i in levels],
         "up_block_types": [_UP[i in cfg.attention_levels] for i in reversed(levels)],
         "attention_head_dim": [w // cfg.head_channels for w in cfg.widths],
         "transformer_layers_per_block": cfg.transformer_depth,
-        "cross_attention_dim": cfg.context_dim, "norm_num_groups": cfg.norm_groups,
-        "norm_eps": cfg.resnet_eps, "upcast_attention": True, **_REQUIRED,
-    }  # fmt: skip
+        "cross_attention_dim": cfg.context_dim,
+        "norm_num_groups": cfg.norm_groups,
+        "norm_eps": cfg.resnet_eps,
+        "upcast_attention": True,
+        **_REQUIRED,
+    }
 
 
 # --- weights --------------------------------------------------------------------------------
@@ -228,9 +273,12 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[StableDiffusionConfig
         raise CheckpointError(f"{directory}: {e}") from e
     state = convert.read_hf_weights(directory)
     check_tree(
-        {k: (s, "float32") for k, s in hf_shapes(cfg).items()}, state, where=str(directory),
-        check_dtype=False, hint=f"stable_diffusion reads diffusers {CLASS_NAME} checkpoints",
-    )  # fmt: skip
+        {k: (s, "float32") for k, s in hf_shapes(cfg).items()},
+        state,
+        where=str(directory),
+        check_dtype=False,
+        hint=f"stable_diffusion reads diffusers {CLASS_NAME} checkpoints",
+    )
     return cfg, from_hf(state, cfg)
 
 

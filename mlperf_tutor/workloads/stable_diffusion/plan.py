@@ -45,8 +45,9 @@ class Plan(NamedTuple):
 def unet_plan(cfg: StableDiffusionConfig) -> Plan:
     """The down, middle and up blocks of ``cfg``'s UNet."""
     widths, last = cfg.widths, len(cfg.widths) - 1
-    heads = [w // cfg.head_channels if lvl in cfg.attention_levels else 0 for lvl, w in
-             enumerate(widths)]  # fmt: skip
+    heads = [
+        w // cfg.head_channels if lvl in cfg.attention_levels else 0 for lvl, w in enumerate(widths)
+    ]
     down, skips, ch = [], [widths[0]], widths[0]
     for lvl, width in enumerate(widths):
         resnets = []

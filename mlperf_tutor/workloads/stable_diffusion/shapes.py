@@ -92,8 +92,15 @@ def canonical_shapes(cfg: StableDiffusionConfig) -> Shapes:
 # block, every spatial transformer's proj_out and conv_out, so each residual branch and the
 # whole UNet start as the identity / zero.
 ZERO_INIT = (".conv2.", ".proj_out.", "conv_out.")
-_NORMS = ("norm1", "norm2", "norm", "conv_norm_out", "attention_norm", "cross_attention_norm",
-          "mlp_norm")  # fmt: skip
+_NORMS = (
+    "norm1",
+    "norm2",
+    "norm",
+    "conv_norm_out",
+    "attention_norm",
+    "cross_attention_norm",
+    "mlp_norm",
+)
 
 
 def init_canonical(cfg: StableDiffusionConfig, seed: int = 0, zero_init: bool = True) -> Tree:
