@@ -15,6 +15,8 @@ from mlperf_tutor import frameworks, workloads
 from mlperf_tutor.core import CheckpointMismatch, OptimizerSpec, ScheduleSpec, errors
 from mlperf_tutor.core.parity import STEP_RTOL
 
+pytestmark = pytest.mark.requires("torch", "jax", "tf")
+
 WL = workloads.get("toy")
 CFG = WL.config("tiny")
 BUFFERS = ("bn.running_mean", "bn.running_var")

@@ -8,8 +8,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
-pytest.importorskip("flax")
-pytest.importorskip("optax")
+pytestmark = pytest.mark.requires("jax")
 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -184,8 +183,9 @@ def test_canonical_roundtrip_is_bit_identical():
 
 def hf_model(cfg):
     """transformers' BertForPreTraining of ``cfg``'s sizes, every weight random (seeded)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
+
     config = transformers.BertConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden,
@@ -209,8 +209,10 @@ def hf_model(cfg):
     return model
 
 
+@pytest.mark.requires("torch", "hf")
 def test_forward_matches_transformers(batch):
-    torch = pytest.importorskip("torch")
+    import torch
+
     from mlperf_tutor.workloads.bert.hf import from_hf
 
     hf = hf_model(DET)

@@ -8,8 +8,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("keras")
+pytestmark = pytest.mark.requires("tf")
 
 from mlperf_tutor import workloads  # noqa: E402
 from mlperf_tutor.core.parity import OUTPUT_ATOL  # noqa: E402
@@ -136,8 +135,9 @@ def test_causal_pre_ln_block_matches_numpy():
 @pytest.fixture(scope="module")
 def hf_run():
     """HF BertForPreTraining with random weights, its outputs, and our canonical copy of them."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
+
     from mlperf_tutor.workloads.bert.hf import from_hf
 
     hf_cfg = transformers.BertConfig(
@@ -173,6 +173,7 @@ def tf_out(hf_run):
     return WL.forward("tf", WL.build("tf", CFG, weights=tree), batch)
 
 
+@pytest.mark.requires("torch", "hf")
 def test_mlm_and_nsp_logits_match_transformers(hf_run, tf_out):
     _, batch, mlm, nsp = hf_run
     assert tf_out["mlm_logits"].shape == (4, CFG.max_predictions, CFG.vocab_size)
@@ -180,6 +181,7 @@ def test_mlm_and_nsp_logits_match_transformers(hf_run, tf_out):
     assert max_abs(tf_out["nsp_logits"], nsp) <= OUTPUT_ATOL
 
 
+@pytest.mark.requires("torch", "hf")
 def test_loss_is_masked_mlm_mean_plus_nsp_mean(hf_run, tf_out):
     _, batch, mlm, nsp = hf_run
 

@@ -18,6 +18,8 @@ from mlperf_tutor.layers.torch_layers import MLP, Attention, TransformerBlock, g
 from mlperf_tutor.workloads.bert import canonical_shapes
 from mlperf_tutor.workloads.bert.hf import from_hf
 
+pytestmark = pytest.mark.requires("torch")
+
 ADAPTER = frameworks.get("torch")
 WL = workloads.get("bert")
 CFG = WL.config("tiny")
@@ -161,7 +163,8 @@ def test_export_of_default_build_equals_init_canonical():
 def hf_outputs():
     """HF BertForPreTraining with random weights (norms and biases too), its canonical tree,
     a batch with padding, and HF's logits on it."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     hf_cfg = transformers.BertConfig(
         vocab_size=CFG.vocab_size, hidden_size=CFG.hidden, num_hidden_layers=CFG.num_layers,
         num_attention_heads=CFG.num_heads, intermediate_size=CFG.ffn, hidden_act="gelu",
@@ -191,6 +194,7 @@ def hf_outputs():
     return tree, batch, out.prediction_logits.numpy(), out.seq_relationship_logits.numpy()
 
 
+@pytest.mark.requires("hf")
 def test_forward_matches_transformers_bert_for_pretraining(hf_outputs):
     tree, batch, prediction_logits, nsp_logits = hf_outputs
     ours = WL.forward("torch", WL.build("torch", DET, weights=tree), batch)
@@ -213,6 +217,7 @@ def test_forward_matches_transformers_bert_for_pretraining(hf_outputs):
     )
 
 
+@pytest.mark.requires("hf")
 def test_fused_attention_path_gives_the_same_bert_outputs(hf_outputs):
     from mlperf_tutor.workloads.bert import torch_model
 

@@ -8,6 +8,8 @@ import pytest
 
 from mlperf_tutor import cli, convert, frameworks, train, workloads
 
+pytestmark = pytest.mark.requires("torch", "jax", "tf")
+
 WL = workloads.get("bert")
 CFG = WL.config("tiny")
 

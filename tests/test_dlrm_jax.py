@@ -8,8 +8,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
-pytest.importorskip("flax", reason="install the [jax] extra")
-pytest.importorskip("optax", reason="install the [jax] extra")
+pytestmark = pytest.mark.requires("jax")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

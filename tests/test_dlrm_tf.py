@@ -8,8 +8,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
-pytest.importorskip("tensorflow", reason="install the [tf] extra")
-pytest.importorskip("keras", reason="install the [tf] extra")
+pytestmark = pytest.mark.requires("tf")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -14,6 +14,8 @@ from mlperf_tutor.workloads.dlrm import WORKLOAD as WL
 from mlperf_tutor.workloads.dlrm import torch_model
 from mlperf_tutor.workloads.dlrm.data import bag_offsets
 
+pytestmark = pytest.mark.requires("torch")
+
 ADAPTER = frameworks.get("torch")
 B = 16
 F32_ATOL = 1e-5

@@ -13,6 +13,8 @@ from test_mllog import checker, read_log, records_of
 from mlperf_tutor import cli, convert, frameworks, train, workloads
 from mlperf_tutor.workloads.dlrm.config import MULTI_HOT_SIZES, TABLE_SIZES
 
+pytestmark = pytest.mark.requires("torch", "jax", "tf")
+
 WL = workloads.get("dlrm_dcnv2")
 TINY = WL.config("tiny")
 

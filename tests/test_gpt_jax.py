@@ -8,8 +8,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
-pytest.importorskip("flax")
-pytest.importorskip("optax")
+pytestmark = pytest.mark.requires("jax")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

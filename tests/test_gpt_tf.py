@@ -9,8 +9,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("keras")
+pytestmark = pytest.mark.requires("tf")
 
 from mlperf_tutor import workloads  # noqa: E402
 from mlperf_tutor.core.checkpoint import tree_specs  # noqa: E402

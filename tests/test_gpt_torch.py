@@ -18,6 +18,8 @@ from mlperf_tutor.layers.torch_layers import Attention, TransformerBlock, apply_
 from mlperf_tutor.workloads.gpt import torch_model
 from mlperf_tutor.workloads.gpt.data import token_cross_entropy
 
+pytestmark = pytest.mark.requires("torch")
+
 ADAPTER = frameworks.get("torch")
 NAMES = ("gpt3", "gptj")
 B, T, D, N, F = 2, 7, 16, 4, 24  # odd T: rotary and causal masks at an uneven length

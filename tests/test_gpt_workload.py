@@ -16,6 +16,8 @@ from mlperf_tutor.workloads.gpt import LANGUAGE_SEED, TARGET_LOG_PERPLEXITY
 from mlperf_tutor.workloads.gpt.config import mlperf_schedule
 from mlperf_tutor.workloads.gpt.data import bigram_table
 
+pytestmark = pytest.mark.requires("torch", "jax", "tf")
+
 GPT3, GPTJ = workloads.get("gpt3"), workloads.get("gptj")
 TINY = {"gpt3": GPT3.config("tiny"), "gptj": GPTJ.config("tiny")}
 

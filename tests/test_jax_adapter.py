@@ -6,11 +6,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-pytest.importorskip("flax")
-pytest.importorskip("optax")
-torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.requires("jax", "torch")
 
 import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import mlperf_tutor as mt  # noqa: E402

@@ -14,8 +14,7 @@ import numpy_reference as ref
 import pytest
 from checks import as_f64, lively_lora, max_abs, padded_lora_batch
 
-pytest.importorskip("flax", reason="install the [jax] extra")
-pytest.importorskip("optax", reason="install the [jax] extra")
+pytestmark = pytest.mark.requires("jax")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -271,7 +270,7 @@ def test_too_long_input_is_refused():
         fj.forward(model, {"input_ids": ids})
 
 
-@pytest.mark.skipif(not frameworks.available("torch"), reason="needs the torch extra")
+@pytest.mark.requires("torch")
 def test_forward_grads_and_steps_match_torch():
     ft = frameworks.get("torch")
     ft.pin_precision()

@@ -11,8 +11,7 @@ import numpy_reference as ref
 import pytest
 from checks import as_f64, lively_lora, max_abs, padded_lora_batch
 
-pytest.importorskip("tensorflow", reason="install the [tf] extra")
-pytest.importorskip("keras", reason="install the [tf] extra")
+pytestmark = pytest.mark.requires("tf")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -149,10 +148,10 @@ def test_decoder_matches_numpy_in_float64_with_lora_and_padding(tree):
     assert abs(float(out["loss"]) - want["loss"]) <= F64_ATOL
 
 
+@pytest.mark.requires("torch")
 def test_float32_forward_and_gradients_match_torch(model, tree):
-    torch_adapter = pytest.importorskip(
-        "mlperf_tutor.frameworks.torch", reason="install the [torch] extra"
-    )
+    from mlperf_tutor.frameworks import torch as torch_adapter
+
     batch = padded_lora_batch(WL, CFG)
     want = ref.llama(as_f64(tree), CFG, batch)
     out = adapter.forward(model, batch)

@@ -18,6 +18,8 @@ from mlperf_tutor.layers.spec import Lora, is_adapter
 from mlperf_tutor.layers.torch_layers import MLP, Attention, LoRALinear, RMSNorm
 from mlperf_tutor.workloads.llama import torch_model
 
+pytestmark = pytest.mark.requires("torch")
+
 ADAPTER = frameworks.get("torch")
 WL = workloads.get("llama2_70b_lora")
 CFG = WL.deterministic(WL.config("tiny", seq_len=9, num_layers=2))

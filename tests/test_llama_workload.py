@@ -13,13 +13,16 @@ from mlperf_tutor import cli, convert, frameworks, train, workloads
 from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.llama import adapter_count, flops_per_token
 
+pytestmark = pytest.mark.requires("torch", "jax", "tf")
+
 WL = workloads.get("llama2_70b_lora")
 TINY = WL.config("tiny")
 
 
+@pytest.mark.requires("hf")
 def test_mlperf_param_count_equals_transformers_llama():
-    transformers = pytest.importorskip("transformers", reason="install the [hf] extra")
     import torch
+    import transformers
 
     cfg = WL.config("mlperf")
     config = transformers.LlamaConfig(**{k: v for k, v in WL.hf.config_to_hf(cfg).items()

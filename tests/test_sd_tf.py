@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from checks import assert_bit_identical, max_abs, random_tree
 
-pytest.importorskip("tensorflow", reason="install the [tf] extra")
-pytest.importorskip("keras", reason="install the [tf] extra")
+# torch: the formulas and the PyTorch model that the layers are compared with.
+pytestmark = pytest.mark.requires("tf", "torch")
 
 from mlperf_tutor import workloads  # noqa: E402
 from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, errors  # noqa: E402
@@ -65,13 +65,13 @@ def model(tree):
 
 @pytest.fixture(scope="module")
 def torch_model(tree):
-    pytest.importorskip("torch", reason="install the [torch] extra")
     return WL.build("torch", CFG, weights=tree)
 
 
 # --- layers ---------------------------------------------------------------------------------
 def test_cross_attention_matches_the_torch_formula():
-    F = pytest.importorskip("torch.nn.functional", reason="install the [torch] extra")
+    import torch.nn.functional as F
+
     dim, heads, ctx_dim = 16, 4, 12
     rng = np.random.default_rng(0)
     x, context = rng.standard_normal((2, 5, dim)), rng.standard_normal((2, 7, ctx_dim))
@@ -126,7 +126,8 @@ def test_cross_attention_arguments_are_checked():
 
 
 def test_timestep_sinusoid_matches_the_torch_formula_cos_first():
-    torch = pytest.importorskip("torch", reason="install the [torch] extra")
+    import torch
+
     t = np.array([0, 1, 17, 999], np.int32)
     half = 16
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
@@ -139,7 +140,8 @@ def test_timestep_sinusoid_matches_the_torch_formula_cos_first():
 
 
 def test_resnet_block_matches_the_torch_formula():
-    F = pytest.importorskip("torch.nn.functional", reason="install the [torch] extra")
+    import torch.nn.functional as F
+
     rng = np.random.default_rng(2)
     x, temb = rng.standard_normal((2, 6, 6, 8)), rng.standard_normal((2, 20))  # NHWC
     block = ResnetBlock(8, 16, groups=4, eps=1e-5, dtype="float64")
@@ -161,7 +163,8 @@ def test_resnet_block_matches_the_torch_formula():
 
 
 def test_downsample_pads_both_sides_and_upsample_repeats_pixels():
-    F = pytest.importorskip("torch.nn.functional", reason="install the [torch] extra")
+    import torch.nn.functional as F
+
     x = np.random.default_rng(3).standard_normal((2, 8, 8, 4))  # NHWC, even sides
     xc = t64(x).permute(0, 3, 1, 2)
     down = Downsample(4, dtype="float64")
@@ -195,8 +198,8 @@ def test_export_of_load_is_bit_identical(model, tree):
     assert_bit_identical(adapter.to_canonical(fresh), init)
 
 
+@pytest.mark.requires("hf")
 def test_prediction_matches_diffusers_and_the_loss_the_numpy_formula(model, tree, batch):
-    pytest.importorskip("diffusers", reason="install the [hf] extra")
     from sd_reference import diffusers_prediction
 
     out = WL.forward("tf", model, batch)

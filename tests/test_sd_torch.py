@@ -22,6 +22,8 @@ from mlperf_tutor.layers.torch_layers import Attention, TransformerBlock
 from mlperf_tutor.workloads.stable_diffusion import diffusion, shapes, torch_model
 from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig
 
+pytestmark = pytest.mark.requires("torch", "hf")
+
 ADAPTER = frameworks.get("torch")
 TINY = StableDiffusionConfig.preset("tiny")
 # Two blocks per spatial transformer, three levels, no attention at level 0: the plan's other

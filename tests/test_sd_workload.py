@@ -15,14 +15,18 @@ from test_mllog import RULES, checker, read_log, records_of
 from mlperf_tutor import cli, convert, frameworks, train, workloads
 from mlperf_tutor.workloads.stable_diffusion import flops_per_image, hf
 
+pytestmark = pytest.mark.requires("torch", "jax", "tf")
+
 WL = workloads.get("stable_diffusion")
 TINY = WL.config("tiny")
 MLPERF = WL.config("mlperf")
 
 
+@pytest.mark.requires("hf")
 def test_mlperf_param_count_equals_diffusers_unet():
-    torch = pytest.importorskip("torch", reason="install the [torch] extra")
-    diffusers = pytest.importorskip("diffusers", reason="install the [hf] extra")
+    import diffusers
+    import torch
+
     kwargs = {k: v for k, v in hf.config_to_hf(MLPERF).items() if not k.startswith("_")}
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(**kwargs)
@@ -100,8 +104,10 @@ def test_convert_through_every_framework_format_and_diffusers(tmp_path):
     assert all(np.array_equal(back[k], tree[k]) and back[k].dtype == tree[k].dtype for k in tree)
 
 
+@pytest.mark.requires("hf")
 def test_diffusers_reads_our_directory_and_we_read_its(tmp_path):
-    diffusers = pytest.importorskip("diffusers", reason="install the [hf] extra")
+    import diffusers
+
     tree = random_tree(WL.init_canonical(TINY), seed=4)
     hf.save_pretrained(tree, TINY, tmp_path / "ours")
     theirs = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "ours")

@@ -9,6 +9,8 @@ import pytest
 from mlperf_tutor import cli, convert, parity, workloads
 from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL
 
+pytestmark = pytest.mark.requires("torch", "jax", "tf")
+
 WL = workloads.get("toy")
 CFG = WL.config("tiny")
 
