@@ -119,16 +119,6 @@ def test_build_gives_float32_on_cpu_with_the_canonical_structure(setup):
     assert all(layer.v.bias is None for layer in model.interaction.layers)
 
 
-def test_canonical_names_and_shapes_match_the_workload(setup, model):
-    cfg, tree, _ = setup
-    exported = ADAPTER.to_canonical(model)
-    specs = WL.canonical_specs(cfg)
-    assert {k: (v.shape, v.dtype.name) for k, v in exported.items()} == specs
-    assert set(ADAPTER.trainable_names(model)) == set(specs)
-    assert sum(p.numel() for p in model.parameters()) == WL.param_count(cfg)
-    assert all(np.array_equal(exported[k], tree[k]) for k in tree)
-
-
 # --- the native sparse path ---------------------------------------------------------------
 
 

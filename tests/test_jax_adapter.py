@@ -161,15 +161,6 @@ def test_flip_bn_momentum_is_its_own_inverse():
     assert fj.flip_bn_momentum(fj.flip_bn_momentum(0.01)) == pytest.approx(0.01)
 
 
-def test_canonical_roundtrip_is_bit_identical(model, tree, cfg):
-    out = fj.to_canonical(model)
-    assert out.keys() == tree.keys()
-    for k in tree:
-        assert out[k].dtype == tree[k].dtype and np.array_equal(out[k], tree[k]), k
-    assert fj.trainable_names(model) == [k for k in out if "running" not in k]
-    assert TOY.param_count(cfg) == sum(out[k].size for k in fj.trainable_names(model))
-
-
 def test_bf16_survives_conversion():
     linear = fj.init_empty(lambda: nnx.Linear(4, 3, param_dtype=jnp.bfloat16, rngs=rngs()))
     rng = np.random.default_rng(0)
