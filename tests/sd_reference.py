@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from mlperf_tutor.workloads.stable_diffusion import hf
 
@@ -25,8 +24,9 @@ def random_batch(cfg, batch_size: int = 2, seed: int = 1) -> dict[str, np.ndarra
 
 def diffusers_unet(cfg, tree):
     """A float32 ``UNet2DConditionModel`` of ``cfg`` holding the canonical ``tree``."""
-    torch = pytest.importorskip("torch", reason="install the [torch] extra")
-    diffusers = pytest.importorskip("diffusers", reason="install the [hf] extra")
+    import diffusers
+    import torch
+
     kwargs = {k: v for k, v in hf.config_to_hf(cfg).items() if not k.startswith("_")}
     model = diffusers.UNet2DConditionModel(**kwargs).eval()
     state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in hf.to_hf(tree)}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-h5py = pytest.importorskip("h5py")
+pytestmark = pytest.mark.requires("tf")  # h5py
+
+import h5py  # noqa: E402
 
 import mlperf_tutor as mt  # noqa: E402
 from mlperf_tutor.workloads.bert import data  # noqa: E402
@@ -183,9 +185,9 @@ def test_masked_lm_accuracy_refuses_bad_input():
         data.masked_lm_accuracy(np.zeros((2, 5)), batch)
 
 
+@pytest.mark.requires("torch")
 def test_accuracy_of_a_model_on_shards(shards):
     # The pieces fit: reader batches into a model, its logits into the metric.
-    pytest.importorskip("torch")
     model = wl.build("torch", CFG)
     correct = total = 0
     for batch in HDF5Shards(shards).batches(4, shuffle=False, drop_last=False):

@@ -14,8 +14,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from checks import assert_bit_identical, listing, numpy_state  # noqa: E402
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.requires("torch", "jax", "tf", "hf")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 import mlperf_tutor as mt  # noqa: E402
 from mlperf_tutor import cli, convert, frameworks  # noqa: E402

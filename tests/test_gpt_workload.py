@@ -1,20 +1,21 @@
-"""GPT-3 and GPT-J end to end: configs and MLPerf rules, parity, training, generation, info,
-conversion, and GPT-3's MLPerf log."""
+"""GPT-3 and GPT-J end to end: configs and MLPerf rules, training, generation, info and GPT-3's
+MLPerf log (parity and conversion: test_workload_contract.py)."""
 
 from __future__ import annotations
 
 import itertools
 import math
-import re
 
 import numpy as np
 import pytest
 from test_mllog import checker, read_log, records_of
 
-from mlperf_tutor import cli, convert, frameworks, train, workloads
+from mlperf_tutor import cli, frameworks, train, workloads
 from mlperf_tutor.workloads.gpt import LANGUAGE_SEED, TARGET_LOG_PERPLEXITY
 from mlperf_tutor.workloads.gpt.config import mlperf_schedule
 from mlperf_tutor.workloads.gpt.data import bigram_table
+
+pytestmark = pytest.mark.requires("torch", "jax", "tf")
 
 GPT3, GPTJ = workloads.get("gpt3"), workloads.get("gptj")
 TINY = {"gpt3": GPT3.config("tiny"), "gptj": GPTJ.config("tiny")}
@@ -107,30 +108,18 @@ def test_synthetic_language_can_reach_the_mlperf_target():
     assert entropy.max() < TARGET_LOG_PERPLEXITY - 0.3
 
 
-def test_info_mlperf_without_allocating(capsys):
+def test_info_reports_palm_training_flops_per_token(capsys):
     assert cli.main(["info", "gpt3", "--preset", "mlperf"]) == 0
     out = capsys.readouterr().out
-    assert "174,604,836,864" in out
     cfg = GPT3.config("mlperf")
     d, layers = cfg.hidden, cfg.num_layers
     # PaLM: 6 N + 12 L D T with N the matmul weights (blocks and the tied head).
     flops = 6 * (layers * 12 * d * d + 50304 * d) + 12 * layers * d * 2048
     assert GPT3.info(cfg)["training FLOPs per token (6N + 12LDT)"] == flops
     assert f"{flops:,}" in out or f"{flops:.4g}" in out
-    assert cli.main(["info", "gptj", "--preset", "full"]) == 0
-    assert "6,050,882,784" in capsys.readouterr().out
 
 
 # --- every framework ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["gpt3", "gptj"])
-def test_cli_parity_passes_for_every_pair(name, capsys):
-    assert cli.main(["parity", name, "--preset", "tiny", "--steps", "10"]) == 0
-    out = capsys.readouterr().out
-    assert "PASS" in out
-    for pair in ("torch-jax", "torch-tf", "jax-tf"):
-        assert re.search(rf"parameter after 10 steps\s+{pair}\s", out), pair
 
 
 @pytest.mark.parametrize("name", ["gpt3", "gptj"])
@@ -162,20 +151,6 @@ def test_generation_refuses_more_tokens_than_positions():
     cfg = TINY["gpt3"]
     with pytest.raises(ValueError, match="exceed the model's 2048 positions"):
         GPT3.generate("torch", None, cfg, np.zeros((1, 2044), np.int32), new_tokens=5)
-
-
-@pytest.mark.parametrize("name", ["gpt3", "gptj"])
-def test_convert_through_every_framework_format_and_hf(name, tmp_path):
-    wl, cfg = workloads.get(name), TINY[name]
-    tree = wl.init_canonical(cfg, seed=2)
-    names = ["a.safetensors", "a.pt", "orbax", "a.weights.h5", "a.hf", "back.safetensors"]
-    chain = [tmp_path / n for n in names]
-    convert.save(tree, chain[0])
-    for src, dst in itertools.pairwise(chain):
-        assert cli.main(["convert", name, str(src), str(dst), "--preset", "tiny"]) == 0
-    back = convert.load(chain[-1])
-    assert set(back) == set(tree)
-    assert all(np.array_equal(back[k], tree[k]) and back[k].dtype == tree[k].dtype for k in tree)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,10 @@ IGNORE = data.IGNORE_INDEX
 
 @pytest.fixture
 def pa():
-    return pytest.importorskip("pyarrow", reason="needs pyarrow: pip install 'mlperf-tutor[data]'")
+    """pyarrow; every test using it is marked ``requires("data")``."""
+    import pyarrow
+
+    return pyarrow
 
 
 @pytest.fixture
@@ -140,6 +143,7 @@ def _assert_rows(dataset: GovReport, rows: list[dict]) -> None:
             assert got[key].dtype == np.int32 and np.array_equal(got[key], row[key]), (i, key)
 
 
+@pytest.mark.requires("data")
 def test_write_govreport_round_trip_over_row_groups(tmp_path, pq):
     path = tmp_path / "validation-00000-of-00001.parquet"
     write_govreport(path, ROWS, row_group_size=2)
@@ -158,6 +162,7 @@ def test_write_govreport_round_trip_over_row_groups(tmp_path, pq):
         write_govreport(tmp_path / "x.parquet", [{**ROWS[0], "labels": np.zeros(3)}])
 
 
+@pytest.mark.requires("data")
 def test_reads_int64_shards_written_by_pyarrow_in_sorted_order(tmp_path, pa, pq):
     def shard(name: str, rows: list[dict]) -> None:
         kind = pa.list_(pa.int64())
@@ -178,6 +183,7 @@ def test_reads_int64_shards_written_by_pyarrow_in_sorted_order(tmp_path, pa, pq)
     _assert_rows(GovReport(str(tmp_path), split="validation"), ROWS[1:2])
 
 
+@pytest.mark.requires("data")
 def test_batches_pad_to_the_longest_and_shuffle_by_seed(tmp_path, pq):
     write_govreport(tmp_path / "train.parquet", ROWS)
     dataset = GovReport(tmp_path)
@@ -235,6 +241,7 @@ def _edit(column: str, row: int, position: int, value: int) -> list[list[int]]:
         ("empty row", r"row 1 is empty"),
     ],
 )
+@pytest.mark.requires("data")
 def test_bad_rows_raise_one_clear_error(tmp_path, pa, pq, case, match):
     ints = pa.list_(pa.int64())
     labels = [r["labels"].tolist() for r in ROWS]
@@ -271,6 +278,7 @@ def test_bad_rows_raise_one_clear_error(tmp_path, pa, pq, case, match):
     assert str(path) in str(error.value)
 
 
+@pytest.mark.requires("data")
 def test_missing_or_unreadable_files_raise_one_clear_error(tmp_path, pq):
     with pytest.raises(GovReportError, match="is not a directory; pass the reference's"):
         GovReport(tmp_path / "absent")

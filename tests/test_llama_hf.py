@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import peft as peft_lib
 import pytest
 import torch
+import transformers
 from checks import assert_bit_identical, lively_lora
 
 from mlperf_tutor import convert, frameworks, workloads
@@ -19,7 +21,7 @@ from mlperf_tutor.core.parity import OUTPUT_ATOL
 from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.llama import hf, peft
 
-transformers = pytest.importorskip("transformers", reason="install the [hf] extra (transformers)")
+pytestmark = pytest.mark.requires("torch", "jax", "tf", "hf")
 
 WL = workloads.get("llama2_70b_lora")
 HF_CONFIG = dict(
@@ -131,9 +133,6 @@ def test_bad_checkpoint_names_every_offending_key(tmp_path, hf_dir):
 
 
 # --- PEFT ---------------------------------------------------------------------------------
-peft_lib = pytest.importorskip("peft", reason="install the [hf] extra (peft)")
-
-
 @pytest.fixture(scope="module")
 def lora_setup(tmp_path_factory):
     cfg = WL.deterministic(

@@ -16,8 +16,7 @@ import numpy_reference as ref
 import pytest
 from checks import as_f64, lively_lora, max_abs, padded_lora_batch
 
-pytest.importorskip("flax", reason="install the [jax] extra")
-pytest.importorskip("optax", reason="install the [jax] extra")
+pytestmark = pytest.mark.requires("jax")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -174,41 +173,16 @@ def test_float32_forward_is_within_the_parity_bar():
     assert set(fj.forward(model, {"input_ids": batch["input_ids"]})) == {"logits"}
 
 
-def test_canonical_names_and_shapes_match_the_workload():
-    for cfg in (CFG, CFG.replace(lora_rank=0)):
-        exported = {
-            k: (v.shape, v.dtype.name) for k, v in fj.to_canonical(llama_jax.build(cfg)).items()
-        }
-        assert exported == WL.canonical_specs(cfg)
-
-
-def test_only_adapters_are_trained_and_the_base_stays_bit_identical():
+def test_frozen_weights_are_frozen_variables_and_stay_so_through_the_jitted_step():
     tree = lively_lora(WL, CFG)
     model = WL.build("jax", CFG, weights=tree)
-    adapters = sorted(k for k in tree if is_adapter(k))
-    assert sorted(fj.trainable_names(model)) == adapters
     types = variable_types(model)
-    assert {k for k, t in types.items() if t == "Frozen"} == set(tree) - set(adapters)
-    loss, grads = fj.loss_and_grads(model, padded_lora_batch(WL, CFG))
-    assert sorted(grads) == adapters and np.isfinite(loss)
-    assert all(np.abs(g).max() > 0 for g in grads.values())
+    assert {k for k, t in types.items() if t == "Frozen"} == {k for k in tree if not is_adapter(k)}
     optimizer = fj.make_optimizer(*WL.optimizer(CFG), model)
-    for step in range(3):
-        fj.train_step(model, optimizer, WL.synthetic_batch(CFG, batch_size=2, seed=step))
-    after = fj.to_canonical(model)
-    for name, value in tree.items():
-        same = np.array_equal(after[name], value)
-        assert same != is_adapter(name), name  # base unchanged, every adapter moved
-    state = optimizer.state_dict()
-    assert {k.split("/", 1)[1] for k in state if k != "step"} == set(adapters)
-    assert variable_types(model) == types  # the jitted step kept the frozen variables frozen
-
-
-def test_without_lora_the_base_model_trains_everything():
-    cfg = CFG.replace(lora_rank=0)
-    model = WL.build("jax", cfg)
-    assert sorted(fj.trainable_names(model)) == sorted(WL.init_canonical(cfg))
-    assert set(variable_types(model).values()) == {"Param"}
+    fj.train_step(model, optimizer, WL.synthetic_batch(CFG, batch_size=2, seed=0))
+    assert variable_types(model) == types
+    # Without LoRA nothing is frozen.
+    assert set(variable_types(WL.build("jax", CFG.replace(lora_rank=0))).values()) == {"Param"}
 
 
 def test_set_trainable_freezes_and_unfreezes_any_model():
@@ -269,14 +243,7 @@ def test_lora_dropout_is_active_in_training_only():
     assert fj.forward(model, batch)["loss"] == fj.forward(model, batch)["loss"]
 
 
-def test_too_long_input_is_refused():
-    model = WL.build("jax", CFG)
-    ids = np.zeros((1, CFG.max_positions + 1), np.int32)
-    with pytest.raises(ValueError, match="at most max_positions"):
-        fj.forward(model, {"input_ids": ids})
-
-
-@pytest.mark.skipif(not frameworks.available("torch"), reason="needs the torch extra")
+@pytest.mark.requires("torch")
 def test_forward_grads_and_steps_match_torch():
     ft = frameworks.get("torch")
     ft.pin_precision()

@@ -16,12 +16,14 @@ from checks import as_f64, lively_lora, padded_lora_batch
 
 from mlperf_tutor import frameworks, workloads
 from mlperf_tutor.core.parity import OUTPUT_ATOL
-from mlperf_tutor.layers.spec import AttentionSpec, Lora, MlpSpec, is_adapter
+from mlperf_tutor.layers.spec import AttentionSpec, Lora, MlpSpec
 from mlperf_tutor.layers.torch.attention import Attention
 from mlperf_tutor.layers.torch.lora import LoRALinear
 from mlperf_tutor.layers.torch.mlp import MLP
 from mlperf_tutor.layers.torch.norms import RMSNorm
 from mlperf_tutor.workloads.llama import torch_model
+
+pytestmark = pytest.mark.requires("torch")
 
 ADAPTER = frameworks.get("torch")
 WL = workloads.get("llama2_70b_lora")
@@ -102,31 +104,6 @@ def test_float32_forward_is_within_the_parity_bar():
     assert np.abs(out["logits"] - want["logits"]).max() <= OUTPUT_ATOL
 
 
-def test_only_adapters_are_trained_and_the_base_stays_bit_identical():
-    tree = lively_lora(WL, CFG)
-    model = WL.build("torch", CFG, weights=tree)
-    assert sorted(ADAPTER.trainable_names(model)) == sorted(k for k in tree if is_adapter(k))
-    loss, grads = ADAPTER.loss_and_grads(model, padded_lora_batch(WL, CFG))
-    assert set(grads) == {k for k in tree if is_adapter(k)} and np.isfinite(loss)
-    assert all(np.abs(g).max() > 0 for g in grads.values())
-    optimizer = ADAPTER.make_optimizer(*WL.optimizer(CFG), model)
-    for step in range(3):
-        ADAPTER.train_step(model, optimizer, WL.synthetic_batch(CFG, batch_size=2, seed=step))
-    after = ADAPTER.to_canonical(model)
-    for name, value in tree.items():
-        same = np.array_equal(after[name], value)
-        assert same != is_adapter(name), name  # base unchanged, every adapter moved
-    state = optimizer.state_dict()
-    assert {k.split("/", 1)[1] for k in state if k != "step"} == set(grads)
-
-
-def test_without_lora_the_base_model_trains_everything():
-    cfg = CFG.replace(lora_rank=0)
-    model = WL.build("torch", cfg)
-    assert sorted(ADAPTER.trainable_names(model)) == sorted(WL.init_canonical(cfg))
-    assert not any(is_adapter(k) for k in WL.init_canonical(cfg))
-
-
 def test_fused_attention_path_matches_the_explicit_one():
     tree = lively_lora(WL, CFG)
     batch = padded_lora_batch(WL, CFG)
@@ -146,10 +123,3 @@ def test_lora_dropout_is_active_in_training_only():
     b, _ = ADAPTER.loss_and_grads(model, batch, train=True)
     assert a != b  # two dropout draws
     assert ADAPTER.forward(model, batch)["loss"] == ADAPTER.forward(model, batch)["loss"]
-
-
-def test_too_long_input_is_refused():
-    model = WL.build("torch", CFG)
-    ids = np.zeros((1, CFG.max_positions + 1), np.int32)
-    with pytest.raises(ValueError, match="at most max_positions"):
-        ADAPTER.forward(model, {"input_ids": ids})

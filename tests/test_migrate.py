@@ -15,8 +15,10 @@ import torch
 import torch_models as tm
 from torch.optim import lr_scheduler as sched
 
-from mlperf_tutor import frameworks, workloads
+from mlperf_tutor import workloads
 from mlperf_tutor.migrate import VerificationError, to_tf, torch_to_jax, verify
+
+pytestmark = pytest.mark.requires("torch", "jax")
 
 STEPS = 10
 
@@ -172,7 +174,7 @@ def test_unused_optimizer_parameters_are_named():
         torch_to_jax(model, optimizer, tm.classify, tm.vector_batch(0))
 
 
-@pytest.mark.skipif(not frameworks.available("tf"), reason="install the [tf] extra")
+@pytest.mark.requires("tf")
 def test_to_tf_runs_the_same_step():
     model = seeded(tm.CNN).train()
     model.dropout.p = 0.0

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="install the [torch] extra")
-jax = pytest.importorskip("jax", reason="install the [jax] extra")
-nnx = pytest.importorskip("flax.nnx", reason="install the [jax] extra")
+pytestmark = pytest.mark.requires("torch", "jax")
 
+import jax  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
 from torch import nn  # noqa: E402
 
 import mlperf_tutor as mt  # noqa: E402

@@ -11,8 +11,10 @@ import copy
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="needs the extra: pip install mlperf-tutor[torch]")
-jax = pytest.importorskip("jax", reason="needs the extra: pip install mlperf-tutor[jax]")
+pytestmark = pytest.mark.requires("torch", "jax")
+
+import jax  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 

@@ -14,11 +14,12 @@ import math
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="install the [torch] extra")
-jax = pytest.importorskip("jax", reason="install the [jax] extra")
-optax = pytest.importorskip("optax", reason="install the [jax] extra")
+pytestmark = pytest.mark.requires("torch", "jax")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
 from torch.optim import lr_scheduler as lrs  # noqa: E402
 
 from mlperf_tutor.migrate.optim import (  # noqa: E402

@@ -19,6 +19,8 @@ from mlperf_tutor.mlperf import score
 from mlperf_tutor.mlperf.mllog import RULESET
 from mlperf_tutor.mlperf.scoring import RUN_COUNTS
 
+pytestmark = pytest.mark.requires("torch", "jax", "tf")
+
 RULES = Path(mlperf_logging.__file__).parent / "compliance_checker" / f"training_{RULESET}"
 MLLOG_KEYS = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
 

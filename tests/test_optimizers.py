@@ -14,6 +14,8 @@ from mlperf_tutor import frameworks
 from mlperf_tutor.core import OptimizerSpec, ReferenceOptimizer, ScheduleSpec, errors
 from mlperf_tutor.core.optim import BERT_NO_DECAY
 
+pytestmark = pytest.mark.requires("torch", "jax", "tf")
+
 STEPS = 20
 
 OPTIMIZERS = {

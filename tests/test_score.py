@@ -12,7 +12,8 @@ from mlperf_tutor import cli
 from mlperf_tutor.mlperf import score
 from mlperf_tutor.mlperf.scoring import RUN_COUNTS
 
-LOGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "mlperf_training_v4.0" / "logs"
+# Real v4.0 result logs, copied unedited into the repository (see tests/data/README.md).
+LOGS = Path(__file__).resolve().parent / "data" / "mlperf_training_v4.0" / "logs"
 GPT3 = LOGS / "Google" / "results" / "cloud-tpu-v5p-1024-maxtext" / "gpt3"
 H200 = LOGS / "NVIDIA" / "results" / "h200_ngc24.04_nemo" / "llama2_70b_lora"
 GAUDI2 = LOGS / "Intel-HabanaLabs" / "results" / "HLS-Gaudi2-PT" / "llama2_70b_lora"
@@ -20,7 +21,7 @@ GAUDI2 = LOGS / "Intel-HabanaLabs" / "results" / "HLS-Gaudi2-PT" / "llama2_70b_l
 # Computed once with mlperf-logging 4.1.68, on a temp copy of LOGS (already laid out as
 # <submitter>/{results,systems}/...):
 #   python -m mlperf_logging.result_summarizer "logs/{*}" training 4.0.0 --csv out.csv
-# They equal the rows of shared/data/mlperf_training_v4.0/summary.csv (the official summary) for
+# They equal the rows of the official v4.0 summary (the package's summary_v4.0.csv) for
 # tpu-v5p-1024 gpt3, HLS-Gaudi2-PT llama2_70b_lora and NVIDIA H200 (8x H200-SXM-141GB)
 # llama2_70b_lora, to the last digit.
 SUMMARIZER_MINUTES = {
@@ -33,10 +34,6 @@ SUMMARIZER_MINUTES = {
 # so that the summarizer's compliance check also calls it non-converged:
 #   python -m mlperf_logging.result_summarizer NVIDIA training 4.0.0 --csv out.csv
 H200_RESULT_8_ABORTED = 25.085860416666666
-
-needs_logs = pytest.mark.skipif(
-    not LOGS.is_dir(), reason=f"MLPerf v4.0 logs not found at {LOGS} (CI has them beside the repo)"
-)
 
 
 def copy_runs(src: Path, dst: Path, names: list[str] | None = None) -> Path:
@@ -55,14 +52,14 @@ def edit(path: Path, old: str, new: str) -> None:
 
 
 def test_run_counts_match_benchmark_meta():
-    meta = pytest.importorskip("mlperf_logging.benchmark_meta")
+    from mlperf_logging import benchmark_meta as meta
+
     allowed = meta.get_allowed_benchmarks("training", "4.0.0")
     counts = meta.get_result_file_counts("training")
     assert set(RUN_COUNTS) == set(allowed)
     assert RUN_COUNTS == {b: counts[b] for b in RUN_COUNTS}
 
 
-@needs_logs
 def test_whole_tree_equals_official_summarizer_bit_for_bit():
     scores = score(LOGS)
     assert {r.system: r.minutes for r in scores} == SUMMARIZER_MINUTES
@@ -73,7 +70,6 @@ def test_whole_tree_equals_official_summarizer_bit_for_bit():
     ]
 
 
-@needs_logs
 def test_google_gpt3_three_runs_keep_the_median():
     (row,) = score(GPT3.parents[2])  # the submitter folder: Google/results/<system>/gpt3
     assert row.benchmark == "gpt3"
@@ -82,14 +78,12 @@ def test_google_gpt3_three_runs_keep_the_median():
     assert row.minutes == pytest.approx(114.79, abs=0.01)
 
 
-@needs_logs
 def test_nvidia_h200_llama2_lora_olympic_mean_of_eight():
     (row,) = score(H200)  # the benchmark folder itself
     assert (row.runs, row.used, row.dropped, row.scaling_factor) == (10, 8, 2, 1.0)
     assert row.minutes == SUMMARIZER_MINUTES["h200_ngc24.04_nemo"]
 
 
-@needs_logs
 def test_habana_gaudi2_llama2_lora_applies_scaling_json(tmp_path):
     (row,) = score(GAUDI2.parent)  # the system folder
     assert row.scaling_factor == 1.0033670033670032
@@ -100,7 +94,6 @@ def test_habana_gaudi2_llama2_lora_applies_scaling_json(tmp_path):
     assert unscaled.minutes * row.scaling_factor == row.minutes
 
 
-@needs_logs
 def test_non_converged_run_is_slowest_and_matches_summarizer(tmp_path):
     folder = copy_runs(H200, tmp_path / "llama2_70b_lora")
     edit(folder / "result_8.txt", '"status": "success"', '"status": "aborted"')
@@ -110,7 +103,7 @@ def test_non_converged_run_is_slowest_and_matches_summarizer(tmp_path):
 
 
 def test_unet3d_drops_four_and_four_with_non_converged_runs_at_the_slow_end(tmp_path):
-    # No unet3d logs in the shared data: 40 minimal logs taking 1..40 minutes, 1 and 40 aborted.
+    # No unet3d logs among the test data: 40 minimal logs taking 1..40 minutes, 1 and 40 aborted.
     folder = tmp_path / "unet3d"
     folder.mkdir()
     for i in range(40):
@@ -132,7 +125,6 @@ def test_unet3d_drops_four_and_four_with_non_converged_runs_at_the_slow_end(tmp_
     assert row.minutes == sum(range(6, 38)) / 32
 
 
-@needs_logs
 def test_too_many_non_converged_runs_is_an_error(tmp_path):
     folder = copy_runs(H200, tmp_path / "llama2_70b_lora")
     for name in ("result_0.txt", "result_1.txt"):
@@ -141,14 +133,12 @@ def test_too_many_non_converged_runs_is_an_error(tmp_path):
         score(folder)
 
 
-@needs_logs
 def test_too_few_runs_names_folder_and_count(tmp_path):
     copy_runs(GPT3, tmp_path / "gpt3", ["result_0.txt", "result_1.txt"])
     with pytest.raises(ValueError, match=r"gpt3 has 2 result_\*\.txt file\(s\) but gpt3 needs 3"):
         score(tmp_path)
 
 
-@needs_logs
 def test_log_without_run_stop_is_an_error(tmp_path):
     folder = copy_runs(GPT3, tmp_path / "gpt3")
     log = folder / "result_1.txt"
@@ -157,7 +147,6 @@ def test_log_without_run_stop_is_an_error(tmp_path):
         score(folder)
 
 
-@needs_logs
 def test_mixed_benchmarks_in_one_folder_are_refused(tmp_path):
     folder = copy_runs(GPT3, tmp_path / "gpt3")
     shutil.copy(H200 / "result_0.txt", folder / "result_3.txt")
@@ -165,7 +154,6 @@ def test_mixed_benchmarks_in_one_folder_are_refused(tmp_path):
         score(folder)
 
 
-@needs_logs
 def test_logs_disagreeing_with_folder_name_are_refused(tmp_path):
     copy_runs(GPT3, tmp_path / "bert")
     with pytest.raises(ValueError, match=r"holds gpt3 logs .* named 'bert'; rename the folder"):
@@ -179,7 +167,6 @@ def test_empty_or_missing_folder_is_an_error(tmp_path):
         score(tmp_path / "missing")
 
 
-@needs_logs
 def test_cli_score_prints_minutes(capsys):
     assert cli.main(["score", str(H200.parents[2])]) == 0
     out = capsys.readouterr().out

@@ -15,8 +15,10 @@ import pytest  # noqa: E402
 from mlperf_tutor.workloads.stable_diffusion import diffusion  # noqa: E402
 from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig  # noqa: E402
 
-torch = pytest.importorskip("torch", reason="install the [torch] extra")
-schedulers = pytest.importorskip("diffusers.schedulers", reason="install the [hf] extra")
+pytestmark = pytest.mark.requires("torch", "hf")
+
+import torch  # noqa: E402
+from diffusers import schedulers  # noqa: E402
 
 CFG = StableDiffusionConfig.preset("mlperf")
 TINY = StableDiffusionConfig.preset("tiny")

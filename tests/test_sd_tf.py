@@ -9,10 +9,10 @@ import math
 
 import numpy as np
 import pytest
-from checks import assert_bit_identical, max_abs, random_tree
+from checks import max_abs, random_tree
 
-pytest.importorskip("tensorflow", reason="install the [tf] extra")
-pytest.importorskip("keras", reason="install the [tf] extra")
+# torch: the formulas and the PyTorch model that the layers are compared with.
+pytestmark = pytest.mark.requires("tf", "torch")
 
 from mlperf_tutor import workloads  # noqa: E402
 from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, errors  # noqa: E402
@@ -26,7 +26,6 @@ from mlperf_tutor.layers.tf.conv import (  # noqa: E402
     Upsample,
     timestep_sinusoid,
 )
-from mlperf_tutor.workloads.stable_diffusion import tf_model  # noqa: E402
 from mlperf_tutor.workloads.stable_diffusion.diffusion import noisy_and_target  # noqa: E402
 from mlperf_tutor.workloads.stable_diffusion.shapes import canonical_shapes  # noqa: E402
 
@@ -67,13 +66,13 @@ def model(tree):
 
 @pytest.fixture(scope="module")
 def torch_model(tree):
-    pytest.importorskip("torch", reason="install the [torch] extra")
     return WL.build("torch", CFG, weights=tree)
 
 
 # --- layers ---------------------------------------------------------------------------------
 def test_cross_attention_matches_the_torch_formula():
-    F = pytest.importorskip("torch.nn.functional", reason="install the [torch] extra")
+    import torch.nn.functional as F
+
     dim, heads, ctx_dim = 16, 4, 12
     rng = np.random.default_rng(0)
     x, context = rng.standard_normal((2, 5, dim)), rng.standard_normal((2, 7, ctx_dim))
@@ -144,7 +143,8 @@ def test_cross_attention_arguments_are_checked():
 
 
 def test_timestep_sinusoid_matches_the_torch_formula_cos_first():
-    torch = pytest.importorskip("torch", reason="install the [torch] extra")
+    import torch
+
     t = np.array([0, 1, 17, 999], np.int32)
     half = 16
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
@@ -157,7 +157,8 @@ def test_timestep_sinusoid_matches_the_torch_formula_cos_first():
 
 
 def test_resnet_block_matches_the_torch_formula():
-    F = pytest.importorskip("torch.nn.functional", reason="install the [torch] extra")
+    import torch.nn.functional as F
+
     rng = np.random.default_rng(2)
     x, temb = rng.standard_normal((2, 6, 6, 8)), rng.standard_normal((2, 20))  # NHWC
     block = ResnetBlock(8, 16, groups=4, eps=1e-5, dtype="float64")
@@ -179,7 +180,8 @@ def test_resnet_block_matches_the_torch_formula():
 
 
 def test_downsample_pads_both_sides_and_upsample_repeats_pixels():
-    F = pytest.importorskip("torch.nn.functional", reason="install the [torch] extra")
+    import torch.nn.functional as F
+
     x = np.random.default_rng(3).standard_normal((2, 8, 8, 4))  # NHWC, even sides
     xc = t64(x).permute(0, 3, 1, 2)
     down = Downsample(4, dtype="float64")
@@ -196,25 +198,8 @@ def test_downsample_pads_both_sides_and_upsample_repeats_pixels():
 
 
 # --- the UNet -------------------------------------------------------------------------------
-def test_canonical_names_shapes_and_param_count(model):
-    got = {leaf.name: leaf.spec for leaf in adapter.leaves(model)}
-    want = canonical_shapes(CFG)
-    assert set(got) == set(want)
-    assert {k: shape for k, (shape, _) in got.items()} == want
-    assert {dtype for _, dtype in got.values()} == {"float32"}
-    assert sum(v.size for v in WL.export("tf", model).values()) == WL.param_count(CFG)
-
-
-def test_export_of_load_is_bit_identical(model, tree):
-    assert_bit_identical(WL.export("tf", model), tree)
-    init = WL.init_canonical(CFG, seed=1)
-    fresh = tf_model.build(CFG)
-    adapter.load_canonical(fresh, init)
-    assert_bit_identical(adapter.to_canonical(fresh), init)
-
-
+@pytest.mark.requires("hf")
 def test_prediction_matches_diffusers_and_the_loss_the_numpy_formula(model, tree, batch):
-    pytest.importorskip("diffusers", reason="install the [hf] extra")
     from sd_reference import diffusers_prediction
 
     out = WL.forward("tf", model, batch)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from checks import assert_bit_identical, max_abs, randomized
+from checks import max_abs, randomized
 from sd_reference import diffusers_prediction, diffusers_unet, random_batch
 
 from mlperf_tutor import frameworks
@@ -24,6 +24,8 @@ from mlperf_tutor.layers.torch.block import TransformerBlock
 from mlperf_tutor.layers.torch.conv import Downsample, Upsample, timestep_sinusoid
 from mlperf_tutor.workloads.stable_diffusion import diffusion, shapes, torch_model
 from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig
+
+pytestmark = pytest.mark.requires("torch", "hf")
 
 ADAPTER = frameworks.get("torch")
 TINY = StableDiffusionConfig.preset("tiny")
@@ -55,13 +57,6 @@ def test_canonical_names_and_shapes(unet):
     cfg, model, _ = unet
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == shapes.canonical_shapes(cfg)
-
-
-def test_export_load_roundtrip_is_bit_identical():
-    tree = shapes.init_canonical(TINY, seed=3)
-    model = torch_model.build(TINY)
-    ADAPTER.load_canonical(model, tree)
-    assert_bit_identical(ADAPTER.to_canonical(model), tree)
 
 
 def test_prediction_matches_diffusers(unet):

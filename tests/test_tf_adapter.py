@@ -11,11 +11,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("keras")
-torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.requires("tf", "torch")
 
 import keras  # noqa: E402
+import torch  # noqa: E402
 
 from mlperf_tutor import workloads  # noqa: E402
 from mlperf_tutor.core import CheckpointMismatch  # noqa: E402

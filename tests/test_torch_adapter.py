@@ -8,7 +8,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.requires("torch")
+
+import torch  # noqa: E402
 
 import mlperf_tutor.workloads as workloads  # noqa: E402
 from mlperf_tutor.core import CheckpointMismatch, OptimizerSpec, ScheduleSpec  # noqa: E402

@@ -7,6 +7,8 @@ import pytest
 
 from mlperf_tutor import cli, frameworks, train
 
+pytestmark = pytest.mark.requires("torch", "jax", "tf")
+
 
 @pytest.fixture(scope="module")
 def curves():
