@@ -133,9 +133,14 @@ def block(
 
     def attend(y):
         return attention(
-            w, y, num_heads, key_mask=key_mask, causal=causal, prefix="attention.",
+            w,
+            y,
+            num_heads,
+            key_mask=key_mask,
+            causal=causal,
+            prefix="attention.",
             rotary_dim=rotary_dim,
-        )  # fmt: skip
+        )
 
     def norm(name, y):
         return layer_norm(w, name, y, norm_eps)
@@ -166,10 +171,15 @@ def gpt(w: dict, cfg, input_ids: np.ndarray, labels: np.ndarray | None = None) -
         prefix = f"blocks.{i}."
         layer = {k[len(prefix) :]: v for k, v in w.items() if k.startswith(prefix)}
         x = block(
-            layer, x, cfg.num_heads, cfg.norm_eps,
-            "parallel" if cfg.parallel_residual else "pre", causal=True,
-            activation=cfg.activation, rotary_dim=cfg.rotary_dim,
-        )  # fmt: skip
+            layer,
+            x,
+            cfg.num_heads,
+            cfg.norm_eps,
+            "parallel" if cfg.parallel_residual else "pre",
+            causal=True,
+            activation=cfg.activation,
+            rotary_dim=cfg.rotary_dim,
+        )
     x = layer_norm(w, "final_norm", x, cfg.norm_eps)
     if cfg.tie_embeddings:
         logits = x @ w["embeddings.word_embeddings.weight"].T
@@ -252,9 +262,15 @@ def llama(w: dict, cfg, batch: dict) -> dict:
         }
         h_in = rms_norm(w, f"{p}attention_norm", x, cfg.norm_eps)
         x = x + attention(
-            split, h_in, n, k, None if key_mask is None else key_mask.astype(np.float64),
-            causal=True, rotary_dim=h, rotary_layout="half",
-        )  # fmt: skip
+            split,
+            h_in,
+            n,
+            k,
+            None if key_mask is None else key_mask.astype(np.float64),
+            causal=True,
+            rotary_dim=h,
+            rotary_layout="half",
+        )
         h_in = rms_norm(w, f"{p}mlp_norm", x, cfg.norm_eps)
         gate = ACTIVATIONS["silu"](linear(w, f"{p}mlp.fc_gate", h_in))
         x = x + linear(w, f"{p}mlp.fc_out", gate * linear(w, f"{p}mlp.fc_in", h_in))

@@ -40,9 +40,13 @@ def test_write_and_read_back_with_reference_dtypes(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["s.hdf5"]  # no temporary left
     with h5py.File(tmp_path / "s.hdf5") as f:
         assert {k: f[k].dtype.str[1:] for k in f} == {
-            "input_ids": "i4", "input_mask": "i1", "segment_ids": "i1",
-            "masked_lm_positions": "i4", "masked_lm_ids": "i4", "next_sentence_labels": "i1",
-        }  # fmt: skip
+            "input_ids": "i4",
+            "input_mask": "i1",
+            "segment_ids": "i1",
+            "masked_lm_positions": "i4",
+            "masked_lm_ids": "i4",
+            "next_sentence_labels": "i1",
+        }
     [got] = HDF5Shards(tmp_path / "s.hdf5").batches(4, shuffle=False)
     for key, value in batch.items():
         assert got[key].dtype == value.dtype == np.int32 and np.array_equal(got[key], value), key
@@ -108,16 +112,20 @@ def _rewrite(path, **changes):
 
 @pytest.mark.parametrize(
     "changes, message",
-    [({"masked_lm_ids": None}, r"has no dataset\(s\) \['masked_lm_ids'\]"),
-     ({"masked_lm_ids": np.zeros((4, 6), np.int32)}, r"'masked_lm_ids' has shape \(4, 6\)"),
-     ({"next_sentence_labels": np.zeros((4, 1), np.int8)}, r"'next_sentence_labels' has shape"),
-     ({"input_mask": np.zeros((3, 32), np.int8)}, r"'input_mask' has shape \(3, 32\)"),
-     ({"input_ids": np.zeros((4, 32), np.float32)}, r"'input_ids' has dtype float32"),
-     ({"input_ids": (np.int16, [np.arange(n, dtype=np.int16) for n in (3, 5, 2, 4)])},
-      "variable-length rows"),
-     ({"packed_input_len": np.zeros(4, np.int16)}, "packed shard")],
+    [
+        ({"masked_lm_ids": None}, r"has no dataset\(s\) \['masked_lm_ids'\]"),
+        ({"masked_lm_ids": np.zeros((4, 6), np.int32)}, r"'masked_lm_ids' has shape \(4, 6\)"),
+        ({"next_sentence_labels": np.zeros((4, 1), np.int8)}, r"'next_sentence_labels' has shape"),
+        ({"input_mask": np.zeros((3, 32), np.int8)}, r"'input_mask' has shape \(3, 32\)"),
+        ({"input_ids": np.zeros((4, 32), np.float32)}, r"'input_ids' has dtype float32"),
+        (
+            {"input_ids": (np.int16, [np.arange(n, dtype=np.int16) for n in (3, 5, 2, 4)])},
+            "variable-length rows",
+        ),
+        ({"packed_input_len": np.zeros(4, np.int16)}, "packed shard"),
+    ],
     ids=["missing", "P", "labels-2d", "rows", "float", "varlength", "packed"],
-)  # fmt: skip
+)
 def test_bad_shard_is_one_clear_error_naming_file_and_key(tmp_path, changes, message):
     path = tmp_path / "bad.hdf5"
     data.write_shard(path, wl.synthetic_batch(CFG, batch_size=4))

@@ -29,9 +29,13 @@ from mlperf_tutor.workloads.bert import hf  # noqa: E402
 wl = mt.workloads.get("bert")
 # The tiny preset's architecture, spelled the way transformers users write it.
 TINY = dict(
-    vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-    intermediate_size=64, max_position_embeddings=64,
-)  # fmt: skip
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +121,14 @@ def test_config_to_hf_roundtrips_and_builds_in_transformers(preset):
 
 @pytest.mark.parametrize(
     "change, key",
-    [({"hidden_act": "relu"}, "hidden_act"),
-     ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
-     ({"model_type": "gpt2"}, "model_type"), ({"is_decoder": True}, "is_decoder"),
-     ({"tie_word_embeddings": False}, "tie_word_embeddings")],
-)  # fmt: skip
+    [
+        ({"hidden_act": "relu"}, "hidden_act"),
+        ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+        ({"model_type": "gpt2"}, "model_type"),
+        ({"is_decoder": True}, "is_decoder"),
+        ({"tie_word_embeddings": False}, "tie_word_embeddings"),
+    ],
+)
 def test_config_from_hf_refuses_what_our_bert_lacks(change, key):
     with pytest.raises(ValueError, match=key):
         wl.config_from_hf({**hf.config_to_hf(wl.config("tiny")), **change})
@@ -142,10 +149,12 @@ def test_mlperf_param_count_equals_transformers():
     with torch.device("meta"):
         model = transformers.BertForPreTraining(
             transformers.BertConfig(
-                hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                hidden_size=1024,
+                num_hidden_layers=24,
+                num_attention_heads=16,
                 intermediate_size=4096,
             )
-        )  # fmt: skip
+        )
     n = sum(p.numel() for p in model.parameters())  # tied weights are one parameter
     assert wl.param_count(wl.config("mlperf")) == n == 336_226_108
 
@@ -169,9 +178,11 @@ def test_save_pretrained_loads_in_transformers_with_no_missing_keys(hf_dir, tmp_
         tmp_path / "out.hf", output_loading_info=True
     )
     assert info == {
-        "missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(),
+        "missing_keys": set(),
+        "unexpected_keys": set(),
+        "mismatched_keys": set(),
         "error_msgs": [],
-    }  # fmt: skip
+    }
     assert_bit_identical(hf.from_hf(numpy_state(model)), tree)
     decoder = model.cls.predictions.decoder.weight
     assert decoder.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
@@ -245,10 +256,13 @@ def _no_weights(path):
 
 @pytest.mark.parametrize(
     "make, message",
-    [(_no_config, "has no config.json"), (_gpt2, "model_type='gpt2'"),
-     (_no_weights, "has no model.safetensors")],
+    [
+        (_no_config, "has no config.json"),
+        (_gpt2, "model_type='gpt2'"),
+        (_no_weights, "has no model.safetensors"),
+    ],
     ids=["no-config", "gpt2", "no-weights"],
-)  # fmt: skip
+)
 def test_wrong_directory_is_one_clear_error_and_no_output(tmp_path, capsys, make, message):
     src = tmp_path / "src"
     make(src)

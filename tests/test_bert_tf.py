@@ -132,12 +132,19 @@ def hf_run():
     from mlperf_tutor.workloads.bert.hf import from_hf
 
     hf_cfg = transformers.BertConfig(
-        vocab_size=CFG.vocab_size, hidden_size=CFG.hidden, num_hidden_layers=CFG.num_layers,
-        num_attention_heads=CFG.num_heads, intermediate_size=CFG.ffn,
-        max_position_embeddings=CFG.max_positions, type_vocab_size=CFG.type_vocab_size,
-        hidden_act="gelu", layer_norm_eps=CFG.norm_eps, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=CFG.vocab_size,
+        hidden_size=CFG.hidden,
+        num_hidden_layers=CFG.num_layers,
+        num_attention_heads=CFG.num_heads,
+        intermediate_size=CFG.ffn,
+        max_position_embeddings=CFG.max_positions,
+        type_vocab_size=CFG.type_vocab_size,
+        hidden_act="gelu",
+        layer_norm_eps=CFG.norm_eps,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     hf = transformers.BertForPreTraining(hf_cfg).eval()
     with torch.no_grad():  # random biases and norm weights too, so a layout slip shows

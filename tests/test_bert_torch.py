@@ -155,12 +155,19 @@ def hf_outputs():
     import transformers
 
     hf_cfg = transformers.BertConfig(
-        vocab_size=CFG.vocab_size, hidden_size=CFG.hidden, num_hidden_layers=CFG.num_layers,
-        num_attention_heads=CFG.num_heads, intermediate_size=CFG.ffn, hidden_act="gelu",
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        max_position_embeddings=CFG.max_positions, type_vocab_size=CFG.type_vocab_size,
-        layer_norm_eps=CFG.norm_eps, attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=CFG.vocab_size,
+        hidden_size=CFG.hidden,
+        num_hidden_layers=CFG.num_layers,
+        num_attention_heads=CFG.num_heads,
+        intermediate_size=CFG.ffn,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=CFG.max_positions,
+        type_vocab_size=CFG.type_vocab_size,
+        layer_norm_eps=CFG.norm_eps,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     hf = transformers.BertForPreTraining(hf_cfg).eval()
     gen = torch.Generator().manual_seed(1)

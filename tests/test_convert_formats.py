@@ -46,9 +46,7 @@ def small_groups(monkeypatch):
     monkeypatch.setattr(orbax_io, "MIN_GROUP_BYTES", 1)
 
 
-@pytest.mark.parametrize(
-    "src_fmt, dst_fmt", list(itertools.product(EXT, EXT)), ids=lambda f: f
-)  # fmt: skip
+@pytest.mark.parametrize("src_fmt, dst_fmt", list(itertools.product(EXT, EXT)), ids=lambda f: f)
 def test_convert_roundtrip_every_format_pair(tmp_path, small_groups, src_fmt, dst_fmt):
     tree = mixed_tree()
     src, dst = tmp_path / "src" / EXT[src_fmt], tmp_path / "dst" / EXT[dst_fmt]
@@ -155,10 +153,16 @@ def test_prefetch_raises_producer_errors_and_stops():
 # --- detection --------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name, fmt",
-    [("a.safetensors", "safetensors"), ("a.PT", "torch"), ("a.pth", "torch"),
-     ("pytorch_model.bin", "torch"), ("m.weights.h5", "keras"), ("ckpt", "orbax"),
-     ("ckpt.v2/", "orbax")],
-)  # fmt: skip
+    [
+        ("a.safetensors", "safetensors"),
+        ("a.PT", "torch"),
+        ("a.pth", "torch"),
+        ("pytorch_model.bin", "torch"),
+        ("m.weights.h5", "keras"),
+        ("ckpt", "orbax"),
+        ("ckpt.v2/", "orbax"),
+    ],
+)
 def test_detect_format(tmp_path, name, fmt):
     assert convert.detect_format(f"{tmp_path}/{name}") == fmt
 

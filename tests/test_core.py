@@ -160,10 +160,24 @@ def test_mismatch_message_is_capped_but_keeps_every_key():
 def test_relative_bar_has_an_absolute_floor_for_round_off_tensors():
     report = ParityReport()
     # A gradient that is zero in exact arithmetic: noise over noise, relative error ~1.
-    noise = report.add("gradient", "k_proj.bias", "a-b", np.array([3e-12]), np.array([-2e-12]),
-                       metric="rel", bound=1e-4)  # fmt: skip
+    noise = report.add(
+        "gradient",
+        "k_proj.bias",
+        "a-b",
+        np.array([3e-12]),
+        np.array([-2e-12]),
+        metric="rel",
+        bound=1e-4,
+    )
     assert noise.rel > 1 and noise.ok and noise.floored
-    real = report.add("gradient", "w", "a-b", np.array([1e-3, 2e-7]), np.array([1e-3, 0.0]),
-                      metric="rel", bound=1e-4)  # fmt: skip
+    real = report.add(
+        "gradient",
+        "w",
+        "a-b",
+        np.array([1e-3, 2e-7]),
+        np.array([1e-3, 0.0]),
+        metric="rel",
+        bound=1e-4,
+    )
     assert real.rel > 1e-4 and not real.ok
     assert report.worst().name == "w"  # floored rows do not hide real ones

@@ -203,19 +203,24 @@ def _break(directory, kind: str) -> None:
 
 @pytest.mark.parametrize(
     "kind, named, message",
-    [("no dense", "dense", "does not exist"), ("no labels", "labels", "does not exist"),
-     ("no sparse", "sparse", "does not exist"), ("dense shape", "dense", r"float32 \(N, 13\)"),
-     ("dense ints", "dense", r"int32 \(6, 13\); the dense file is float32"),
-     ("labels shape", "labels", r"int32 \(N, 1\)"),
-     ("labels rows", "day", r"different row counts \(day_0_dense.npy: 6, day_0_labels.npy: 5"),
-     ("sparse rows", "day", r"different row counts .*npz\['5'\]: 5"),
-     ("missing key", "sparse", r"missing \['25'\]"),
-     ("renamed keys", "sparse", r"unexpected \['cat_0'"),
-     ("width", "sparse", r"multi_hot_sizes\[20\] = 100"),
-     ("sparse int64", "sparse", "feature '3' holds int64"),
-     ("compressed", "sparse", "not np.savez_compressed"),
-     ("not npy", "dense", "not a readable .npy"), ("not zip", "sparse", "not an .npz")],
-)  # fmt: skip
+    [
+        ("no dense", "dense", "does not exist"),
+        ("no labels", "labels", "does not exist"),
+        ("no sparse", "sparse", "does not exist"),
+        ("dense shape", "dense", r"float32 \(N, 13\)"),
+        ("dense ints", "dense", r"int32 \(6, 13\); the dense file is float32"),
+        ("labels shape", "labels", r"int32 \(N, 1\)"),
+        ("labels rows", "day", r"different row counts \(day_0_dense.npy: 6, day_0_labels.npy: 5"),
+        ("sparse rows", "day", r"different row counts .*npz\['5'\]: 5"),
+        ("missing key", "sparse", r"missing \['25'\]"),
+        ("renamed keys", "sparse", r"unexpected \['cat_0'"),
+        ("width", "sparse", r"multi_hot_sizes\[20\] = 100"),
+        ("sparse int64", "sparse", "feature '3' holds int64"),
+        ("compressed", "sparse", "not np.savez_compressed"),
+        ("not npy", "dense", "not a readable .npy"),
+        ("not zip", "sparse", "not an .npz"),
+    ],
+)
 def test_bad_files_are_one_clear_error_naming_the_file(tmp_path, kind, named, message):
     _break(tmp_path, kind)
     with pytest.raises(DataError, match=message) as err:

@@ -108,8 +108,12 @@ def test_forward_matches_numpy_in_float32(case):
 def test_every_feature_and_the_cross_layers_change_the_logits(case):
     """The concat order and the cross layers matter: perturbing one table or one cross layer
     moves the logits, in agreement with the reference."""
-    for name in ("embedding_bags.25.weight", "embedding_bags.0.weight",
-                 "interaction.layers.2.w.bias", "bottom_mlp.layers.0.weight"):  # fmt: skip
+    for name in (
+        "embedding_bags.25.weight",
+        "embedding_bags.0.weight",
+        "interaction.layers.2.w.bias",
+        "bottom_mlp.layers.0.weight",
+    ):
         tree = dict(case["tree"], **{name: case["tree"][name] + np.float32(0.5)})
         got = fj.forward(WL.build("jax", CFG, tree), case["batch"])["logits"]
         want = ref.dlrm({k: v.astype(np.float64) for k, v in tree.items()}, CFG, case["batch"])

@@ -22,8 +22,10 @@ def test_mlperf_preset_has_the_reference_sizes():
     assert cfg.table_sizes[:5] == (40000000, 39060, 17295, 7424, 20265)
     assert cfg.multi_hot_sizes[:6] == (3, 2, 1, 2, 6, 1) and sum(MULTI_HOT_SIZES) == 214
     assert (cfg.embedding_dim, cfg.bottom_mlp, cfg.top_mlp) == (
-        128, (512, 256, 128), (1024, 1024, 512, 256, 1),
-    )  # fmt: skip
+        128,
+        (512, 256, 128),
+        (1024, 1024, 512, 256, 1),
+    )
     e, d, r = 128, 27 * 128, 512
     mlps = (13 * 512 + 512) + (512 * 256 + 256) + (256 * 128 + 128)
     mlps += (d * 1024 + 1024) + (1024 * 1024 + 1024) + (1024 * 512 + 512) + (512 * 256 + 256)
@@ -44,8 +46,11 @@ def test_info_reports_embedding_memory_without_allocating(capsys):
 def test_optimizer_is_the_v4_adagrad():
     spec, schedule = WL.optimizer(WL.config("mlperf"))
     assert (spec.name, spec.eps, spec.initial_accumulator, spec.weight_decay) == (
-        "adagrad", 1e-8, 0.0, 0.0,
-    )  # fmt: skip
+        "adagrad",
+        1e-8,
+        0.0,
+        0.0,
+    )
     assert schedule.lr_at(0) == schedule.lr_at(10**6) == 0.004
 
 

@@ -133,11 +133,17 @@ def _corrupt(path, kind):
 
 @pytest.mark.parametrize(
     "kind, message",
-    [("magic", "not a Megatron-LM indexed dataset"), ("version", "index version 2"),
-     ("dtype", "dtype code 9"), ("short index", "is truncated"), ("header", "no full header"),
-     ("short bin", "shorter than its index says"), ("no bin", "does not exist, but its index"),
-     ("no idx", "does not exist; pass")],
-)  # fmt: skip
+    [
+        ("magic", "not a Megatron-LM indexed dataset"),
+        ("version", "index version 2"),
+        ("dtype", "dtype code 9"),
+        ("short index", "is truncated"),
+        ("header", "no full header"),
+        ("short bin", "shorter than its index says"),
+        ("no bin", "does not exist, but its index"),
+        ("no idx", "does not exist; pass"),
+    ],
+)
 def test_corrupt_files_are_one_clear_error_naming_the_file(tmp_path, kind, message):
     write_indexed_dataset(tmp_path / "d", DOCS, np.int32)
     bad = _corrupt(tmp_path / "d", kind)

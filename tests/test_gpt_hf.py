@@ -33,17 +33,36 @@ GPT3, GPTJ = mt.workloads.get("gpt3"), mt.workloads.get("gptj")
 NAMING = {"gpt3": GPT2_NAMING, "gptj": GPTJ_NAMING}
 # The tiny presets' architectures, as transformers users write them (bos/eos None: the
 # default 50256 is outside a 96-token vocabulary).
-SMALL = dict(vocab_size=96, n_embd=32, n_layer=2, n_inner=128, bos_token_id=None,
-             eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+SMALL = dict(
+    vocab_size=96,
+    n_embd=32,
+    n_layer=2,
+    n_inner=128,
+    bos_token_id=None,
+    eos_token_id=None,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+)
 CASES = {
-    "gpt3": (GPT3, transformers.GPT2LMHeadModel,
-             lambda **kw: transformers.GPT2Config(**SMALL, n_head=2, n_positions=2048,
-                                                  activation_function="gelu",
-                                                  initializer_range=0.006, **kw)),
-    "gptj": (GPTJ, transformers.GPTJForCausalLM,
-             lambda **kw: transformers.GPTJConfig(**SMALL, n_head=4, n_positions=64, rotary_dim=4,
-                                                  **kw)),
-}  # fmt: skip
+    "gpt3": (
+        GPT3,
+        transformers.GPT2LMHeadModel,
+        lambda **kw: transformers.GPT2Config(
+            **SMALL,
+            n_head=2,
+            n_positions=2048,
+            activation_function="gelu",
+            initializer_range=0.006,
+            **kw,
+        ),
+    ),
+    "gptj": (
+        GPTJ,
+        transformers.GPTJForCausalLM,
+        lambda **kw: transformers.GPTJConfig(**SMALL, n_head=4, n_positions=64, rotary_dim=4, **kw),
+    ),
+}
 
 
 def random_tree(wl, cfg, seed=1, dtype=np.float32):
@@ -82,8 +101,12 @@ def test_load_pretrained_is_bit_identical_to_state_dict(case):
     assert_bit_identical(tree, NAMING[wl.name].from_hf(numpy_state(model), cfg.tie_embeddings))
     assert cfg == wl.config_from_hf(model.config)
     assert (cfg.num_layers, cfg.hidden, cfg.num_heads, cfg.ffn, cfg.padded_vocab_size) == (
-        2, 32, wl.config("tiny").num_heads, 128, 96,
-    )  # fmt: skip
+        2,
+        32,
+        wl.config("tiny").num_heads,
+        128,
+        96,
+    )
 
 
 def test_logits_and_loss_match_numpy_reference(case):
@@ -165,7 +188,7 @@ def test_config_from_hf_keeps_a_padded_vocabulary_when_asked():
     config = CASES["gpt3"][2]()
     assert GPT3.config_from_hf(config, preset="tiny", vocab_size=90, vocab_multiple=32) == (
         GPT3.config("tiny")
-    )  # fmt: skip
+    )
     with pytest.raises(ValueError, match="padded to a multiple of 1 is 91 rows"):
         GPT3.config_from_hf(config, preset="tiny", vocab_size=91)
     full = GPT3.config_from_hf(transformers.GPT2Config(vocab_size=50304, n_positions=1024))
@@ -176,7 +199,7 @@ def test_config_from_hf_keeps_a_padded_vocabulary_when_asked():
     "wl, preset",
     [(GPT3, "tiny"), (GPT3, "small"), (GPT3, "mlperf"), (GPTJ, "tiny"), (GPTJ, "full")],
     ids=["gpt3-tiny", "gpt3-small", "gpt3-mlperf", "gptj-tiny", "gptj-full"],
-)  # fmt: skip
+)
 def test_config_to_hf_roundtrips_and_builds_in_transformers(wl, preset):
     cfg = wl.config(preset, dropout=0.05)
     vocab = {"vocab_size": cfg.vocab_size, "vocab_multiple": cfg.vocab_multiple}
@@ -187,16 +210,18 @@ def test_config_to_hf_roundtrips_and_builds_in_transformers(wl, preset):
 
 @pytest.mark.parametrize(
     "wl, change, key",
-    [(GPT3, {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
-     (GPT3, {"scale_attn_weights": False}, "scale_attn_weights"),
-     (GPT3, {"add_cross_attention": True}, "add_cross_attention"),
-     (GPT3, {"activation_function": "relu"}, "activation_function"),
-     (GPT3, {"model_type": "gptj"}, "model_type='gptj'"),
-     (GPTJ, {"tie_word_embeddings": True}, "tie_word_embeddings"),
-     (GPTJ, {"rotary_dim": None}, "rotary_dim=None"),
-     (GPTJ, {"rotary_dim": 3}, "rotary_dim"),
-     (GPTJ, {"model_type": "gpt2"}, "model_type='gpt2'")],
-)  # fmt: skip
+    [
+        (GPT3, {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+        (GPT3, {"scale_attn_weights": False}, "scale_attn_weights"),
+        (GPT3, {"add_cross_attention": True}, "add_cross_attention"),
+        (GPT3, {"activation_function": "relu"}, "activation_function"),
+        (GPT3, {"model_type": "gptj"}, "model_type='gptj'"),
+        (GPTJ, {"tie_word_embeddings": True}, "tie_word_embeddings"),
+        (GPTJ, {"rotary_dim": None}, "rotary_dim=None"),
+        (GPTJ, {"rotary_dim": 3}, "rotary_dim"),
+        (GPTJ, {"model_type": "gpt2"}, "model_type='gpt2'"),
+    ],
+)
 def test_config_from_hf_refuses_what_our_decoder_lacks(wl, change, key):
     with pytest.raises(ValueError, match=key):
         wl.config_from_hf({**wl.hf.config_to_hf(wl.config("tiny")), **change}, preset="tiny")
@@ -238,9 +263,11 @@ def test_save_pretrained_loads_in_transformers_with_no_missing_keys(case, tmp_pa
     assert set(hf_io.read_weights(tmp_path / "out.hf")) == set(hf_io.read_weights(path))
     loaded, info = type(model).from_pretrained(tmp_path / "out.hf", output_loading_info=True)
     assert info == {
-        "missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(),
+        "missing_keys": set(),
+        "unexpected_keys": set(),
+        "mismatched_keys": set(),
         "error_msgs": [],
-    }  # fmt: skip
+    }
     assert_bit_identical(NAMING[wl.name].from_hf(numpy_state(loaded), cfg.tie_embeddings), tree)
 
 

@@ -47,9 +47,13 @@ def test_full_preset_is_gptj_6b():
 
 @pytest.mark.parametrize(
     ("batch", "lr", "warmup", "decay", "checkpoint"),
-    [(1536, 2e-5, 265, 108600, 4000), (2048, 2e-5, 199, 81450, 3000),
-     (4096, 3e-5, 100, 40725, 1500), (8192, 3e-5, 50, 20363, 750)],
-)  # fmt: skip
+    [
+        (1536, 2e-5, 265, 108600, 4000),
+        (2048, 2e-5, 199, 81450, 3000),
+        (4096, 3e-5, 100, 40725, 1500),
+        (8192, 3e-5, 50, 20363, 750),
+    ],
+)
 def test_mlperf_schedule_follows_the_v4_rules(batch, lr, warmup, decay, checkpoint):
     rules = mlperf_schedule(batch)
     assert (rules["lr"], rules["warmup_steps"], rules["total_steps"]) == (lr, warmup, decay)
@@ -77,11 +81,13 @@ def test_optimizer_is_adam_with_cosine_to_a_tenth():
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"rotary_dim": 3, "position": "rotary"}, "rotary_dim"),
-     ({"seq_len": 4096}, "exceeds max_positions"),
-     ({"lm_head_bias": True}, "untied head"),
-     ({"activation": "relu"}, "activation must be")],
-)  # fmt: skip
+    [
+        ({"rotary_dim": 3, "position": "rotary"}, "rotary_dim"),
+        ({"seq_len": 4096}, "exceeds max_positions"),
+        ({"lm_head_bias": True}, "untied head"),
+        ({"activation": "relu"}, "activation must be"),
+    ],
+)
 def test_bad_config_is_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         GPT3.config("tiny", **overrides)

@@ -25,10 +25,16 @@ pytestmark = pytest.mark.requires("torch", "jax", "tf", "hf")
 
 WL = workloads.get("llama2_70b_lora")
 HF_CONFIG = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
     tie_word_embeddings=False,
-)  # fmt: skip
+)
 IDS = np.random.default_rng(0).integers(0, 96, (2, 11)).astype(np.int32)
 
 
@@ -170,9 +176,11 @@ def test_adapter_trained_by_peft_is_read_when_it_is_one_fused_adapter(lora_setup
     cfg, tree, root, _ = lora_setup
     base = transformers.LlamaForCausalLM.from_pretrained(root / "base")
     config = peft_lib.LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-    )  # fmt: skip
+    )
     model = peft_lib.get_peft_model(base, config)
     with torch.no_grad():
         for name, p in model.named_parameters():

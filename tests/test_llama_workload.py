@@ -25,8 +25,13 @@ def test_mlperf_param_count_equals_transformers_llama():
     import transformers
 
     cfg = WL.config("mlperf")
-    config = transformers.LlamaConfig(**{k: v for k, v in WL.hf.config_to_hf(cfg).items()
-                                         if k not in ("architectures", "model_type")})  # fmt: skip
+    config = transformers.LlamaConfig(
+        **{
+            k: v
+            for k, v in WL.hf.config_to_hf(cfg).items()
+            if k not in ("architectures", "model_type")
+        }
+    )
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
     assert WL.param_count(cfg) == sum(p.numel() for p in model.parameters())

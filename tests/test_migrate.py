@@ -31,17 +31,23 @@ def seeded(make):
 # model, loss, batch maker, optimizer, scheduler: every optimizer and scheduler appears once.
 CASES = {
     "mlp-sgd-nesterov-steplr": (
-        tm.MLP, tm.classify, tm.vector_batch,
+        tm.MLP,
+        tm.classify,
+        tm.vector_batch,
         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
         lambda o: sched.StepLR(o, step_size=3, gamma=0.5),
     ),
     "cnn-adam-cosine": (
-        tm.CNN, tm.classify, tm.image_batch,
+        tm.CNN,
+        tm.classify,
+        tm.image_batch,
         lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=1e-4),
         lambda o: sched.CosineAnnealingLR(o, T_max=STEPS),
     ),
     "resnet-adamw-onecycle": (
-        tm.BasicBlock, tm.classify, lambda s: tm.image_batch(s, channels=4),
+        tm.BasicBlock,
+        tm.classify,
+        lambda s: tm.image_batch(s, channels=4),
         lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05),
         lambda o: sched.OneCycleLR(o, max_lr=1e-2, total_steps=STEPS),
     ),
@@ -49,27 +55,36 @@ CASES = {
     # ignores q . b_k), and adaptive optimizers (RMSprop, Adagrad, Adam) turn the round-off that
     # stands in for it into lr-sized steps that differ between frameworks (5e-3 relative).
     "encoder-sgd-sequential": (
-        tm.Encoder, tm.classify_tokens, tm.token_batch,
+        tm.Encoder,
+        tm.classify_tokens,
+        tm.token_batch,
         lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-4),
-        lambda o: sched.SequentialLR(o, [sched.LinearLR(o, 0.1, total_iters=3),
-                                         sched.ExponentialLR(o, 0.9)], milestones=[3]),
+        lambda o: sched.SequentialLR(
+            o, [sched.LinearLR(o, 0.1, total_iters=3), sched.ExponentialLR(o, 0.9)], milestones=[3]
+        ),
     ),
     "custom-rmsprop-multistep": (
-        tm.Custom, tm.classify_tokens, tm.token_batch,
+        tm.Custom,
+        tm.classify_tokens,
+        tm.token_batch,
         lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9, centered=True),
         lambda o: sched.MultiStepLR(o, milestones=[2, 6], gamma=0.3),
     ),
     "mlp-adagrad-linear": (
-        tm.MLP, tm.classify, tm.vector_batch,
+        tm.MLP,
+        tm.classify,
+        tm.vector_batch,
         lambda p: torch.optim.Adagrad(p, lr=0.05, initial_accumulator_value=0.1),
         lambda o: sched.LinearLR(o, start_factor=1.0, end_factor=0.2, total_iters=STEPS),
     ),
     "mlp-adamw-lambda": (
-        tm.MLP, tm.classify, tm.vector_batch,
+        tm.MLP,
+        tm.classify,
+        tm.vector_batch,
         lambda p: torch.optim.AdamW(p, lr=1e-2),
         lambda o: sched.LambdaLR(o, lambda step: 1.0 / (1.0 + step)),
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))

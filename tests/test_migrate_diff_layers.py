@@ -208,9 +208,12 @@ def test_nhwc_layout_transposes_conv_activations():
     conv.bias.set_value(jax.numpy.asarray(reference[0].bias.detach().numpy()))
     x = np.random.default_rng(0).normal(size=(2, 3, 6, 6)).astype(np.float32)
     report = diff_layers(
-        reference, port, x, layout="NHWC",
+        reference,
+        port,
+        x,
+        layout="NHWC",
         call=(lambda m, b: m(b), lambda m, b: m(b.transpose(0, 2, 3, 1))),
-    )  # fmt: skip
+    )
     assert report["0"].status == "ok" and report.ok, report  # nnx.Sequential's "layers" dropped
 
 

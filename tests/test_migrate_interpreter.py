@@ -308,8 +308,13 @@ def test_custom_forward_with_indexing_einsum_masking_and_gradient_stops(custom):
     custom.check()
     assert np.abs(custom.jax_grads["embed.weight"][0]).max() == 0  # the padding row
     # state_dict order; the tied head.weight is tokens.weight, named once
-    assert list(custom.t.params) == ["scale", "embed.weight", "proj.weight", "proj.bias",
-                                     "tokens.weight"]  # fmt: skip
+    assert list(custom.t.params) == [
+        "scale",
+        "embed.weight",
+        "proj.weight",
+        "proj.bias",
+        "tokens.weight",
+    ]
     assert custom.t.buffers == {}  # the non-persistent buffer is a constant of the graph
 
 
@@ -359,53 +364,99 @@ class Zoo(nn.Module):
         h = self.gn(self.conv_t(img))  # (3, 4, 10, 10)
         q, k = x.view(3, 2, 1, 3).expand(3, 2, 4, 3), x.view(3, 1, 2, 3)
         activations = [
-            F.silu(x), F.mish(x), F.softplus(x, beta=2), F.elu(x), F.leaky_relu(x, 0.2),
-            F.hardtanh(x, -0.5, 0.5), F.logsigmoid(x), torch.erf(x), F.gelu(x),
-        ]  # fmt: skip
+            F.silu(x),
+            F.mish(x),
+            F.softplus(x, beta=2),
+            F.elu(x),
+            F.leaky_relu(x, 0.2),
+            F.hardtanh(x, -0.5, 0.5),
+            F.logsigmoid(x),
+            torch.erf(x),
+            F.gelu(x),
+        ]
         arithmetic = [
-            x.clamp(-0.3, 0.4), torch.where(x > 0, x, 0.1 * x), x.pow(3), x.abs().pow(1.5),
-            torch.rsqrt(x.abs() + 1), torch.atan2(x, x.flip(1) + 2), torch.remainder(x, 0.3),
-            torch.div(x, 0.7, rounding_mode="floor"), x.masked_fill(x < 0, -1),
-            torch.arange(6.0) * 0.1 + x, torch.full_like(x, 2.0) * x,
-        ]  # fmt: skip
+            x.clamp(-0.3, 0.4),
+            torch.where(x > 0, x, 0.1 * x),
+            x.pow(3),
+            x.abs().pow(1.5),
+            torch.rsqrt(x.abs() + 1),
+            torch.atan2(x, x.flip(1) + 2),
+            torch.remainder(x, 0.3),
+            torch.div(x, 0.7, rounding_mode="floor"),
+            x.masked_fill(x < 0, -1),
+            torch.arange(6.0) * 0.1 + x,
+            torch.full_like(x, 2.0) * x,
+        ]
         reductions = [
-            x.var(1, keepdim=True), x.std(0), torch.logsumexp(x, 1), x.norm(dim=1), x.amax(1),
-            x.min(1).values, x.cumsum(1), x.softmax(0), F.log_softmax(x, 1), x.argmax(1).float(),
-            torch.topk(x, 2, 1).values, torch.sort(x, 1, descending=True).values,
-        ]  # fmt: skip
+            x.var(1, keepdim=True),
+            x.std(0),
+            torch.logsumexp(x, 1),
+            x.norm(dim=1),
+            x.amax(1),
+            x.min(1).values,
+            x.cumsum(1),
+            x.softmax(0),
+            F.log_softmax(x, 1),
+            x.argmax(1).float(),
+            torch.topk(x, 2, 1).values,
+            torch.sort(x, 1, descending=True).values,
+        ]
         indexing = [
-            x.gather(1, idx), x[:, [0, 2]], x[ids[:, 0] % 3], x[1:, ::2], z,
-            x.index_select(1, torch.tensor([1, 3])), x.scatter(1, idx, 0.0),
+            x.gather(1, idx),
+            x[:, [0, 2]],
+            x[ids[:, 0] % 3],
+            x[1:, ::2],
+            z,
+            x.index_select(1, torch.tensor([1, 3])),
+            x.scatter(1, idx, 0.0),
             torch.zeros(3, 6).scatter_add(1, idx, x[:, :2]),
-        ]  # fmt: skip
+        ]
         shapes = [
-            torch.cat([x, 2 * x], 1), torch.stack([x, -x]), *x.chunk(3, 1), *x.split([2, 4], 1),
-            *x.unbind(0), x.repeat(2, 1), x.repeat_interleave(2, dim=0), x.roll(2, 1),
-            F.pad(x, (1, 2), value=0.5), torch.tril(x[:, :3]), torch.triu(x[:, 3:], 1),
-        ]  # fmt: skip
+            torch.cat([x, 2 * x], 1),
+            torch.stack([x, -x]),
+            *x.chunk(3, 1),
+            *x.split([2, 4], 1),
+            *x.unbind(0),
+            x.repeat(2, 1),
+            x.repeat_interleave(2, dim=0),
+            x.roll(2, 1),
+            F.pad(x, (1, 2), value=0.5),
+            torch.tril(x[:, :3]),
+            torch.triu(x[:, 3:], 1),
+        ]
         products = [
-            x @ x.T, torch.einsum("bi,bj->bij", x, x),
+            x @ x.T,
+            torch.einsum("bi,bj->bij", x, x),
             torch.baddbmm(x[:, :, None], x[:, :, None], x[:, None, :2]),
             F.scaled_dot_product_attention(q, k, k, attn_mask=b["mask"], enable_gqa=True),
             F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True),
-        ]  # fmt: skip
+        ]
         layers = [
-            F.normalize(x, dim=1), F.layer_norm(x, (6,)), self.conv1d(x[:, None]), h,
-            F.max_pool2d(h, 3, 2, 1, ceil_mode=True), F.avg_pool2d(h, 3, 2, 1, ceil_mode=True),
-            F.avg_pool2d(h, 3, 2, 1, count_include_pad=False), F.adaptive_avg_pool2d(h, (3, 4)),
+            F.normalize(x, dim=1),
+            F.layer_norm(x, (6,)),
+            self.conv1d(x[:, None]),
+            h,
+            F.max_pool2d(h, 3, 2, 1, ceil_mode=True),
+            F.avg_pool2d(h, 3, 2, 1, ceil_mode=True),
+            F.avg_pool2d(h, 3, 2, 1, count_include_pad=False),
+            F.adaptive_avg_pool2d(h, (3, 4)),
             F.interpolate(img, scale_factor=2, mode="nearest"),
             F.interpolate(img, size=(7, 4), mode="bilinear", align_corners=False),
-            self.emb(ids), self.bag_mean(ids.flatten(), b["offsets"]), self.bag_max(ids),
-        ]  # fmt: skip
+            self.emb(ids),
+            self.bag_mean(ids.flatten(), b["offsets"]),
+            self.bag_max(ids),
+        ]
         logits, y, p = x[:, :5], b["y"], (z > 0.5).float()
         losses = [
             F.cross_entropy(logits, y, ignore_index=1, label_smoothing=0.1),
-            F.nll_loss(F.log_softmax(logits, 1), y, reduction="sum"), F.mse_loss(x, z),
-            F.l1_loss(x, z), F.smooth_l1_loss(x, z),
+            F.nll_loss(F.log_softmax(logits, 1), y, reduction="sum"),
+            F.mse_loss(x, z),
+            F.l1_loss(x, z),
+            F.smooth_l1_loss(x, z),
             F.kl_div(F.log_softmax(x, 1), x.softmax(0), reduction="batchmean"),
             F.binary_cross_entropy_with_logits(x, p, pos_weight=torch.full((6,), 2.0)),
             F.binary_cross_entropy(torch.sigmoid(x), z.sigmoid()),
-        ]  # fmt: skip
+        ]
         terms = activations + arithmetic + reductions + indexing + shapes + products + layers
         return sum(t.float().square().mean() for t in terms) / len(terms) + sum(losses)
 

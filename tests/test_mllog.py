@@ -37,10 +37,21 @@ def records_of(path: Path, key: str) -> list[dict]:
 def checker(log: Path, tmp_path: Path) -> tuple[int, str]:
     """Exit code and output of ``python -m mlperf_logging.compliance_checker`` (ruleset 4.0.0)."""
     result = subprocess.run(
-        [sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "training",
-         "--ruleset", RULESET, "--log_output", str(tmp_path / "checker.log"), str(log)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlperf_logging.compliance_checker",
+            "--usage",
+            "training",
+            "--ruleset",
+            RULESET,
+            "--log_output",
+            str(tmp_path / "checker.log"),
+            str(log),
+        ],
+        capture_output=True,
+        text=True,
+    )
     return result.returncode, result.stdout + result.stderr
 
 
@@ -88,8 +99,20 @@ def test_ten_converged_runs_make_a_folder_that_scores(tmp_path):
     runs = RUN_COUNTS["bert"]
     for i in range(runs):
         log = tmp_path / "bert" / f"result_{i}.txt"
-        argv = ["train", "bert", "--framework", "torch", "--seed", str(i), "--max-steps", "5",
-                "--target", "0", "--mllog", str(log)]  # fmt: skip
+        argv = [
+            "train",
+            "bert",
+            "--framework",
+            "torch",
+            "--seed",
+            str(i),
+            "--max-steps",
+            "5",
+            "--target",
+            "0",
+            "--mllog",
+            str(log),
+        ]
         assert cli.main(argv) == 0
     (row,) = score(tmp_path)
     assert (row.benchmark, row.runs, row.used, row.non_converged) == ("bert", runs, runs - 2, 0)

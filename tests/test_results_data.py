@@ -18,10 +18,21 @@ SHIPPED_CSV = REPO / "mlperf_tutor" / "mlperf" / "data" / "summary_v4.0.csv"
 OFFICIAL_SUMMARY_SHA256 = "99899265ad9054d1997112b2c59cf91ef55a35214f3c83b47a12a93b9488ad7e"
 
 COLUMNS = [
-    "division", "availability", "submitter", "system", "number_of_nodes",
-    "host_processor_model_name", "host_processors_count", "accelerator_model_name",
-    "accelerators_count", "framework", "notes", *results.BENCHMARKS, "details_url", "code_url",
-]  # fmt: skip
+    "division",
+    "availability",
+    "submitter",
+    "system",
+    "number_of_nodes",
+    "host_processor_model_name",
+    "host_processors_count",
+    "accelerator_model_name",
+    "accelerators_count",
+    "framework",
+    "notes",
+    *results.BENCHMARKS,
+    "details_url",
+    "code_url",
+]
 
 
 def test_summary_has_97_rows_and_the_csv_columns():
@@ -71,10 +82,21 @@ def test_shipped_copy_is_the_official_summary_byte_for_byte():
 # --- the long form ---------------------------------------------------------------------------
 
 LONG_COLUMNS = [
-    "division", "availability", "submitter", "system", "nodes", "host_processor",
-    "host_processors", "accelerator", "accelerators", "benchmark", "minutes", "framework",
-    "framework_text", "summary_row",
-]  # fmt: skip
+    "division",
+    "availability",
+    "submitter",
+    "system",
+    "nodes",
+    "host_processor",
+    "host_processors",
+    "accelerator",
+    "accelerators",
+    "benchmark",
+    "minutes",
+    "framework",
+    "framework_text",
+    "summary_row",
+]
 
 
 def test_long_form_has_one_row_per_nonempty_cell():
@@ -122,9 +144,12 @@ def test_every_framework_label_is_documented_and_none_is_other():
 def test_nvidia_rows_name_the_framework_of_nvidia_implementation():
     """NVIDIA's own rows each name one framework; it must be the table's entry per benchmark."""
     names = {
-        "pytorch": "PyTorch", "mxnet": "MXNet", "hugectr": "HugeCTR", "dgl": "DGL",
+        "pytorch": "PyTorch",
+        "mxnet": "MXNet",
+        "hugectr": "HugeCTR",
+        "dgl": "DGL",
         "nemo": "NeMo/Megatron",
-    }  # fmt: skip
+    }
     long = results.load_long()
     nvidia = long[long["submitter"].str.startswith("NVIDIA")]
     assert set(nvidia["benchmark"]) == set(results.BENCHMARKS)
@@ -143,11 +168,15 @@ def test_nvidia_rows_name_the_framework_of_nvidia_implementation():
         ("NGC MLPerf v4.0", "unet3d", "NVIDIA H100-SXM5-80GB", "MXNet"),
         ("PyTorch 2.1.1", "gpt3", "Intel(R) Gaudi(R) 2 AI Accelerator", "PyTorch"),
         ("maxtext", "gpt3", "TPU-v5p", "JAX/MaxText"),
-        ("NGC PyTorch Release 24.01 Deepspeed N8", "llama2_70b_lora", "NVIDIA A100-SXM4-80GB",
-         "DeepSpeed"),
+        (
+            "NGC PyTorch Release 24.01 Deepspeed N8",
+            "llama2_70b_lora",
+            "NVIDIA A100-SXM4-80GB",
+            "DeepSpeed",
+        ),
         ("tinygrad, commit b399d98", "resnet", "NVIDIA GeForce RTX 4090", "tinygrad"),
     ],
-)  # fmt: skip
+)
 def test_framework_label_rules(text, benchmark, accelerator, label):
     assert results.framework_label(text, benchmark, accelerator) == label
 

@@ -22,11 +22,18 @@ from diffusers import schedulers  # noqa: E402
 
 CFG = StableDiffusionConfig.preset("mlperf")
 TINY = StableDiffusionConfig.preset("tiny")
-BETAS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-             beta_end=0.012)  # fmt: skip
+BETAS = dict(
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+)
 # SD2's scheduler_config.json, as the diffusers pipeline of stabilityai/stable-diffusion-2 uses.
-SD2_DDIM = dict(BETAS, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
-                prediction_type="v_prediction", clip_sample=False)  # fmt: skip
+SD2_DDIM = dict(
+    BETAS,
+    timestep_spacing="leading",
+    steps_offset=1,
+    set_alpha_to_one=False,
+    prediction_type="v_prediction",
+    clip_sample=False,
+)
 
 
 def _with_our_tables(sched):

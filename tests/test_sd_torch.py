@@ -79,8 +79,11 @@ def test_float64_matches_diffusers_to_round_off():
     x, t, ctx = (batch[k].astype(np.float64) for k in ("noise", "timesteps", "context"))
     ref = diffusers_unet(DEEP, tree).double()
     with torch.no_grad():
-        want = ref(torch.from_numpy(x), torch.from_numpy(t).long(),
-                   encoder_hidden_states=torch.from_numpy(ctx)).sample.numpy()  # fmt: skip
+        want = ref(
+            torch.from_numpy(x),
+            torch.from_numpy(t).long(),
+            encoder_hidden_states=torch.from_numpy(ctx),
+        ).sample.numpy()
         got = model.double().denoise(*(torch.from_numpy(a) for a in (x, t, ctx))).numpy()
     assert max_abs(got, want) <= 1e-10 * max(1.0, np.abs(want).max())
 

@@ -126,9 +126,15 @@ def test_ddim_samples_agree_across_frameworks():
     for framework in frameworks.NAMES:
         model = WL.build(framework, TINY, weights=tree)
         samples[framework] = WL.sample(
-            framework, model, batch["noise"], batch["context"], TINY, steps=5,
-            guidance_scale=3.0, uncond_context=uncond,
-        )  # fmt: skip
+            framework,
+            model,
+            batch["noise"],
+            batch["context"],
+            TINY,
+            steps=5,
+            guidance_scale=3.0,
+            uncond_context=uncond,
+        )
     assert np.abs(samples["torch"]).max() > 0.1  # the sampler moved away from zero
     for a, b in itertools.combinations(frameworks.NAMES, 2):
         assert np.abs(samples[a] - samples[b]).max() <= 1e-4, (a, b)

@@ -85,9 +85,14 @@ def test_loss_and_grads_match_float64_autograd_and_finite_differences():
     # Central differences in float64 on a few elements, in train mode like the gradients.
     params = dict(model64.named_parameters())
     h = 1e-6
-    for name, index in [("conv1.weight", (1, 2, 0, 1)), ("bn.weight", (3,)), ("gn.bias", (0,)),
-                        ("embed.weight", (int(batch()["tokens"][0, 0]), 2)), ("ln.weight", (5,)),
-                        ("head.bias", (1,))]:  # fmt: skip
+    for name, index in [
+        ("conv1.weight", (1, 2, 0, 1)),
+        ("bn.weight", (3,)),
+        ("gn.bias", (0,)),
+        ("embed.weight", (int(batch()["tokens"][0, 0]), 2)),
+        ("ln.weight", (5,)),
+        ("head.bias", (1,)),
+    ]:
         p = params[name]
         with torch.no_grad():
             p[index] += h
@@ -120,8 +125,9 @@ def test_no_decay_parameters_get_no_weight_decay():
 
 def test_optimizer_state_before_first_step_exports_initial_values():
     params = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
-    sgd = adapter.make_array_optimizer(OptimizerSpec("sgd", momentum=0.9), ScheduleSpec(0.1),
-                                       params)  # fmt: skip
+    sgd = adapter.make_array_optimizer(
+        OptimizerSpec("sgd", momentum=0.9), ScheduleSpec(0.1), params
+    )
     state = sgd.state_dict()
     assert sorted(state) == ["momentum_buffer/b", "momentum_buffer/w", "step"]
     assert state["step"].dtype == np.int64 and int(state["step"]) == 0
@@ -146,8 +152,9 @@ def test_optimizer_state_with_wrong_shape_is_refused_and_nothing_changes():
 
 def test_clipping_has_no_epsilon():
     # torch.nn.utils.clip_grad_norm_ would scale by 1 / (2 + 1e-6) here, not exactly 1/2.
-    opt = adapter.make_array_optimizer(OptimizerSpec("sgd", clip_norm=1.0), ScheduleSpec(1.0),
-                                       {"w": np.zeros(4)})  # fmt: skip
+    opt = adapter.make_array_optimizer(
+        OptimizerSpec("sgd", clip_norm=1.0), ScheduleSpec(1.0), {"w": np.zeros(4)}
+    )
     opt.step({"w": np.full(4, 1.0)})  # global norm 2
     np.testing.assert_array_equal(opt.params()["w"], np.full(4, -0.5))
 

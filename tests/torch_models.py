@@ -64,8 +64,9 @@ class Encoder(nn.Module):
     def __init__(self, vocab: int = 20, d: int = 16, classes: int = 5):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=32, dropout=0.1,
-                                                batch_first=True)  # fmt: skip
+        self.layer = nn.TransformerEncoderLayer(
+            d, nhead=2, dim_feedforward=32, dropout=0.1, batch_first=True
+        )
         self.head = nn.Linear(d, classes)
 
     def forward(self, tokens, mask):
@@ -101,16 +102,21 @@ def image_batch(seed: int, channels: int = 3, size: int = 8, batch: int = 4) -> 
 
 def vector_batch(seed: int, d_in: int = 12, batch: int = 6) -> dict:
     rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((batch, d_in)).astype(np.float32),
-            "y": rng.integers(0, 5, batch).astype(np.int64)}  # fmt: skip
+    return {
+        "x": rng.standard_normal((batch, d_in)).astype(np.float32),
+        "y": rng.integers(0, 5, batch).astype(np.int64),
+    }
 
 
 def token_batch(seed: int, vocab: int = 20, t: int = 7, batch: int = 4) -> dict:
     rng = np.random.default_rng(seed)
     mask = np.ones((batch, t), np.int64)
     mask[1, -2:] = 0  # padding at the end of the second sequence
-    return {"tokens": rng.integers(0, vocab, (batch, t)).astype(np.int64), "mask": mask,
-            "y": rng.integers(0, 5, batch).astype(np.int64)}  # fmt: skip
+    return {
+        "tokens": rng.integers(0, vocab, (batch, t)).astype(np.int64),
+        "mask": mask,
+        "y": rng.integers(0, 5, batch).astype(np.int64),
+    }
 
 
 def classify(model, batch):
