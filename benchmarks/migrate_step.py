@@ -65,13 +65,18 @@ def migrated_step(wl, cfg, tree, batch):
 
 
 def flax_step(wl, cfg, tree, batch):
-    import mixed_steps
-
+    adapter = frameworks.get("jax")
     model = wl.build("jax", cfg, weights=tree)
-    # The functional NNX pattern of the GPU benchmarks: split once, one jax.jit over the arrays
-    # (nnx.jit's graph bookkeeping costs milliseconds per call, which dominates a tiny model).
+    # The package's training step: split once, one jax.jit over the arrays (nnx.jit's graph
+    # bookkeeping costs milliseconds per call, which dominates a tiny model).
     spec = OptimizerSpec("adamw", weight_decay=WEIGHT_DECAY, eps=1e-8)
-    return mixed_steps.jax_step(model, spec, ScheduleSpec(LR), batch, compute_dtype="float32")
+    trainer = adapter.Trainer(model, spec, ScheduleSpec(LR), device=adapter.use_device("auto"))
+    handle = []
+
+    def step():
+        handle[:] = [trainer.step(batch)]
+
+    return step, lambda: trainer.loss_value(handle[0])
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from mlperf_tutor import frameworks, workloads
+from mlperf_tutor.train import loop as train_options
 
 CONVERT_HELP = """\
 Formats are inferred from the paths:
@@ -62,9 +63,18 @@ def cmd_parity(args) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=True,
+        precision=args.precision,
     )
     print(report.table())
     return 0 if report.ok else 1
+
+
+def cmd_make_sample_data(args) -> int:
+    wl = workloads.get(args.workload)
+    cfg = wl.config(args.preset)
+    path = wl.write_sample_data(cfg, args.directory, samples=args.samples, seed=args.seed)
+    print(f"{args.workload}: {args.samples} samples in {path} (pass it as --data)")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -94,11 +104,27 @@ def cmd_train(args) -> int:
         target=args.target,
         curve=args.curve,
         mllog=args.mllog,
+        device=args.device,
+        precision=args.precision,
+        data=args.data,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        keep=args.keep,
+        resume=args.resume,
     )
+    if not result.losses:
+        print(
+            f"{args.workload} {args.framework}: already at step {result.start_step}; nothing to do"
+        )
+        return 0
+    unit = "samples/s" if result.units_per_second == result.samples_per_second else "tokens/s"
+    mfu = f", MFU {result.mfu:.3f}" if result.mfu is not None else ""
     print(
-        f"{args.workload} {args.framework}: {len(result.losses)} steps, loss "
+        f"{args.workload} {args.framework} on {result.device} ({result.precision}): "
+        f"{len(result.losses)} steps from step {result.start_step}, loss "
         f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
-        f"{result.samples_per_second:.1f} samples/s after the first step"
+        f"{result.samples_per_second:.1f} samples/s ({result.units_per_second:.1f} {unit}"
+        f"{mfu}) after the first step"
     )
     if result.evals:
         samples, _ = result.evals[-1]
@@ -108,6 +134,8 @@ def cmd_train(args) -> int:
         print(f"MLPerf log: {args.mllog}")
     if args.curve:
         print(f"loss curve: {args.curve}")
+    if args.checkpoint_dir:
+        print(f"checkpoints: {args.checkpoint_dir}")
     return 0
 
 
@@ -162,10 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--frameworks", nargs="+", default=list(frameworks.NAMES), choices=frameworks.NAMES
     )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=train_options.PRECISIONS,
+        help="bf16: each framework's bf16 training losses against the first one's float32",
+    )
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser(
-        "train", help="train on synthetic data with a progress bar", allow_abbrev=False
+        "train",
+        help="train on a device, fp32 or bf16, from synthetic batches or real data files, "
+        "with checkpoints and resume",
+        allow_abbrev=False,
     )
     p.add_argument("workload")
     p.add_argument("--framework", required=True, choices=frameworks.NAMES)
@@ -202,7 +239,44 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="log the configuration and hyperparameters (to --mllog, or stdout) without training",
     )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=train_options.DEVICES,
+        help="auto: the accelerator if there is one (default)",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=train_options.PRECISIONS,
+        help="bf16: float32 master weights and optimizer state, bf16 compute",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="the workload's real-format data (see make-sample-data); default: synthetic",
+    )
+    p.add_argument("--checkpoint-dir", default=None, help="save checkpoints here")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep (the newest)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --checkpoint-dir (any framework's)",
+    )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "make-sample-data",
+        help="write a small dataset in the workload's real MLPerf format (for --data)",
+        allow_abbrev=False,
+    )
+    p.add_argument("workload")
+    p.add_argument("directory", help="where to write it (created; must be empty or absent)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_sample_data)
 
     p = sub.add_parser(
         "convert",

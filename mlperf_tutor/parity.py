@@ -14,6 +14,12 @@ pair, against the bars of :mod:`mlperf_tutor.core.parity` (DESIGN.md, "Parity"):
 A relative comparison also passes below the absolute floor ``REL_ABS_FLOOR`` for tensors that
 are zero in exact arithmetic.
 
+bf16 mode (``precision="bf16"``) checks the training path's mixed precision instead: each
+framework's bf16 trainer (float32 masters, bf16 compute) takes ``steps`` steps, and its loss at
+every step is held to the float32 run of the first framework within ``BF16_LOSS_RTOL``
+(relative). bf16 keeps 8 significant bits, so bf16 runs are compared with the float32
+reference, never with each other bit for bit.
+
 :func:`diff_layers` (:mod:`mlperf_tutor.migrate.diff_layers`) finds the first module where a
 hand port of a torch module to Flax NNX diverges.
 """
@@ -32,6 +38,10 @@ from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, ParityReport
 # offered here beside the workloads' parity. Its module imports no framework until it is called.
 from mlperf_tutor.migrate.diff_layers import diff_layers as diff_layers
 from mlperf_tutor.workloads.base import Workload
+
+# bf16 against float32: the relative loss difference allowed at each of the first ``steps``
+# steps. Measured on the tiny presets on CPU (see the tests): the largest is below 1e-2.
+BF16_LOSS_RTOL = 2e-2
 
 
 def framework_results(
@@ -67,6 +77,57 @@ def framework_results(
     }
 
 
+def trainer_losses(
+    wl: Workload,
+    cfg: Config,
+    framework: str,
+    precision: str,
+    steps: int,
+    batch_size: int,
+    seed: int,
+) -> list[float]:
+    """The losses of ``steps`` steps of the training path's trainer in ``framework``, on the
+    CPU, from the parity weights and on the parity batches."""
+    adapter = fw_registry.get(framework)
+    adapter.pin_precision()
+    device = adapter.use_device("cpu")
+    model = wl.build(framework, cfg, weights=wl.parity_weights(cfg, seed=seed), precision=precision)
+    spec, schedule = wl.optimizer(cfg)
+    trainer = adapter.Trainer(model, spec, schedule, precision=precision, device=device, seed=seed)
+    handles = [
+        trainer.step(wl.synthetic_batch(cfg, batch_size=batch_size, seed=seed + 1 + step))
+        for step in range(steps)
+    ]
+    return [trainer.loss_value(h) for h in handles]
+
+
+def run_bf16(
+    wl: Workload,
+    cfg: Config,
+    names: Sequence[str],
+    steps: int,
+    batch_size: int,
+    seed: int,
+    progress: bool = False,
+) -> ParityReport:
+    """bf16 mode: every framework's bf16 losses against the first framework's float32 ones."""
+    reference = names[0]
+    todo = [(reference, "fp32")] + [(f, "bf16") for f in names]
+    if progress:
+        from tqdm.auto import tqdm
+
+        todo = tqdm(todo, desc=f"bf16 parity {wl.name}", unit="run")
+    runs = {key: trainer_losses(wl, cfg, *key, steps, batch_size, seed) for key in todo}
+    report = ParityReport()
+    expected = runs[(reference, "fp32")]
+    for framework in names:
+        pair = f"{framework} bf16-{reference} fp32"
+        for step, (loss, ref) in enumerate(zip(runs[(framework, "bf16")], expected, strict=True)):
+            report.add("bf16 loss", f"step {step}", pair, loss, ref, "rel", BF16_LOSS_RTOL)
+    report.losses = {f"{f} {p}": losses for (f, p), losses in runs.items()}
+    return report
+
+
 def run(
     workload: str | Workload,
     preset: str | Config = "tiny",
@@ -75,17 +136,20 @@ def run(
     batch_size: int = 2,
     seed: int = 0,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> ParityReport:
     """Run ``workload`` in every framework and compare each pair.
 
     Args:
         workload: a workload name or object.
         preset: a preset name or a config.
-        frameworks: at least two framework names.
+        frameworks: at least two framework names (bf16 mode: one is enough).
         steps: optimizer steps before parameters and optimizer state are compared.
         batch_size: examples per batch.
         seed: seeds the weights and the batches.
         progress: show a progress bar over frameworks.
+        precision: "fp32" (the parity contract above) or "bf16" (bf16 mode: each framework's
+            bf16 training losses against the float32 losses of the first framework).
 
     Returns:
         A :class:`ParityReport`; ``report.ok`` says whether every bar was met.
@@ -93,6 +157,10 @@ def run(
     wl = workloads.get(workload) if isinstance(workload, str) else workload
     cfg = wl.deterministic(wl.config(preset) if isinstance(preset, str) else preset)
     names = [fw_registry.check_name(f) for f in dict.fromkeys(frameworks)]
+    if precision == "bf16":
+        return run_bf16(wl, cfg, names, steps, batch_size, seed, progress)
+    if precision != "fp32":
+        raise ValueError(f"unknown precision {precision!r}; choose 'fp32' or 'bf16'")
     if len(names) < 2:
         raise ValueError(f"parity needs at least two frameworks, got {names}")
     todo = names

@@ -51,3 +51,83 @@ def test_curve_holds_the_metric_after_each_evaluation(tmp_path):
 def test_train_refuses_zero_max_steps():
     with pytest.raises(ValueError, match="max_steps must be at least 1"):
         train.train("toy", "torch", max_steps=0, progress=False)
+
+
+def test_train_returns_the_trained_model():
+    result = train.train("toy", "jax", max_steps=3, progress=False, device="cpu")
+    assert result.device.lower().startswith("cpu") and result.precision == "fp32"
+    # The model is the trained one: a forward on the next batch is no longer the initial one's.
+    from mlperf_tutor import workloads
+
+    wl = workloads.get("toy")
+    initial = wl.build("jax", wl.config("tiny"))
+    trained = wl.export("jax", result.model)
+    assert any(not np.array_equal(trained[k], v) for k, v in wl.export("jax", initial).items())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"device": "gpu0"}, "unknown device 'gpu0'"),
+        ({"precision": "fp16"}, "unknown precision 'fp16'"),
+        ({"checkpoint_every": 5}, "checkpoint_every needs checkpoint_dir"),
+        ({"resume": True}, "resume needs checkpoint_dir"),
+    ],
+)
+def test_train_refuses_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train.train("toy", "torch", max_steps=2, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("framework", frameworks.NAMES)
+def test_asking_for_a_gpu_where_there_is_none_names_the_fix(framework):
+    with pytest.raises(ValueError, match="--device cpu or auto"):
+        train.train("toy", framework, max_steps=2, progress=False, device="gpu")
+
+
+def test_mfu_from_the_device_name_and_the_workload_flops():
+    from mlperf_tutor.train import progress
+
+    assert progress.peak_flops("cuda:0 (NVIDIA H100 80GB HBM3)") == 989e12
+    assert progress.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert progress.peak_flops("cpu") is None
+    assert progress.mfu(1e9, 1e5, "NVIDIA H200") == pytest.approx(1e14 / 989e12)
+    assert progress.mfu(1e9, 1e5, "cpu") is None
+    assert progress.mfu(None, 1e5, "NVIDIA H200") is None
+
+
+def test_cli_make_sample_data_then_train_from_it_with_checkpoints(tmp_path, capsys):
+    assert cli.main(["make-sample-data", "gpt3", str(tmp_path / "data"), "--samples", "16"]) == 0
+    out = capsys.readouterr().out
+    path = out.split(" in ")[1].split(" (pass")[0]
+    argv = [
+        "train",
+        "gpt3",
+        "--framework",
+        "torch",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--data",
+        path,
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--checkpoint-every",
+        "2",
+        "--precision",
+        "bf16",
+        "--device",
+        "cpu",
+        "--target",
+        "1e-9",
+    ]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(bf16): 4 steps from step 0" in out
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "step_00000002",
+        "step_00000004",
+    ]
+    assert cli.main([*argv[:5], "6", *argv[6:], "--resume"]) == 0
+    assert "2 steps from step 4" in capsys.readouterr().out

@@ -43,12 +43,22 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from types import ModuleType
 
 NAMES = ("torch", "jax", "tf")
 
 # What must be importable for each adapter, and the pip extra that installs it.
 _REQUIRES = {"torch": ("torch",), "jax": ("jax", "flax", "optax"), "tf": ("tensorflow", "keras")}
+
+
+# Set before a framework's first import: with several frameworks in one process (the book's
+# chapters), JAX must not take 75 % of the accelerator's memory at start and TF must not take
+# all of it. A value the user set wins.
+_ENVIRONMENT = {
+    "jax": {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+    "tf": {"TF_FORCE_GPU_ALLOW_GROWTH": "true"},
+}
 
 
 class FrameworkNotInstalled(ImportError):
@@ -77,4 +87,6 @@ def get(framework: str) -> ModuleType:
             f"framework {framework!r} needs {missing}, which are not installed; "
             f"run `pip install 'mlperf-tutor[{framework}]'`"
         )
+    for name, value in _ENVIRONMENT.get(framework, {}).items():
+        os.environ.setdefault(name, value)
     return importlib.import_module(f"mlperf_tutor.frameworks.{framework}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 from collections.abc import Mapping
@@ -139,6 +140,11 @@ class Workload:
             "fp32 weights + grads + Adam state (GB)": n * 16 / 1e9,
         }
 
+    def flops_per_sample(self, cfg: Config) -> float | None:
+        """Model FLOPs of one training sample (forward and backward), for MFU; None where the
+        workload does not count them."""
+        return None
+
     # --- MLPerf run rules and evaluation ------------------------------------------------------
     def recipe(self, cfg: Config) -> Recipe:
         """The MLPerf run rules of ``cfg``: benchmark, targets, eval cadence, start checkpoint,
@@ -154,16 +160,40 @@ class Workload:
     def adapter(self, framework: str):
         return frameworks.get(framework)
 
-    def build(self, framework: str, cfg: Config, weights: Tree | str | os.PathLike | None = None):
+    def build(
+        self,
+        framework: str,
+        cfg: Config,
+        weights: Tree | str | os.PathLike | None = None,
+        *,
+        precision: str = "fp32",
+        fused: bool = False,
+    ):
         """A model in ``framework``; ``weights`` is a canonical dict or a checkpoint path (any
         format of ``mlperf_tutor.convert``, a ``save_pretrained`` directory included).
 
         Without ``weights`` the model gets :meth:`init_canonical` with seed 0, so that every
         framework starts from the same numbers.
+
+        Args:
+            framework: "torch", "jax" or "tf".
+            cfg: the config.
+            weights: see above.
+            precision: "fp32", or "bf16" for a model that a bf16 trainer trains: the Keras
+                model is built with the ``mixed_bfloat16`` dtype policy (torch autocasts and
+                JAX casts inside the trainer's step, so their models are the same either way).
+            fused: the framework's fused attention kernel where the model has attention (the
+                training path on accelerators); the explicit path is the parity reference.
         """
         adapter = self.adapter(framework)
         module = importlib.import_module(f"{self.package}.{framework}_model")
-        model = module.build(cfg)
+        options = inspect.signature(module.build).parameters
+        kwargs = {}
+        if fused and "fused" in options:
+            kwargs["fused"] = True
+        if precision == "bf16" and framework == "tf":
+            kwargs["dtype"] = "mixed_bfloat16"
+        model = module.build(cfg, **kwargs)
         if weights is None:
             weights = self.init_canonical(cfg, seed=0)
         elif isinstance(weights, (str, os.PathLike)):

@@ -93,6 +93,11 @@ class BertWorkload(Workload):
     package = "mlperf_tutor.workloads.bert"
     hf = hf.INTEROP  # transformers BertForPreTraining interop (framework-free)
 
+    def flops_per_sample(self, cfg: BertConfig) -> float:
+        """Three times the encoder's forward matmul FLOPs (:func:`encoder_flops_per_token`)
+        over the sequence: forward and backward; the heads are left out."""
+        return 3 * encoder_flops_per_token(cfg) * cfg.seq_len
+
     def canonical_shapes(self, cfg: BertConfig) -> dict[str, tuple[int, ...]]:
         return canonical_shapes(cfg)
 

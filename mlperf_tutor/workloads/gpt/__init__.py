@@ -85,6 +85,10 @@ class GptWorkload(Workload):
 
     package = "mlperf_tutor.workloads.gpt"
 
+    def flops_per_sample(self, cfg: GptConfig) -> float:
+        """:func:`flops_per_token` times the sequence's tokens."""
+        return flops_per_token(cfg) * cfg.seq_len
+
     def canonical_shapes(self, cfg: GptConfig) -> dict[str, tuple[int, ...]]:
         return canonical_shapes(cfg)
 

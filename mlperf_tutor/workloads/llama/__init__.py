@@ -113,7 +113,11 @@ class LlamaLoraWorkload(Workload):
     hf = hf.INTEROP  # transformers LlamaForCausalLM interop (PEFT adapters: workloads.llama.peft)
 
     def build(
-        self, framework: str, cfg: LlamaConfig, weights: Tree | str | os.PathLike | None = None
+        self,
+        framework: str,
+        cfg: LlamaConfig,
+        weights: Tree | str | os.PathLike | None = None,
+        **options,
     ):
         """As :meth:`Workload.build`; a base checkpoint without adapters (a Hugging Face
         directory, say) gets freshly initialised adapters, as PEFT's ``get_peft_model`` does."""
@@ -123,7 +127,12 @@ class LlamaLoraWorkload(Workload):
             weights = convert.load(weights, workload=self, cfg=cfg)
         if weights is not None and cfg.lora_rank and not any(is_adapter(k) for k in weights):
             weights = {**weights, **init_adapters(cfg, seed=0)}
-        return super().build(framework, cfg, weights)
+        return super().build(framework, cfg, weights, **options)
+
+    def flops_per_sample(self, cfg: LlamaConfig) -> float:
+        """:func:`flops_per_token` (LoRA's count when the config has adapters) times the
+        sequence's tokens."""
+        return flops_per_token(cfg, lora=bool(cfg.lora_rank)) * cfg.seq_len
 
     def canonical_shapes(self, cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
         return canonical_shapes(cfg)

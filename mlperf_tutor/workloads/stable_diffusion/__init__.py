@@ -87,6 +87,10 @@ class StableDiffusionWorkload(Workload):
     package = "mlperf_tutor.workloads.stable_diffusion"
     hf = hf.INTEROP  # diffusers UNet2DConditionModel interop
 
+    def flops_per_sample(self, cfg: StableDiffusionConfig) -> float:
+        """:func:`flops_per_image`: the UNet's forward and backward on one latent."""
+        return flops_per_image(cfg)
+
     def canonical_shapes(self, cfg: StableDiffusionConfig) -> dict[str, tuple[int, ...]]:
         """The UNet's weights (what diffusers' ``UNet2DConditionModel`` counts)."""
         return canonical_shapes(cfg)
