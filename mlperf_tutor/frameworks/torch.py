@@ -3,20 +3,25 @@
 Canonical names and layouts *are* PyTorch's ``state_dict`` (minus the BatchNorm counter
 ``num_batches_tracked``, which only matters for ``momentum=None`` and is never exported), so the
 layout rules here are copies with a strict check. See :mod:`mlperf_tutor.frameworks` for the
-contract every adapter meets.
+contract every adapter meets. :class:`Trainer` is the training path's side of it: placement,
+bf16 autocast, ``torch.compile`` and safetensors checkpoints of the whole training state.
 """
 
 from __future__ import annotations
 
 import functools
+import pathlib
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 
-from mlperf_tutor.core.checkpoint import Tree, check_tree
+from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec, state_key
 from mlperf_tutor.frameworks import torch_optim
 
@@ -112,6 +117,75 @@ def device_summary() -> str:
             names.append(dev)
     tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
     return f"torch {torch.__version__}: {', '.join(names)}; TF32 {'on' if tf32 else 'off'}"
+
+
+DEVICE_CHOICES = ("auto", "cpu", "gpu", "tpu")
+
+
+def _accelerator() -> torch.device | None:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The ``torch.device`` that ``device`` names here.
+
+    Args:
+        device: "auto" (the accelerator if there is one, else the CPU), "cpu", "gpu" (the
+            current CUDA device, or Apple's MPS), "tpu", or a torch device string such as
+            "cuda:1" (what :func:`use_device` returns).
+
+    Raises:
+        ValueError: the device is not visible here, or the name is unknown.
+    """
+    name = str(device)
+    if name == "auto":
+        return _accelerator() or torch.device("cpu")
+    if name in ("gpu", "tpu"):
+        # torch reaches TPUs only through torch_xla, which this adapter does not drive.
+        found = _accelerator() if name == "gpu" else None
+        if found is None:
+            raise ValueError(
+                f"device {name!r}: no {name.upper()} visible to torch; use --device cpu or auto"
+            )
+        return found
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(
+            f"unknown device {name!r}; choose one of {list(DEVICE_CHOICES)} "
+            "(or a torch device such as 'cuda:0')"
+        )
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = dev.index if dev.index is not None else 0
+        if index >= count:
+            raise ValueError(
+                f"device {name!r}: torch sees {count} CUDA device(s); use --device cpu or auto"
+            )
+        return torch.device("cuda", index)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available; use --device cpu or auto")
+    return torch.device(dev.type)
+
+
+def use_device(device: str = "auto") -> str:
+    """Resolve ``device`` (see :func:`resolve_device`) and make it the default for what follows
+    (for CUDA: the current device); return the torch device string the Trainer moves to, e.g.
+    "cpu" or "cuda:0".
+
+    Raises:
+        ValueError: the device is not visible here ("gpu" without one), or the name is unknown.
+    """
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return str(dev)
 
 
 # --- layout ---------------------------------------------------------------------------------
@@ -395,3 +469,285 @@ def make_array_optimizer(
 ) -> ArrayOptimizer:
     """The optimizer of ``spec`` + ``schedule`` over parameters created from numpy arrays."""
     return ArrayOptimizer(spec, schedule, params)
+
+
+# --- the training path ----------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "bf16")
+CHECKPOINT_FILE = "trainer.safetensors"
+CHECKPOINT_FORMAT = "mlperf_tutor.frameworks.torch.Trainer/1"
+# Prefixes of the checkpoint's keys: a weight, an optimizer entry ("step", "exp_avg/fc.weight")
+# and an RNG state can never share a key.
+_WEIGHTS, _OPTIMIZER, _RNG = "weights/", "optimizer/", "rng/"
+
+
+def _host_tensor(value: Any) -> torch.Tensor:
+    """A CPU (or already placed) tensor of a batch entry; numpy arrays torch can wrap are
+    wrapped without a copy (the move to the device copies), the others copied."""
+    if isinstance(value, torch.Tensor):
+        return value
+    a = np.asarray(value)
+    if a.dtype in _FROM_ML or not (a.flags.writeable and a.flags.c_contiguous):
+        return from_numpy(a)
+    return torch.from_numpy(a)
+
+
+def _spec(t: torch.Tensor) -> types.SimpleNamespace:
+    # What check_tree reads of an array (shape, numpy dtype), without copying the tensor.
+    return types.SimpleNamespace(shape=tuple(t.shape), dtype=numpy_dtype_of(t.dtype))
+
+
+class Trainer:
+    """Trains one model: placement, precision, the update, RNG streams, native checkpoints.
+
+    The update is :func:`train_step`'s (forward in train mode, backward, the
+    :func:`make_optimizer` optimizer's step), so "fp32" gives its numbers bit for bit.
+
+    Args:
+        model: a workload model built by ``wl.build("torch", cfg, weights=...)`` (float32, on
+            the host). It is moved to ``device`` in place and stays the object that
+            :attr:`model` returns; under "bf16" its frozen parameters are cast to bf16 in place.
+        spec: the optimizer.
+        schedule: the learning-rate schedule.
+        precision: "fp32" (float32 everywhere; matmul precision left as it is set) or "bf16":
+            float32 master weights and optimizer state, the forward under
+            ``torch.autocast(..., dtype=torch.bfloat16)`` (the models keep losses, softmax and
+            norm statistics in float32), the backward outside it, the loss cast to float32, and
+            frozen parameters (LoRA's base) stored in bf16.
+        device: what :func:`use_device` returned, or a name :func:`resolve_device` accepts.
+        seed: seeds torch's global generators (CPU and every CUDA device), which the forward's
+            dropout draws from.
+        compile: run the forward through ``torch.compile(model)`` (GPU benchmarks and training
+            on accelerators; slow to compile on a CPU).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: OptimizerSpec,
+        schedule: ScheduleSpec,
+        *,
+        precision: str = "fp32",
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        compile: bool = False,
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+        self.precision = precision
+        self.device = resolve_device(device)
+        if precision == "bf16":
+            wrong = [
+                n
+                for n, p in model.named_parameters()
+                if p.requires_grad and p.dtype != torch.float32
+            ]
+            if wrong:
+                raise ValueError(
+                    f"precision 'bf16' keeps float32 master weights, but the trainable "
+                    f"parameters {wrong[:5]} are not float32; build the model in float32"
+                )
+        self._model = model.to(self.device)
+        # Names of the frozen parameters stored in bf16 here; weights() gives them as float32.
+        self._bf16_frozen: set[str] = set()
+        if precision == "bf16":
+            for name, p in model.named_parameters():
+                if not p.requires_grad and p.dtype == torch.float32:
+                    p.data = p.data.to(torch.bfloat16)
+                    self._bf16_frozen.add(name)
+        # After the move: the optimizer's state lives where its parameters are (and on CUDA,
+        # Adam(W) takes its fused kernel).
+        self.optimizer = make_optimizer(spec, schedule, model)
+        self.compiled = compile
+        self._forward = torch.compile(model) if compile else model
+        torch.manual_seed(seed)  # as seed(): the CPU generator and every CUDA device's
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model being trained (the object passed in, with the current weights)."""
+        return self._model
+
+    @property
+    def steps(self) -> int:
+        """Updates applied so far (the learning-rate schedule's position)."""
+        return self.optimizer.step_count
+
+    def _inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, value in batch.items():
+            t = _host_tensor(value)
+            pinned = t.device.type == "cpu" and self.device.type == "cuda" and t.is_pinned()
+            out[name] = t.to(self.device, non_blocking=pinned)
+        return out
+
+    def step(self, batch: Mapping[str, np.ndarray]) -> torch.Tensor:
+        """One update (train mode: dropout on, BatchNorm statistics updated).
+
+        Args:
+            batch: name -> numpy array (or tensor; pinned host tensors move asynchronously).
+
+        Returns:
+            The loss before the update: a detached float32 tensor on the device, not
+            synchronised (see :meth:`loss_value`).
+        """
+        self._model.train(True)
+        self.optimizer.zero_grad()
+        inputs = self._inputs(batch)
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                loss = self._forward(inputs)["loss"]
+            loss = loss.to(torch.float32)
+        else:
+            loss = self._forward(inputs)["loss"]
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def loss_value(self, handle: torch.Tensor) -> float:
+        """The float of a loss :meth:`step` returned (synchronises with the device)."""
+        return float(handle)
+
+    def weights(self) -> Tree:
+        """Canonical weights (numpy copies). Frozen parameters stored in bf16 under "bf16" come
+        back as float32 (exactly their bf16 values), the dtype the canonical tree declares."""
+        tree = to_canonical(self._model)
+        for name in self._bf16_frozen:
+            tree[name] = tree[name].astype(np.float32)
+        return tree
+
+    def optimizer_state(self) -> Tree:
+        """The canonical optimizer state (:meth:`Optimizer.state_dict`), "step" included."""
+        return self.optimizer.state_dict()
+
+    def _weight_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        # As stored in the model: frozen bf16 parameters as bf16.
+        return {
+            k: (tuple(v.shape), numpy_dtype_of(v.dtype).name)
+            for k, v in _canonical_tensors(self._model).items()
+        }
+
+    def load_state(
+        self, weights: Mapping[str, np.ndarray], optimizer_state: Mapping | None
+    ) -> None:
+        """Load canonical weights and, unless None, a canonical optimizer state (the schedule
+        continues at its "step"); e.g. a checkpoint another framework wrote. All or nothing.
+
+        Without an optimizer state the optimizer is left as it is. Frozen bf16 parameters take
+        the float32 values rounded to bf16.
+
+        Raises:
+            CheckpointMismatch: keys, shapes or dtypes of either differ (every key named);
+                nothing is changed.
+        """
+        expected = {
+            k: (shape, "float32" if k in self._bf16_frozen else dtype)
+            for k, (shape, dtype) in self._weight_specs().items()
+        }
+        check_tree(expected, weights, where="canonical tree")
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)  # checks before it changes anything
+        with torch.no_grad():
+            for name, target in _canonical_tensors(self._model).items():
+                target.copy_(from_numpy(weights[name]))
+
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        states = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                states[f"cuda/{i}"] = state
+        return states
+
+    def save(self, directory: pathlib.Path) -> None:
+        """Write the whole training state to ``directory``/``trainer.safetensors``: canonical
+        weights (as stored: frozen bf16 ones in bf16), the canonical optimizer state (its
+        "step" is the step count) and the generator states (uint8), under the key prefixes
+        "weights/", "optimizer/" and "rng/". Safetensors only: reading it runs no pickle.
+
+        Args:
+            directory: an existing directory (the caller makes it atomic).
+
+        Raises:
+            ValueError: the directory is missing or already holds a trainer checkpoint.
+        """
+        directory = pathlib.Path(directory)
+        path = directory / CHECKPOINT_FILE
+        if not directory.is_dir():
+            raise ValueError(f"checkpoint directory {directory} does not exist; create it first")
+        if path.exists():
+            raise ValueError(f"{path} exists; save into an empty directory")
+        tensors = {}
+        for name, value in _canonical_tensors(self._model).items():
+            tensors[_WEIGHTS + name] = value.detach().to("cpu").contiguous()
+        for key, value in self.optimizer.state_dict().items():
+            tensors[_OPTIMIZER + key] = from_numpy(value)
+        for key, value in self._rng_states().items():
+            tensors[_RNG + key] = value.to("cpu")
+        metadata = {
+            "format": CHECKPOINT_FORMAT,
+            "precision": self.precision,
+            "steps": str(self.steps),
+        }
+        safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+    def _expected(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        # Every key of a checkpoint this trainer would write, with its shape and dtype.
+        expected = {_WEIGHTS + k: v for k, v in self._weight_specs().items()}
+        expected[_OPTIMIZER + "step"] = ((), "int64")
+        for name, p in self.optimizer.named.items():
+            for slot in self.optimizer.spec.slots:
+                key = _OPTIMIZER + state_key(slot, name)
+                expected[key] = (tuple(p.shape), numpy_dtype_of(p.dtype).name)
+        for key, value in self._rng_states().items():
+            expected[_RNG + key] = (tuple(value.shape), "uint8")
+        return expected
+
+    def restore(self, directory: pathlib.Path) -> None:
+        """Read back what :meth:`save` wrote (same model structure, precision and device kind).
+
+        Raises:
+            CheckpointError: (a ValueError) naming the directory: the file is missing or
+                corrupt, or its keys, shapes or dtypes do not fit this trainer (every key
+                named); the trainer is unchanged.
+        """
+        directory = pathlib.Path(directory)
+        path = directory / CHECKPOINT_FILE
+        if not path.is_file():
+            raise CheckpointError(
+                f"checkpoint {directory} has no {CHECKPOINT_FILE}; is it a torch Trainer's?"
+            )
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types, and OSError
+            raise CheckpointError(f"checkpoint {directory}: cannot read {path.name} ({e})") from e
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"checkpoint {directory}: {path.name} has format {metadata.get('format')!r}, "
+                f"not {CHECKPOINT_FORMAT!r}"
+            )
+        check_tree(
+            self._expected(),
+            {k: _spec(v) for k, v in tensors.items()},
+            where=f"checkpoint {directory}",
+            hint=(
+                "check that a Trainer of the same workload, preset and precision "
+                f"({self.precision}) on a {self.device.type} device saved it"
+            ),
+        )
+        optimizer_state = {
+            k.removeprefix(_OPTIMIZER): to_numpy(v)
+            for k, v in tensors.items()
+            if k.startswith(_OPTIMIZER)
+        }
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        except ValueError as e:  # a negative step: the keys and shapes were checked above
+            raise CheckpointError(f"checkpoint {directory}: {e}") from e
+        with torch.no_grad():
+            for name, target in _canonical_tensors(self._model).items():
+                target.copy_(tensors[_WEIGHTS + name])
+        torch.set_rng_state(tensors[_RNG + "cpu"])
+        if self.device.type == "cuda":
+            count = torch.cuda.device_count()
+            torch.cuda.set_rng_state_all([tensors[f"{_RNG}cuda/{i}"] for i in range(count)])
