@@ -15,9 +15,11 @@ parameter by swapping it for a :class:`Frozen` variable, which checkpoints (:fun
 from __future__ import annotations
 
 import functools
+import os
 import random
 import weakref
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import jax
@@ -26,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mlperf_tutor.core.checkpoint import check_tree
+from mlperf_tutor.core.checkpoint import CheckpointMismatch, check_tree, spec_of
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.frameworks.jax_optim import ArrayOptimizer as ArrayOptimizer  # contract
 from mlperf_tutor.frameworks.jax_optim import (
@@ -79,6 +81,63 @@ def device_summary() -> str:
     devs = jax.devices()
     kinds = sorted({d.device_kind for d in devs})
     return f"jax {jax.__version__} on {devs[0].platform.upper()}: {len(devs)} x {', '.join(kinds)}"
+
+
+DEVICE_NAMES = ("auto", "cpu", "gpu", "tpu")
+_PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
+
+def _device(name: str) -> jax.Device:
+    """The JAX device of ``name``: "auto", "cpu", "gpu", "tpu", optionally with ":index", or a
+    line :func:`use_device` returned ("gpu:0 (NVIDIA H100 80GB HBM3)")."""
+    if isinstance(name, jax.Device):
+        return name
+    text = str(name).split(" (")[0].strip().lower()
+    platform, _, index = text.partition(":")
+    platform = _PLATFORM_ALIASES.get(platform, platform)
+    if platform not in DEVICE_NAMES or (index and not index.isdigit()):
+        raise ValueError(f"unknown device {name!r}; choose one of {list(DEVICE_NAMES)}")
+    if platform == "auto":
+        return jax.devices()[0]  # the default backend: the accelerator if there is one
+    try:
+        found = jax.devices(platform)
+    except RuntimeError:  # "Unknown backend" / "failed to initialize": none on this machine
+        raise ValueError(
+            f"device {name!r}: no {platform.upper()} visible to jax; use --device cpu or auto"
+        ) from None
+    i = int(index or 0)
+    if i >= len(found):
+        raise ValueError(
+            f"device {name!r}: jax sees {len(found)} {platform.upper()} device(s), numbered from 0"
+        )
+    return found[i]
+
+
+def _describe(device: jax.Device) -> str:
+    i = jax.devices(device.platform).index(device)
+    if device.platform == "cpu":
+        return "cpu" if i == 0 else f"cpu:{i}"
+    return f"{device.platform}:{i} ({device.device_kind})"
+
+
+def use_device(device: str = "auto") -> str:
+    """Make ``device`` JAX's default device for what follows and name it.
+
+    Args:
+        device: "auto" (the accelerator if there is one, else the CPU), "cpu", "gpu" or "tpu",
+            optionally with ":index", or a line this function returned.
+
+    Returns:
+        One line naming the device, e.g. "cpu" or "gpu:0 (NVIDIA H100 80GB HBM3)"; the
+        :class:`Trainer` accepts it as its ``device``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones), or "gpu"/"tpu" where
+            JAX sees none.
+    """
+    dev = _device(device)
+    jax.config.update("jax_default_device", dev)
+    return _describe(dev)
 
 
 def flip_bn_momentum(momentum: float) -> float:
@@ -401,3 +460,376 @@ def train_step(model: nnx.Module, optimizer: Optimizer, batch: Mapping[str, np.n
         _mode(model, True), optimizer.opt_state, _batch(batch)
     )
     return float(loss)
+
+
+# --- training -------------------------------------------------------------------------------
+PRECISIONS = ("fp32", "bf16")
+CHECKPOINT_FOLDER = "state"  # the Orbax checkpoint inside the directory Trainer.save is given
+
+
+class _Flat(NamedTuple):
+    """The variables of one ``nnx.State``, flattened: NNX paths, variables and values in one
+    order, and the treedef that rebuilds the state from values in that order."""
+
+    paths: tuple[tuple, ...]
+    variables: list[nnx.Variable]
+    values: list[jax.Array]
+    treedef: Any
+
+
+def _flatten(state: nnx.State) -> _Flat:
+    flat = list(nnx.to_flat_state(state))
+    values, treedef = jax.tree.flatten(state)
+    # One leaf per variable, in to_flat_state's order: the names of the leaves rely on it.
+    same = len(values) == len(flat) and all(
+        a is v.get_value() for a, (_, v) in zip(values, flat, strict=True)
+    )
+    if not same:
+        raise RuntimeError("nnx.State does not flatten to one leaf per variable (flax changed?)")
+    return _Flat(tuple(p for p, _ in flat), [v for _, v in flat], values, treedef)
+
+
+def _split(model: nnx.Module) -> tuple[Any, _Flat, _Flat, _Flat]:
+    """(graphdef, trainable parameters, frozen ones, the rest: RNG streams, BatchNorm stats)."""
+    graphdef, params, frozen, rest = nnx.split(model, nnx.Param, Frozen, ...)
+    return graphdef, _flatten(params), _flatten(frozen), _flatten(rest)
+
+
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _owned(tree, device: jax.Device):
+    """Copies of every leaf of ``tree`` on ``device``: buffers that no other array shares, so
+    that donating them deletes nothing else (optax's init and ``OptaxState.load_state_dict``
+    may hand one array to several slots, or a slot the parameter's own buffer)."""
+    return jax.device_put(tree, device, may_alias=False)
+
+
+def _leaf_name(path) -> str:
+    """A pytree key path as Orbax names it: keys and indices joined with dots."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey | jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k.name))
+    return ".".join(parts)
+
+
+def _named_specs(tree) -> dict[str, Any]:
+    """Dotted name -> leaf (anything with ``shape`` and ``dtype``) of a nested tree."""
+    return {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_update(
+    graphdef,
+    treedefs: tuple,
+    names: tuple[str, ...],
+    spec: OptimizerSpec,
+    schedule: ScheduleSpec,
+    precision: str,
+):
+    """The jitted update of :class:`Trainer`, shared by trainers of one model structure,
+    optimizer and precision (a trainer made again for the same model does not recompile).
+
+    ``names`` are the canonical names of the trainable leaves in the order of their treedef.
+    The float32 masters, the optimizer state and the RNG/BatchNorm state are donated: updated
+    in place, no second copy alive."""
+    tx = make_transformation(spec, schedule, names)
+    params_def, frozen_def, rest_def = treedefs
+    low = jnp.bfloat16 if precision == "bf16" else None
+
+    def loss_fn(params, frozen, rest, batch):
+        values = [params[name] for name in names]
+        if low is not None:  # bf16 copies of the float32 masters, made inside the step
+            values = [v.astype(low) if v.dtype == jnp.float32 else v for v in values]
+        model = nnx.merge(
+            graphdef,
+            params_def.unflatten(values),
+            frozen_def.unflatten(frozen),
+            rest_def.unflatten(rest),
+        )
+        loss = model(batch)["loss"].astype(jnp.float32)
+        _, _, _, new_rest = nnx.split(model, nnx.Param, Frozen, ...)  # RNG counts, BN stats
+        return loss, jax.tree.leaves(new_rest)
+
+    def update(params, opt_state, rest, frozen, batch):
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, rest, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, rest, loss
+
+    return jax.jit(update, donate_argnums=(0, 1, 2))
+
+
+class Trainer:
+    """Trains one NNX model: placement, precision, the compiled update, RNG streams and Orbax
+    checkpoints (the contract of ``mlperf_tutor.frameworks``).
+
+    The model is split once (``nnx.split``) into its trainable parameters, its frozen ones and
+    the rest (RNG streams of dropout, BatchNorm statistics). The trainer keeps them as arrays,
+    with the optax state, and runs one ``jax.jit`` update on them that donates the parameters,
+    the optimizer state and the rest and returns them updated: no ``nnx.merge`` or
+    ``nnx.update`` of the model per step, no host sync. The model gets the arrays back when
+    :attr:`model` is read.
+
+    Precision "bf16": the trainable parameters stay float32 masters (and so does the optimizer
+    state); the step computes with bf16 copies of them made inside the jitted update. Frozen
+    parameters (LoRA's base) are stored in bf16 once, in the trainer and in the model. Losses,
+    softmax and normalisation statistics are float32 (the models compute them so; the step
+    casts the loss). BatchNorm statistics stay float32.
+
+    Args:
+        model: an NNX workload model (``wl.build("jax", cfg, weights=...)``), float32.
+        spec: the optimizer.
+        schedule: the learning-rate schedule.
+        precision: "fp32" or "bf16".
+        device: a name :func:`use_device` accepts, or what it returned.
+        seed: seeds every RNG stream of the model (dropout), keys split from
+            ``jax.random.key(seed)`` as :func:`init_empty` splits them and counters at 0.
+
+    Raises:
+        ValueError: an unknown precision or device.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        spec: OptimizerSpec,
+        schedule: ScheduleSpec,
+        *,
+        precision: str = "fp32",
+        device: str = "cpu",
+        seed: int = 0,
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+        self.precision = precision
+        self.device = _device(device)
+        self._model = model
+        leaves = _leaves(model)
+        self._declared = {}  # canonical name -> (shape, dtype) as built: what weights() gives
+        for leaf in leaves:
+            shape = tuple(leaf.variable.get_value().shape)
+            shape = tuple(shape[i] for i in leaf.perm) if leaf.perm else shape
+            self._declared[leaf.name] = (shape, np.dtype(leaf.variable.get_value().dtype).name)
+        self._frozen_names = {leaf.name for leaf in leaves if isinstance(leaf.variable, Frozen)}
+        trainable = [leaf for leaf in leaves if isinstance(leaf.variable, nnx.Param)]
+
+        graphdef, params, frozen, rest = _split(_mode(model, True))
+        name_of = {leaf.path: leaf.name for leaf in trainable}
+        self._names = tuple(name_of[path] for path in params.paths)  # treedef order
+        self._treedefs = (params.treedef, frozen.treedef, rest.treedef)
+        self._frozen_keys = [".".join(map(str, p)) for p in frozen.paths]
+        self._rest_keys = [".".join(map(str, p)) for p in rest.paths]
+
+        by_name = dict(zip(self._names, params.values, strict=True))
+        # In _leaves order, as Optimizer has them: the canonical state's key order.
+        self._params = _owned({leaf.name: by_name[leaf.name] for leaf in trainable}, self.device)
+        self._frozen = [jax.device_put(self._stored(v), self.device) for v in frozen.values]
+        self._rest = _owned(self._seeded(rest, seed), self.device)
+        perms = {leaf.name: leaf.perm for leaf in trainable}
+        self._opt = OptaxState(
+            spec, schedule, self._params, perms, native=make_transformation(spec, schedule, perms)
+        )
+        self._opt.opt_state = _owned(self._opt.opt_state, self.device)
+        self._update = _compiled_update(
+            graphdef, self._treedefs, self._names, spec, schedule, precision
+        )
+        self._steps = 0
+        self._write_back()  # the model holds the trainer's arrays (frozen ones in bf16)
+
+    def _stored(self, value: jax.Array) -> jax.Array:
+        """A frozen parameter as the trainer stores it: bf16 under "bf16"."""
+        if self.precision == "bf16" and value.dtype == jnp.float32:
+            return value.astype(jnp.bfloat16)
+        return value
+
+    @staticmethod
+    def _seeded(rest: _Flat, seed: int) -> list[jax.Array]:
+        """The rest's values with every RNG stream reseeded: keys split from
+        ``jax.random.key(seed)`` in path order (as :func:`init_empty`), counters 0."""
+        n_keys = sum(_is_key(v) for v in rest.values)
+        keys = iter(jax.random.split(jax.random.key(seed), n_keys) if n_keys else [])
+        out = []
+        for var, value in zip(rest.variables, rest.values, strict=True):
+            if _is_key(value):
+                value = jnp.broadcast_to(next(keys), value.shape)
+            elif isinstance(var, nnx.RngCount):
+                value = jnp.zeros_like(value)
+            out.append(value)
+        return out
+
+    def _write_back(self) -> None:
+        params_def, frozen_def, rest_def = self._treedefs
+        nnx.update(
+            self._model,
+            params_def.unflatten([self._params[name] for name in self._names]),
+            frozen_def.unflatten(self._frozen),
+            rest_def.unflatten(self._rest),
+        )
+        self._dirty = False
+
+    def step(self, batch: Mapping[str, np.ndarray]) -> jax.Array:
+        """One update in train mode (dropout on, BatchNorm statistics updated).
+
+        Returns:
+            The loss before the update, a float32 device array (not synchronised).
+        """
+        arrays = jax.device_put(dict(batch), self.device)
+        self._params, self._opt.opt_state, self._rest, loss = self._update(
+            self._params, self._opt.opt_state, self._rest, self._frozen, arrays
+        )
+        self._steps += 1
+        self._dirty = True
+        return loss
+
+    def loss_value(self, handle: jax.Array) -> float:
+        """The float of a loss :meth:`step` returned (waits for that step)."""
+        return float(handle)
+
+    @property
+    def model(self) -> nnx.Module:
+        """The model with the trainer's current arrays, written back on access.
+
+        The model shares the arrays until the next :meth:`step`, which donates (deletes) them:
+        read ``trainer.model`` again after stepping rather than keeping it. Under "bf16" its
+        frozen parameters are bf16. Change weights with :meth:`load_state`: what is written
+        into the model directly does not reach the trainer.
+        """
+        if self._dirty:
+            self._write_back()
+        return self._model
+
+    @property
+    def steps(self) -> int:
+        """Updates applied so far (the learning-rate schedule's position)."""
+        return self._steps
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Canonical weights (numpy): the float32 masters, BatchNorm statistics, and frozen
+        parameters in their declared dtype (under "bf16" their stored bf16 values, widened
+        back to float32 exactly)."""
+        tree = to_canonical(self.model)
+        return {k: v.astype(self._declared[k][1], copy=False) for k, v in tree.items()}
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The canonical optimizer state (``"step"`` and the slots; see ``core.optim``)."""
+        return self._opt.state_dict()
+
+    def load_state(
+        self, weights: Mapping[str, np.ndarray], optimizer_state: Mapping | None = None
+    ) -> None:
+        """Load canonical weights and, if given, a canonical optimizer state (from any
+        framework). Without one the optimizer starts afresh (step 0).
+
+        Raises:
+            CheckpointMismatch: (a ValueError) listing every missing, unexpected, misshapen or
+                wrongly typed key of either; nothing is changed then.
+        """
+        check_tree(self._declared, weights, where="canonical tree")
+        model = self.model  # the model holds the current RNG and BatchNorm state
+        if optimizer_state is not None:
+            self._opt.load_state_dict(optimizer_state)  # checks before it replaces
+        tree = dict(weights)
+        if self.precision == "bf16":
+            for name in self._frozen_names:
+                tree[name] = np.asarray(tree[name]).astype(jnp.bfloat16)
+        load_canonical(model, tree)
+        _, params, frozen, _ = _split(model)
+        by_name = dict(zip(self._names, params.values, strict=True))
+        self._params = _owned({name: by_name[name] for name in self._params}, self.device)
+        self._frozen = [jax.device_put(v, self.device) for v in frozen.values]
+        if optimizer_state is None:
+            self._opt.opt_state = self._opt.native.init(self._params)
+        self._opt.opt_state = _owned(self._opt.opt_state, self.device)
+        self._steps = 0 if optimizer_state is None else int(np.asarray(optimizer_state["step"]))
+        self._write_back()
+
+    def _checkpoint_tree(self) -> dict[str, Any]:
+        """Everything :meth:`save` writes, PRNG keys as their ``key_data``."""
+        return {
+            "params": self._params,
+            "frozen": dict(zip(self._frozen_keys, self._frozen, strict=True)),
+            "rest": {
+                k: jax.random.key_data(v) if _is_key(v) else v
+                for k, v in zip(self._rest_keys, self._rest, strict=True)
+            },
+            "opt_state": self._opt.opt_state,
+            "steps": np.asarray(self._steps, dtype=np.int64),
+        }
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the training state into ``directory`` (existing, empty) as an Orbax checkpoint
+        (in its folder ``state``): float32 masters, frozen parameters as stored, BatchNorm
+        statistics, every RNG stream's key and counter, the optax state and the step count.
+        Returns once the checkpoint is complete."""
+        import orbax.checkpoint as ocp
+
+        path = Path(directory).absolute() / CHECKPOINT_FOLDER  # Orbax refuses relative paths
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(path, self._checkpoint_tree())
+            ckptr.wait_until_finished()
+
+    def restore(self, directory: str | os.PathLike) -> None:
+        """Read back what :meth:`save` wrote (a trainer of the same model, precision and
+        optimizer); then :meth:`step` continues the saved run bit for bit.
+
+        Raises:
+            ValueError: no checkpoint, an unreadable one, or one whose arrays differ from this
+                trainer's (every mismatching name listed); the message names ``directory``,
+                and the trainer is unchanged.
+        """
+        import orbax.checkpoint as ocp
+
+        path = Path(directory).absolute() / CHECKPOINT_FOLDER
+        if not path.is_dir():
+            raise ValueError(
+                f"{directory} holds no JAX trainer checkpoint (no folder {CHECKPOINT_FOLDER!r} "
+                "in it); pass a directory that Trainer.save wrote"
+            )
+        template = self._checkpoint_tree()
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                meta = ckptr.metadata(path).item_metadata
+                tree = getattr(meta, "tree", None)
+                if tree is None:  # Orbax logs why and returns no metadata instead of raising
+                    raise ValueError("its metadata cannot be read")
+                check_tree(
+                    {k: spec_of(v) for k, v in _named_specs(template).items()},
+                    _named_specs(tree),
+                    where=f"the trainer checkpoint {directory}",
+                    hint="restore it into a trainer of the same workload, preset, precision "
+                    "and optimizer",
+                )
+                sharding = jax.sharding.SingleDeviceSharding(self.device)
+                abstract = jax.tree.map(
+                    lambda x: (
+                        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+                        if isinstance(x, jax.Array)
+                        else x
+                    ),
+                    template,
+                )
+                restored = ckptr.restore(path, abstract)
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # orbax, tensorstore and json raise many unrelated types
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ValueError(
+                f"{directory} is not a readable JAX trainer checkpoint ({type(e).__name__}: "
+                f"{first}); it is incomplete or corrupt, save it again"
+            ) from e
+        rest = [restored["rest"][k] for k in self._rest_keys]
+        self._rest = [
+            jax.random.wrap_key_data(r, impl=jax.random.key_impl(old)) if _is_key(old) else r
+            for r, old in zip(rest, self._rest, strict=True)
+        ]
+        self._params = dict(restored["params"])
+        self._frozen = [restored["frozen"][k] for k in self._frozen_keys]
+        self._opt.opt_state = restored["opt_state"]
+        self._steps = int(restored["steps"])
+        self._dirty = True
