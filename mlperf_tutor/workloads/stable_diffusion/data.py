@@ -13,6 +13,10 @@ and captions for training, a TSV of COCO-2014 captions for evaluation.
   separated with a header row ``image_id  id  caption`` (written by pandas, so a caption holding
   a tab, a quote or a newline is quoted with ``"``).
 
+:func:`read_shards` and :class:`LatentCaptionBatches` stream the shards as the reference does;
+:class:`ShardIndex` reads their samples in any order (from the tar headers' offsets), which the
+workload's ``data_batches`` needs to shuffle whole epochs and to resume at any batch.
+
 Batches follow the workload's format: ``latents`` (B, 4, h, w), ``noise`` (B, 4, h, w),
 ``timesteps`` (B,) int32 and ``context`` (B, L, D), all float32 but the timesteps.
 """
