@@ -17,6 +17,7 @@ from mlperf_tutor.workloads.stable_diffusion.data import (
     CaptionsError,
     LatentCaptionBatches,
     ShardError,
+    ShardIndex,
     read_captions_tsv,
     read_shards,
     sample_latents,
@@ -117,14 +118,57 @@ BAD_SHARDS = {
 }
 
 
+def _read_all_indexed(paths) -> list[tuple[str, np.ndarray, str]]:
+    """Every sample through ShardIndex, in reverse order: the random-access reader."""
+    index = ShardIndex(paths)
+    return index.read(range(len(index) - 1, -1, -1))
+
+
+READERS = {"stream": lambda paths: list(read_shards(paths)), "index": _read_all_indexed}
+
+
+@pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("case", BAD_SHARDS)
-def test_bad_samples_raise_one_clear_error(tmp_path, case):
+def test_bad_samples_raise_one_clear_error(tmp_path, case, reader):
     members, match = BAD_SHARDS[case]
     path = tmp_path / "00002.tar"
     _plain_tar(path, members)
     with pytest.raises(ShardError, match=rf"^shard {path}: .*{match}") as e:
-        list(read_shards([path]))
+        READERS[reader]([path])
     assert "\n" not in str(e.value)
+
+
+def test_shard_index_reads_samples_in_any_order(tmp_path):
+    write_shard(tmp_path / "0.tar", SAMPLES[:2])
+    members = [("./dir/", b""), ("__meta__", b"x"), *_good_members(5)[4:]]
+    _plain_tar(tmp_path / "1.tar", [(n, d) for n, d in members if not n.startswith("000000004")])
+    write_shard(tmp_path / "2.tar", SAMPLES[4:])
+    index = ShardIndex([tmp_path / f"{i}.tar" for i in range(3)], latent_size=8)
+    assert len(index) == 5
+    picks = [4, 0, 3, 0, 2]
+    for (key, moments, caption), i in zip(index.read(picks), picks, strict=True):
+        assert (key, caption) == (SAMPLES[i][0], SAMPLES[i][2])
+        assert moments.dtype == np.float32 and np.array_equal(moments, SAMPLES[i][1])
+    with pytest.raises(ShardError, match=r"member 000000000\.npy holds 8x8 latents"):
+        ShardIndex([tmp_path / "0.tar"], latent_size=4).read([0])
+
+
+def test_shard_index_refuses_compressed_empty_and_truncated_shards(tmp_path):
+    with tarfile.open(tmp_path / "s.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("k.txt")
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(ShardError, match=r"s\.tar\.gz is compressed; .* uncompressed"):
+        ShardIndex([tmp_path / "s.tar.gz"])
+    _plain_tar(tmp_path / "empty.tar", [("./dir/", b"")])
+    with pytest.raises(ShardError, match=r"empty\.tar hold no samples"):
+        ShardIndex([tmp_path / "empty.tar"])
+    write_shard(tmp_path / "full.tar", SAMPLES)
+    data = (tmp_path / "full.tar").read_bytes()
+    end = -(-len(data.rstrip(b"\0")) // 512) * 512
+    for cut in [*range(0, end + 1024, 512), 700, 1600, 3000]:
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        with pytest.raises(ShardError, match=r"shard .*cut\.tar (is not a tar file or )?is trunc"):
+            ShardIndex([tmp_path / "cut.tar"])
 
 
 def test_missing_not_tar_and_truncated_shards_raise_one_clear_error(tmp_path):

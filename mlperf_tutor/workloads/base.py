@@ -6,7 +6,8 @@ import importlib
 import inspect
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,69 @@ class Workload:
         if self.hf is None:
             raise ValueError(f"workload {self.name!r} has no Hugging Face interop")
         return self.hf.config_from_hf(hf_config, **kwargs)
+
+    # --- data: synthetic, and the real MLPerf format --------------------------------------
+    def write_sample_data(
+        self, cfg: Config, directory: str | os.PathLike, *, samples: int = 64, seed: int = 0
+    ) -> Path:
+        """Write a small dataset in the workload's real MLPerf format, with its own writer.
+
+        The samples are drawn from the distribution of :meth:`synthetic_batch` (``samples`` of
+        them, seeded ``seed``), so a model learns from the files what it learns from synthetic
+        batches.
+
+        Args:
+            cfg: the config whose shapes the files take.
+            directory: where to write; created, and it must be empty or absent.
+            samples: training samples (sequences, images, clicks) to write.
+            seed: seeds the samples.
+
+        Returns:
+            The path :meth:`data_batches` takes: a file, a path prefix or ``directory``.
+
+        Raises:
+            ValueError: ``directory`` is not empty, or ``samples`` is below 1.
+        """
+        raise NotImplementedError(
+            f"workload {self.name!r} has no real-data format; train it on synthetic batches"
+        )
+
+    def data_batches(
+        self,
+        cfg: Config,
+        path: str | os.PathLike,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start: int = 0,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Endless training batches from the real-format data at ``path``, through the
+        workload's reader (a bad file raises the reader's error, naming the file, when this is
+        called: before training starts).
+
+        Epoch ``e`` is a shuffle of the data seeded by ``(seed, e)``; a batch never spans two
+        epochs (each epoch drops its last partial batch). Batch ``i`` of the stream depends only
+        on ``(path, batch_size, seed, i)``: ``start=k`` yields batches ``k, k + 1, ...`` of the
+        stream, reached by computing the epoch and the offset in it, not by reading the ``k``
+        batches before. That makes ``(seed, batch index)`` a run's whole data position.
+
+        Args:
+            cfg: the config the batches are for (shapes, vocabulary).
+            path: what :meth:`write_sample_data` returns, or the real dataset of that layout.
+            batch_size: B.
+            seed: the run's data seed (a non-negative int).
+            start: index of the first batch to yield.
+
+        Returns:
+            An iterator of batches with the keys, dtypes and shapes of :meth:`synthetic_batch`.
+
+        Raises:
+            ValueError: the data holds fewer samples than one batch (the message names
+                ``path``), a bad ``batch_size``, ``seed`` or ``start``, or the reader's error.
+        """
+        raise NotImplementedError(
+            f"workload {self.name!r} has no real-data reader; train it on synthetic batches"
+        )
 
     def canonical_shapes(self, cfg: Config) -> dict[str, tuple[int, ...]]:
         """Canonical name -> shape of every weight (PyTorch layouts), in a fixed order: the
@@ -240,3 +304,76 @@ class Workload:
         in batches (eval mode); or a dict of metrics holding it, each logged as an
         ``eval_accuracy`` of its own."""
         raise NotImplementedError
+
+
+# --- helpers of write_sample_data and data_batches -----------------------------------------------
+def check_int(name: str, value, low: int) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an int of at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise ValueError(f"{name} must be an int of at least {low}, got {value!r}")
+
+
+def new_data_directory(directory: str | os.PathLike, samples: int) -> Path:
+    """``directory``, created if absent, for :meth:`Workload.write_sample_data`.
+
+    Raises:
+        ValueError: ``directory`` is a file or a directory that is not empty, or ``samples``
+            is below 1.
+    """
+    check_int("samples", samples, 1)
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is not a directory; write sample data into a new directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"{path} is not empty; write sample data into a new or empty directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def epoch_rng(seed: int, epoch: int, *more: int) -> np.random.Generator:
+    """The generator of epoch ``epoch`` of a run seeded ``seed`` (and of ``more``: a batch's
+    own draws), the same for every process that asks."""
+    return np.random.default_rng([seed, epoch, *more])
+
+
+def endless_batches(
+    path: str | os.PathLike,
+    samples: int,
+    batch_size: int,
+    seed: int,
+    start: int,
+    epoch: Callable[[int, int], Iterator[dict[str, np.ndarray]]],
+) -> Iterator[dict[str, np.ndarray]]:
+    """The endless stream of :meth:`Workload.data_batches`, from batch ``start``.
+
+    Args:
+        path: the dataset (named in errors).
+        samples: samples in one epoch.
+        batch_size: B; an epoch has ``samples // B`` batches.
+        seed: the run's data seed, checked here (``epoch`` uses it).
+        start: index of the first batch.
+        epoch: ``epoch(e, first)`` yields batches ``first, first + 1, ...`` up to the end of
+            epoch ``e`` (each ``epoch_rng(seed, e)``-shuffled), without reading those before.
+
+    Raises:
+        ValueError: fewer samples than one batch, or a bad ``batch_size``, ``seed`` or
+            ``start``; raised here, not at the first ``next()``.
+    """
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, 0)
+    check_int("start", start, 0)
+    per_epoch = samples // batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"{path} holds {samples} samples, fewer than one batch of {batch_size}; write more "
+            "samples or use a smaller batch size"
+        )
+    first_epoch, first = divmod(int(start), per_epoch)
+
+    def stream() -> Iterator[dict[str, np.ndarray]]:
+        e, offset = first_epoch, first
+        while True:
+            yield from epoch(e, offset)
+            e, offset = e + 1, 0
+
+    return stream()

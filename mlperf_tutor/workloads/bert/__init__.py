@@ -18,11 +18,14 @@ Padded keys get -10000 added to their attention scores, as in the reference.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
-from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.base import Workload, endless_batches, new_data_directory
 from mlperf_tutor.workloads.bert import hf
 from mlperf_tutor.workloads.bert.config import BertConfig
 from mlperf_tutor.workloads.bert.data import TARGET_MLM_ACCURACY, masked_lm_counts
@@ -144,6 +147,40 @@ class BertWorkload(Workload):
             replaced[(roll >= 0.8) & (roll < 0.9)] = random_tokens[(roll >= 0.8) & (roll < 0.9)]
             batch["input_ids"][b, positions] = replaced
         return batch
+
+    def write_sample_data(
+        self, cfg: BertConfig, directory: str | os.PathLike, *, samples: int = 64, seed: int = 0
+    ) -> Path:
+        """MLPerf HDF5 shards (``part_0000i_of_00002.hdf5``) of :meth:`synthetic_batch` rows;
+        returns ``directory``."""
+        from mlperf_tutor.workloads.bert.data import write_sample_shards
+
+        directory = new_data_directory(directory, samples)
+        return write_sample_shards(directory, self.synthetic_batch(cfg, samples, seed))
+
+    def data_batches(
+        self,
+        cfg: BertConfig,
+        path: str | os.PathLike,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start: int = 0,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of the HDF5 shards at ``path`` (a shard, or a directory of them) through
+        :class:`~.data.HDF5Shards`, whose epoch ``e`` shuffles shards and rows by
+        ``(seed, e)``; sequence length, predictions and vocabulary are ``cfg``'s."""
+        from mlperf_tutor.workloads.bert.data import HDF5Shards
+
+        shards = HDF5Shards(path, cfg.seq_len, cfg.max_predictions, vocab_size=cfg.vocab_size)
+        return endless_batches(
+            path,
+            shards.num_rows,
+            batch_size,
+            seed,
+            start,
+            lambda epoch, first: shards.batches(batch_size, seed, epoch, start=first),
+        )
 
     def optimizer(self, cfg: BertConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
         spec = OptimizerSpec(

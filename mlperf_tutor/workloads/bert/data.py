@@ -170,10 +170,13 @@ class HDF5Shards:
         source: a shard file, a directory of ``*.hdf5``/``*.h5`` shards, or a list of files.
         seq_len: expected S (default: whatever the first shard has).
         max_predictions: expected P (default: whatever the first shard has).
+        vocab_size: when given, every ``input_ids`` and ``masked_lm_ids`` value must be below
+            it, checked as each shard is read (JAX gathers clamp out-of-range ids silently).
 
     Raises:
         DataError: a missing or non-HDF5 file, a missing dataset, a wrong shape or dtype, or a
-            packed/varlength file (the message names the file and the dataset).
+            packed/varlength file (the message names the file and the dataset); while reading,
+            a token id outside the vocabulary.
     """
 
     def __init__(
@@ -181,7 +184,9 @@ class HDF5Shards:
         source: str | os.PathLike | Sequence[str | os.PathLike],
         seq_len: int | None = None,
         max_predictions: int | None = None,
+        vocab_size: int | None = None,
     ):
+        self.vocab_size = vocab_size
         self.paths = _paths(source)
         self.rows: list[int] = []
         for path in self.paths:
@@ -204,9 +209,19 @@ class HDF5Shards:
         path = self.paths[index]
         with _open(path) as f:
             try:
-                return {k: f[k][()] for k in KEYS}
+                shard = {k: f[k][()] for k in KEYS}
             except OSError as e:
                 raise DataError(f"{path} cannot be read ({e}); it is truncated or corrupt") from e
+        if self.vocab_size is not None:
+            for key in ("input_ids", "masked_lm_ids"):
+                ids = shard[key]
+                if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                    bad = ids.min() if ids.min() < 0 else ids.max()
+                    raise DataError(
+                        f"{path}: {key!r} holds token id {bad}, outside the vocabulary of "
+                        f"{self.vocab_size}; use the config the data was made for"
+                    )
+        return shard
 
     def batches(
         self,
@@ -215,12 +230,15 @@ class HDF5Shards:
         epoch: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        start: int = 0,
     ) -> Iterator[dict[str, np.ndarray]]:
         """One pass over the shards as batches of ``batch_size`` sequences.
 
         With ``shuffle``, the order of the shards and of the rows within each shard is drawn
         from ``(seed, epoch)``: the same pair gives the same batches, another epoch another
         order. Batches run across shard boundaries, so only the pass's last batch can be short.
+        ``start`` skips the pass's first batches without reading the shards they come from
+        (their row shuffles are drawn from the row counts alone, keeping the order exact).
 
         Args:
             batch_size: sequences per batch.
@@ -228,6 +246,7 @@ class HDF5Shards:
             epoch: the pass number; mixed into the shuffling.
             shuffle: shuffle shards and rows (off for evaluation: the file order).
             drop_last: drop a last batch shorter than ``batch_size`` (keep it for evaluation).
+            start: index of the pass's first batch to yield.
 
         Yields:
             name -> int32 array: (B, S) for input_ids/input_mask/segment_ids, (B, P) for
@@ -235,14 +254,25 @@ class HDF5Shards:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if start < 0:
+            raise ValueError(f"start must be at least 0, got {start}")
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(self.paths)) if shuffle else range(len(self.paths))
+        skip = start * batch_size  # rows of the pass before the first batch wanted
         carry: dict[str, np.ndarray] | None = None  # rows left over from the previous shard
         for index in order:
+            if skip >= self.rows[index]:  # no row of this shard is wanted
+                if shuffle:
+                    rng.permutation(self.rows[index])  # the draw a read would make
+                skip -= self.rows[index]
+                continue
             shard = self._read(int(index))
             if shuffle:
                 rows = rng.permutation(self.rows[index])
                 shard = {k: v[rows] for k, v in shard.items()}
+            if skip:
+                shard = {k: v[skip:] for k, v in shard.items()}
+                skip = 0
             if carry is not None:
                 shard = {k: np.concatenate([carry[k], v]) for k, v in shard.items()}
             n = len(shard["input_ids"])
@@ -281,6 +311,29 @@ def write_shard(path: str | os.PathLike, batch: Mapping[str, np.ndarray]) -> Non
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_sample_shards(
+    directory: str | os.PathLike, batch: Mapping[str, np.ndarray], shards: int = 2
+) -> Path:
+    """Write ``batch``'s rows as ``shards`` shards named as the reference's training shards
+    (``part_00000_of_00002.hdf5``, ...), split as evenly as the rows allow.
+
+    Args:
+        directory: an existing directory.
+        batch: the six arrays of :data:`KEYS` (e.g. a ``synthetic_batch``).
+        shards: files to write (fewer when there are fewer rows).
+
+    Returns:
+        ``directory``, which :class:`HDF5Shards` reads.
+    """
+    directory = Path(directory)
+    rows = len(batch["input_ids"])
+    parts = np.array_split(np.arange(rows), max(1, min(shards, rows)))
+    for i, part in enumerate(parts):
+        name = f"part_{i:05d}_of_{len(parts):05d}.hdf5"
+        write_shard(directory / name, {k: np.asarray(batch[k])[part] for k in KEYS})
+    return directory
 
 
 def masked_lm_counts(mlm_logits: np.ndarray, batch: Mapping[str, np.ndarray]) -> tuple[int, int]:

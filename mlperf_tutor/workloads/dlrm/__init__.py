@@ -18,11 +18,14 @@ Forward (same in all three frameworks; B batch, E embedding dim, F tables, D = (
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
-from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.base import Workload, endless_batches, new_data_directory
 from mlperf_tutor.workloads.dlrm.config import DlrmConfig
 from mlperf_tutor.workloads.dlrm.data import TARGET_AUC, roc_auc, synthetic_batch
 from mlperf_tutor.workloads.recipe import Recipe, Target
@@ -81,6 +84,45 @@ class DlrmWorkload(Workload):
 
     def synthetic_batch(self, cfg: DlrmConfig, batch_size: int = 2, seed: int = 0) -> dict:
         return synthetic_batch(cfg, batch_size, seed, TASK_SEED)
+
+    def write_sample_data(
+        self, cfg: DlrmConfig, directory: str | os.PathLike, *, samples: int = 64, seed: int = 0
+    ) -> Path:
+        """Training days 0 and 1 of the MLPerf Criteo multi-hot layout
+        (``day_D_dense.npy``, ``day_D_labels.npy``, ``day_D_sparse_multi_hot.npz``) holding
+        :meth:`synthetic_batch` samples of the synthetic click model; returns ``directory``."""
+        from mlperf_tutor.workloads.dlrm.data import write_sample_days
+
+        directory = new_data_directory(directory, samples)
+        batch = self.synthetic_batch(cfg, samples, seed)
+        return write_sample_days(directory, batch, cfg.multi_hot_sizes)
+
+    def data_batches(
+        self,
+        cfg: DlrmConfig,
+        path: str | os.PathLike,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start: int = 0,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of the training days (0..22) in the directory ``path``, through
+        :class:`~.data.CriteoMultiHot`: epoch ``e`` permutes the batches of contiguous rows
+        (and the rows inside each) by ``(seed, e)``, as the reference reads its pre-shuffled
+        days. Indices are taken modulo ``cfg.table_sizes``, as the reference does."""
+        from mlperf_tutor.workloads.dlrm.data import CriteoMultiHot, training_days
+
+        days = CriteoMultiHot(path, training_days(path), cfg, hash_indices=True)
+        return endless_batches(
+            path,
+            len(days),
+            batch_size,
+            seed,
+            start,
+            lambda epoch, first: days.batches(
+                batch_size, seed, drop_last=True, epoch=epoch, start=first
+            ),
+        )
 
     def optimizer(self, cfg: DlrmConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
         spec = OptimizerSpec("adagrad", eps=cfg.eps, weight_decay=0.0, initial_accumulator=0.0)

@@ -157,6 +157,12 @@ def _map(path: Path, offset: int, header) -> np.ndarray:
         raise DataError(f"{path} holds Python objects, not numbers; re-create it")
     if math.prod(shape) == 0:  # np.memmap cannot map zero bytes
         return np.empty(shape, dtype)
+    need, size = offset + math.prod(shape) * dtype.itemsize, path.stat().st_size
+    if size < need:
+        raise DataError(
+            f"{path} is truncated: its header announces {dtype} {shape}, {need} bytes, but the "
+            f"file has {size}; re-create it"
+        )
     return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
 
 
@@ -361,27 +367,72 @@ class CriteoMultiHot:
         return out
 
     def batches(
-        self, batch_size: int, seed: int | None = None, drop_last: bool = False
+        self,
+        batch_size: int,
+        seed: int | None = None,
+        drop_last: bool = False,
+        *,
+        epoch: int = 0,
+        start: int = 0,
     ) -> Iterator[dict[str, np.ndarray]]:
         """Batches of ``batch_size`` consecutive samples (the last may be smaller unless
         ``drop_last``).
 
-        With a ``seed``, the order of the batches and the order of the rows inside each batch
-        are seeded permutations: every sample still comes exactly once, and reads stay
-        contiguous. (The reference's training days are already shuffled on disk; its
-        ``--shuffle_batches`` permutes rows inside each batch only.)
+        With a ``seed``, the order of the batches (drawn from ``(seed, epoch)``) and the order
+        of the rows inside each batch (from ``(seed, epoch, position)``) are seeded
+        permutations: every sample still comes exactly once, and reads stay contiguous. (The
+        reference's training days are already shuffled on disk; its ``--shuffle_batches``
+        permutes rows inside each batch only.) ``start`` skips the pass's first batches
+        without reading them.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if start < 0:
+            raise ValueError(f"start must be at least 0, got {start}")
         count = self.num_batches(batch_size, drop_last)
-        rng = None if seed is None else np.random.default_rng(seed)
-        order = np.arange(count) if rng is None else rng.permutation(count)
-        for k in order:
-            batch = self.read(int(k) * batch_size, min((int(k) + 1) * batch_size, len(self)))
-            if rng is not None:
+        shuffle = seed is not None
+        order = np.random.default_rng([seed, epoch]).permutation(count) if shuffle else None
+        for position in range(start, count):
+            k = int(order[position]) if shuffle else position
+            batch = self.read(k * batch_size, min((k + 1) * batch_size, len(self)))
+            if shuffle:
+                rng = np.random.default_rng([seed, epoch, position])
                 perm = rng.permutation(len(batch["labels"]))
                 batch = {key: value[perm] for key, value in batch.items()}
             yield batch
+
+
+def training_days(directory: str | os.PathLike) -> tuple[int, ...]:
+    """The training days (of :data:`TRAIN_DAYS`) that ``directory`` has a dense file of.
+
+    Raises:
+        DataError: ``directory`` is not a directory, or holds no training day.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(
+            f"{directory} is not a directory; pass the folder of the day_D_*.npy/.npz files"
+        )
+    days = tuple(d for d in TRAIN_DAYS if day_paths(directory, d)["dense"].exists())
+    if not days:
+        raise DataError(
+            f"{directory} holds no training day (day_D_dense.npy for D in 0..22); write or "
+            "copy the reference's multi-hot files there"
+        )
+    return days
+
+
+def write_sample_days(
+    directory: str | os.PathLike, batch: Mapping[str, np.ndarray], multi_hot_sizes, days: int = 2
+) -> Path:
+    """Write ``batch``'s rows as training days ``0 .. days - 1`` (split as evenly as the rows
+    allow) in the reference's multi-hot layout; returns ``directory``."""
+    rows = len(batch["labels"])
+    for day, part in enumerate(np.array_split(np.arange(rows), max(1, min(days, rows)))):
+        write_criteo_multi_hot(
+            directory, day, {k: np.asarray(v)[part] for k, v in batch.items()}, multi_hot_sizes
+        )
+    return Path(directory)
 
 
 def _atomic_save(path: Path, write) -> None:

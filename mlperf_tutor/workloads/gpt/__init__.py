@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
-from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.base import Workload, endless_batches, epoch_rng, new_data_directory
 from mlperf_tutor.workloads.gpt.config import Gpt3Config, GptConfig, GptjConfig
 from mlperf_tutor.workloads.gpt.hf import GPT2_INTEROP, GPTJ_INTEROP
 from mlperf_tutor.workloads.recipe import CheckpointStart, Recipe, Target
@@ -113,6 +116,48 @@ class GptWorkload(Workload):
 
         tokens = bigram_sequences(cfg.vocab_size, batch_size, cfg.seq_len + 1, seed, LANGUAGE_SEED)
         return split_tokens(tokens)
+
+    def write_sample_data(
+        self, cfg: GptConfig, directory: str | os.PathLike, *, samples: int = 64, seed: int = 0
+    ) -> Path:
+        """A Megatron-LM indexed dataset ``directory/sample_text_document.{idx,bin}`` of the
+        synthetic bigram language, holding ``samples`` samples of ``seq_len + 1`` tokens (see
+        :func:`.data.write_sample_documents`); returns the prefix
+        ``directory/sample_text_document``."""
+        from mlperf_tutor.workloads.gpt.data import write_sample_documents
+
+        directory = new_data_directory(directory, samples)
+        return write_sample_documents(
+            directory / "sample_text_document",
+            cfg.vocab_size,
+            samples,
+            cfg.seq_len,
+            seed,
+            LANGUAGE_SEED,
+        )
+
+    def data_batches(
+        self,
+        cfg: GptConfig,
+        path: str | os.PathLike,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start: int = 0,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of Megatron's samples (:class:`~.data.GptSamples` of ``cfg.seq_len``) of
+        the indexed dataset at the prefix ``path``; epoch ``e`` is a permutation of the samples
+        seeded by ``(seed, e)``, and every token must be below ``cfg.vocab_size``."""
+        from mlperf_tutor.workloads.gpt.data import GptSamples, IndexedDataset
+
+        samples = GptSamples(IndexedDataset(path), cfg.seq_len, vocab_size=cfg.vocab_size)
+
+        def epoch(e: int, first: int) -> Iterator[dict[str, np.ndarray]]:
+            order = epoch_rng(seed, e).permutation(len(samples))
+            for j in range(first, len(samples) // batch_size):
+                yield samples.batch(order[j * batch_size : (j + 1) * batch_size])
+
+        return endless_batches(path, len(samples), batch_size, seed, start, epoch)
 
     def optimizer(self, cfg: GptConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
         spec = OptimizerSpec(

@@ -134,6 +134,11 @@ class IndexedDataset:
     def __init__(self, prefix: str | os.PathLike):
         self.index_path, self.data_path = _paths(prefix)
         idx = self.index_path
+        for path in (idx, self.data_path):
+            if path.exists() and not path.is_file():
+                raise IndexedDatasetError(
+                    f"{path} is not a regular file; pass the dataset's prefix"
+                )
         try:
             with open(idx, "rb") as f:
                 head = f.read(_HEADER.size)
@@ -268,12 +273,17 @@ class GptSamples:
         dataset: an :class:`IndexedDataset` (or anything with ``sizes`` and ``[i]``) of tokens.
         seq_len: T, the tokens each sample predicts.
         seed: shuffle the sample order with this seed; ``None`` keeps it sequential.
+        vocab_size: when given, every token of a sample read must be in [0, vocab_size)
+            (JAX gathers clamp out-of-range ids silently); an IndexedDatasetError names the
+            data file otherwise.
     """
 
-    def __init__(self, dataset, seq_len: int, seed: int | None = None):
+    def __init__(
+        self, dataset, seq_len: int, seed: int | None = None, vocab_size: int | None = None
+    ):
         if seq_len < 1:
             raise ValueError(f"seq_len must be at least 1, got {seq_len}")
-        self.dataset, self.seq_len = dataset, seq_len
+        self.dataset, self.seq_len, self.vocab_size = dataset, seq_len, vocab_size
         # Token offset where each document starts in the stream, plus the total.
         self._starts = np.concatenate([[0], np.cumsum(np.asarray(dataset.sizes, np.int64))])
         total = int(self._starts[-1])
@@ -298,10 +308,24 @@ class GptSamples:
         while start < stop:
             begin = int(self._starts[doc])
             piece = self.dataset[doc][start - begin : stop - begin]
+            if self.vocab_size is not None and piece.size:
+                low, high = int(piece.min()), int(piece.max())
+                if low < 0 or high >= self.vocab_size:
+                    where = getattr(self.dataset, "data_path", "the dataset")
+                    raise IndexedDatasetError(
+                        f"{where}: sequence {doc} holds token id {low if low < 0 else high}, "
+                        f"outside the vocabulary of {self.vocab_size}; use the config the data "
+                        "was made for"
+                    )
             pieces.append(piece.astype(np.int64))
             start += len(piece)
             doc += 1
         return np.concatenate(pieces)
+
+    def batch(self, rows: Iterable[int]) -> dict[str, np.ndarray]:
+        """Samples ``rows`` (positions in the order) as ``{"input_ids", "labels"}``, each
+        (len(rows), T) int32 (see :func:`split_tokens`)."""
+        return split_tokens(np.stack([self[int(i)] for i in rows]))
 
     def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
         """Batches of consecutive samples as ``{"input_ids", "labels"}`` (B, T) int32 (see
@@ -310,4 +334,32 @@ class GptSamples:
             rows = range(first, min(first + batch_size, len(self)))
             if drop_last and len(rows) < batch_size:
                 return
-            yield split_tokens(np.stack([self[i] for i in rows]))
+            yield self.batch(rows)
+
+
+def write_sample_documents(
+    prefix: str | os.PathLike,
+    vocab_size: int,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    language_seed: int,
+) -> Path:
+    """Write an indexed dataset of the bigram language holding exactly ``samples`` samples of
+    :class:`GptSamples` (``samples * seq_len + 1`` tokens).
+
+    The token stream is a few bigram chains, each one document of about 8 samples' tokens, so
+    that every label but one per document follows its input by the language's table, as in
+    ``synthetic_batch``. The dtype is Megatron's choice: uint16 below 65,500 tokens, else
+    int32.
+
+    Returns:
+        ``prefix`` (as a Path), which :class:`IndexedDataset` opens.
+    """
+    total = samples * seq_len + 1
+    chain = 8 * seq_len
+    chains = -(-total // chain)
+    tokens = bigram_sequences(vocab_size, chains, chain, seed, language_seed).reshape(-1)[:total]
+    documents = [tokens[i : i + chain] for i in range(0, total, chain)]
+    write_indexed_dataset(prefix, documents, np.uint16 if vocab_size < 65500 else np.int32)
+    return Path(prefix)

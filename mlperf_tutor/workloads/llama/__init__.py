@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
 from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.layers.spec import is_adapter
-from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.base import Workload, endless_batches, epoch_rng, new_data_directory
 from mlperf_tutor.workloads.llama import hf
 from mlperf_tutor.workloads.llama.config import LORA_TARGETS, LlamaConfig
 from mlperf_tutor.workloads.recipe import CheckpointStart, Recipe, Target
@@ -161,6 +163,45 @@ class LlamaLoraWorkload(Workload):
         from mlperf_tutor.workloads.llama.data import synthetic_batch
 
         return synthetic_batch(cfg, batch_size, seed, LANGUAGE_SEEDS[cfg.language])
+
+    def write_sample_data(
+        self, cfg: LlamaConfig, directory: str | os.PathLike, *, samples: int = 64, seed: int = 0
+    ) -> Path:
+        """The reference's GovReport layout: ``directory/train-00000-of-00001.parquet`` with
+        :meth:`synthetic_batch` rows (``input_ids``, ``attention_mask``, ``labels`` lists of
+        ``seq_len`` tokens, the prompt labelled -100); returns ``directory``."""
+        from mlperf_tutor.workloads.llama.data import COLUMNS, write_govreport
+
+        directory = new_data_directory(directory, samples)
+        batch = self.synthetic_batch(cfg, samples, seed)
+        rows = ({c: batch[c][i] for c in COLUMNS} for i in range(samples))
+        write_govreport(directory / "train-00000-of-00001.parquet", rows)
+        return directory
+
+    def data_batches(
+        self,
+        cfg: LlamaConfig,
+        path: str | os.PathLike,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start: int = 0,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of the ``train*.parquet`` split in the directory ``path``, through
+        :class:`~.data.GovReport` (sequences at most ``cfg.seq_len`` tokens, ids below
+        ``cfg.vocab_size``), each right-padded to ``cfg.seq_len``; epoch ``e`` is a
+        permutation of the sequences seeded by ``(seed, e)``."""
+        from mlperf_tutor.workloads.llama.data import GovReport
+
+        split = GovReport(path, "train", max_seq_len=cfg.seq_len, vocab_size=cfg.vocab_size)
+
+        def epoch(e: int, first: int) -> Iterator[dict[str, np.ndarray]]:
+            order = epoch_rng(seed, e).permutation(len(split))
+            for j in range(first, len(split) // batch_size):
+                rows = order[j * batch_size : (j + 1) * batch_size]
+                yield split.batch(rows, width=cfg.seq_len)
+
+        return endless_batches(path, len(split), batch_size, seed, start, epoch)
 
     def optimizer(self, cfg: LlamaConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
         spec = OptimizerSpec(

@@ -12,7 +12,7 @@ one sequence packed to at most 8192 tokens, with those three columns as lists of
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +166,9 @@ class GovReport:
                 f"{directory} has no {split}*.parquet files; download the MLPerf llama2_70b_lora "
                 "dataset into it (see the reference's README)"
             )
+        for path in self.files:
+            if not path.is_file():
+                raise GovReportError(f"{path} is not a regular file; a split is parquet files")
         self.split, self.max_seq_len, self.vocab_size = split, max_seq_len, vocab_size
         parts: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
         lengths: list[np.ndarray] = []
@@ -316,17 +319,30 @@ class GovReport:
         order = np.arange(len(self))
         if shuffle_seed is not None:
             order = np.random.default_rng(shuffle_seed).permutation(order)
-        pad = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
         for first in range(0, len(order), batch_size):
             rows = order[first : first + batch_size]
             if drop_last and len(rows) < batch_size:
                 return
-            width = int(self.lengths[rows].max())
-            batch = {c: np.full((len(rows), width), pad[c], np.int32) for c in COLUMNS}
-            for b, i in enumerate(rows):
-                for column, values in self[int(i)].items():
-                    batch[column][b, : len(values)] = values
-            yield batch
+            yield self.batch(rows)
+
+    def batch(self, rows: Sequence[int], width: int | None = None) -> dict[str, np.ndarray]:
+        """Sequences ``rows`` as (len(rows), width) int32 arrays, right-padded with input id 0,
+        attention mask 0 and label -100.
+
+        Args:
+            rows: sequence indices.
+            width: T; by default the longest of these sequences. Must hold each of them.
+        """
+        longest = int(self.lengths[np.asarray(rows, np.int64)].max())
+        width = longest if width is None else width
+        if longest > width:
+            raise ValueError(f"a sequence of {longest} tokens does not fit width {width}")
+        pad = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+        batch = {c: np.full((len(rows), width), pad[c], np.int32) for c in COLUMNS}
+        for b, i in enumerate(rows):
+            for column, values in self[int(i)].items():
+                batch[column][b, : len(values)] = values
+        return batch
 
 
 def write_govreport(

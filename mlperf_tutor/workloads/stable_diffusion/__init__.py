@@ -19,12 +19,15 @@ webdataset shards of VAE moments and captions.
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
 from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
-from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.base import Workload, endless_batches, epoch_rng, new_data_directory
 from mlperf_tutor.workloads.recipe import Recipe, Target
 from mlperf_tutor.workloads.stable_diffusion import hf
 from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig
@@ -113,6 +116,56 @@ class StableDiffusionWorkload(Workload):
         from mlperf_tutor.workloads.stable_diffusion.standins import synthetic_batch
 
         return synthetic_batch(cfg, batch_size, seed)
+
+    def write_sample_data(
+        self,
+        cfg: StableDiffusionConfig,
+        directory: str | os.PathLike,
+        *,
+        samples: int = 64,
+        seed: int = 0,
+    ) -> Path:
+        """Webdataset shards ``directory/00000.tar``, ``00001.tar`` of the synthetic world, as
+        the reference's training shards: per sample the stand-in VAE's moments (``.npy``,
+        float32) of the caption's picture and the caption (``.txt``); returns ``directory``."""
+        from mlperf_tutor.workloads.stable_diffusion.data import write_sample_shards
+        from mlperf_tutor.workloads.stable_diffusion.standins import synthetic_samples
+
+        directory = new_data_directory(directory, samples)
+        captions, moments = synthetic_samples(cfg, np.random.default_rng(seed), samples)
+        return write_sample_shards(directory, moments, captions)
+
+    def data_batches(
+        self,
+        cfg: StableDiffusionConfig,
+        path: str | os.PathLike,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start: int = 0,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of the uncompressed ``.tar`` shards at ``path`` (a shard, or a directory of
+        them), through :class:`~.data.ShardIndex`: epoch ``e`` is a permutation of the samples
+        seeded by ``(seed, e)``; batch ``j``'s latents, noise and timesteps are drawn from
+        ``(seed, e, j)`` (see :func:`~.data.make_batch`) and its context is the stand-in text
+        encoder's, as in :meth:`synthetic_batch`."""
+        from mlperf_tutor.workloads.stable_diffusion.data import (
+            ShardIndex,
+            make_batch,
+            shard_paths,
+        )
+        from mlperf_tutor.workloads.stable_diffusion.standins import StandInTextEncoder
+
+        index = ShardIndex(shard_paths(path), cfg.latent_channels, cfg.latent_size)
+        encoder = StandInTextEncoder(cfg.context_len, cfg.context_dim)
+
+        def epoch(e: int, first: int) -> Iterator[dict[str, np.ndarray]]:
+            order = epoch_rng(seed, e).permutation(len(index))
+            for j in range(first, len(index) // batch_size):
+                samples = index.read(order[j * batch_size : (j + 1) * batch_size])
+                yield make_batch(cfg, encoder, samples, epoch_rng(seed, e, j))
+
+        return endless_batches(path, len(index), batch_size, seed, start, epoch)
 
     def optimizer(self, cfg: StableDiffusionConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
         spec = OptimizerSpec(

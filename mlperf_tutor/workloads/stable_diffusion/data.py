@@ -13,6 +13,10 @@ and captions for training, a TSV of COCO-2014 captions for evaluation.
   separated with a header row ``image_id  id  caption`` (written by pandas, so a caption holding
   a tab, a quote or a newline is quoted with ``"``).
 
+:func:`read_shards` and :class:`LatentCaptionBatches` stream the shards as the reference does;
+:class:`ShardIndex` reads their samples in any order (from the tar headers' offsets), which the
+workload's ``data_batches`` needs to shuffle whole epochs and to resume at any batch.
+
 Batches follow the workload's format: ``latents`` (B, 4, h, w), ``noise`` (B, 4, h, w),
 ``timesteps`` (B,) int32 and ``context`` (B, L, D), all float32 but the timesteps.
 """
@@ -92,22 +96,41 @@ def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, np.ndarray
 
 
 # --- reading shards ------------------------------------------------------------------------------
-def _members(path: Path) -> Iterator[tuple[str, str, str, bytes | None]]:
-    """``(name, key, extension, bytes)`` of each sample file in tar order, streamed; the bytes
-    only for the kept extensions. Directories, metadata and names without a dot are skipped,
-    as webdataset does."""
+def _members(
+    path: Path, random_access: bool = False
+) -> Iterator[tuple[str, str, str, bytes | tuple[int, int] | None]]:
+    """``(name, key, extension, payload)`` of each sample file in tar order; the payload only
+    for the kept extensions: the member's bytes, streamed, or with ``random_access`` its
+    ``(offset, size)`` in the file, found from the headers alone (uncompressed tars only).
+    Directories, metadata and names without a dot are skipped, as webdataset does."""
     if not path.is_file():
-        raise ShardError(f"shard {path} does not exist; check the shard paths")
+        raise ShardError(f"shard {path} does not exist or is not a file; check the shard paths")
     with open(path, "rb") as file:
+        if random_access and file.read(6).startswith(_COMPRESSED):
+            raise ShardError(
+                f"shard {path} is compressed; reading samples in any order needs uncompressed "
+                ".tar shards, as the reference's are (decompress it)"
+            )
+        size = file.seek(0, os.SEEK_END)
+        file.seek(0)
         try:
-            with tarfile.open(fileobj=file, mode="r|*") as tar:
+            with tarfile.open(fileobj=file, mode="r:" if random_access else "r|*") as tar:
                 for info in tar:
                     match = _NAME.match(info.name)
                     if not info.isfile() or _META.search(info.name) or not match:
                         continue
                     key, ext = match.group(1), match.group(2).lower()
-                    data = tar.extractfile(info).read() if ext in (MOMENTS, CAPTION) else None
-                    yield info.name, key, ext, data
+                    payload = None
+                    if ext in (MOMENTS, CAPTION) and random_access:
+                        if info.offset_data + info.size > size:
+                            raise ShardError(
+                                f"shard {path} is truncated: member {info.name} ends past the "
+                                "end of the file; download or write it again"
+                            )
+                        payload = (info.offset_data, info.size)
+                    elif ext in (MOMENTS, CAPTION):
+                        payload = tar.extractfile(info).read()
+                    yield info.name, key, ext, payload
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise ShardError(
                 f"shard {path} is not a tar file or is truncated ({e}); download or write it again"
@@ -132,10 +155,24 @@ def _has_end_marker(file) -> bool:
     return not any(file.read(2 * tarfile.BLOCKSIZE))
 
 
-def _grouped(path: Path) -> Iterator[tuple[str, dict[str, tuple[str, bytes | None]]]]:
-    """``(key, {extension: (member name, bytes)})`` per sample: runs of members with one key."""
+def _grouped(path: Path, random_access: bool = False) -> Iterator[tuple[str, dict[str, tuple]]]:
+    """``(key, {extension: (member name, payload)})`` per sample (payloads as
+    :func:`_members` gives them): runs of members with one key, each holding its moments and
+    caption."""
+    for key, parts in _runs(path, random_access):
+        for ext in (MOMENTS, CAPTION):
+            if ext not in parts:
+                found = ", ".join(name for name, _ in parts.values())
+                raise ShardError(
+                    f"shard {path}: sample {key!r} has no {key}.{ext} member (it has "
+                    f"{found}); every sample needs adjacent moments (.npy) and caption (.txt)"
+                )
+        yield key, parts
+
+
+def _runs(path: Path, random_access: bool) -> Iterator[tuple[str, dict[str, tuple]]]:
     key, parts, seen = None, {}, set()
-    for name, member_key, ext, data in _members(path):
+    for name, member_key, ext, data in _members(path, random_access):
         if member_key != key:
             if key is not None:
                 yield key, parts
@@ -204,21 +241,94 @@ def read_shards(
     """
     for path in map(Path, paths):
         for key, parts in _grouped(path):
-            for ext in (MOMENTS, CAPTION):
-                if ext not in parts:
-                    found = ", ".join(name for name, _ in parts.values())
-                    raise ShardError(
-                        f"shard {path}: sample {key!r} has no {key}.{ext} member (it has "
-                        f"{found}); every sample needs adjacent moments (.npy) and caption (.txt)"
-                    )
-            name, data = parts[MOMENTS]
-            moments = _moments(path, name, data, 2 * latent_channels, latent_size)
-            name, data = parts[CAPTION]
-            try:
-                caption = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ShardError(f"shard {path}: member {name} is not utf-8 text ({e})") from None
-            yield key, moments, caption
+            moments = _moments(path, *parts[MOMENTS], 2 * latent_channels, latent_size)
+            yield key, moments, _caption(path, *parts[CAPTION])
+
+
+def _caption(path: Path, name: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ShardError(f"shard {path}: member {name} is not utf-8 text ({e})") from None
+
+
+def shard_paths(path: str | os.PathLike) -> list[Path]:
+    """The shards at ``path``: the ``*.tar`` files of a directory in name order, or the one
+    file ``path``.
+
+    Raises:
+        ShardError: a directory without ``.tar`` files.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    paths = sorted(p for p in path.iterdir() if p.suffix == ".tar")
+    if not paths:
+        raise ShardError(f"{path} holds no .tar shards; check the path")
+    return paths
+
+
+class ShardIndex:
+    """The samples of uncompressed webdataset shards, read in any order.
+
+    Opening reads every shard's tar headers (not the members' bytes) and checks the samples'
+    layout as :func:`read_shards` does: each sample has adjacent ``.npy`` and ``.txt``
+    members, nothing repeats, the file is a whole tar. Reading a sample seeks to its two
+    members and checks them then (a float .npy of the config's shape without NaN or inf; utf-8
+    text).
+
+    Args:
+        paths: the ``.tar`` shards, in order (sample ``i`` counts across them).
+        latent_channels: C; the moments must have 2C channels.
+        latent_size: when given, the moments must be (2C, latent_size, latent_size).
+
+    Raises:
+        ShardError: a missing, compressed, truncated or non-tar file, a sample without its
+            moments or caption, members out of place; while reading, a bad member (each message
+            names the shard and the member).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        latent_channels: int = 4,
+        latent_size: int | None = None,
+    ):
+        self.paths = [Path(p) for p in paths]
+        self.channels, self.latent_size = 2 * latent_channels, latent_size
+        # Per sample: (shard, key, (moments name, (offset, size)), (caption name, (offset, size)))
+        self._samples = [
+            (shard, key, parts[MOMENTS], parts[CAPTION])
+            for shard, path in enumerate(self.paths)
+            for key, parts in _grouped(path, random_access=True)
+        ]
+        if not self._samples:
+            raise ShardError(f"the shards {', '.join(map(str, self.paths))} hold no samples")
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def read(self, indices: Iterable[int]) -> list[tuple[str, np.ndarray, str]]:
+        """Samples ``indices`` as ``(key, moments (2C, h, w) float32, caption)``, in order;
+        each shard they touch is opened once."""
+        indices = [int(i) for i in indices]
+        out: dict[int, tuple[str, np.ndarray, str]] = {}
+        for shard in sorted({self._samples[i][0] for i in indices}):
+            path = self.paths[shard]
+            with open(path, "rb") as file:
+                for i in indices:
+                    owner, key, (npy_name, npy), (txt_name, txt) = self._samples[i]
+                    if owner == shard and i not in out:
+                        moments = _moments(
+                            path, npy_name, _read_at(file, *npy), self.channels, self.latent_size
+                        )
+                        out[i] = key, moments, _caption(path, txt_name, _read_at(file, *txt))
+        return [out[i] for i in indices]
+
+
+def _read_at(file, offset: int, size: int) -> bytes:
+    file.seek(offset)
+    return file.read(size)
 
 
 class LatentCaptionBatches:
@@ -300,17 +410,46 @@ class LatentCaptionBatches:
                 pending = []
 
     def _batch(self, samples, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        cfg, b = self.cfg, len(samples)
-        latents = sample_latents(np.stack([m for _, m, _ in samples]), rng, cfg.latent_scale)
-        noise = rng.standard_normal(latents.shape, dtype=np.float32)
-        timesteps = rng.integers(0, cfg.num_timesteps, b).astype(np.int32)
-        context = np.asarray(self.text_encoder([c for _, _, c in samples]), np.float32)
-        if context.shape != (b, cfg.context_len, cfg.context_dim):
-            raise ValueError(
-                f"the text encoder returned shape {context.shape} for {b} captions; expected "
-                f"{(b, cfg.context_len, cfg.context_dim)}"
-            )
-        return {"latents": latents, "noise": noise, "timesteps": timesteps, "context": context}
+        return make_batch(self.cfg, self.text_encoder, samples, rng)
+
+
+def make_batch(
+    cfg: StableDiffusionConfig,
+    text_encoder: TextEncoder,
+    samples: Sequence[tuple[str, np.ndarray, str]],
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """A training batch of ``(key, moments, caption)`` samples: latents drawn from the moments
+    (scaled by ``cfg.latent_scale``), then noise N(0, 1) and timesteps uniform in
+    [0, num_timesteps), all from ``rng``; the context is ``text_encoder``'s of the captions."""
+    b = len(samples)
+    latents = sample_latents(np.stack([m for _, m, _ in samples]), rng, cfg.latent_scale)
+    noise = rng.standard_normal(latents.shape, dtype=np.float32)
+    timesteps = rng.integers(0, cfg.num_timesteps, b).astype(np.int32)
+    context = np.asarray(text_encoder([c for _, _, c in samples]), np.float32)
+    if context.shape != (b, cfg.context_len, cfg.context_dim):
+        raise ValueError(
+            f"the text encoder returned shape {context.shape} for {b} captions; expected "
+            f"{(b, cfg.context_len, cfg.context_dim)}"
+        )
+    return {"latents": latents, "noise": noise, "timesteps": timesteps, "context": context}
+
+
+def write_sample_shards(
+    directory: str | os.PathLike,
+    moments: np.ndarray,
+    captions: Sequence[str],
+    shards: int = 2,
+) -> Path:
+    """Write ``(moments[i], captions[i])`` samples as ``shards`` tar shards named as the
+    reference's (``00000.tar``, ...), keys ``000000000``, ... across them; returns
+    ``directory``."""
+    directory = Path(directory)
+    parts = np.array_split(np.arange(len(captions)), max(1, min(shards, len(captions))))
+    for i, part in enumerate(parts):
+        samples = ((f"{j:09d}", moments[j], captions[j]) for j in part)
+        write_shard(directory / f"{i:05d}.tar", samples)
+    return directory
 
 
 # --- the evaluation captions ---------------------------------------------------------------------

@@ -270,6 +270,16 @@ class StandInAutoencoder:
         return np.clip(rgb, 0.0, 1.0).astype(np.float32)
 
 
+def synthetic_samples(
+    cfg: StableDiffusionConfig, rng: np.random.Generator, n: int
+) -> tuple[list[str], np.ndarray]:
+    """``n`` samples of the synthetic world as the training shards hold them: captions drawn
+    by :func:`random_captions` from ``rng``, and the (n, 2C, h, w) float32 moments of their
+    pictures (rendered at ``latent_size * 8`` pixels) under :class:`StandInAutoencoder`."""
+    captions = random_captions(rng, n)
+    return captions, StandInAutoencoder(cfg.latent_channels).encode(render(captions, cfg))
+
+
 def synthetic_batch(
     cfg: StableDiffusionConfig, batch_size: int, seed: int
 ) -> dict[str, np.ndarray]:
@@ -286,8 +296,7 @@ def synthetic_batch(
         (B, L, D) float32.
     """
     rng = np.random.default_rng(seed)
-    captions = random_captions(rng, batch_size)
-    moments = StandInAutoencoder(cfg.latent_channels).encode(render(captions, cfg))
+    captions, moments = synthetic_samples(cfg, rng, batch_size)
     latents = sample_latents(moments, rng, cfg.latent_scale)
     noise = rng.standard_normal(latents.shape, dtype=np.float32)
     timesteps = rng.integers(0, cfg.num_timesteps, batch_size).astype(np.int32)

@@ -16,11 +16,14 @@ JAX and TensorFlow take the NCHW image and transpose it to NHWC at the model's e
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
-from mlperf_tutor.workloads.base import Workload
+from mlperf_tutor.workloads.base import Workload, endless_batches, epoch_rng, new_data_directory
 from mlperf_tutor.workloads.toy.config import ToyConfig
 
 
@@ -77,6 +80,38 @@ class ToyWorkload(Workload):
             "tokens": rng.integers(0, cfg.vocab_size, (batch_size, cfg.seq_len), dtype=np.int32),
             "labels": rng.integers(0, cfg.num_classes, (batch_size,), dtype=np.int32),
         }
+
+    def write_sample_data(
+        self, cfg: ToyConfig, directory: str | os.PathLike, *, samples: int = 64, seed: int = 0
+    ) -> Path:
+        """:meth:`synthetic_batch` rows as ``directory/{image,tokens,labels}.npy`` (the toy's
+        own format, see :mod:`.data`: no MLPerf benchmark has one); returns ``directory``."""
+        from mlperf_tutor.workloads.toy.data import write_arrays
+
+        directory = new_data_directory(directory, samples)
+        return write_arrays(directory, self.synthetic_batch(cfg, samples, seed))
+
+    def data_batches(
+        self,
+        cfg: ToyConfig,
+        path: str | os.PathLike,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start: int = 0,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of the ``.npy`` files in the directory ``path`` (:class:`~.data.ToyArrays`);
+        epoch ``e`` is a permutation of the rows seeded by ``(seed, e)``."""
+        from mlperf_tutor.workloads.toy.data import ToyArrays
+
+        arrays = ToyArrays(path, cfg)
+
+        def epoch(e: int, first: int) -> Iterator[dict[str, np.ndarray]]:
+            order = epoch_rng(seed, e).permutation(len(arrays))
+            for j in range(first, len(arrays) // batch_size):
+                yield arrays.batch(order[j * batch_size : (j + 1) * batch_size])
+
+        return endless_batches(path, len(arrays), batch_size, seed, start, epoch)
 
     def init_weight(
         self, cfg: ToyConfig, name: str, shape: tuple[int, ...], rng: np.random.Generator
