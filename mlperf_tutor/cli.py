@@ -117,14 +117,15 @@ def cmd_train(args) -> int:
             f"{args.workload} {args.framework}: already at step {result.start_step}; nothing to do"
         )
         return 0
-    unit = "samples/s" if result.units_per_second == result.samples_per_second else "tokens/s"
-    mfu = f", MFU {result.mfu:.3f}" if result.mfu is not None else ""
+    rate = f"{result.samples_per_second:.1f} samples/s"
+    if result.units_per_second != result.samples_per_second:
+        rate += f" ({result.units_per_second:.1f} tokens/s)"
+    if result.mfu is not None:
+        rate += f", MFU {result.mfu:.3f}"
     print(
         f"{args.workload} {args.framework} on {result.device} ({result.precision}): "
         f"{len(result.losses)} steps from step {result.start_step}, loss "
-        f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
-        f"{result.samples_per_second:.1f} samples/s ({result.units_per_second:.1f} {unit}"
-        f"{mfu}) after the first step"
+        f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}, {rate} after the first step"
     )
     if result.evals:
         samples, _ = result.evals[-1]

@@ -30,7 +30,7 @@ def test_cli_train_writes_the_curve(tmp_path, capsys):
     path = tmp_path / "curve.csv"
     argv = ["train", "toy", "--framework", "torch", "--max-steps", "3", "--curve", str(path)]
     assert cli.main(argv) == 0
-    assert "toy torch: 3 steps" in capsys.readouterr().out
+    assert "toy torch on cpu (fp32): 3 steps from step 0" in capsys.readouterr().out
     rows = list(csv.reader(path.open()))
     assert rows[0] == ["step", "loss", "eval"] and [r[0] for r in rows[1:]] == ["0", "1", "2"]
     assert all(np.isfinite(float(r[1])) for r in rows[1:])
