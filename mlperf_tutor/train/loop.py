@@ -29,6 +29,7 @@ same RNG streams, so on one machine it reproduces the uninterrupted run bit for 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -345,9 +346,9 @@ def train(
     accelerated = device != "cpu" and not device_name.lower().startswith("cpu")
     run = _Run(wl, cfg, framework, adapter, device_name, precision, seed, fused=accelerated)
     data = None if data is None else os.fspath(data)
-    this_run = RunState(
-        wl.name, dataclasses.asdict(cfg), framework, precision, seed, 0, batch_size, data, 0
-    )
+    # As run.json holds it (tuples become lists), so that a resumed run compares like with like.
+    config_fields = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    this_run = RunState(wl.name, config_fields, framework, precision, seed, 0, batch_size, data, 0)
     checkpoints = RunCheckpoints(checkpoint_dir, keep) if checkpoint_dir is not None else None
     resumed = _resume_state(checkpoints, this_run) if resume else None
 
