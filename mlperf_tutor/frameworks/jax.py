@@ -623,6 +623,7 @@ class Trainer:
         name_of = {leaf.path: leaf.name for leaf in trainable}
         self._names = tuple(name_of[path] for path in params.paths)  # treedef order
         self._treedefs = (params.treedef, frozen.treedef, rest.treedef)
+        self._paths = (params.paths, frozen.paths, rest.paths)
         self._frozen_keys = [".".join(map(str, p)) for p in frozen.paths]
         self._rest_keys = [".".join(map(str, p)) for p in rest.paths]
 
@@ -740,6 +741,8 @@ class Trainer:
                 tree[name] = np.asarray(tree[name]).astype(jnp.bfloat16)
         load_canonical(model, tree)
         _, params, frozen, _ = _split(model)
+        if (params.paths, frozen.paths) != self._paths[:2]:
+            raise RuntimeError("the model's structure changed since the trainer was made")
         by_name = dict(zip(self._names, params.values, strict=True))
         self._params = _owned({name: by_name[name] for name in self._params}, self.device)
         self._frozen = [jax.device_put(v, self.device) for v in frozen.values]
@@ -828,7 +831,7 @@ class Trainer:
             jax.random.wrap_key_data(r, impl=jax.random.key_impl(old)) if _is_key(old) else r
             for r, old in zip(rest, self._rest, strict=True)
         ]
-        self._params = dict(restored["params"])
+        self._params = {name: restored["params"][name] for name in self._params}
         self._frozen = [restored["frozen"][k] for k in self._frozen_keys]
         self._opt.opt_state = restored["opt_state"]
         self._steps = int(restored["steps"])
