@@ -533,8 +533,8 @@ def _compiled_update(
     schedule: ScheduleSpec,
     precision: str,
 ):
-    """The jitted update of :class:`Trainer`, shared by trainers of one model structure,
-    optimizer and precision (a trainer made again for the same model does not recompile).
+    """(optax transformation, jitted update) of :class:`Trainer`, shared by trainers of one
+    model structure, optimizer and precision (a trainer made again does not recompile).
 
     ``names`` are the canonical names of the trainable leaves in the order of their treedef.
     The float32 masters, the optimizer state and the RNG/BatchNorm state are donated: updated
@@ -562,7 +562,7 @@ def _compiled_update(
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, rest, loss
 
-    return jax.jit(update, donate_argnums=(0, 1, 2))
+    return tx, jax.jit(update, donate_argnums=(0, 1, 2))
 
 
 class Trainer:
@@ -632,14 +632,12 @@ class Trainer:
         self._params = _owned({leaf.name: by_name[leaf.name] for leaf in trainable}, self.device)
         self._frozen = [jax.device_put(self._stored(v), self.device) for v in frozen.values]
         self._rest = _owned(self._seeded(rest, seed), self.device)
-        perms = {leaf.name: leaf.perm for leaf in trainable}
-        self._opt = OptaxState(
-            spec, schedule, self._params, perms, native=make_transformation(spec, schedule, perms)
-        )
-        self._opt.opt_state = _owned(self._opt.opt_state, self.device)
-        self._update = _compiled_update(
+        tx, self._update = _compiled_update(
             graphdef, self._treedefs, self._names, spec, schedule, precision
         )
+        perms = {leaf.name: leaf.perm for leaf in trainable}
+        self._opt = OptaxState(spec, schedule, self._params, perms, native=tx)
+        self._opt.opt_state = _owned(self._opt.opt_state, self.device)
         self._steps = 0
         self._write_back()  # the model holds the trainer's arrays (frozen ones in bf16)
 
