@@ -95,6 +95,59 @@ np.savez(sys.argv[2], **out)
 """
 
 
+def _flat(tree) -> dict:
+    return {
+        ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+@pytest.fixture(scope="module")
+def resumed(runs, tmp_path_factory):
+    """The resumed runs: a fresh process restores each checkpoint and takes the next ``STEPS``
+    steps. Started as soon as the checkpoints exist, it compiles on the second core while this
+    process runs the other tests; :func:`test_resume_in_a_fresh_process_is_bit_exact` waits."""
+    jobs = [(n, p, str(runs(n, p).checkpoint)) for n in RESUMED for p in fj.PRECISIONS]
+    directory = tmp_path_factory.mktemp("resumed")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    code = RESUME.format(tests=str(ROOT / "tests"))
+    out, log = directory / "resumed.npz", directory / "stderr.txt"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(jobs), str(out)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    yield process, jobs, out, log
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_checkpoint_holds_the_whole_training_state(resumed, runs):
+    import orbax.checkpoint as ocp
+
+    checkpoint = runs("llama2_70b_lora", "bf16").checkpoint / fj.CHECKPOINT_FOLDER
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.metadata(checkpoint).item_metadata.tree
+    names = {name: (tuple(m.shape), np.dtype(m.dtype).name) for name, m in _flat(tree).items()}
+    t = runs("llama2_70b_lora", "bf16").trainer
+    assert {n.split(".")[0] for n in names} == {"params", "frozen", "rest", "opt_state", "steps"}
+    for k in fj.trainable_names(t.model):  # float32 masters
+        assert names[f"params.{k}"][1] == "float32", k
+    frozen = [v for n, v in names.items() if n.startswith("frozen.")]
+    assert frozen and {dtype for _, dtype in frozen} == {"bfloat16"}
+    # Every dropout stream: its key as key_data (uint32) and its counter.
+    keys = [v for n, v in names.items() if n.startswith("rest.") and n.endswith(".rngs.key")]
+    counts = [n for n in names if n.startswith("rest.") and n.endswith(".rngs.count")]
+    assert keys and len(keys) == len(counts) and {dtype for _, dtype in keys} == {"uint32"}
+    assert names["steps"] == ((), "int64")
+
+
 def test_fp32_trainer_equals_train_step_bit_for_bit(runs):
     # toy: BatchNorm statistics; llama: frozen base weights and LoRA dropout (seed 0 gives the
     # RNG streams the keys the model was built with, so the existing path draws the same masks).
@@ -114,30 +167,6 @@ def test_bf16_loss_is_near_fp32(runs, name):
     # Trained weights come back as float32 masters, different from fp32's but close.
     for key, value in bf16.weights_at_save.items():
         assert value.dtype == fp32.weights_at_save[key].dtype, key
-
-
-def test_resume_in_a_fresh_process_is_bit_exact(runs, tmp_path):
-    jobs = [(n, p, str(runs(n, p).checkpoint)) for n in RESUMED for p in ("fp32", "bf16")]
-    out = tmp_path / "resumed.npz"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    code = RESUME.format(tests=str(ROOT / "tests"))
-    done = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(jobs), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    resumed = np.load(out)
-    for name, precision, _ in jobs:
-        run = runs(name, precision)
-        key = f"{name}-{precision}"
-        np.testing.assert_array_equal(resumed[f"{key}/losses"], run.losses[STEPS:], err_msg=key)
-        for k, value in run.trainer.weights().items():
-            np.testing.assert_array_equal(resumed[f"{key}/{k}"], value, err_msg=f"{key} {k}")
 
 
 def test_bf16_stores_frozen_weights_in_bf16_and_gives_them_back_as_float32(runs):
@@ -162,14 +191,17 @@ def test_step_donates_and_returns_an_unsynced_loss():
     assert t.steps == 1 and t.optimizer_state()["step"] == 1
 
 
-def test_model_property_writes_the_weights_back(runs):
-    t = runs("toy", "fp32").trainer
+def test_model_property_writes_the_weights_back():
+    t = trainer("toy")
+    for batch in batches("toy", 0, 2):
+        t.step(batch)
     canonical = fj.to_canonical(t.model)
     assert canonical.keys() == t.weights().keys()
     for key, value in t.weights().items():
         np.testing.assert_array_equal(canonical[key], value, err_msg=key)
-    out = fj.forward(t.model, batches("toy", 0, 1)[0])  # evaluation works on it
-    assert np.isfinite(out["loss"])
+    assert np.isfinite(fj.forward(t.model, batches("toy", 0, 1)[0])["loss"])  # evaluation
+    t.step(batches("toy", 2, 3)[0])  # and training goes on after it
+    assert t.steps == 3 and np.isfinite(fj.forward(t.model, batches("toy", 0, 1)[0])["loss"])
 
 
 def test_load_state_continues_another_trainers_run():
@@ -222,18 +254,26 @@ def test_restore_names_the_directory_and_changes_nothing(runs, tmp_path):
         np.testing.assert_array_equal(value, before[key])
 
 
-def test_use_device_resolves_names():
+@pytest.fixture
+def default_device():
+    """Puts JAX's default device back after a test that calls use_device."""
+    before = jax.config.jax_default_device
+    yield
+    jax.config.update("jax_default_device", before)
+
+
+def test_use_device_resolves_names(default_device):
     assert fj.use_device("cpu") == "cpu"
+    assert jax.config.jax_default_device == jax.devices("cpu")[0]
     assert fj.use_device("auto") == fj._describe(jax.devices()[0])
     with pytest.raises(ValueError, match="choose one of \\['auto', 'cpu', 'gpu', 'tpu'\\]"):
         fj.use_device("npu")
-    with pytest.raises(ValueError, match="precision"):
-        trainer_args = mt.workloads.get("toy").optimizer(config("toy"))
-        fj.Trainer(None, *trainer_args, precision="fp16")
-    fj.use_device("cpu")
+    spec, schedule = mt.workloads.get("toy").optimizer(config("toy"))
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        fj.Trainer(trainer("toy").model, spec, schedule, precision="fp16")
 
 
-def test_use_device_refuses_a_missing_accelerator():
+def test_use_device_refuses_a_missing_accelerator(default_device):
     for name in ("gpu", "tpu"):
         try:
             present = bool(jax.devices(name))
@@ -244,4 +284,15 @@ def test_use_device_refuses_a_missing_accelerator():
         else:
             with pytest.raises(ValueError, match=f"no {name.upper()} visible to jax; use --device"):
                 fj.use_device(name)
-    fj.use_device("cpu")
+
+
+def test_resume_in_a_fresh_process_is_bit_exact(resumed, runs):
+    process, jobs, out, log = resumed
+    assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+    restored = np.load(out)
+    for name, precision, _ in jobs:
+        run = runs(name, precision)
+        key = f"{name}-{precision}"
+        np.testing.assert_array_equal(restored[f"{key}/losses"], run.losses[STEPS:], err_msg=key)
+        for k, value in run.trainer.weights().items():
+            np.testing.assert_array_equal(restored[f"{key}/{k}"], value, err_msg=f"{key} {k}")

@@ -533,8 +533,8 @@ def _compiled_update(
     schedule: ScheduleSpec,
     precision: str,
 ):
-    """The jitted update of :class:`Trainer`, shared by trainers of one model structure,
-    optimizer and precision (a trainer made again for the same model does not recompile).
+    """(optax transformation, jitted update) of :class:`Trainer`, shared by trainers of one
+    model structure, optimizer and precision (a trainer made again does not recompile).
 
     ``names`` are the canonical names of the trainable leaves in the order of their treedef.
     The float32 masters, the optimizer state and the RNG/BatchNorm state are donated: updated
@@ -562,7 +562,7 @@ def _compiled_update(
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, rest, loss
 
-    return jax.jit(update, donate_argnums=(0, 1, 2))
+    return tx, jax.jit(update, donate_argnums=(0, 1, 2))
 
 
 class Trainer:
@@ -623,6 +623,7 @@ class Trainer:
         name_of = {leaf.path: leaf.name for leaf in trainable}
         self._names = tuple(name_of[path] for path in params.paths)  # treedef order
         self._treedefs = (params.treedef, frozen.treedef, rest.treedef)
+        self._paths = (params.paths, frozen.paths, rest.paths)
         self._frozen_keys = [".".join(map(str, p)) for p in frozen.paths]
         self._rest_keys = [".".join(map(str, p)) for p in rest.paths]
 
@@ -631,14 +632,12 @@ class Trainer:
         self._params = _owned({leaf.name: by_name[leaf.name] for leaf in trainable}, self.device)
         self._frozen = [jax.device_put(self._stored(v), self.device) for v in frozen.values]
         self._rest = _owned(self._seeded(rest, seed), self.device)
-        perms = {leaf.name: leaf.perm for leaf in trainable}
-        self._opt = OptaxState(
-            spec, schedule, self._params, perms, native=make_transformation(spec, schedule, perms)
-        )
-        self._opt.opt_state = _owned(self._opt.opt_state, self.device)
-        self._update = _compiled_update(
+        tx, self._update = _compiled_update(
             graphdef, self._treedefs, self._names, spec, schedule, precision
         )
+        perms = {leaf.name: leaf.perm for leaf in trainable}
+        self._opt = OptaxState(spec, schedule, self._params, perms, native=tx)
+        self._opt.opt_state = _owned(self._opt.opt_state, self.device)
         self._steps = 0
         self._write_back()  # the model holds the trainer's arrays (frozen ones in bf16)
 
@@ -740,6 +739,8 @@ class Trainer:
                 tree[name] = np.asarray(tree[name]).astype(jnp.bfloat16)
         load_canonical(model, tree)
         _, params, frozen, _ = _split(model)
+        if (params.paths, frozen.paths) != self._paths[:2]:
+            raise RuntimeError("the model's structure changed since the trainer was made")
         by_name = dict(zip(self._names, params.values, strict=True))
         self._params = _owned({name: by_name[name] for name in self._params}, self.device)
         self._frozen = [jax.device_put(v, self.device) for v in frozen.values]
@@ -828,7 +829,7 @@ class Trainer:
             jax.random.wrap_key_data(r, impl=jax.random.key_impl(old)) if _is_key(old) else r
             for r, old in zip(rest, self._rest, strict=True)
         ]
-        self._params = dict(restored["params"])
+        self._params = {name: restored["params"][name] for name in self._params}
         self._frozen = [restored["frozen"][k] for k in self._frozen_keys]
         self._opt.opt_state = restored["opt_state"]
         self._steps = int(restored["steps"])
