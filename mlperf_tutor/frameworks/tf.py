@@ -204,6 +204,26 @@ def _children(value, path: str):
             yield from _children(item, f"{path}.{i}")
 
 
+def _walk(model: keras.layers.Layer):
+    """(path prefix, layer, its direct sublayers as (path, layer)) of every layer under
+    ``model``, the model first (prefix ""), depth first in attribute order; a layer reached
+    twice is visited once, at its first path."""
+    seen = {id(model)}
+
+    def visit(layer, prefix: str):
+        children = []
+        for attr, value in vars(layer).items():
+            if not attr.startswith("_"):
+                children += [(p, c) for p, c in _children(value, prefix + attr)]
+        yield prefix, layer, children
+        for path, child in children:
+            if id(child) not in seen:
+                seen.add(id(child))
+                yield from visit(child, path + ".")
+
+    yield from visit(model, "")
+
+
 def leaves(model: keras.layers.Layer) -> list[Leaf]:
     """Every variable of ``model`` (parameters and buffers) with its canonical name and layout.
 
@@ -220,13 +240,7 @@ def leaves(model: keras.layers.Layer) -> list[Leaf]:
             "creates every variable, before exporting or loading weights"
         )
     out: list[Leaf] = []
-    seen = {id(model)}
-
-    def visit(layer, prefix: str) -> None:
-        children = []
-        for attr, value in vars(layer).items():
-            if not attr.startswith("_"):
-                children += [(p, c) for p, c in _children(value, prefix + attr)]
+    for prefix, layer, children in _walk(model):
         inner = {id(v) for _, child in children for v in child.weights}
         rules = _leaf_rules(layer)
         for var in layer.weights:
@@ -243,12 +257,6 @@ def leaves(model: keras.layers.Layer) -> list[Leaf]:
                     "mlperf_tutor.frameworks.tf.LEAF_RULES or a canonical_leaves class attribute"
                 )
             out.append(Leaf(prefix + leaf_name, var, layout))
-        for path, child in children:
-            if id(child) not in seen:
-                seen.add(id(child))
-                visit(child, path + ".")
-
-    visit(model, "")
     names = [leaf.name for leaf in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
