@@ -28,7 +28,7 @@ BATCH = 2
 # Shorter sequences than the tiny presets' where the length is a field (gpt3 tiny trains on
 # 2048 tokens): the numbers compared do not depend on it, the runtime does.
 OVERRIDES = {"gpt3": {"seq_len": 64}}
-BF16_RTOL = 2e-2  # measured after 10 steps: at most 2e-3 (dlrm), see test_bf16_loss_close_to_fp32
+BF16_RTOL = 2e-2  # the contract's bar; measured after 10 steps: at most 6.7e-3 (llama2_70b_lora)
 RESUME_STEPS = 3  # steps before and after the checkpoint
 
 
@@ -79,7 +79,7 @@ def fp32_run(name: str, cache: dict) -> list[float]:
 
 
 # --- fp32: the numbers of train_step ----------------------------------------------------------
-@pytest.mark.parametrize("name", ["toy", "llama2_70b_lora", "dlrm_dcnv2"])
+@pytest.mark.parametrize("name", ["toy", "gpt3", "llama2_70b_lora", "dlrm_dcnv2"])
 def test_fp32_losses_equal_train_step_bit_for_bit(name, fp32_losses):
     wl, cfg = config(name)
     model = build(wl, cfg, "fp32")
