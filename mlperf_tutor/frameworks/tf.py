@@ -38,15 +38,23 @@ if "keras" in sys.modules:
             "Python session) to use the 'tf' framework"
         )
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import pathlib  # noqa: E402
+import types  # noqa: E402
+import zlib  # noqa: E402
 from collections.abc import Callable, Mapping  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from google.protobuf.message import DecodeError  # noqa: E402
+from tensorflow.core.protobuf.rewriter_config_pb2 import RewriterConfig  # noqa: E402
+from tensorflow.core.protobuf.trackable_object_graph_pb2 import TrackableObjectGraph  # noqa: E402
+from tensorflow.python.eager import context as tf_context  # noqa: E402
 
 from mlperf_tutor.core.checkpoint import CheckpointMismatch, Tree, check_tree  # noqa: E402
-from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec  # noqa: E402
+from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec, state_key  # noqa: E402
 from mlperf_tutor.frameworks import tf_optim  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
@@ -204,6 +212,26 @@ def _children(value, path: str):
             yield from _children(item, f"{path}.{i}")
 
 
+def _walk(model: keras.layers.Layer):
+    """(path prefix, layer, its direct sublayers as (path, layer)) of every layer under
+    ``model``, the model first (prefix ""), depth first in attribute order; a layer reached
+    twice is visited once, at its first path."""
+    seen = {id(model)}
+
+    def visit(layer, prefix: str):
+        children = []
+        for attr, value in vars(layer).items():
+            if not attr.startswith("_"):
+                children += [(p, c) for p, c in _children(value, prefix + attr)]
+        yield prefix, layer, children
+        for path, child in children:
+            if id(child) not in seen:
+                seen.add(id(child))
+                yield from visit(child, path + ".")
+
+    yield from visit(model, "")
+
+
 def leaves(model: keras.layers.Layer) -> list[Leaf]:
     """Every variable of ``model`` (parameters and buffers) with its canonical name and layout.
 
@@ -220,13 +248,7 @@ def leaves(model: keras.layers.Layer) -> list[Leaf]:
             "creates every variable, before exporting or loading weights"
         )
     out: list[Leaf] = []
-    seen = {id(model)}
-
-    def visit(layer, prefix: str) -> None:
-        children = []
-        for attr, value in vars(layer).items():
-            if not attr.startswith("_"):
-                children += [(p, c) for p, c in _children(value, prefix + attr)]
+    for prefix, layer, children in _walk(model):
         inner = {id(v) for _, child in children for v in child.weights}
         rules = _leaf_rules(layer)
         for var in layer.weights:
@@ -243,12 +265,6 @@ def leaves(model: keras.layers.Layer) -> list[Leaf]:
                     "mlperf_tutor.frameworks.tf.LEAF_RULES or a canonical_leaves class attribute"
                 )
             out.append(Leaf(prefix + leaf_name, var, layout))
-        for path, child in children:
-            if id(child) not in seen:
-                seen.add(id(child))
-                visit(child, path + ".")
-
-    visit(model, "")
     names = [leaf.name for leaf in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -348,23 +364,50 @@ def train_step(model: keras.Model, optimizer, batch: Mapping[str, np.ndarray]) -
         )
     if optimizer._train_fn is None:
         variables = [leaf.variable for leaf in _trainable_leaves(model)]
-        native = optimizer.native
-
-        @tf.function(reduce_retracing=True)
-        def step(inputs):
-            with tf.GradientTape() as tape:
-                loss = model(inputs, training=True)["loss"]
-            # A parameter the loss does not reach (or reaches only through stop_gradient) is
-            # updated with a zero gradient, as torch and optax updates are.
-            grads = tape.gradient(loss, variables)
-            grads = [
-                tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)
-            ]
-            native.apply(grads, variables)
-            return loss
-
-        optimizer._train_fn = step
+        optimizer._train_fn = compiled_update(model, optimizer.native, variables)
     return float(optimizer._train_fn(_inputs(batch)))
+
+
+def compiled_update(
+    model: keras.Model,
+    native: keras.optimizers.Optimizer,
+    variables: list,
+    *,
+    jit_compile: bool | None = None,
+    loss_dtype=None,
+):
+    """The update of :func:`train_step` and :class:`Trainer` as one ``tf.function``: forward in
+    training mode, gradients of ``variables``, ``native.apply``; returns the loss tensor.
+
+    Shapes are relaxed after the first trace (``reduce_retracing``), so batches of new lengths
+    do not each retrace.
+
+    Args:
+        model: the model; its call returns a dict with "loss".
+        native: the Keras optimizer, built over ``variables``.
+        variables: the variables to update, in the optimizer's order.
+        jit_compile: ``tf.function``'s: True compiles the whole update with XLA; None leaves
+            it to TensorFlow's defaults (no XLA on CPU).
+        loss_dtype: cast the loss to it (inside the tape) before differentiating; None keeps
+            the model's.
+    """
+
+    @tf.function(reduce_retracing=True, jit_compile=jit_compile)
+    def update(inputs):
+        with tf.GradientTape() as tape:
+            loss = model(inputs, training=True)["loss"]
+            if loss_dtype is not None:
+                loss = tf.cast(loss, loss_dtype)
+        # A parameter the loss does not reach (or reaches only through stop_gradient) is
+        # updated with a zero gradient, as torch and optax updates are.
+        grads = tape.gradient(loss, variables)
+        grads = [
+            tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)
+        ]
+        native.apply(grads, variables)
+        return loss
+
+    return update
 
 
 # --- optimizers -------------------------------------------------------------------------------
@@ -402,13 +445,463 @@ def make_array_optimizer(
     return tf_optim.ArrayOptimizer(spec, schedule, leaves)
 
 
+# --- training: devices and the Trainer -----------------------------------------------------
+DEVICE_NAMES = ("auto", "cpu", "gpu", "tpu")
+
+
+def _device_line(name: str) -> str:
+    """One line naming the logical device ``name``: "/device:GPU:0" -> "gpu:0 (NVIDIA H100)"."""
+    spec = tf.DeviceSpec.from_string(name)
+    line = f"{spec.device_type.lower()}:{spec.device_index}"
+    if spec.device_type == "GPU":
+        physical = tf.config.list_physical_devices("GPU")
+        if spec.device_index < len(physical):
+            details = tf.config.experimental.get_device_details(physical[spec.device_index])
+            line += f" ({details.get('device_name', 'GPU')})"
+    return line
+
+
+def _device_name(device: str) -> str:
+    """The logical device name (``/device:GPU:0``) that ``device`` means: "auto" | "cpu" | "gpu" |
+    "tpu", a logical device ("gpu:1", "/device:GPU:1"), or a line :func:`use_device` returned.
+
+    Raises:
+        ValueError: "gpu"/"tpu" where TensorFlow sees none, or a name that is none of these.
+    """
+    text = device.split(" (", 1)[0].strip()  # use_device's line: "gpu:0 (NVIDIA H100 ...)"
+    kind = text.lower()
+    if kind == "auto":
+        for accelerator in ("TPU", "GPU"):
+            found = tf.config.list_logical_devices(accelerator)
+            if found:
+                return found[0].name
+        kind = "cpu"
+    if kind in DEVICE_NAMES:
+        found = tf.config.list_logical_devices(kind.upper())
+        if not found:
+            raise ValueError(
+                f"device {device!r}: no {kind.upper()} visible to TensorFlow; use --device cpu "
+                "or auto"
+            )
+        return found[0].name
+    logical = [d.name for d in tf.config.list_logical_devices()]
+    try:
+        want = tf.DeviceSpec.from_string(text if text.startswith("/") else f"/device:{text}")
+    except ValueError:
+        want = None
+    for name in logical:
+        have = tf.DeviceSpec.from_string(name)
+        if (
+            want is not None
+            and want.device_type == have.device_type
+            and (want.device_index or 0) == have.device_index
+        ):
+            return name
+    raise ValueError(f"unknown device {device!r}; choose one of {[*DEVICE_NAMES, *logical]}")
+
+
+def use_device(device: str = "auto") -> str:
+    """Resolve "auto" | "cpu" | "gpu" | "tpu" (or a logical device such as "gpu:1") to the
+    device TensorFlow will train on, and return one line naming it: "cpu:0", "gpu:0 (NVIDIA
+    H100 80GB HBM3)", "tpu:0". :class:`Trainer` takes the line (or any name accepted here).
+
+    What "the default for what follows" means in TensorFlow: TF itself places new variables and
+    ops on the first GPU when there is one, and the :class:`Trainer` runs its whole update inside
+    ``tf.device`` of this device (its optimizer state is created there too). Variables that
+    exist already stay where TF put them, since a ``tf.device`` scope acts only on creation. So
+    "cpu" on a machine with a GPU also hides the GPUs from TensorFlow
+    (``tf.config.set_visible_devices``), which TF allows only before its first op; after that,
+    the model's variables stay on the GPU and the step reads them from there.
+
+    Raises:
+        ValueError: "gpu"/"tpu" where TensorFlow sees none (use "cpu" or "auto"), or an
+            unknown name (the message lists the valid ones).
+    """
+    if device.split(" (", 1)[0].strip().lower() == "cpu" and tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TF is initialised: its devices can no longer change
+            pass
+    return _device_line(_device_name(device))
+
+
+# The float32 parameters of each precision's model, and its Keras dtype policy.
+PRECISION_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16"}
+
+
+@contextlib.contextmanager
+def _without_memory_optimizer():
+    """Call ``tf.function`` s without Grappler's memory optimizer (and so deterministically).
+
+    Where a gradient sum (``AddN``) has large inputs that become ready at different times,
+    the memory optimizer rewrites it into ``AccumulateNV2``, which TF lowers to a temporary
+    variable that each input is added to *as it arrives*: the order of the float sum then
+    follows the inter-op thread schedule, and the result changes in its last bit from run to
+    run (seen on CPU for gpt3 tiny with dropout: block-boundary gradients of 2048-token
+    sequences). ``enable_op_determinism`` does not cover it. TF has no public switch for this
+    one optimizer, so the eager context's function-call options get a copy of its config with
+    ``memory_optimization = NO_MEM_OPT`` for the call, as ``tf.experimental.
+    function_executor_type`` sets the executor. The other memory rewrites (swapping to host,
+    recomputation) act only on GPUs or annotated graphs; the cost is the peak memory the
+    rewrite would have saved, and no time on CPU (measured: the same step time or less).
+    """
+    ctx = tf_context.context()
+    old = ctx.function_call_options
+    config = tf.compat.v1.ConfigProto()
+    config.ParseFromString(old.config_proto_serialized)
+    config.graph_options.rewrite_options.memory_optimization = RewriterConfig.NO_MEM_OPT
+    ctx.function_call_options = tf_context.FunctionCallOptions(
+        executor_type=old.executor_type, config_proto=config
+    )
+    try:
+        yield
+    finally:
+        ctx.function_call_options = old
+
+
+def seed_generators(model: keras.layers.Layer) -> dict[str, keras.random.SeedGenerator]:
+    """Every ``keras.random.SeedGenerator`` of ``model`` (dropout's random streams) by attribute
+    path, e.g. ``blocks.0.attention.dropout.seed_generator``.
+
+    Each holds its stream's position in an int64 state variable (a non-trainable model variable
+    that ``model.weights`` leaves out); dropout draws its mask from the state and advances it.
+
+    Raises:
+        ValueError: a model variable outside ``model.weights`` is not the state of a generator
+            reached through public attributes (it would be missing from checkpoints).
+    """
+    found: dict[str, keras.random.SeedGenerator] = {}
+    seen: set[int] = set()
+    for prefix, layer, _ in _walk(model):
+        for attr, value in vars(layer).items():
+            if isinstance(value, keras.random.SeedGenerator) and id(value) not in seen:
+                seen.add(id(value))
+                found[prefix + attr] = value
+    known = {id(v) for v in model.weights} | {id(g.state) for g in found.values()}
+    hidden = [v.path for v in model.variables if id(v) not in known]
+    if hidden:
+        raise ValueError(
+            f"model {model.name!r} has state variables {hidden} that are neither weights nor "
+            "the state of a seed generator held in a layer attribute; the Trainer could not "
+            "checkpoint them"
+        )
+    return found
+
+
+def _frozen_parameters(model: keras.layers.Layer) -> list[keras.Variable]:
+    """Float parameters that do not train (LoRA's base); buffers (BatchNorm statistics) and
+    seed states are not parameters. Keras keeps each layer's variables created trainable apart
+    from the others whatever their flag is now (see :func:`set_trainable`)."""
+    params = {id(v) for layer in model._flatten_layers() for v in layer._trainable_variables}
+    return [
+        leaf.variable
+        for leaf in leaves(model)
+        if id(leaf.variable) in params
+        and not leaf.variable.trainable
+        and "float" in leaf.variable.dtype
+    ]
+
+
+def _store_in_bfloat16(variable: keras.Variable) -> None:
+    """Keep ``variable``'s value in bfloat16 from now on, in place.
+
+    Keras 3 has no public way to change the dtype of a created variable, and layers hold the
+    variable object itself (``Dense._kernel``), so the object stays and its backing
+    ``tf.Variable`` is re-created in bfloat16 (Keras' own ``Variable._initialize``, which its
+    constructor calls). Under the ``mixed_bfloat16`` policy Keras casts float variables to
+    bfloat16 where a layer reads them; this one is already, so the read is free and the memory
+    half.
+    """
+    value = tf.cast(variable.value, tf.bfloat16)
+    variable._dtype = "bfloat16"
+    variable._initialize(value)
+
+
+class Trainer:
+    """Trains one model: placement, precision, the compiled update, RNG streams, native checkpoints.
+
+    Placement: the update runs inside ``tf.device(device)``, and the optimizer state (and,
+    under bf16, the frozen weights) are created there; the model's variables stay where TF put
+    them when it was built (the GPU if there is one; see :func:`use_device`).
+
+    Precision "fp32": a float32 model (``dtype="float32"``), nothing else changed; the losses are
+    those of :func:`train_step` (the same compiled update). "bf16": the model must be built with
+    Keras' ``mixed_bfloat16`` policy (``tf_model.build(cfg, dtype="mixed_bfloat16")``): float32
+    variables, which are the master weights and which the optimizer state follows, read as
+    bfloat16 inside each layer; softmax, norm statistics and losses are float32 in the models,
+    and the step casts the loss to float32 before differentiating. Frozen parameters (LoRA's
+    base) are stored in bfloat16 (:func:`_store_in_bfloat16`); :meth:`weights` gives them back
+    as float32 and :meth:`load_state` takes them as float32, so canonical trees keep their
+    float32 dtypes. ``model`` (the same object) keeps them in bfloat16, so export it with
+    :meth:`weights` rather than :func:`to_canonical`.
+
+    The update is one ``tf.function`` (:func:`compiled_update`, shared with :func:`train_step`):
+    XLA-compiled (``jit_compile=True``) on a GPU or TPU when the model supports it (Keras'
+    ``model.jit_compile``: every layer's ``supports_jit``), TensorFlow's graph executor on CPU
+    (as Keras does; the numbers are then bit for bit those of :func:`train_step`). It runs
+    without Grappler's memory optimizer, which makes CPU runs reproducible bit for bit (see
+    :func:`_without_memory_optimizer`).
+
+    RNG: dropout draws from the model's ``keras.random.SeedGenerator`` s (:func:`seed_generators`);
+    ``seed`` sets each one's state from (seed, its path), and checkpoints carry the states, so a
+    restored run draws the masks an uninterrupted one would.
+
+    Args:
+        model: a built workload model with canonical weights loaded.
+        spec, schedule: the optimizer (``OptimizerSpec``, ``ScheduleSpec``), as for
+            :func:`make_optimizer`.
+        precision: "fp32" or "bf16".
+        device: what :func:`use_device` returned, or a name it accepts.
+        seed: seeds every dropout stream of the model.
+
+    Raises:
+        ValueError: an unknown precision or device, or a model whose dtype policy does not
+            match the precision.
+    """
+
+    CHECKPOINT = "ckpt"  # the file prefix of tf.train.Checkpoint inside a save directory
+
+    def __init__(
+        self,
+        model: keras.Model,
+        spec: OptimizerSpec,
+        schedule: ScheduleSpec,
+        *,
+        precision: str = "fp32",
+        device: str = "cpu",
+        seed: int = 0,
+    ):
+        if precision not in PRECISION_POLICIES:
+            raise ValueError(
+                f"unknown precision {precision!r}; choose one of {list(PRECISION_POLICIES)}"
+            )
+        policy, want = model.dtype_policy.name, PRECISION_POLICIES[precision]
+        if policy != want:
+            raise ValueError(
+                f"precision {precision!r} needs a model built with dtype={want!r} (the "
+                f"workload's tf_model.build(cfg, dtype={want!r})); model {model.name!r} has "
+                f"the dtype policy {policy!r}"
+            )
+        self.precision = precision
+        self.device = _device_name(device)
+        self._model = model
+        self._leaves = leaves(model)
+        self._rng = seed_generators(model)
+        with tf.device(self.device):
+            frozen = _frozen_parameters(model) if precision == "bf16" else []
+            for variable in frozen:
+                _store_in_bfloat16(variable)
+            self._bf16_frozen = {id(v) for v in frozen}
+            self._optimizer = make_optimizer(spec, schedule, model)
+        self._seed(seed)
+        native = self._optimizer.native
+        on_accelerator = tf.DeviceSpec.from_string(self.device).device_type != "CPU"
+        self._update = compiled_update(
+            model,
+            native,
+            [leaf.variable for leaf in _trainable_leaves(model)],
+            jit_compile=True if on_accelerator and getattr(model, "jit_compile", False) else None,
+            loss_dtype=tf.float32,
+        )
+        # What a checkpoint holds, by group and key.
+        covered = {id(native.iterations)}
+        slots = {"step": native.iterations}
+        for leaf in _trainable_leaves(model):
+            for slot in spec.slots:
+                variable = native.slot(slot, leaf.variable)
+                slots[state_key(slot, leaf.name)] = variable
+                covered.add(id(variable))
+        uncovered = [v.path for v in native.variables if id(v) not in covered]
+        if uncovered:
+            raise ValueError(f"optimizer variables {uncovered} have no canonical name")
+        del slots["step"]
+        self._state = {
+            "model": {leaf.name: leaf.variable for leaf in self._leaves},
+            "optimizer": slots,
+            "step": native.iterations,
+            "rng": {path: gen.state for path, gen in self._rng.items()},
+        }
+
+    def _seed(self, seed: int) -> None:
+        for path, gen in self._rng.items():
+            entropy = [seed & 0xFFFFFFFF, seed >> 32, zlib.crc32(path.encode())]
+            stream = np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0]
+            gen.state.assign(np.array([stream, 0], dtype=gen.state.dtype))
+
+    # --- training ---------------------------------------------------------------------------
+    def step(self, batch: Mapping[str, np.ndarray]) -> tf.Tensor:
+        """One update (training mode: dropout on, BatchNorm statistics updated). Returns the
+        float32 loss as a tensor, without waiting for it (see :meth:`loss_value`)."""
+        with tf.device(self.device), _without_memory_optimizer():
+            return self._update(_inputs(batch))
+
+    def loss_value(self, handle) -> float:
+        """The float of a loss that :meth:`step` returned (waits for the update)."""
+        return float(handle)
+
+    @property
+    def model(self) -> keras.Model:
+        """The model itself, with the current weights (frozen ones in bfloat16 under bf16)."""
+        return self._model
+
+    @property
+    def steps(self) -> int:
+        """Updates applied so far (the optimizer's ``iterations``: the schedule's position)."""
+        return int(self._optimizer.native.iterations.numpy())
+
+    # --- canonical state --------------------------------------------------------------------
+    def _specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Canonical (shape, dtype) of every weight: float32 for the bf16-stored frozen ones."""
+        specs = {}
+        for leaf in self._leaves:
+            shape, dtype = leaf.spec
+            specs[leaf.name] = (
+                shape,
+                "float32" if id(leaf.variable) in self._bf16_frozen else dtype,
+            )
+        return specs
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Canonical weights: float32 masters, buffers, and frozen weights (bfloat16-stored
+        under bf16) given back as float32."""
+        return {
+            leaf.name: leaf.to_canonical(leaf.variable).astype(np.float32)
+            if id(leaf.variable) in self._bf16_frozen
+            else leaf.to_canonical(leaf.variable)
+            for leaf in self._leaves
+        }
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The canonical optimizer state (``core.optim``'s keys), ``step`` included."""
+        return self._optimizer.state_dict()
+
+    def load_state(
+        self, weights: Mapping[str, np.ndarray], optimizer_state: Mapping | None = None
+    ) -> None:
+        """Load canonical weights (float32, as :meth:`weights` gives them) and, if given, a
+        canonical optimizer state (which sets :attr:`steps`); the RNG streams stay.
+
+        Raises:
+            CheckpointMismatch: a key, shape or dtype differs; every offending key is named
+                and nothing is loaded.
+        """
+        check_tree(self._specs(), weights, where="canonical tree")
+        if optimizer_state is not None:
+            optimizer_state = {k: np.asarray(v) for k, v in optimizer_state.items()}
+            check_tree(
+                self._optimizer._state_specs(),
+                optimizer_state,
+                where="optimizer state",
+                check_dtype=False,
+            )
+        for leaf in self._leaves:
+            dtype = tf.as_dtype(leaf.variable.dtype).as_numpy_dtype
+            leaf.variable.assign(leaf.from_canonical(weights[leaf.name]).astype(dtype))
+        if optimizer_state is not None:
+            self._optimizer.load_state_dict(optimizer_state)
+
+    # --- native checkpoints -----------------------------------------------------------------
+    def _checkpoint(self) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(**self._state)
+
+    def _checkpoint_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        specs = {}
+        for group, variables in self._state.items():
+            items = variables.items() if isinstance(variables, dict) else [("", variables)]
+            for key, variable in items:
+                dtype = np.dtype(tf.as_dtype(variable.dtype).as_numpy_dtype).name
+                specs[f"{group}/{key}".rstrip("/")] = (tuple(variable.shape), dtype)
+        return specs
+
+    def save(self, directory: pathlib.Path) -> None:
+        """Write the whole training state into ``directory`` (which exists) with
+        ``tf.train.Checkpoint``: ``ckpt.index`` and ``ckpt.data-*``. Four groups, keyed by
+        canonical names: ``model`` (every weight and buffer), ``optimizer`` (every slot, keyed
+        as in :meth:`optimizer_state`), ``step`` (the update count) and ``rng`` (every seed
+        generator's state, keyed by its path)."""
+        directory = pathlib.Path(directory)
+        if not directory.is_dir():
+            raise ValueError(f"checkpoint directory {directory} does not exist; create it first")
+        if (directory / f"{self.CHECKPOINT}.index").exists():
+            raise ValueError(f"checkpoint directory {directory} already holds a checkpoint")
+        self._checkpoint().write(str(directory / self.CHECKPOINT))
+
+    def restore(self, directory: pathlib.Path) -> None:
+        """Read what :meth:`save` wrote back into this trainer (same model, precision and
+        optimizer).
+
+        Every key, shape and dtype is checked against the checkpoint's index before anything
+        is read, so a checkpoint that does not match leaves the trainer unchanged; a data file
+        corrupt past its index fails during the read, which may have restored part of it.
+
+        Raises:
+            ValueError: naming ``directory``: no checkpoint there, unreadable or corrupt files,
+                or (a ``CheckpointMismatch``) every missing, unexpected or misshapen entry.
+        """
+        directory = pathlib.Path(directory)
+        prefix = str(directory / self.CHECKPOINT)
+        if not (directory / f"{self.CHECKPOINT}.index").is_file():
+            raise ValueError(
+                f"checkpoint {directory} holds no TensorFlow checkpoint ({self.CHECKPOINT}.index "
+                "is missing); give the directory that Trainer.save wrote"
+            )
+        try:
+            reader = tf.train.load_checkpoint(prefix)
+            graph = TrackableObjectGraph.FromString(
+                reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH")
+            )
+        except (tf.errors.OpError, DecodeError) as e:
+            message = getattr(e, "message", None) or str(e)
+            raise ValueError(f"checkpoint {directory} cannot be read: {message}") from None
+        check_tree(
+            self._checkpoint_specs(),
+            _checkpoint_entries(graph, reader),
+            where=f"checkpoint {directory}",
+            hint="restore it into a trainer of the same workload, preset, precision and optimizer",
+        )
+        try:
+            self._checkpoint().read(prefix).assert_consumed()
+        except (tf.errors.OpError, AssertionError, ValueError) as e:
+            message = getattr(e, "message", None) or str(e)
+            raise ValueError(f"checkpoint {directory} could not be restored: {message}") from None
+
+
+def _checkpoint_entries(graph, reader) -> dict[str, types.SimpleNamespace]:
+    """``group/key`` -> (shape, dtype) of every variable in a checkpoint that
+    :meth:`Trainer.save` wrote, read from its object graph (local names, unescaped) and index."""
+    shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+
+    def entry(node_id: int):
+        keys = [a.checkpoint_key for a in graph.nodes[node_id].attributes]
+        if len(keys) != 1 or keys[0] not in shapes:
+            return None
+        dtype = np.dtype(dtypes[keys[0]].as_numpy_dtype)
+        return types.SimpleNamespace(shape=tuple(shapes[keys[0]]), dtype=dtype)
+
+    out = {}
+    for group in graph.nodes[0].children:
+        value = entry(group.node_id)
+        if value is not None:
+            out[group.local_name] = value
+            continue
+        for child in graph.nodes[group.node_id].children:
+            value = entry(child.node_id)
+            if value is not None:
+                out[f"{group.local_name}/{child.local_name}"] = value
+    return out
+
+
 __all__ = [
     "IDENTITY",
     "KERNEL",
     "LEAF_RULES",
+    "DEVICE_NAMES",
     "NAME",
+    "PRECISION_POLICIES",
     "CheckpointMismatch",
     "Leaf",
+    "Trainer",
+    "compiled_update",
     "device_summary",
     "devices",
     "forward",
@@ -420,9 +913,11 @@ __all__ = [
     "make_optimizer",
     "pin_precision",
     "seed",
+    "seed_generators",
     "set_trainable",
     "to_canonical",
     "to_numpy",
     "train_step",
     "trainable_names",
+    "use_device",
 ]

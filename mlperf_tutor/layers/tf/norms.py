@@ -33,7 +33,8 @@ class BatchNorm(keras.layers.Layer):
       uses the biased variance in both.
     * No ``center``/``scale`` switches, no renorm, no virtual batches: one behaviour only.
 
-    Statistics of float16/bfloat16 inputs are computed in float32 (PyTorch's opmath type).
+    Statistics of float16/bfloat16 inputs are computed in float32 (PyTorch's opmath type), with
+    the variables read in their own dtype (float32 under ``mixed_bfloat16``), never autocast.
     Variables keep Keras' leaf names (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``);
     ``canonical_leaves`` maps them to PyTorch's ``weight``, ``bias``, ``running_mean``,
     ``running_var``.
@@ -63,13 +64,17 @@ class BatchNorm(keras.layers.Layer):
 
     def build(self, input_shape):
         channels = (int(input_shape[self.axis]),)
-        self.gamma = self.add_weight(shape=channels, initializer="ones", name="gamma")
-        self.beta = self.add_weight(shape=channels, initializer="zeros", name="beta")
+        # autocast=False: under a mixed policy (float32 variables, bfloat16 compute) Keras would
+        # hand every read over in bfloat16; the statistics here are float32 math, and the
+        # running averages must not be rounded to bfloat16 at each update.
+        weight = {"shape": channels, "autocast": False}
+        self.gamma = self.add_weight(initializer="ones", name="gamma", **weight)
+        self.beta = self.add_weight(initializer="zeros", name="beta", **weight)
         self.moving_mean = self.add_weight(
-            shape=channels, initializer="zeros", trainable=False, name="moving_mean"
+            initializer="zeros", trainable=False, name="moving_mean", **weight
         )
         self.moving_variance = self.add_weight(
-            shape=channels, initializer="ones", trainable=False, name="moving_variance"
+            initializer="ones", trainable=False, name="moving_variance", **weight
         )
 
     def _broadcast(self, v, ndim: int):

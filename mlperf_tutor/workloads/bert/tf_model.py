@@ -173,7 +173,8 @@ def build(cfg: BertConfig, dtype: str = "float32") -> BertPretraining:
 
     Args:
         cfg: the BERT config.
-        dtype: "float32" (parity) or "bfloat16".
+        dtype: a Keras dtype policy: "float32" (parity), "mixed_bfloat16" (bf16 training:
+            float32 variables, bfloat16 compute) or "bfloat16".
     """
     model = BertPretraining(cfg, dtype=dtype, name="bert_pretraining")
     model(dummy_batch(), training=False)

@@ -104,6 +104,32 @@ def embedding_bag(table: keras.layers.Embedding, bag):
     )
 
 
+class EmbeddingBag(keras.layers.Embedding):
+    """An embedding table whose call sums the rows of each bag: :func:`embedding_bag` of itself.
+
+    An Embedding subclass, so the adapter's Embedding rule names its table ``weight``. Called as
+    a layer, the table is read in its own dtype: Keras' Embedding does not autocast, so under a
+    mixed policy (float32 tables, bfloat16 compute) the rows are summed in float32, as PyTorch's
+    ``EmbeddingBag`` under autocast does, and only the (B, E) sums are cast by the model; read
+    from the model's call instead, the whole table would be cast to bfloat16 each step and the
+    bags summed in bfloat16.
+
+    XLA has no kernel for the sparse lookup (``RaggedTensorToSparse``), so the layer says
+    ``supports_jit = False``: Keras' ``model.jit_compile`` (and the TF Trainer) then leave the
+    model to TensorFlow's executor.
+
+    Shapes:
+        bag: (B, hot) ids -> (B, E) in the table's dtype.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.supports_jit = False
+
+    def call(self, bag):
+        return embedding_bag(self, bag)
+
+
 class Dlrm(keras.Model):
     """DLRM-DCNv2: bottom MLP and embedding bags, DCNv2 cross layers, top MLP, BCE loss.
 
@@ -122,7 +148,7 @@ class Dlrm(keras.Model):
         self.cfg = cfg
         self.bottom_mlp = Mlp(cfg.bottom_mlp, True, name="bottom_mlp", dtype=dtype)
         self.embedding_bags = [
-            keras.layers.Embedding(
+            EmbeddingBag(
                 rows,
                 cfg.embedding_dim,
                 embeddings_initializer="zeros",
@@ -132,7 +158,7 @@ class Dlrm(keras.Model):
             for i, rows in enumerate(cfg.table_sizes)
         ]
         for table in self.embedding_bags:
-            table.build()  # never called (the bags read the table), so built here
+            table.build()  # every variable before the first call (load_canonical)
         self.interaction = CrossNet(cfg, name="interaction", dtype=dtype)
         self.top_mlp = Mlp(cfg.top_mlp, False, name="top_mlp", dtype=dtype)
         self._offsets = [int(o) for o in bag_offsets(cfg.multi_hot_sizes)]
@@ -143,7 +169,7 @@ class Dlrm(keras.Model):
         pooled = [self.bottom_mlp(dense)]  # (B, E)
         for f, table in enumerate(self.embedding_bags):
             bag = sparse[:, self._offsets[f] : self._offsets[f + 1]]  # (B, hot_f)
-            pooled.append(ops.cast(embedding_bag(table, bag), self.compute_dtype))  # (B, E)
+            pooled.append(ops.cast(table(bag), self.compute_dtype))  # (B, E)
         x0 = ops.concatenate(pooled, axis=1)  # (B, D)
         logits = self.top_mlp(self.interaction(x0))[:, 0]  # (B,)
         out = {"logits": logits}
@@ -183,7 +209,8 @@ def build(cfg: DlrmConfig, *, dtype: str = "float32") -> Dlrm:
 
     Args:
         cfg: the DLRM config.
-        dtype: "float32" (training, parity) or "float64" (tests against the numpy reference).
+        dtype: "float32" (training, parity), "mixed_bfloat16" (bf16 training: float32 tables
+            and weights, bfloat16 compute) or "float64" (tests against the numpy reference).
     """
     model = Dlrm(cfg, dtype=dtype, name="dlrm")
     model(dummy_batch(cfg), training=False)

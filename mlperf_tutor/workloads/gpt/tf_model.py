@@ -136,7 +136,9 @@ def build(cfg: GptConfig, *, fused: bool = False, dtype: str = "float32") -> Gpt
     Args:
         cfg: the GPT-3 or GPT-J config.
         fused: the attention's fused path (GPU benchmarks); the explicit path is the reference.
-        dtype: "float32" (parity), "float64" (tests against the numpy reference) or "bfloat16".
+        dtype: a Keras dtype policy: "float32" (parity), "mixed_bfloat16" (bf16 training:
+            float32 variables, bfloat16 compute), "float64" (tests against the numpy reference)
+            or "bfloat16".
     """
     model = GptDecoder(cfg, fused=fused, dtype=dtype, name="gpt_decoder")
     model(dummy_batch(), training=False)

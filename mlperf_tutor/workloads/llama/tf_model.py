@@ -102,7 +102,9 @@ def build(cfg: LlamaConfig, *, fused: bool = False, dtype: str = "float32") -> L
     Args:
         cfg: the Llama config.
         fused: the attention's fused path (GPU benchmarks); the explicit path is the reference.
-        dtype: "float32" (parity), "float64" (tests against the numpy reference) or "bfloat16".
+        dtype: a Keras dtype policy: "float32" (parity), "mixed_bfloat16" (bf16 training:
+            float32 variables, bfloat16 compute), "float64" (tests against the numpy reference)
+            or "bfloat16".
     """
     model = LlamaDecoder(cfg, fused=fused, dtype=dtype, name="llama_decoder")
     model(dummy_batch(), training=False)

@@ -170,7 +170,10 @@ class UNet(keras.Model):
     """
 
     def __init__(self, cfg: StableDiffusionConfig, *, dtype: str = "float32", **kwargs):
-        super().__init__(dtype=dtype, **kwargs)
+        # autocast=False: Keras would cast the batch's float inputs to a mixed policy's compute
+        # dtype (bfloat16) on the way in; the noisy latents and the v target are float32 math
+        # here, and denoise casts its input itself. The layers inside still autocast.
+        super().__init__(dtype=dtype, autocast=False, **kwargs)
         self.cfg = cfg
         plan, c0 = unet_plan(cfg), cfg.model_channels
         tables = schedule(cfg)
@@ -258,7 +261,8 @@ def build(cfg: StableDiffusionConfig, *, dtype: str = "float32") -> UNet:
 
     Args:
         cfg: the Stable Diffusion config.
-        dtype: "float32" (parity) or "bfloat16".
+        dtype: a Keras dtype policy: "float32" (parity), "mixed_bfloat16" (bf16 training:
+            float32 variables, bfloat16 compute) or "bfloat16".
     """
     model = UNet(cfg, dtype=dtype, name="unet")
     model(dummy_batch(cfg), training=False)

@@ -99,7 +99,8 @@ def build(cfg: ToyConfig, dtype: str = "float32") -> ToyModel:
 
     Args:
         cfg: the toy config.
-        dtype: "float32" (parity) or "bfloat16".
+        dtype: a Keras dtype policy: "float32" (parity), "mixed_bfloat16" (bf16 training:
+            float32 variables, bfloat16 compute) or "bfloat16".
     """
     model = ToyModel(cfg, dtype=dtype, name="toy_model")
     model(dummy_batch(cfg), training=False)  # inference mode: the running statistics stay put
