@@ -738,7 +738,9 @@ class Trainer:
             for name in self._frozen_names:
                 tree[name] = np.asarray(tree[name]).astype(jnp.bfloat16)
         load_canonical(model, tree)
-        _, params, frozen, _ = _split(model)
+        _, params, frozen, rest = _split(model)
+        # The rest as the model now holds it: its RNG streams and the loaded BatchNorm stats.
+        self._rest = _owned(rest.values, self.device)
         if (params.paths, frozen.paths) != self._paths[:2]:
             raise RuntimeError("the model's structure changed since the trainer was made")
         by_name = dict(zip(self._names, params.values, strict=True))
