@@ -40,8 +40,14 @@ from mlperf_tutor.migrate.diff_layers import diff_layers as diff_layers
 from mlperf_tutor.workloads.base import Workload
 
 # bf16 against float32: the relative loss difference allowed at each of the first ``steps``
-# steps. Measured on the tiny presets on CPU (see the tests): the largest is below 1e-2.
+# steps (tiny presets on CPU, batch 2: below 1e-2 for every workload but DLRM).
 BF16_LOSS_RTOL = 2e-2
+# DLRM trains its embedding tables with Adagrad from a zero accumulator, so the first update of
+# an element is lr * sign(gradient) whatever the gradient's size: a tiny gradient that bf16
+# rounds differently moves it by the full step, the other way. The bf16 run then drifts from the
+# float32 one in all three frameworks alike (independent implementations): measured on the tiny
+# preset, batch 2, up to 0.28 relative at step 9 (torch, JAX and TF), at batch 8 up to 0.13.
+BF16_LOSS_RTOL_OF = {"dlrm_dcnv2": 0.5}
 
 
 def framework_results(
@@ -120,10 +126,11 @@ def run_bf16(
     runs = {key: trainer_losses(wl, cfg, *key, steps, batch_size, seed) for key in todo}
     report = ParityReport()
     expected = runs[(reference, "fp32")]
+    bar = BF16_LOSS_RTOL_OF.get(wl.name, BF16_LOSS_RTOL)
     for framework in names:
         pair = f"{framework} bf16-{reference} fp32"
         for step, (loss, ref) in enumerate(zip(runs[(framework, "bf16")], expected, strict=True)):
-            report.add("bf16 loss", f"step {step}", pair, loss, ref, "rel", BF16_LOSS_RTOL)
+            report.add("bf16 loss", f"step {step}", pair, loss, ref, "rel", bar)
     report.losses = {f"{f} {p}": losses for (f, p), losses in runs.items()}
     return report
 

@@ -128,7 +128,10 @@ class Dlrm(nnx.Module):
         ]
 
     def __call__(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        dense = self.bottom_mlp(batch["dense"])  # (B, E)
+        # Dense features in the weights' dtype: Flax promotes, so float32 features would turn a
+        # bf16 step (bf16 copies of the weights) back into float32 matmuls.
+        dtype = self.bottom_mlp.layers[0].kernel.dtype
+        dense = self.bottom_mlp(jnp.asarray(batch["dense"], dtype))  # (B, E)
         x0 = jnp.concatenate([dense, *self.pooled(batch["sparse"])], axis=1)  # (B, D)
         logits = self.top_mlp(self.interaction(x0))[:, 0]  # (B,)
         out = {"logits": logits}
