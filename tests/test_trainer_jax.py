@@ -159,7 +159,9 @@ def test_fp32_trainer_equals_train_step_bit_for_bit(runs):
         assert runs(name, "fp32").losses[:5] == expected, name
 
 
-@pytest.mark.parametrize("name", mt.workloads.names())
+# Every workload's bf16 run against float32 is test_parity_bf16's; here the ones whose bf16
+# handling is special: BatchNorm statistics (toy), the frozen bf16 base (llama), the bags (dlrm).
+@pytest.mark.parametrize("name", ["toy", "llama2_70b_lora", "dlrm_dcnv2"])
 def test_bf16_loss_is_near_fp32(runs, name):
     fp32, bf16 = runs(name, "fp32"), runs(name, "bf16")
     assert np.isfinite(bf16.losses).all()

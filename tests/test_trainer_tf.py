@@ -62,9 +62,6 @@ def run(t: adapter.Trainer, data) -> list[float]:
     return [t.loss_value(h) for h in handles]
 
 
-ALL = ["toy", "bert", "gpt3", "gptj", "llama2_70b_lora", "stable_diffusion", "dlrm_dcnv2"]
-
-
 @pytest.fixture(scope="module")
 def fp32_losses() -> dict[str, list[float]]:
     """{workload: the fp32 Trainer's losses of STEPS updates}, computed on first use."""
@@ -89,7 +86,9 @@ def test_fp32_losses_equal_train_step_bit_for_bit(name, fp32_losses):
 
 
 # --- bf16 ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ALL)
+# Every workload's bf16 run against float32 is test_parity_bf16's; here the ones whose bf16
+# handling is special: BatchNorm statistics (toy), the frozen bf16 base (llama), the bags (dlrm).
+@pytest.mark.parametrize("name", ["toy", "llama2_70b_lora", "dlrm_dcnv2"])
 def test_bf16_loss_close_to_fp32(name, fp32_losses):
     wl, cfg = config(name)
     t = trainer(wl, cfg, "bf16")
