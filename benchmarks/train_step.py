@@ -95,7 +95,8 @@ def measure(args) -> dict:
         "ms_per_step": 1e3 * seconds,
         "units_per_s": samples * unit,
         "unit": "tokens" if unit > 1 else "samples",
-        "mfu": mfu(wl.flops_per_sample(cfg), samples, device),
+        # torch names its devices "cuda:0": the card's name (for its peak) is in the summary.
+        "mfu": mfu(wl.flops_per_sample(cfg), samples, f"{device} {adapter.device_summary()}"),
         "peak_gb": peak_memory_gb(args.framework) if accelerated else None,
         "loss": loss,
     }

@@ -345,6 +345,8 @@ def train(
     device_name = adapter.use_device(device)
     accelerated = device != "cpu" and not device_name.lower().startswith("cpu")
     run = _Run(wl, cfg, framework, adapter, device_name, precision, seed, fused=accelerated)
+    # The accelerator's model name (for its peak FLOP/s): torch names its devices "cuda:0".
+    card = f"{device_name} {adapter.device_summary()}" if accelerated else device_name
     data = None if data is None else os.fspath(data)
     # As run.json holds it (tuples become lists), so that a resumed run compares like with like.
     config_fields = json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -364,7 +366,9 @@ def train(
 
     with RunLog(mllog) as log:
         log.init_start()
-        log.configuration(wl, cfg, batch_size=batch_size, seed=seed, platform=device_name)
+        log.configuration(
+            wl, cfg, batch_size=batch_size, seed=seed, platform=adapter.device_summary()
+        )
         trainer = run.trainer(cfg, weights)
         if opt_state is not None:
             trainer.load_state(weights, opt_state)
@@ -424,7 +428,7 @@ def train(
                 if show_now:
                     rate = timed_steps * batch_size / timed_seconds if timed_seconds else 0.0
                     shown |= {"loss": f"{loss:.4f}", rate_unit: f"{rate * unit:.1f}"}
-                    utilisation = mfu(flops, rate, device_name)
+                    utilisation = mfu(flops, rate, card)
                     if utilisation is not None:
                         shown["mfu"] = f"{utilisation:.3f}"
                     bar.set_postfix(shown)
@@ -475,7 +479,7 @@ def train(
         device=device_name,
         precision=precision,
         start_step=start,
-        mfu=mfu(flops, rate, device_name),
+        mfu=mfu(flops, rate, card),
         units_per_second=rate * unit,
     )
 
