@@ -29,6 +29,7 @@ same RNG streams, so on one machine it reproduces the uninterrupted run bit for 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -212,13 +213,12 @@ def _batches(
 ) -> Iterator[dict]:
     """The run's batches from ``position`` on: the data stream's, or synthetic batch
     ``seed + 1 + first + i`` for the i-th (``first``: the start checkpoint's steps)."""
-    if data is not None:
-        yield from wl.data_batches(cfg, data, batch_size, seed=seed, start=position)
-        return
-    i = position
-    while True:
-        yield wl.synthetic_batch(cfg, batch_size=batch_size, seed=seed + 1 + first + i)
-        i += 1
+    if data is not None:  # the reader checks the files now, before the first step
+        return wl.data_batches(cfg, data, batch_size, seed=seed, start=position)
+    return (
+        wl.synthetic_batch(cfg, batch_size=batch_size, seed=seed + 1 + first + i)
+        for i in itertools.count(position)
+    )
 
 
 def _resume_state(checkpoints: RunCheckpoints, expected: RunState):
@@ -356,6 +356,7 @@ def train(
 
     first_step = recipe.start_step  # synthetic batches continue after the start checkpoint's
     start = 0 if resumed is None else resumed[0].steps
+    batches = _batches(wl, cfg, data, batch_size, seed, first_step, start)
     if resumed is None:
         weights, opt_state, checkpoint_losses = _start_checkpoint(
             run, recipe.checkpoint, batch_size, progress
@@ -377,7 +378,6 @@ def train(
         evaluated = recipe.evaluated
         eval_set = wl.eval_set(cfg) if evaluated else None
         every = recipe.eval_every_samples(batch_size) if evaluated else None
-        batches = _batches(wl, cfg, data, batch_size, seed, first_step, start)
         log.init_stop()
 
         log.run_start()
