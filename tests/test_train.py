@@ -131,3 +131,14 @@ def test_cli_make_sample_data_then_train_from_it_with_checkpoints(tmp_path, caps
     ]
     assert cli.main([*argv[:5], "6", *argv[6:], "--resume"]) == 0
     assert "2 steps from step 4" in capsys.readouterr().out
+
+
+def test_a_bad_data_path_fails_before_training(tmp_path, monkeypatch):
+    from mlperf_tutor import workloads
+
+    wl = workloads.get("toy")
+    trained = []
+    monkeypatch.setattr(wl, "build", lambda *a, **k: trained.append(1))
+    with pytest.raises(ValueError, match=str(tmp_path / "missing")):
+        train.train("toy", "torch", max_steps=2, progress=False, data=tmp_path / "missing")
+    assert not trained  # no model was built: the reader refused the path first
