@@ -284,3 +284,22 @@ def test_keep_holds_the_newest_checkpoints(tmp_path):
     )
     assert RunCheckpoints(tmp_path).steps() == [4, 5]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("source, target", [("torch", "jax"), ("tf", "torch")])
+def test_bf16_lora_checkpoint_resumes_and_evaluates_in_another_framework(tmp_path, source, target):
+    # bf16 LoRA: the frozen base is stored in bf16, and each run ends with an evaluation of the
+    # bf16 model outside the training step (the trainer's evaluating() context).
+    common = dict(
+        batch_size=BATCH,
+        progress=False,
+        device="cpu",
+        precision="bf16",
+        target=1e-9,
+        checkpoint_dir=tmp_path,
+    )
+    first = train.train("llama2_70b_lora", source, max_steps=2, **common)
+    moved = train.train("llama2_70b_lora", target, max_steps=4, resume=True, **common)
+    assert moved.start_step == 2 and len(moved.losses) == 2
+    assert np.isfinite(first.losses + moved.losses).all()
+    assert [samples for samples, _ in first.evals + moved.evals] == [4, 8]

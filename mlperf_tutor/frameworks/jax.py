@@ -14,6 +14,7 @@ parameter by swapping it for a :class:`Frozen` variable, which checkpoints (:fun
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -685,6 +686,11 @@ class Trainer:
         self._steps += 1
         self._dirty = True
         return loss
+
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """A context for forwards outside :meth:`step` (evaluation); nothing to set in JAX (a
+        bf16 model's frozen bf16 weights meet float32 activations by promotion)."""
+        return contextlib.nullcontext()
 
     def loss_value(self, handle: jax.Array) -> float:
         """The float of a loss :meth:`step` returned (waits for that step)."""

@@ -735,6 +735,11 @@ class Trainer:
         with tf.device(self.device), _without_memory_optimizer():
             return self._update(_inputs(batch))
 
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """A context for forwards outside :meth:`step` (evaluation): the step's device (the
+        model's ``mixed_bfloat16`` policy already holds for any call)."""
+        return tf.device(self.device)
+
     def loss_value(self, handle) -> float:
         """The float of a loss that :meth:`step` returned (waits for the update)."""
         return float(handle)

@@ -9,6 +9,7 @@ bf16 autocast, ``torch.compile`` and safetensors checkpoints of the whole traini
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import pathlib
 import types
@@ -602,6 +603,13 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """A context for forwards outside :meth:`step` (evaluation): the step's autocast under
+        "bf16", where frozen weights are bf16 and the trained ones float32."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def loss_value(self, handle: torch.Tensor) -> float:
         """The float of a loss :meth:`step` returned (synchronises with the device)."""

@@ -255,7 +255,8 @@ def _load_checkpoint(run: _Run, trainer, state: RunState, state_dir) -> None:
         trainer.restore(state_dir)
         return
     writer = frameworks.get(state.framework)
-    source = _Run(run.wl, run.cfg, state.framework, writer, "cpu", "fp32", run.seed, False)
+    # On the CPU, in the precision it was written in (frozen weights are stored in bf16 then).
+    source = _Run(run.wl, run.cfg, state.framework, writer, "cpu", state.precision, run.seed, False)
     source_trainer = source.trainer(run.cfg, None)
     source_trainer.restore(state_dir)
     trainer.load_state(source_trainer.weights(), source_trainer.optimizer_state())
@@ -443,7 +444,8 @@ def train(
             if evaluated:
                 samples = steps * batch_size
                 log.eval_start(samples * unit)
-                measured = wl.evaluate(framework, trainer.model, eval_set, batch_size)
+                with trainer.evaluating():
+                    measured = wl.evaluate(framework, trainer.model, eval_set, batch_size)
                 # One quality, or several metrics (stable_diffusion: FID and CLIP score).
                 metric = recipe.quality_metric
                 metrics = measured if isinstance(measured, dict) else {metric: measured}
