@@ -163,7 +163,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         )
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = dev.index if dev.index is not None else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: no GPU visible to torch; use --device cpu or auto")
+        index = torch.cuda.current_device() if dev.index is None else dev.index
         if index >= count:
             raise ValueError(
                 f"device {name!r}: torch sees {count} CUDA device(s); use --device cpu or auto"
