@@ -549,14 +549,15 @@ class Trainer:
                     f"precision 'bf16' keeps float32 master weights, but the trainable "
                     f"parameters {wrong[:5]} are not float32; build the model in float32"
                 )
-        self._model = model.to(self.device)
         # Names of the frozen parameters stored in bf16 here; weights() gives them as float32.
+        # Cast before the move, so that the device never holds a float32 copy of them.
         self._bf16_frozen: set[str] = set()
         if precision == "bf16":
             for name, p in model.named_parameters():
                 if not p.requires_grad and p.dtype == torch.float32:
                     p.data = p.data.to(torch.bfloat16)
                     self._bf16_frozen.add(name)
+        self._model = model.to(self.device)
         # After the move: the optimizer's state lives where its parameters are (and on CUDA,
         # Adam(W) takes its fused kernel).
         self.optimizer = make_optimizer(spec, schedule, model)
