@@ -164,7 +164,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         )
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = dev.index if dev.index is not None else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: no GPU visible to torch; use --device cpu or auto")
+        index = torch.cuda.current_device() if dev.index is None else dev.index
         if index >= count:
             raise ValueError(
                 f"device {name!r}: torch sees {count} CUDA device(s); use --device cpu or auto"
@@ -548,14 +550,15 @@ class Trainer:
                     f"precision 'bf16' keeps float32 master weights, but the trainable "
                     f"parameters {wrong[:5]} are not float32; build the model in float32"
                 )
-        self._model = model.to(self.device)
         # Names of the frozen parameters stored in bf16 here; weights() gives them as float32.
+        # Cast before the move, so that the device never holds a float32 copy of them.
         self._bf16_frozen: set[str] = set()
         if precision == "bf16":
             for name, p in model.named_parameters():
                 if not p.requires_grad and p.dtype == torch.float32:
                     p.data = p.data.to(torch.bfloat16)
                     self._bf16_frozen.add(name)
+        self._model = model.to(self.device)
         # After the move: the optimizer's state lives where its parameters are (and on CUDA,
         # Adam(W) takes its fused kernel).
         self.optimizer = make_optimizer(spec, schedule, model)
