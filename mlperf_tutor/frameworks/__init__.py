@@ -72,16 +72,65 @@ def check_name(framework: str) -> str:
     return framework
 
 
+# A comma-separated subset of NAMES: the frameworks the package may use here, whatever else is
+# installed (e.g. "torch,jax" to keep TensorFlow out of a process, as on a TPU runtime).
+SELECT_VARIABLE = "MLPERF_TUTOR_FRAMEWORKS"
+
+
+def _selected() -> tuple[str, ...]:
+    value = os.environ.get(SELECT_VARIABLE, "").strip()
+    if not value:
+        return NAMES
+    chosen = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in NAMES]
+    if unknown:
+        raise ValueError(
+            f"{SELECT_VARIABLE}={value!r} names unknown frameworks {unknown}; "
+            f"use a comma-separated subset of {list(NAMES)}"
+        )
+    return chosen
+
+
 def available(framework: str) -> bool:
-    """Whether the framework's libraries can be imported (without importing them)."""
+    """Whether the framework's libraries can be imported (without importing them) and
+    ``MLPERF_TUTOR_FRAMEWORKS``, when set, lets the package use it."""
     check_name(framework)
+    if framework not in _selected():
+        return False
     return all(importlib.util.find_spec(mod) is not None for mod in _REQUIRES[framework])
+
+
+def installed() -> list[str]:
+    """The frameworks the package can use here, in the order of :data:`NAMES`."""
+    return [name for name in NAMES if available(name)]
+
+
+def install_hint(framework: str) -> str:
+    """How to add ``framework``: the pip command, or the variable that keeps it out."""
+    check_name(framework)
+    if framework not in _selected():
+        return f"{SELECT_VARIABLE} leaves it out"
+    return f"pip install 'mlperf-tutor[{framework}]'"
+
+
+def present(framework: str) -> bool:
+    """For a notebook cell that needs one framework: True if it is usable here, else print one
+    line saying that the cell is skipped and how to add the framework, and return False."""
+    if available(framework):
+        return True
+    print(f"{framework} is not installed here, so this cell is skipped ({install_hint(framework)})")
+    return False
 
 
 def get(framework: str) -> ModuleType:
     """The adapter module of ``framework``; imports the framework now."""
     check_name(framework)
     if not available(framework):
+        if framework not in _selected():
+            raise FrameworkNotInstalled(
+                f"framework {framework!r} is left out by "
+                f"{SELECT_VARIABLE}={os.environ[SELECT_VARIABLE]!r}"
+            )
         missing = [m for m in _REQUIRES[framework] if importlib.util.find_spec(m) is None]
         raise FrameworkNotInstalled(
             f"framework {framework!r} needs {missing}, which are not installed; "
