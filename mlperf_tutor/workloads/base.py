@@ -48,6 +48,10 @@ class Workload:
     config_class: type[Config] = Config
     package: str = ""
     hf: HfInterop | None = None  # Hugging Face naming; None: no save_pretrained directories
+    # Which MLPerf suite the workload belongs to, and the rounds of it that ran the benchmark,
+    # among those whose official results summaries the package reads (v4.0, v5.0, v5.1).
+    suite: str = "training"
+    rounds: tuple[str, ...] = ()
 
     # --- framework-free -------------------------------------------------------------------
     def config(self, preset: str = "tiny", **overrides) -> Config:

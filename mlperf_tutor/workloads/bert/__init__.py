@@ -91,6 +91,7 @@ def encoder_flops_per_token(cfg: BertConfig) -> int:
 
 class BertWorkload(Workload):
     name = "bert"
+    rounds = ("v4.0", "v5.0")  # the summaries' benchmark columns
     description = "BERT-large pre-training (masked LM + NSP), LAMB; MLPerf target 0.720 MLM acc"
     config_class = BertConfig
     package = "mlperf_tutor.workloads.bert"

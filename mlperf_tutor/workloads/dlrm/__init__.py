@@ -62,6 +62,7 @@ def canonical_shapes(cfg: DlrmConfig) -> dict[str, tuple[int, ...]]:
 
 class DlrmWorkload(Workload):
     name = "dlrm_dcnv2"
+    rounds = ("v4.0", "v5.0", "v5.1")  # the summaries' benchmark columns
     description = "DLRM-DCNv2 click-through prediction, Adagrad; MLPerf target AUC 0.80275"
     config_class = DlrmConfig
     package = "mlperf_tutor.workloads.dlrm"

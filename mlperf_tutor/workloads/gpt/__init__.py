@@ -246,6 +246,7 @@ class GptWorkload(Workload):
 
 class Gpt3Workload(GptWorkload):
     name = "gpt3"
+    rounds = ("v4.0",)  # the summaries' benchmark columns
     description = "GPT-3 175B causal LM (Adam, cosine); MLPerf target log perplexity 2.69"
     config_class = Gpt3Config
     hf = GPT2_INTEROP  # transformers GPT2LMHeadModel
@@ -284,6 +285,7 @@ class Gpt3Workload(GptWorkload):
 
 class GptjWorkload(GptWorkload):
     name = "gptj"
+    suite = "inference"  # an MLPerf Inference model; the book trains it as a GPT exercise
     description = (
         "GPT-J 6B causal LM (rotary, parallel blocks), AdamW; not an MLPerf Training benchmark"
     )

@@ -106,6 +106,7 @@ def init_adapters(cfg: LlamaConfig, seed: int = 0) -> Tree:
 
 class LlamaLoraWorkload(Workload):
     name = "llama2_70b_lora"
+    rounds = ("v4.0", "v5.0", "v5.1")  # the summaries' benchmark columns
     description = (
         "Llama 2 70B LoRA fine-tuning (GQA, rotary, SwiGLU, RMSNorm); MLPerf target eval "
         "loss 0.925 on GovReport"

@@ -82,6 +82,7 @@ def flops_per_image(cfg: StableDiffusionConfig) -> float:
 
 class StableDiffusionWorkload(Workload):
     name = "stable_diffusion"
+    rounds = ("v4.0", "v5.0")  # the summaries' benchmark columns
     description = (
         "Stable Diffusion v2 UNet (866M), v-prediction on VAE latents with text cross-attention;"
         " MLPerf targets FID <= 90 and CLIP score >= 0.15"
