@@ -28,6 +28,13 @@ Examples: mlperf-tutor convert toy model.safetensors ckpt_dir/ --preset tiny
 """
 
 
+AUTO = "auto"
+PRESET_HELP = (
+    "a preset of the workload (see list), or auto: tiny on a CPU, small where a framework sees "
+    "a GPU or TPU (MLPERF_TUTOR_PRESET overrides it)"
+)
+
+
 def _format_value(value) -> str:
     if isinstance(value, float):
         return f"{value:,.4g}"
@@ -40,13 +47,28 @@ def cmd_list(args) -> int:
     for name in workloads.names():
         wl = workloads.get(name)
         print(f"{name:20s} presets: {', '.join(wl.presets):24s} {wl.description}")
-    print(f"frameworks: {', '.join(frameworks.NAMES)}")
+    print(f"frameworks installed: {', '.join(frameworks.installed()) or 'none'}")
+    for name in frameworks.NAMES:
+        if not frameworks.available(name):
+            print(f"  {name} is not available: {frameworks.install_hint(name)}")
     return 0
+
+
+def _preset(args) -> str:
+    """``--preset auto``: the size that fits this machine (``tiny`` on a CPU, ``small`` where a
+    framework sees a GPU or TPU), as the chapters choose it."""
+    if args.preset != AUTO:
+        return args.preset
+    from mlperf_tutor.train import device_preset
+
+    preset = device_preset(args.workload)
+    print(f"--preset auto: {preset}", file=sys.stderr)
+    return preset
 
 
 def cmd_info(args) -> int:
     wl = workloads.get(args.workload)
-    cfg = wl.config(args.preset)
+    cfg = wl.config(_preset(args))
     for key, value in wl.info(cfg).items():
         print(f"{key:40s} {_format_value(value)}")
     return 0
@@ -57,7 +79,7 @@ def cmd_parity(args) -> int:
 
     report = parity.run(
         args.workload,
-        args.preset,
+        _preset(args),
         frameworks=args.frameworks,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -66,12 +88,14 @@ def cmd_parity(args) -> int:
         precision=args.precision,
     )
     print(report.table())
+    for name, how in report.missing.items():
+        print(f"{name} not compared, not available here: {how}")
     return 0 if report.ok else 1
 
 
 def cmd_make_sample_data(args) -> int:
     wl = workloads.get(args.workload)
-    cfg = wl.config(args.preset)
+    cfg = wl.config(_preset(args))
     path = wl.write_sample_data(cfg, args.directory, samples=args.samples, seed=args.seed)
     print(f"{args.workload}: {args.samples} samples in {path} (pass it as --data)")
     return 0
@@ -79,6 +103,17 @@ def cmd_make_sample_data(args) -> int:
 
 def cmd_train(args) -> int:
     from mlperf_tutor import train
+
+    args.preset = _preset(args)
+    if args.framework is None:
+        installed = frameworks.installed()
+        if not installed:
+            raise frameworks.FrameworkNotInstalled(
+                "no framework is installed here; "
+                + "; ".join(f"{f}: {frameworks.install_hint(f)}" for f in frameworks.NAMES)
+            )
+        args.framework = installed[0]
+        print(f"--framework {args.framework} (the first installed)", file=sys.stderr)
 
     if args.dry_run:
         train.dry_run(
@@ -144,7 +179,7 @@ def cmd_convert(args) -> int:
     from mlperf_tutor import convert
 
     wl = workloads.get(args.workload)
-    cfg = wl.config(args.preset)
+    cfg = wl.config(_preset(args))
     if wl.hf is not None and convert.detect_format(args.src) == "hf":
         # The checkpoint's own config.json fixes the architecture; no preset has to match it.
         cfg = wl.config_from_hf(args.src, preset=args.preset)
@@ -170,26 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list", help="workloads, presets and frameworks", allow_abbrev=False)
+    p = sub.add_parser(
+        "list", help="workloads, presets and the frameworks installed", allow_abbrev=False
+    )
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser(
         "info", help="parameters, memory, FLOPs (nothing allocated)", allow_abbrev=False
     )
     p.add_argument("workload")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", help=PRESET_HELP)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
         "parity", help="compare frameworks; exit 1 when a bar is missed", allow_abbrev=False
     )
     p.add_argument("workload")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", help=PRESET_HELP)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--frameworks", nargs="+", default=list(frameworks.NAMES), choices=frameworks.NAMES
+        "--frameworks",
+        nargs="+",
+        default=None,
+        choices=frameworks.NAMES,
+        help="default: every framework installed here",
     )
     p.add_argument(
         "--precision",
@@ -206,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     p.add_argument("workload")
-    p.add_argument("--framework", required=True, choices=frameworks.NAMES)
-    p.add_argument("--preset", default="tiny")
+    p.add_argument(
+        "--framework", default=None, choices=frameworks.NAMES, help="default: the first installed"
+    )
+    p.add_argument("--preset", default="tiny", help=PRESET_HELP)
     p.add_argument(
         "--max-steps",
         type=int,
@@ -274,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("workload")
     p.add_argument("directory", help="where to write it (created; must be empty or absent)")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", help=PRESET_HELP)
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_sample_data)
@@ -289,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workload")
     p.add_argument("src", help="source checkpoint (format from the path)")
     p.add_argument("dst", help="destination (format from the path)")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", help=PRESET_HELP)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(

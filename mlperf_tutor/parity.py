@@ -138,7 +138,7 @@ def run_bf16(
 def run(
     workload: str | Workload,
     preset: str | Config = "tiny",
-    frameworks: Sequence[str] = fw_registry.NAMES,
+    frameworks: Sequence[str] | None = None,
     steps: int = 10,
     batch_size: int = 2,
     seed: int = 0,
@@ -150,7 +150,9 @@ def run(
     Args:
         workload: a workload name or object.
         preset: a preset name or a config.
-        frameworks: at least two framework names (bf16 mode: one is enough).
+        frameworks: at least two framework names (bf16 mode: one is enough); default: every
+            framework installed here (:func:`mlperf_tutor.frameworks.installed`). The report's
+            ``missing`` attribute names the others with how to add them.
         steps: optimizer steps before parameters and optimizer state are compared.
         batch_size: examples per batch.
         seed: seeds the weights and the batches.
@@ -160,16 +162,34 @@ def run(
 
     Returns:
         A :class:`ParityReport`; ``report.ok`` says whether every bar was met.
+
+    Raises:
+        FrameworkNotInstalled: a framework named in ``frameworks`` is not installed, or fewer
+            than the two that fp32 parity compares are (the message says how to add them).
     """
     wl = workloads.get(workload) if isinstance(workload, str) else workload
     cfg = wl.deterministic(wl.config(preset) if isinstance(preset, str) else preset)
-    names = [fw_registry.check_name(f) for f in dict.fromkeys(frameworks)]
-    if precision == "bf16":
-        return run_bf16(wl, cfg, names, steps, batch_size, seed, progress)
-    if precision != "fp32":
+    if frameworks is None:
+        names = fw_registry.installed()
+    else:
+        names = [fw_registry.check_name(f) for f in dict.fromkeys(frameworks)]
+        fw_registry.require(f"parity of {wl.name}", *names)
+    if precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {precision!r}; choose 'fp32' or 'bf16'")
-    if len(names) < 2:
+    needed = 1 if precision == "bf16" else 2
+    if len(names) < needed:
+        if frameworks is None:
+            raise fw_registry.FrameworkNotInstalled(
+                f"{precision} parity needs at least {needed} installed frameworks, and only "
+                f"{names or 'none'} here; add one ("
+                + "; ".join(f"{f}: {how}" for f, how in missing_frameworks().items())
+                + ")"
+            )
         raise ValueError(f"parity needs at least two frameworks, got {names}")
+    if precision == "bf16":
+        report = run_bf16(wl, cfg, names, steps, batch_size, seed, progress)
+        report.missing = missing_frameworks()
+        return report
     todo = names
     if progress:
         from tqdm.auto import tqdm
@@ -189,4 +209,12 @@ def run(
             f"optimizer state after {steps} steps", pair, ra["opt_state"], rb["opt_state"]
         )
     report.losses = {f: results[f]["losses"] for f in names}
+    report.missing = missing_frameworks()
     return report
+
+
+def missing_frameworks() -> dict[str, str]:
+    """The frameworks not installed here, each with how to add it (empty when none is)."""
+    return {
+        f: fw_registry.install_hint(f) for f in fw_registry.NAMES if not fw_registry.available(f)
+    }

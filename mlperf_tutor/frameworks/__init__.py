@@ -46,19 +46,17 @@ import importlib.util
 import os
 from types import ModuleType
 
+from mlperf_tutor import project
+from mlperf_tutor.frameworks import runtime
+
 NAMES = ("torch", "jax", "tf")
 
 # What must be importable for each adapter, and the pip extra that installs it.
 _REQUIRES = {"torch": ("torch",), "jax": ("jax", "flax", "optax"), "tf": ("tensorflow", "keras")}
 
-
-# Set before a framework's first import: with several frameworks in one process (the book's
-# chapters), JAX must not take 75 % of the accelerator's memory at start and TF must not take
-# all of it. A value the user set wins.
-_ENVIRONMENT = {
-    "jax": {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
-    "tf": {"TF_FORCE_GPU_ALLOW_GROWTH": "true"},
-}
+# Three frameworks in one process: triton (CUDA torch's compiler) must load before TensorFlow,
+# and neither JAX nor TensorFlow may take the accelerator's memory at start. See runtime.py.
+runtime.install_hook()
 
 
 class FrameworkNotInstalled(ImportError):
@@ -110,7 +108,7 @@ def install_hint(framework: str) -> str:
     check_name(framework)
     if framework not in _selected():
         return f"{SELECT_VARIABLE} leaves it out"
-    return f"pip install 'mlperf-tutor[{framework}]'"
+    return f'pip install "{project.requirement((framework,))}"'
 
 
 def present(framework: str) -> bool:
@@ -134,8 +132,20 @@ def get(framework: str) -> ModuleType:
         missing = [m for m in _REQUIRES[framework] if importlib.util.find_spec(m) is None]
         raise FrameworkNotInstalled(
             f"framework {framework!r} needs {missing}, which are not installed; "
-            f"run `pip install 'mlperf-tutor[{framework}]'`"
+            f"run `{install_hint(framework)}`"
         )
-    for name, value in _ENVIRONMENT.get(framework, {}).items():
-        os.environ.setdefault(name, value)
+    runtime.prepare(framework)
     return importlib.import_module(f"mlperf_tutor.frameworks.{framework}")
+
+
+def require(what: str, *names: str) -> list[ModuleType]:
+    """The adapters of ``names``, for ``what`` (a function's name, for the message), or one
+    :class:`FrameworkNotInstalled` sentence naming every missing framework and how to add it."""
+    missing = [check_name(name) for name in names if not available(name)]
+    if missing:
+        how = "; ".join(f"{name}: {install_hint(name)}" for name in missing)
+        raise FrameworkNotInstalled(
+            f"{what} needs {' and '.join(names)}, and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not available here ({how})"
+        )
+    return [get(name) for name in names]

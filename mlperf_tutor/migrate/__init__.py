@@ -28,6 +28,7 @@ import numpy as np
 # The parity bars: the loss is held to the output bar (max-abs), the parameters after each step
 # to the bar of parameters after N steps (relative).
 from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, VerificationError
+from mlperf_tutor.frameworks import require
 
 
 class StepState(NamedTuple):
@@ -136,6 +137,7 @@ def torch_to_jax(
         ValueError: an unsupported optimizer or scheduler (the supported ones are listed), or
             optimizer parameters that the loss does not use.
     """
+    require("mlperf_tutor.migrate.torch_to_jax", "torch", "jax")
     import jax
     import jax.numpy as jnp
     import optax
@@ -262,11 +264,10 @@ def verify(
             :mod:`mlperf_tutor.core.parity` (loss max-abs ``OUTPUT_ATOL``, parameters relative
             ``STEP_RTOL``); otherwise just return the report.
     """
-    from mlperf_tutor.frameworks import get
     from mlperf_tutor.migrate.export import _as_torch
 
-    get("torch").pin_precision()
-    get("jax").pin_precision()
+    for adapter in require("mlperf_tutor.migrate.verify", "torch", "jax"):
+        adapter.pin_precision()
     model, optimizer, scheduler = copy.deepcopy((model, optimizer, scheduler))
     dropout_off = _without_dropout(model)
     batches = list(batches)
@@ -314,6 +315,7 @@ def to_tf(migrated: Migrated):
     structures as ``migrated.step`` with TensorFlow tensors (or numpy arrays) for leaves, and
     computes the same numbers (XLA compiles both).
     """
+    require("mlperf_tutor.migrate.to_tf", "jax", "tf")
     import tensorflow as tf
     from jax.experimental import jax2tf
 
@@ -324,6 +326,7 @@ def to_tf(migrated: Migrated):
 def to_flax_source(model, example_input, *, class_name: str | None = None):
     """Idiomatic Flax NNX source for a torch module of standard layers; see
     :func:`mlperf_tutor.migrate.flax_source.to_flax_source`."""
+    require("mlperf_tutor.migrate.to_flax_source", "torch", "jax")
     from mlperf_tutor.migrate.flax_source import to_flax_source as write
 
     return write(model, example_input, class_name=class_name)

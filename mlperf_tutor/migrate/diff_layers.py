@@ -404,6 +404,9 @@ def diff_layers(
         whether every compared module agrees and ``report.first_divergence`` names the module
         to look at first.
     """
+    from mlperf_tutor.frameworks import require
+
+    require("mlperf_tutor.parity.diff_layers", "torch", "jax")
     import jax
     import torch
 
