@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # TensorFlow's C++ logging is silenced for our own runs only (a user's setting wins).
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: book test unit notebooks book-strict lint clean
+.PHONY: book test unit notebooks book-strict lint clean dist test-min
 
 $(STAMP): requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -41,5 +41,34 @@ book-strict: $(STAMP)
 	$(BIN)/jupyter-book build --warningiserror --nitpick --keep-going .
 	@echo "Book: $(CURDIR)/_build/html/index.html"
 
+# The wheel and the sdist, into dist/ (package data included: mlperf_tutor/mlperf/data/*.csv).
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
+# The lowest versions pyproject.toml declares, tested: a fresh venv gets the wheel of `make dist`
+# with the extras below, at exactly those versions (.ci/lowest_requirements.py writes the pins),
+# and runs the adapter, optimizer and parity tests (BERT for the workload) against the installed
+# wheel, not the source tree. torch is the exception: the declared minimum has no CPU build on the
+# project machines, which carry 2.13.0.
+MIN_VENV := _build/venv-min
+MIN_EXTRAS := torch jax tf
+MIN_REPLACE := --replace torch==2.13.0
+comma := ,
+empty :=
+space := $(empty) $(empty)
+
+test-min: dist
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(BIN)/python .ci/lowest_requirements.py $(MIN_EXTRAS) $(MIN_REPLACE) > $(MIN_VENV)/lowest.txt
+	$(MIN_VENV)/bin/python -m pip install -q --disable-pip-version-check -c $(MIN_VENV)/lowest.txt \
+		"$$(ls dist/*.whl)[$(subst $(space),$(comma),$(MIN_EXTRAS))]" pytest packaging
+	$(MIN_VENV)/bin/python -m pip freeze --disable-pip-version-check > $(MIN_VENV)/installed.txt
+	$(BIN)/python .ci/lowest_requirements.py --check $(MIN_VENV)/installed.txt $(MIN_EXTRAS) $(MIN_REPLACE)
+	cd $(MIN_VENV) && bin/python -c "import mlperf_tutor as m; assert 'site-packages' in m.__file__, m.__file__"
+	$(MIN_VENV)/bin/pytest -q -p no:cacheprovider tests/test_adapter_contract.py tests/test_optimizers.py
+	$(MIN_VENV)/bin/pytest -q -p no:cacheprovider tests/test_workload_contract.py -k "bert and not convert"
+
 clean:
-	rm -rf _build .pytest_cache
+	rm -rf _build .pytest_cache dist

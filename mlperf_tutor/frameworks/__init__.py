@@ -2,7 +2,11 @@
 
 Each adapter is a module with the same functions, so generic code (parity, convert, train, the
 CLI) never special-cases a framework. Get one with :func:`get`, which imports the framework only
-then and says which extra to install when it is missing.
+then and says which extra to install when it is missing; :func:`require` gets several for one
+purpose and names every missing one. A missing framework is normal (a TPU runtime has no
+TensorFlow): :func:`installed` lists those usable here, :func:`present` guards a notebook cell.
+:mod:`.runtime` prepares the process before a framework's first import (triton before
+TensorFlow, memory behaviour of JAX and TensorFlow).
 
 The adapter contract (every adapter module provides these names):
 
