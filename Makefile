@@ -45,6 +45,7 @@ book-strict: $(STAMP)
 dist: $(STAMP)
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python .ci/check_wheel.py dist/*.whl
 
 # The lowest versions pyproject.toml declares, tested: a fresh venv gets the wheel of `make dist`
 # with the extras below, at exactly those versions (.ci/lowest_requirements.py writes the pins),
