@@ -120,7 +120,7 @@ def present(framework: str) -> bool:
     line saying that the cell is skipped and how to add the framework, and return False."""
     if available(framework):
         return True
-    print(f"{framework} is not installed here, so this cell is skipped ({install_hint(framework)})")
+    print(f"{framework} is not available here, so this cell is skipped ({install_hint(framework)})")
     return False
 
 
