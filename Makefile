@@ -45,6 +45,7 @@ book-strict: $(STAMP)
 dist: $(STAMP)
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist .
+	rm -rf mlperf_tutor.egg-info  # setuptools' leftover; found on sys.path, it shadows the metadata
 	$(BIN)/python .ci/check_wheel.py dist/*.whl
 
 # The lowest versions pyproject.toml declares, tested: a fresh venv gets the wheel of `make dist`

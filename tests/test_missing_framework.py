@@ -108,3 +108,26 @@ def test_migrate_torch_to_jax_without_jax(monkeypatch):
         migrate.torch_to_jax(None, None, None, None)
     with pytest.raises(frameworks.FrameworkNotInstalled, match=r"parity.diff_layers needs"):
         parity.diff_layers(None, None, None)
+
+
+def test_a_framework_below_the_declared_minimum_is_not_available(monkeypatch):
+    # The package's metadata as pyproject.toml declares it, and a Colab-like old flax.
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    declared = [f'{r}; extra == "{e}"' for e, rs in extras.items() for r in rs]
+    flax_min = next(r for r in extras["jax"] if r.startswith("flax"))
+    real_version = importlib.metadata.version
+    monkeypatch.delenv(frameworks.SELECT_VARIABLE, raising=False)
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: declared)
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda n: "0.1.0" if n == "flax" else real_version(n)
+    )
+    assert frameworks.outdated("jax") == [f"flax 0.1.0 (needs {flax_min.removeprefix('flax')})"]
+    assert frameworks.outdated("torch") == []
+    assert "jax" not in frameworks.installed()
+    with pytest.raises(frameworks.FrameworkNotInstalled, match=r"needs newer versions of .*flax"):
+        frameworks.get("jax")

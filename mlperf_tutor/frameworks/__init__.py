@@ -46,6 +46,7 @@ Optimizers (realise ``core.OptimizerSpec`` + ``core.ScheduleSpec`` with the numb
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 from types import ModuleType
@@ -99,7 +100,35 @@ def available(framework: str) -> bool:
     check_name(framework)
     if framework not in _selected():
         return False
-    return all(importlib.util.find_spec(mod) is not None for mod in _REQUIRES[framework])
+    if not all(importlib.util.find_spec(mod) is not None for mod in _REQUIRES[framework]):
+        return False
+    return not outdated(framework)
+
+
+def outdated(framework: str) -> list[str]:
+    """The framework's libraries installed below the minimum the package declares, e.g.
+    ``["flax 0.10.0 (needs >=0.12.6)"]`` (Colab's preinstalled versions can be older). Empty
+    where the package's own metadata or ``packaging`` is not there to tell."""
+    try:
+        from packaging.requirements import Requirement
+        from packaging.version import InvalidVersion, Version
+
+        declared = importlib.metadata.requires(project.DISTRIBUTION) or []
+    except (ImportError, importlib.metadata.PackageNotFoundError):
+        return []
+    found = []
+    for text in declared:
+        req = Requirement(text)
+        if req.marker is None or not req.marker.evaluate({"extra": framework}):
+            continue
+        try:
+            have = importlib.metadata.version(req.name)
+            ok = req.specifier.contains(Version(have), prereleases=True)
+        except (importlib.metadata.PackageNotFoundError, InvalidVersion):
+            continue  # not installed under this name (tensorflow-cpu), or not comparable
+        if not ok:
+            found.append(f"{req.name} {have} (needs {req.specifier})")
+    return found
 
 
 def installed() -> list[str]:
@@ -134,6 +163,11 @@ def get(framework: str) -> ModuleType:
                 f"{SELECT_VARIABLE}={os.environ[SELECT_VARIABLE]!r}"
             )
         missing = [m for m in _REQUIRES[framework] if importlib.util.find_spec(m) is None]
+        if not missing:
+            raise FrameworkNotInstalled(
+                f"framework {framework!r} needs newer versions of {outdated(framework)}; "
+                f"run `{install_hint(framework)}` (then restart the Python session)"
+            )
         raise FrameworkNotInstalled(
             f"framework {framework!r} needs {missing}, which are not installed; "
             f"run `{install_hint(framework)}`"
