@@ -46,7 +46,10 @@ def load_triton_first() -> None:
     if "triton" in sys.modules or importlib.util.find_spec("triton") is None:
         return
     if not _tensorflow_loaded():
-        importlib.import_module("triton")
+        try:
+            importlib.import_module("triton")
+        except Exception:  # a broken triton must not break TensorFlow's import; torch reports it
+            sys.modules.pop("triton", None)
         return
     # importlib's convention for "not importable": `import triton` raises ImportError and
     # importlib.util.find_spec("triton") returns None, which is how torch asks.
