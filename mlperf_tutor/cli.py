@@ -179,10 +179,11 @@ def cmd_convert(args) -> int:
     from mlperf_tutor import convert
 
     wl = workloads.get(args.workload)
-    cfg = wl.config(_preset(args))
+    preset = _preset(args)
+    cfg = wl.config(preset)
     if wl.hf is not None and convert.detect_format(args.src) == "hf":
         # The checkpoint's own config.json fixes the architecture; no preset has to match it.
-        cfg = wl.config_from_hf(args.src, preset=args.preset)
+        cfg = wl.config_from_hf(args.src, preset=preset)
     # With the workload and config, convert checks the source against the workload's canonical
     # names, shapes and dtypes before anything is written.
     convert.convert(args.src, args.dst, workload=wl, cfg=cfg, progress=True)
