@@ -82,6 +82,19 @@ def test_chapter_opens_with_the_generated_install_cell(md):
     assert cell.metadata.get("tags") == ["hide-input"]
 
 
+def test_book_buttons_point_where_project_py_says():
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["repository"]["url"] == project.REPOSITORY
+    assert config["repository"]["branch"] == project.BRANCH
+    assert config["html"]["use_repository_button"] is True
+
+
+def test_make_twins_rewrites_the_repository_of_config_yml(monkeypatch):
+    monkeypatch.setattr(project, "REPOSITORY", "https://github.com/someone/elsewhere")
+    text = twins.with_repository((ROOT / "_config.yml").read_text())
+    assert yaml.safe_load(text)["repository"]["url"] == "https://github.com/someone/elsewhere"
+
+
 def test_install_cell_follows_project_py(monkeypatch):
     monkeypatch.setattr(project, "REPOSITORY", "https://github.com/someone/elsewhere")
     monkeypatch.setattr(project, "BRANCH", "dev")

@@ -504,10 +504,32 @@ def twin(md_path: Path, md_text: str | None = None) -> str:
     return nbformat.writes(nb) + "\n"
 
 
+def with_repository(config_text: str) -> str:
+    """``_config.yml``'s text with its ``repository`` url and branch (the launch and repository
+    buttons) set from ``mlperf_tutor/project.py``."""
+    block = re.search(r"^repository:\n((?:[ \t]+.*\n)+)", config_text, flags=re.MULTILINE)
+    if block is None:
+        raise TwinError("_config.yml has no repository: section")
+    body = block.group(1)
+    for key, value in (("url", project.REPOSITORY), ("branch", project.BRANCH)):
+        body, count = re.subn(rf"^(\s+{key}:).*$", rf"\g<1> {value}", body, flags=re.MULTILINE)
+        if count != 1:
+            raise TwinError(f"_config.yml's repository: section has no single {key}: line")
+    return config_text[: block.start(1)] + body + config_text[block.end(1) :]
+
+
 def generate(paths: list[Path] | None = None, check: bool = False) -> list[Path]:
-    """Rewrite each chapter's install cell and its twin; return the files that changed (with
-    ``check``, only list them)."""
+    """Rewrite each chapter's install cell and its twin (and, for the whole book,
+    ``_config.yml``'s repository); return the files that changed (with ``check``, only list
+    them)."""
     stale = []
+    if paths is None:
+        config = ROOT / "_config.yml"
+        text = config.read_text()
+        if with_repository(text) != text:
+            stale.append(config)
+            if not check:
+                config.write_text(with_repository(text))
     for md in paths if paths is not None else chapters():
         text = md.read_text()
         new_text = with_install_cell(text, md)
