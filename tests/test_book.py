@@ -339,6 +339,12 @@ Text with {math}`x^2` and a {ref}`link <somewhere>`.
 assert False, "checks only"
 ```
 
++++ {"tags": ["remove-cell"]}
+
+Hidden prose.
+
++++
+
 ```{code-cell} ipython3
 :tags: [remove-input]
 
@@ -420,7 +426,7 @@ def test_directives_keep_their_text_and_checks_are_dropped(chapter):
     twins.generate([chapter])
     cells = twin_cells(chapter)
     text = "\n".join(source(c) for c in cells)
-    assert "assert False" not in text  # remove-cell: checks only
+    assert "assert False" not in text and "Hidden prose" not in text  # remove-cell
     assert "x = 1" in text  # remove-input: runs in the twin too
     assert "> **Note**\n>\n> Keep this text." in text
     assert "$$\na = b\n$$" in text

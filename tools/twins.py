@@ -11,7 +11,7 @@ a ``tab-set`` as colons. So the twin is generated, never edited:
   section the tab set sits in;
 - admonitions become block quotes, ``dropdown`` s (an exercise's solution) collapsed
   ``<details>``, ``math`` a ``$$`` block, any other directive its title and text;
-- code cells tagged ``remove-cell`` (checks only) are dropped; no outputs are stored.
+- cells tagged ``remove-cell`` (checks only) are dropped; no outputs are stored.
 
 The first code cell of every chapter is the install cell, written here from
 ``mlperf_tutor/project.py`` into the ``.md`` and its twin alike, so a change of where the
@@ -470,9 +470,9 @@ def twin(md_path: Path, md_text: str | None = None) -> str:
     cells = []
     for cell in notebook.cells:
         metadata = dict(cell.metadata)
+        if "remove-cell" in metadata.get("tags", ()):
+            continue
         if cell.cell_type == "code":
-            if "remove-cell" in metadata.get("tags", ()):
-                continue
             new = nbformat.v4.new_code_cell(cell.source, metadata=metadata)
         elif cell.cell_type == "markdown":
             source = converter.convert(cell.source).strip("\n")
