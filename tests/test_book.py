@@ -310,7 +310,7 @@ CHAPTER = """
 # A chapter
 
 ```{code-cell} ipython3
-print("old install cell")
+print("old install cell: pip install mlperf-tutor")
 ```
 
 ## Models
@@ -393,6 +393,14 @@ def test_generate_writes_install_cell_and_twin_then_is_up_to_date(chapter):
     assert "old install cell" not in chapter.read_text()
     assert first_code_cell(chapter).source == twins.install_cell()
     assert twins.generate([chapter], check=True) == []
+
+
+def test_a_first_cell_that_is_no_install_cell_is_kept_after_the_new_one(chapter):
+    old = 'print("old install cell: pip install mlperf-tutor")'
+    chapter.write_text(chapter.read_text().replace(old, "y = 2"))
+    twins.generate([chapter])
+    code = [c.source for c in jupytext.read(chapter).cells if c.cell_type == "code"]
+    assert code[:2] == [twins.install_cell(), "y = 2"]
 
 
 def test_tabs_become_headed_sections_one_level_below(chapter):

@@ -190,11 +190,15 @@ def install_cell_block(md_text: str) -> str:
 
 
 def with_install_cell(md_text: str, md_path: Path) -> str:
-    """``md_text`` with its first code cell replaced by the generated install cell."""
+    """``md_text`` opening with the generated install cell: it replaces the first code cell when
+    that one installs the package (an older install cell), else goes before it."""
     first = _CODE_CELL.search(md_text)
     if first is None:
-        raise TwinError(f"{_rel(md_path)} has no code cell to hold the install cell")
-    return md_text[: first.start()] + install_cell_block(md_text) + md_text[first.end() :]
+        raise TwinError(f"{_rel(md_path)} has no code cell to put the install cell before")
+    block = install_cell_block(md_text)
+    if "install" in first.group(0) and "mlperf" in first.group(0):
+        return md_text[: first.start()] + block + md_text[first.end() :]
+    return md_text[: first.start()] + block + "\n\n" + md_text[first.start() :]
 
 
 # --------------------------------------------------------------------------------------------
