@@ -29,7 +29,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,6 +102,8 @@ def execute(path: Path, kernel: str, out_dir: Path, timeout: int) -> tuple[bool,
             ok, error = True, ""
         except CellExecutionError as failure:
             ok, error = False, str(failure).strip().splitlines()[-1]
+        except (CellTimeoutError, DeadKernelError) as failure:  # a hang, or a crash (abort)
+            ok, error = False, f"{type(failure).__name__}: {failure}".splitlines()[0]
     seconds = time.monotonic() - started
     nbformat.write(notebook, out_dir / path.name)
     return ok, seconds, error
