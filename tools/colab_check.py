@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("MLPERF_TUTOR_FRAMEWORKS", None)
     os.environ["MLPERF_TUTOR_SOURCE"] = str(ROOT)
     os.environ["MLPERF_TUTOR_RUNTIME"] = args.runtime
-    notebooks = args.notebooks or sorted((ROOT / "book").rglob("*.ipynb"))
+    notebooks = [p.resolve() for p in args.notebooks] or sorted((ROOT / "book").rglob("*.ipynb"))
     out_dir = where / "executed"
     out_dir.mkdir(exist_ok=True)
     lines = [f"environment: {setup:.0f} s ({args.runtime}, {vpython})"]
