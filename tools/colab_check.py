@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ COLAB_LIKE = {
 PREINSTALLED = ["ipykernel", "matplotlib", "pandas", "scikit-learn"]
 # The line a chapter prints for a cell whose framework is missing (frameworks.present).
 SKIP_LINE = "is not installed here, so this cell is skipped"
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # in tracebacks' last lines
 
 
 def run(command: list[str], **kwargs) -> None:
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         skips = (out_dir / path.name).read_text().count(SKIP_LINE)
         line = f"{'ok  ' if ok else 'FAIL'} {path.relative_to(ROOT)}: {seconds:.0f} s"
         line += f", {skips} cells skipped for a missing framework" if skips else ""
-        line += f" -- {error}" if error else ""
+        line += f" -- {ANSI_COLOUR.sub('', error)}" if error else ""
         print(line, flush=True)
         lines.append(line)
         failed += not ok
