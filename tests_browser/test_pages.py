@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 import pytest
 from book_site import HTML, is_notebook, toc_pages
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from mlperf_tutor import project
 
@@ -16,9 +17,10 @@ PAGES = toc_pages()
 # MyST that reached the page as text instead of being parsed: a fence or colon fence opening a
 # directive, a directive's name in braces, or a role left unrendered.
 RAW_MYST = re.compile(
-    r"(?:^|\n)[ \t]*(?::::*|```+)[ \t]*\{[\w:-]+\}"
+    r"(?:^|\n)[ \t]*:{3,}"  # a colon fence at the start of a line, opening or closing
+    r"|:::+[ \t]*\{|```+[ \t]*\{"  # a fence opening a directive, anywhere
     r"|\{(?:literalinclude|tab-set|tab-item|code-cell|figure|glue|admonition|note)\}"
-    r"|\{(?:doc|ref|numref|eq|math|term|download)\}`"
+    r"|\{(?:doc|ref|numref|eq|math|term|download)\}`"  # a role left unrendered
 )
 
 
@@ -111,6 +113,8 @@ def test_raw_myst_pattern_catches_directives():
         "```{code-cell} ipython3",
         "see {doc}`bert`",
         "text {literalinclude} text",
+        "para\n::::\n",
+        "inline :::{note} text",
     ]
     assert all(RAW_MYST.search(s) for s in samples)
     assert not RAW_MYST.search("x = a[::2]; d = {'k': 1}  # dict")
@@ -178,13 +182,30 @@ def test_repository_link_is_the_configured_repository(open_page, page):
     assert [b.get_attribute("href") for b in buttons] == [project.REPOSITORY]
 
 
-@pytest.mark.parametrize("page", PAGES)
-def test_colab_link_opens_the_pages_notebook(open_page, page):
-    driver = open_page(page)
-    links = [
-        a.get_attribute("href")
-        for a in driver.find_elements(By.CSS_SELECTOR, "a[href]")
+def colab_links(driver, selector: str = "a[href]") -> list:
+    return [
+        a
+        for a in driver.find_elements(By.CSS_SELECTOR, selector)
         if urlsplit(a.get_attribute("href")).hostname == "colab.research.google.com"
     ]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_colab_launch_button_opens_the_pages_notebook(open_page, page):
+    driver = open_page(page)
+    launch = colab_links(driver, ".dropdown-launch-buttons a[href]")
     expected = [project.colab_url(f"{page}.ipynb")] if is_notebook(page) else []
-    assert links == expected
+    assert [a.get_attribute("href") for a in launch] == expected
+    if launch:
+        # The link sits in the launch menu: a reader sees it once the rocket button is clicked.
+        assert not launch[0].is_displayed()
+        driver.find_element(By.CSS_SELECTOR, ".dropdown-launch-buttons button").click()
+        WebDriverWait(driver, 5).until(lambda d: launch[0].is_displayed())
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_colab_link_is_in_the_repository(open_page, page):
+    # Links to Colab in a chapter's text, as well as the launch button, open this repository.
+    prefix = project.colab_url("")
+    hrefs = [a.get_attribute("href") for a in colab_links(open_page(page))]
+    assert [h for h in hrefs if not h.startswith(prefix)] == []
