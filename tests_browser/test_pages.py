@@ -209,3 +209,19 @@ def test_every_colab_link_is_in_the_repository(open_page, page):
     prefix = project.colab_url("")
     hrefs = [a.get_attribute("href") for a in colab_links(open_page(page))]
     assert [h for h in hrefs if not h.startswith(prefix)] == []
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_no_assert_shows_in_code_cells(open_page, page):
+    # The checks that keep a chapter honest stay in it, but hidden from the reader: a cell tagged
+    # remove-input (or hide-input, folded away) shows no assert lines on the page.
+    driver = open_page(page)
+    shown = driver.execute_script(
+        """
+        return Array.from(document.querySelectorAll('article .cell_input pre'))
+          .filter(pre => pre.checkVisibility())
+          .flatMap(pre => pre.textContent.split('\\n'))
+          .filter(line => /^\\s*assert\\b/.test(line));
+        """
+    )
+    assert shown == [], f"{len(shown)} assert lines show on {page}"
