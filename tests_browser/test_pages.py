@@ -58,6 +58,12 @@ def test_toc_pages_are_the_built_pages():
     assert built == set(PAGES)
 
 
+def test_site_root_opens_the_first_page(open_page, base_url):
+    driver = open_page("index.html")
+    WebDriverWait(driver, 10).until(lambda d: not d.current_url.endswith("index.html"))
+    assert driver.current_url == f"{base_url}{PAGES[0]}.html"
+
+
 def test_console_filter_keeps_book_errors():
     base_url = "http://127.0.0.1:8000/"
     log = [
