@@ -5,10 +5,13 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The browser book-check drives: Debian's packages chromium and chromium-driver.
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
 # TensorFlow's C++ logging is silenced for our own runs only (a user's setting wins).
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: book test unit notebooks book-strict lint twins colab-check colab-check-tpu clean dist test-min
+.PHONY: book test unit notebooks book-strict book-check chromium lint twins colab-check colab-check-tpu clean dist test-min
 
 $(STAMP): requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -22,12 +25,14 @@ book: $(STAMP)
 	@echo "Book: $(CURDIR)/_build/html/index.html"
 
 # Whole suite: lint, unit and parity tests, then the strict book build, which is the one place
-# the chapters execute (a raising cell fails it: allow_errors is false and warnings are errors).
-test: lint unit book-strict
+# the chapters execute (a raising cell fails it: allow_errors is false and warnings are errors),
+# then the built book in a real browser.
+test: lint unit book-strict book-check
 
+LINTED := mlperf_tutor tests benchmarks tools tests_browser book/_ext
 lint: $(STAMP)
-	$(BIN)/ruff check mlperf_tutor tests benchmarks tools
-	$(BIN)/ruff format --check mlperf_tutor tests benchmarks tools
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 # A skipped test fails the run (tests/conftest.py lists the skips and the extra each needs);
 # `make test ALLOW_SKIPS=1` lets a machine without every extra pass with skips.
@@ -89,6 +94,20 @@ colab-check: $(STAMP)
 
 colab-check-tpu: $(STAMP)
 	$(BIN)/python tools/colab_check.py --python $(COLAB_PYTHON) --runtime tpu
+# The book as a reader's browser shows it (tests_browser/): every page without console errors or
+# raw MyST, every tab switching, every image with a size, the Colab and repository links, search.
+# It reads the book that book-strict (or book) built and never builds one itself.
+book-check: $(STAMP) chromium
+	@test -f _build/html/search.html || { echo "no built book in _build/html: run make book-strict first"; exit 1; }
+	CHROMIUM=$(CHROMIUM) CHROMEDRIVER=$(CHROMEDRIVER) $(BIN)/python -m pytest -q -p no:cacheprovider tests_browser
+
+# Debian's Chromium and its WebDriver for book-check, installed when missing (CI starts without).
+chromium:
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then exit 0; fi; \
+	command -v apt-get >/dev/null || { echo "book-check needs Chromium and chromedriver: install them (Debian: chromium chromium-driver) or set CHROMIUM=... CHROMEDRIVER=..."; exit 1; }; \
+	sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	echo "installing Debian's chromium and chromium-driver"; \
+	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium chromium-driver >/dev/null
 
 clean:
 	rm -rf _build .pytest_cache .colab dist
