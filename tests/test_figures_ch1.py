@@ -8,6 +8,15 @@ import mlperf_tutor as mt
 from mlperf_tutor.figures import lora, parallelism
 
 
+@pytest.fixture(autouse=True)
+def close_figures():
+    """The figures are made with pyplot; close them so tests do not accumulate open figures."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
 def texts(fig):
     return [t.get_text() for ax in fig.axes for t in ax.texts] + [fig._suptitle.get_text()]
 

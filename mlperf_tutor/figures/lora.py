@@ -37,9 +37,9 @@ def lora_update(cfg: LlamaConfig, target: str = "qkv_proj") -> Figure:
         target: the adapted projection, ``qkv_proj`` or ``o_proj``.
 
     Returns:
-        A matplotlib Figure (not registered with pyplot).
+        A matplotlib Figure, made with pyplot (a notebook shows it with ``plt.show()``).
     """
-    from matplotlib.figure import Figure
+    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     if not cfg.lora_rank:
@@ -56,7 +56,7 @@ def lora_update(cfg: LlamaConfig, target: str = "qkv_proj") -> Figure:
     b_w, b_h = side(r), side(out)
     a_w, a_h = side(inp), side(r)
     gap = 0.55
-    fig = Figure(figsize=(2 * w_w + b_w + 4 * gap + 0.6, w_h + 1.6))
+    fig = plt.figure(figsize=(2 * w_w + b_w + 4 * gap + 0.6, w_h + 1.6))
     ax = fig.add_axes((0, 0, 1, 0.86))
     x = 0.3
     boxes = []

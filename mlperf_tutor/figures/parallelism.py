@@ -81,15 +81,15 @@ def parallel_layout(
         replicas_shown: how many replicas to draw (the rest are summarised in the title).
 
     Returns:
-        A matplotlib Figure (not registered with pyplot).
+        A matplotlib Figure, made with pyplot (a notebook shows it with ``plt.show()``).
     """
-    from matplotlib.figure import Figure
+    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     drawn = [s for s in shards(cfg, data, tensor, pipeline) if s.replica < replicas_shown]
     shown = min(replicas_shown, data)
     cell_w, cell_h, pad = 1.45, 0.62, 0.08
-    fig = Figure(figsize=(0.9 + pipeline * cell_w, 0.9 + shown * (tensor * cell_h + 0.45)))
+    fig = plt.figure(figsize=(0.9 + pipeline * cell_w, 0.9 + shown * (tensor * cell_h + 0.45)))
     ax = fig.add_axes((0, 0, 1, 0.9))
     colours = ["#3b75af", "#e07b39", "#519e3e", "#c53a32", "#8d69b8", "#84584e"]
     row_of = {}
