@@ -69,7 +69,9 @@ def _h5py():
     try:
         import h5py
     except ImportError as e:
-        raise DataError("reading MLPerf BERT HDF5 shards needs h5py; pip install h5py") from e
+        raise DataError(
+            "reading MLPerf BERT HDF5 shards needs h5py: pip install 'mlperf-tutor[data]'"
+        ) from e
     return h5py
 
 
