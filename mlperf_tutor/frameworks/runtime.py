@@ -78,9 +78,7 @@ class _TritonBeforeTensorFlow(importlib.abc.MetaPathFinder):
 
     def find_spec(self, name, path=None, target=None):
         if name == "tensorflow" and not _tensorflow_loaded():
-            for variable, value in ENVIRONMENT.items():
-                os.environ.setdefault(variable, value)
-            load_triton_first()
+            prepare("tf")
         return None
 
 
