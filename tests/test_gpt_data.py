@@ -4,6 +4,7 @@ reader of Megatron-LM indexed datasets (byte format pinned by a file written by 
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -31,6 +32,31 @@ def test_bigram_sequences_are_seeded_and_follow_the_table():
     likely = np.argsort(table, axis=1)[:, -data.BRANCHING :]
     hits = (likely[a[:, :-1]] == a[:, 1:, None]).any(-1)
     assert hits.mean() > 0.95
+
+
+def test_bigram_sequences_draw_from_the_dense_table():
+    # Transition frequencies over many draws match the dense table's probabilities.
+    vocab = 12
+    tokens = data.bigram_sequences(vocab, 400, 200, seed=0, language_seed=5)
+    counts = np.zeros((vocab, vocab))
+    np.add.at(counts, (tokens[:, :-1].ravel(), tokens[:, 1:].ravel()), 1)
+    frequencies = counts / counts.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(frequencies, data.bigram_table(vocab, 5), atol=0.02)
+    successors, probabilities = data.bigram_successors(vocab, 5)
+    assert np.array_equal(data.bigram_table(vocab, 5).argmax(axis=1), successors[:, 0])
+    np.testing.assert_allclose(probabilities.sum(), 1.0)
+
+
+def test_bigram_sequences_of_a_large_vocabulary_need_no_dense_table():
+    # A dense (V, V) table of GPT-3's vocabulary is 20 GB; 4,000 tokens would take 128 MB.
+    tracemalloc.start()
+    try:
+        tokens = data.bigram_sequences(4000, 4, 64, seed=0, language_seed=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tokens.shape == (4, 64) and tokens.max() < 4000
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB"
 
 
 def test_split_tokens_shifts_by_one():

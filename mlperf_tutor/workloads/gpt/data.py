@@ -23,32 +23,57 @@ from mlperf_tutor.layers.spec import IGNORE_INDEX
 BRANCHING = 7
 
 
-def bigram_table(vocab_size: int, language_seed: int) -> np.ndarray:
-    """(V, V) row-stochastic transition matrix: each token has ``BRANCHING`` likely successors
-    (random, Zipf-weighted) plus a little mass on every token, so any sequence is possible."""
+# The mass spread evenly over every token (the rest goes to a token's likely successors), so any
+# sequence is possible.
+NOISE = 0.02
+
+
+def bigram_successors(vocab_size: int, language_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bigram language in sparse form: (successors (V, K) int64, probabilities (K,)).
+
+    Each token is followed by one of its ``K = min(BRANCHING, V)`` likely successors (random,
+    Zipf-weighted: ``probabilities``, which sum to 1) with probability ``1 - NOISE``, and by a
+    uniformly drawn token otherwise. ``successors[:, 0]`` is each token's likeliest successor.
+    O(V K) memory: a dense (V, V) table of GPT-3's 50,257 tokens would take 20 GB.
+    """
     rng = np.random.default_rng(language_seed)
-    table = np.full((vocab_size, vocab_size), 0.02 / vocab_size)
-    weights = 1.0 / np.arange(1, BRANCHING + 1)
-    for token in range(vocab_size):
-        successors = rng.choice(vocab_size, size=min(BRANCHING, vocab_size), replace=False)
-        table[token, successors] += (
-            0.98 * weights[: successors.size] / weights[: successors.size].sum()
-        )
-    return table / table.sum(axis=1, keepdims=True)
+    k = min(BRANCHING, vocab_size)
+    successors = np.stack(
+        [rng.choice(vocab_size, size=k, replace=False) for _ in range(vocab_size)]
+    )
+    weights = 1.0 / np.arange(1, k + 1)
+    return successors, weights / weights.sum()
+
+
+def bigram_table(vocab_size: int, language_seed: int) -> np.ndarray:
+    """(V, V) row-stochastic transition matrix of :func:`bigram_successors`'s language, dense:
+    for small vocabularies (it takes 8 V^2 bytes)."""
+    successors, probabilities = bigram_successors(vocab_size, language_seed)
+    table = np.full((vocab_size, vocab_size), NOISE / vocab_size)
+    rows = np.arange(vocab_size)[:, None]
+    table[rows, successors] += (1.0 - NOISE) * probabilities
+    return table
 
 
 def bigram_sequences(
     vocab_size: int, batch_size: int, length: int, seed: int, language_seed: int
 ) -> np.ndarray:
-    """(batch_size, length) int32 token sequences sampled from :func:`bigram_table`."""
-    cumulative = np.cumsum(bigram_table(vocab_size, language_seed), axis=1)  # (V, V)
+    """(batch_size, length) int32 token sequences of :func:`bigram_successors`'s language."""
+    successors, probabilities = bigram_successors(vocab_size, language_seed)
+    cumulative = np.cumsum(probabilities)
+    cumulative[-1] = 1.0
     rng = np.random.default_rng(seed)
     tokens = np.empty((batch_size, length), np.int32)
     tokens[:, 0] = rng.integers(0, vocab_size, batch_size)
+    uniform = rng.integers(0, vocab_size, (batch_size, length))
     draws = rng.random((batch_size, length))
+    likely = draws >= NOISE
+    # Above NOISE, the draw rescaled to [0, 1) picks a successor by the cumulative weights.
+    picks = np.searchsorted(cumulative, (draws - NOISE) / (1.0 - NOISE), side="right")
+    picks = np.minimum(picks, successors.shape[1] - 1)
     for t in range(1, length):
-        rows = cumulative[tokens[:, t - 1]]  # (B, V)
-        tokens[:, t] = np.minimum((rows < draws[:, t : t + 1]).sum(axis=1), vocab_size - 1)
+        follow = successors[tokens[:, t - 1], picks[:, t]]
+        tokens[:, t] = np.where(likely[:, t], follow, uniform[:, t])
     return tokens
 
 
