@@ -25,16 +25,18 @@ from torch.optim import lr_scheduler as lrs  # noqa: E402
 from mlperf_tutor.migrate.optim import (  # noqa: E402
     SUPPORTED_OPTIMIZERS,
     SUPPORTED_SCHEDULERS,
+    _radam_rho,
     convert_optimizer,
 )
 
 PRE, POST = 3, 7
-SHAPES = {"fc.weight": (4, 3), "fc.bias": (3,), "norm.weight": (5,)}
+# A 3-D weight too: Adafactor factors the second moment of every >= 2-D parameter.
+SHAPES = {"fc.weight": (4, 3), "fc.bias": (3,), "norm.weight": (5,), "conv.weight": (2, 3, 4)}
 
 
 def _groups(params, **no_decay):
     """Two param groups: weights with the optimizer's defaults, biases/norms with `no_decay`."""
-    decay = [params["fc.weight"]]
+    decay = [params["fc.weight"], params["conv.weight"]]
     rest = [params["fc.bias"], params["norm.weight"]]
     return [{"params": decay}, {"params": rest, "weight_decay": 0.0, **no_decay}]
 
@@ -83,6 +85,33 @@ OPTIMIZERS = {
     "rmsprop_two_groups": lambda ps: optim.RMSprop(
         _groups(ps, lr=0.03, centered=True), lr=0.01, momentum=0.5, eps=1e-4
     ),
+    "nadam": lambda ps: optim.NAdam(ps.values(), lr=0.01),
+    "nadam_two_groups_l2": lambda ps: optim.NAdam(
+        _groups(ps, lr=0.05, betas=(0.8, 0.9), momentum_decay=0.01), lr=0.01, weight_decay=0.1
+    ),
+    "nadam_decoupled_maximize": lambda ps: optim.NAdam(
+        ps.values(), lr=0.02, eps=1e-4, weight_decay=0.1, decoupled_weight_decay=True, maximize=True
+    ),
+    # beta2 = 0.999: rho_t passes 5 at step 6, within the 10 steps; 0.9 and 0.99 rectify sooner.
+    "radam": lambda ps: optim.RAdam(ps.values(), lr=0.01),
+    "radam_two_groups_l2": lambda ps: optim.RAdam(
+        _groups(ps, lr=0.05, betas=(0.5, 0.9)), lr=0.01, weight_decay=0.1
+    ),
+    "radam_decoupled": lambda ps: optim.RAdam(
+        ps.values(), lr=0.01, betas=(0.9, 0.99), weight_decay=0.2, decoupled_weight_decay=True
+    ),
+    "adamax": lambda ps: optim.Adamax(ps.values(), lr=0.01),
+    "adamax_two_groups_wd": lambda ps: optim.Adamax(
+        _groups(ps, lr=0.05, betas=(0.5, 0.9), eps=1e-3), lr=0.01, weight_decay=0.1
+    ),
+    "adafactor": lambda ps: optim.Adafactor(ps.values()),
+    # lr = 0.5 > 1/sqrt(t) from t = 5: the relative step switches rule within the run.
+    "adafactor_two_groups_wd": lambda ps: optim.Adafactor(
+        _groups(ps, lr=0.5, beta2_decay=-0.5, eps=(1e-3, 1e-2)), lr=0.05, weight_decay=0.1
+    ),
+    "adafactor_clipped_maximize": lambda ps: optim.Adafactor(
+        ps.values(), lr=0.02, d=1.0, eps=(1e-30, 0.1), maximize=True
+    ),
 }
 
 
@@ -99,7 +128,7 @@ def _adam_groups(ps):
 
 
 def _lambda_with_jnp_twin(opt):
-    """Python math for torch, a jnp twin for the conversion (the way the error message gives)."""
+    """Python math for torch, a jnp twin for the conversion (keeps the rate in the jitted step)."""
     sched = lrs.LambdaLR(opt, lambda e: min(1.0, (e + 1) / 4) * math.cos(e / 10))
     sched.jnp_twins = [lambda e: jnp.minimum(1.0, (e + 1) / 4) * jnp.cos(e / 10)]
     return sched
@@ -141,6 +170,24 @@ SCHEDULERS = {
     "onecycle_rmsprop_momentum": (
         lambda ps: optim.RMSprop(ps.values(), lr=0.01, momentum=0.5, centered=True),
         lambda o: S.OneCycleLR(o, max_lr=0.05, total_steps=10),
+    ),
+    # OneCycleLR cycles beta1 of every optimizer with betas: a traced beta1 in NAdam's mu_t.
+    "onecycle_nadam_beta1": (
+        lambda ps: optim.NAdam(ps.values(), lr=0.01, weight_decay=0.1),
+        lambda o: S.OneCycleLR(o, max_lr=0.05, total_steps=12),
+    ),
+    "onecycle_radam_beta1": (
+        lambda ps: optim.RAdam(ps.values(), lr=0.01, betas=(0.9, 0.99)),
+        lambda o: S.OneCycleLR(o, max_lr=0.05, total_steps=12),
+    ),
+    "cosine_adamax": (
+        lambda ps: optim.Adamax(ps.values(), lr=0.05),
+        lambda o: S.CosineAnnealingLR(o, T_max=6),
+    ),
+    # Adafactor's lr caps the relative step: a schedule moves it across 1/sqrt(t).
+    "linear_adafactor": (
+        lambda ps: optim.Adafactor(_groups(ps, lr=0.5), lr=0.2, weight_decay=0.1),
+        lambda o: S.LinearLR(o, start_factor=1.0, end_factor=0.1, total_iters=8),
     ),
     "sequential_warmup_cosine": (
         _adam_groups,
@@ -233,6 +280,10 @@ FRESH = [
     "adam_two_groups",
     "adagrad_all_options",
     "rmsprop_centered_momentum",
+    "nadam_two_groups_l2",
+    "radam",
+    "adamax_two_groups_wd",
+    "adafactor_two_groups_wd",
 ]
 
 
@@ -276,11 +327,33 @@ def test_unsupported_optimizer_lists_supported():
         assert name in str(err.value)
 
 
+def test_transformers_adafactor_is_refused():
+    """transformers' Adafactor shares torch's class name but not its rule."""
+    from transformers.optimization import Adafactor
+
+    p = torch.nn.Parameter(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="transformers.optimization.Adafactor") as err:
+        convert_optimizer(Adafactor([p], lr=1e-3, relative_step=False), {id(p): "p"})
+    for name in SUPPORTED_OPTIMIZERS + SUPPORTED_SCHEDULERS:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("b2", [0.5, 0.9, 0.99, 0.999, 0.9999])
+def test_radam_rho_keeps_torch_double_precision(b2):
+    """rho_t in float32 as torch's Python-double formula gives it, where the rectifier starts."""
+    steps = [*range(1, 40), 100, 999, 1000, 5000, 100000]
+    for t in steps:
+        rho_inf = 2 / (1 - b2) - 1  # torch's radam.py, in doubles
+        want = rho_inf - 2 * t * (b2**t) / (1 - b2**t)
+        got = float(_radam_rho(jnp.float32(t), b2)[0])
+        assert abs(got - want) <= 3e-7 * abs(want), (t, got, want)
+
+
 @pytest.mark.parametrize(
     "make_sched",
     [
-        lambda o: lrs.ReduceLROnPlateau(o),
         lambda o: lrs.CyclicLR(o, base_lr=0.01, max_lr=0.1),
+        lambda o: lrs.CosineAnnealingWarmRestarts(o, T_0=3),
         lambda o: lrs.ChainedScheduler([lrs.StepLR(o, 2), lrs.ExponentialLR(o, 0.9)]),
     ],
 )
@@ -292,14 +365,6 @@ def test_unsupported_scheduler_lists_supported(make_sched):
         convert_optimizer(opt, {id(p): "p"}, sched)
     for name in SUPPORTED_OPTIMIZERS + SUPPORTED_SCHEDULERS:
         assert name in str(err.value)
-
-
-def test_lambda_without_jnp_math_is_refused():
-    p = torch.nn.Parameter(torch.zeros(2))
-    opt = optim.SGD([p], lr=0.1)
-    sched = lrs.LambdaLR(opt, lambda e: min(1.0, math.cos(e)))
-    with pytest.raises(ValueError, match="jnp-compatible"):
-        convert_optimizer(opt, {id(p): "p"}, sched)
 
 
 def test_lr_changed_outside_scheduler_is_refused():

@@ -12,7 +12,25 @@ rather than composed from optax's built-ins, because torch differs in small ways
 a parity test: SGD's momentum buffer starts at the first gradient, Adam's bias corrections use
 each parameter's own step count (computed with ``expm1``, as accurate as torch's Python floats),
 Adagrad adds ``eps`` outside the square root and decays its rate with ``lr_decay``, RMSprop's
-momentum buffer accumulates ``g / avg``. Hyperparameters are per param group, as in torch.
+momentum buffer accumulates ``g / avg``, NAdam keeps a per-parameter ``mu_product``, RAdam
+rectifies with ``rho_t``, Adafactor scales by the parameter's RMS and clips by the update's.
+Hyperparameters are per param group, as in torch.
+
+Learning rates a jitted step can't compute (a ``LambdaLR`` lambda with Python ``math`` or
+branches, ``ReduceLROnPlateau``) are computed on the host by :class:`HostRates`, which
+:func:`host_rates` builds. The ordering convention is torch's: ``optimizer.step()`` uses
+``group["lr"]``, then ``scheduler.step()`` (``scheduler.step(loss)`` for ReduceLROnPlateau)
+moves it. A loop over the converted step is::
+
+    rates = host_rates(optimizer, scheduler)  # None when every rate traces
+    for batch in batches:
+        if rates is not None:
+            opt_state = rates.before_step(opt_state)  # writes the rate of this step
+        loss, grads = value_and_grad(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if rates is not None:
+            rates.after_step(float(loss) if rates.needs_loss else None)
 """
 
 from __future__ import annotations
@@ -29,14 +47,32 @@ from mlperf_tutor.core.parity import STEP_RTOL
 from mlperf_tutor.migrate.schedules import (
     SUPPORTED_SCHEDULERS,
     GroupSchedule,
+    Plateau,
     constant,
     group_schedules,
     is_supported,
 )
 
-SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop")
+SUPPORTED_OPTIMIZERS = (
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Adagrad",
+    "RMSprop",
+    "NAdam",
+    "RAdam",
+    "Adamax",
+    "Adafactor",
+)
 
-__all__ = ["SUPPORTED_OPTIMIZERS", "SUPPORTED_SCHEDULERS", "TorchOptimState", "convert_optimizer"]
+__all__ = [
+    "SUPPORTED_OPTIMIZERS",
+    "SUPPORTED_SCHEDULERS",
+    "HostRates",
+    "TorchOptimState",
+    "convert_optimizer",
+    "host_rates",
+]
 
 
 class TorchOptimState(NamedTuple):
@@ -46,11 +82,18 @@ class TorchOptimState(NamedTuple):
         count: int32 scalar, the LR schedule's position: the torch scheduler's ``last_epoch``
             at conversion (0 without a scheduler, and after ``tx.init``), plus one per update.
         lr: per param group, the learning rate the next update uses (torch's ``group["lr"]``
-            after ``scheduler.step()``); for logging, the update recomputes it from ``count``.
+            after ``scheduler.step()``). For a traced schedule it is for logging: the update
+            recomputes it from ``count``. For a host-side group (see :func:`host_rates`) the
+            update reads it: :meth:`HostRates.before_step` writes it before each update, and
+            the update leaves NaN in its place, so a step run without ``before_step`` gives NaN
+            parameters instead of silently reusing a stale rate.
         step: per parameter name, torch's ``state["step"]`` (float32 scalar). SGD keeps no step
             in torch: here it is 0 until the momentum buffer exists, then counts updates.
         slots: torch state name (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
-            ``momentum_buffer``, ``sum``, ``square_avg``, ``grad_avg``) -> {param name: array}.
+            ``momentum_buffer``, ``sum``, ``square_avg``, ``grad_avg``, ``mu_product``,
+            ``exp_inf``, ``row_var``, ``col_var``, ``variance``) -> {param name: array}, each
+            of torch's shape (NAdam's ``mu_product`` is a float32 scalar, Adafactor's
+            ``row_var``/``col_var`` have a 1 in the last/second-last dimension).
     """
 
     count: jax.Array
@@ -63,7 +106,8 @@ class _Group(NamedTuple):
     names: tuple[str, ...]
     hp: dict[str, Any]  # static hyperparameters (Python floats/bools)
     schedule: GroupSchedule
-    slots: tuple[str, ...]
+    slots: tuple[str, ...]  # a parameter holds those of them _param_slots gives for its shape
+    fresh_lr: float  # a host-side group's rate in tx.init (schedule position 0)
 
 
 def _lerp(a, b, w):
@@ -146,12 +190,126 @@ def _rmsprop(g, p, s, step, hp, lr, mom):
     return jnp.where(on, -lr * buf, -lr * g / avg), new, step
 
 
+def _decoupled_decay(u, p, lr, hp):
+    # Torch scales p by (1 - lr * wd) first; p * c - p is exact (Sterbenz), so p + u rounds
+    # like torch's two in-place ops up to one final rounding.
+    return (p * (1.0 - lr * hp["weight_decay"]) - p) + u
+
+
+def _nadam(g, p, s, step, hp, lr, b1):
+    step = step + 1
+    wd, b2, psi = hp["weight_decay"], hp["beta2"], hp["momentum_decay"]
+    if wd and not hp["decoupled_weight_decay"]:
+        g = g + wd * p
+    # mu_t = beta1 (1 - 0.5 * 0.96 ** (t psi)), the momentum cache of Dozat's Nesterov Adam.
+    mu = b1 * (1.0 - 0.5 * jnp.exp(step * (psi * math.log(0.96))))
+    mu_next = b1 * (1.0 - 0.5 * jnp.exp((step + 1.0) * (psi * math.log(0.96))))
+    mu_product = s["mu_product"] * mu  # torch keeps it as a float32 tensor
+    m = _lerp(s["exp_avg"], g, 1.0 - b1)
+    v = s["exp_avg_sq"] * b2 + (1.0 - b2) * g * g
+    c2 = -jnp.expm1(step * math.log(b2))
+    denom = jnp.sqrt(v / c2) + hp["eps"]
+    mu_product_next = mu_product * mu_next
+    u = -(lr * (1.0 - mu) / (1.0 - mu_product)) * g / denom
+    u = u - (lr * mu_next / (1.0 - mu_product_next)) * m / denom
+    if wd and hp["decoupled_weight_decay"]:
+        u = _decoupled_decay(u, p, lr, hp)
+    return u, {"exp_avg": m, "exp_avg_sq": v, "mu_product": mu_product}, step
+
+
+# Bernoulli-number coefficients c_k of z / (e^z - 1) = 1 - z/2 + sum_k c_k z^(2k), k = 1..5.
+_BERNOULLI = (1 / 12, -1 / 720, 1 / 30240, -1 / 1209600, 1 / 47900160)
+
+
+def _radam_rho(step, b2: float):
+    """RAdam's ``rho_t = rho_inf - 2 t b2^t / (1 - b2^t)``, accurate in float32.
+
+    Torch computes it in Python doubles. In float32 the two terms (both ~2 / (1 - b2), 2000
+    for b2 = 0.999) cancel down to ~t, losing 4e-4 absolute where the rectifier starts (t ~ 6).
+    With u = -log(b2) and f(z) = z / (e^z - 1): rho_t + 1 = (2/u) (f(-u) - f(t u)), whose
+    series in u and t u has no cancellation; for t u >= 1 the direct form loses nothing.
+    """
+    u = -math.log(b2)
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+    z = step * u
+    direct = rho_inf - 2.0 * step / jnp.expm1(z)
+    zs = jnp.minimum(z, 1.0)
+    series = step  # rho_t = t + (2/u) sum_k c_k (u^2k - (t u)^2k)
+    for k, c in enumerate(_BERNOULLI, start=1):
+        series = series + 2.0 * c * (u ** (2 * k - 1) - zs ** (2 * k) / u)
+    return jnp.where(z < 1.0, series, direct), rho_inf
+
+
+def _radam(g, p, s, step, hp, lr, b1):
+    step = step + 1
+    wd, b2 = hp["weight_decay"], hp["beta2"]
+    if wd and not hp["decoupled_weight_decay"]:
+        g = g + wd * p
+    m = _lerp(s["exp_avg"], g, 1.0 - b1)
+    v = s["exp_avg_sq"] * b2 + (1.0 - b2) * g * g
+    log_b1 = math.log(b1) if isinstance(b1, float) else jnp.log(b1)
+    c1, c2 = -jnp.expm1(step * log_b1), -jnp.expm1(step * math.log(b2))
+    rho, rho_inf = _radam_rho(step, b2)
+    # The rectifier; NaN where rho <= 4, but then the plain momentum step is taken.
+    rect = jnp.sqrt((rho - 4.0) * (rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
+    adaptive = jnp.sqrt(c2) / (jnp.sqrt(v) + hp["eps"])
+    u = -(m / c1) * lr
+    u = jnp.where(rho > 5.0, u * adaptive * rect, u)
+    if wd and hp["decoupled_weight_decay"]:
+        u = _decoupled_decay(u, p, lr, hp)
+    return u, {"exp_avg": m, "exp_avg_sq": v}, step
+
+
+def _adamax(g, p, s, step, hp, lr, b1):
+    step = step + 1
+    if hp["weight_decay"]:
+        g = g + hp["weight_decay"] * p
+    m = _lerp(s["exp_avg"], g, 1.0 - b1)
+    # The infinity norm: u_t = max(b2 u_{t-1}, |g| + eps), eps inside the max as torch has it.
+    inf = jnp.maximum(s["exp_inf"] * hp["beta2"], jnp.abs(g) + hp["eps"])
+    log_b1 = math.log(b1) if isinstance(b1, float) else jnp.log(b1)
+    clr = lr / -jnp.expm1(step * log_b1)
+    return -clr * m / inf, {"exp_avg": m, "exp_inf": inf}, step
+
+
+def _rms(x):
+    return jnp.sqrt(jnp.sum(x * x) / max(x.size, 1))
+
+
+def _adafactor(g, p, s, step, hp, lr, mom):
+    del mom
+    step = step + 1
+    eps1, eps2 = hp["eps1"], hp["eps2"]
+    w = jnp.power(step, hp["beta2_decay"])  # 1 - beta2_t = t ** beta2_decay
+    # Relative step: rho_t = min(lr, 1/sqrt(t)), scaled by the parameter's RMS (before decay).
+    alpha = jnp.maximum(eps2, _rms(p)) * jnp.minimum(lr, 1.0 / jnp.sqrt(step))
+    if g.ndim > 1:
+        row = _lerp(s["row_var"], jnp.sum(g * g, axis=-1, keepdims=True) / g.shape[-1], w)
+        col = _lerp(s["col_var"], jnp.sum(g * g, axis=-2, keepdims=True) / g.shape[-2], w)
+        row_mean = jnp.maximum(jnp.mean(row, axis=-2, keepdims=True), eps1)
+        var = row * col / row_mean  # torch's row_var @ col_var: an outer product
+        new = {"row_var": row, "col_var": col}
+    else:
+        var = new_var = _lerp(s["variance"], g * g, w)
+        new = {"variance": new_var}
+    update = jax.lax.rsqrt(jnp.maximum(var, eps1 * eps1)) * g
+    denom = jnp.maximum(1.0, _rms(update) / hp["d"])  # clip the update's RMS at d
+    u = -(alpha / denom) * update
+    if hp["weight_decay"]:
+        u = _decoupled_decay(u, p, lr, hp)
+    return u, new, step
+
+
 # name -> (update rule, hyperparameter keys read from the torch param group)
 _RULES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "SGD": (_sgd, ("momentum", "dampening", "nesterov", "weight_decay")),
     "Adam": (_adam, ("betas", "eps", "weight_decay", "amsgrad")),
     "Adagrad": (_adagrad, ("lr_decay", "eps", "weight_decay", "initial_accumulator_value")),
     "RMSprop": (_rmsprop, ("alpha", "eps", "weight_decay", "momentum", "centered")),
+    "NAdam": (_nadam, ("betas", "eps", "weight_decay", "momentum_decay")),
+    "RAdam": (_radam, ("betas", "eps", "weight_decay")),
+    "Adamax": (_adamax, ("betas", "eps", "weight_decay")),
+    "Adafactor": (_adafactor, ("beta2_decay", "eps", "d", "weight_decay")),
 }
 _RULES["AdamW"] = _RULES["Adam"]
 
@@ -161,17 +319,28 @@ def _scalar(x):
 
 
 def _hyper(kind: str, group: dict) -> dict[str, Any]:
+    import torch
+
     hp = {k: _scalar(group[k]) for k in _RULES[kind][1]}
     hp["maximize"] = bool(group.get("maximize", False))
-    if kind in ("Adam", "AdamW"):
+    if "betas" in hp:
         b1, b2 = (float(_scalar(b)) for b in hp.pop("betas"))
         hp.update(beta1=b1, beta2=b2)
+    if kind in ("Adam", "AdamW", "NAdam", "RAdam"):
         hp["decoupled_weight_decay"] = bool(group.get("decoupled_weight_decay", kind == "AdamW"))
+    if kind == "Adafactor":
+        eps1, eps2 = hp.pop("eps")
+        if eps1 is None:
+            # torch takes the machine epsilon of the group's first stepped parameter's dtype.
+            first = next((p for p in group["params"] if p.requires_grad), None)
+            eps1 = torch.finfo(first.dtype if first is not None else torch.float32).eps
+        hp.update(eps1=float(_scalar(eps1)), eps2=float(_scalar(eps2)))
     return {k: v if isinstance(v, bool) else float(v) for k, v in hp.items()}
 
 
 def _momentum_key(kind: str) -> str | None:
-    return {"SGD": "momentum", "RMSprop": "momentum", "Adagrad": None}.get(kind, "beta1")
+    table = {"SGD": "momentum", "RMSprop": "momentum", "Adagrad": None, "Adafactor": None}
+    return table.get(kind, "beta1")
 
 
 def _slots(kind: str, hp: dict, cycled: bool) -> tuple[str, ...]:
@@ -183,12 +352,41 @@ def _slots(kind: str, hp: dict, cycled: bool) -> tuple[str, ...]:
         out = ("square_avg",)
         out += ("momentum_buffer",) if hp["momentum"] > 0 or cycled else ()
         return out + (("grad_avg",) if hp["centered"] else ())
+    if kind == "NAdam":
+        return ("exp_avg", "exp_avg_sq", "mu_product")
+    if kind == "RAdam":
+        return ("exp_avg", "exp_avg_sq")
+    if kind == "Adamax":
+        return ("exp_avg", "exp_inf")
+    if kind == "Adafactor":
+        return ("row_var", "col_var", "variance")
     return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
 
 
+def _param_slots(slots: tuple[str, ...], shape) -> tuple[str, ...]:
+    """The slots one parameter holds: Adafactor factors the second moment of >= 2-D ones."""
+    if "variance" in slots:
+        factored = len(shape) > 1
+        return tuple(s for s in slots if (s == "variance") != factored)
+    return slots
+
+
+def _slot_shape(slot: str, shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    if slot == "mu_product":
+        return ()
+    if slot == "row_var":  # mean over the last dimension
+        return shape[:-1] + (1,)
+    if slot == "col_var":  # mean over the second-last dimension
+        return shape[:-2] + (1,) + shape[-1:]
+    return shape
+
+
 def _fresh(slot: str, hp: dict, shape, dtype) -> jax.Array:
+    if slot == "mu_product":  # a float32 scalar in torch, whatever the parameter's dtype
+        return jnp.ones((), jnp.float32)
     value = hp["initial_accumulator_value"] if slot == "sum" else 0.0
-    return jnp.full(shape, value, dtype)
+    return jnp.full(_slot_shape(slot, shape), value, dtype)
 
 
 def _transformation(kind: str, groups: list[_Group]) -> optax.GradientTransformation:
@@ -196,33 +394,41 @@ def _transformation(kind: str, groups: list[_Group]) -> optax.GradientTransforma
     mkey = _momentum_key(kind)
     managed = {n for grp in groups for n in grp.names}
 
-    def lrs(count):
-        return tuple(grp.schedule.lr(count) for grp in groups)
+    def lrs(count, host: Callable[[int], jax.Array]):
+        return tuple(
+            host(gi) if grp.schedule.on_host else grp.schedule.lr(count)
+            for gi, grp in enumerate(groups)
+        )
 
     def init(params: Mapping[str, jax.Array]) -> TorchOptimState:
         slots: dict[str, dict[str, jax.Array]] = {}
         for grp in groups:
-            for slot in grp.slots:
-                for n in grp.names:
-                    arr = params[n]
+            for n in grp.names:
+                arr = params[n]
+                for slot in _param_slots(grp.slots, arr.shape):
                     slots.setdefault(slot, {})[n] = _fresh(slot, grp.hp, arr.shape, arr.dtype)
         count = jnp.zeros([], jnp.int32)
         step = {n: jnp.zeros([], jnp.float32) for n in managed}
-        return TorchOptimState(count, lrs(count), step, slots)
+        lr = lrs(count, lambda gi: _rate(groups[gi].fresh_lr))
+        return TorchOptimState(count, lr, step, slots)
 
     def update(updates, state: TorchOptimState, params=None):
         missing = sorted(managed - set(updates))
         if missing:
             raise ValueError(f"convert_optimizer's update: no gradient for {missing}.")
-        needs_params = any(grp.hp["weight_decay"] for grp in groups)
+        needs_params = kind == "Adafactor" or any(grp.hp["weight_decay"] for grp in groups)
         if needs_params and params is None:
-            raise ValueError("Weight decay needs the params: tx.update(grads, state, params).")
+            raise ValueError(
+                f"{kind} needs the params (weight decay, or Adafactor's relative step): "
+                "tx.update(grads, state, params)."
+            )
         # Names the torch optimizer didn't hold are not updated, as in torch.
         out = {n: jnp.zeros_like(g) for n, g in updates.items() if n not in managed}
         step = dict(state.step)
         slots = {slot: dict(per) for slot, per in state.slots.items()}
-        for grp in groups:
-            lr = grp.schedule.lr(state.count)
+        for gi, grp in enumerate(groups):
+            # A host-side rate was written by HostRates.before_step; a traced one is computed.
+            lr = state.lr[gi] if grp.schedule.on_host else grp.schedule.lr(state.count)
             mom = grp.hp.get(mkey) if mkey else None
             if grp.schedule.momentum is not None:
                 mom = grp.schedule.momentum(state.count)
@@ -232,15 +438,24 @@ def _transformation(kind: str, groups: list[_Group]) -> optax.GradientTransforma
                 g = -g.astype(dt) if grp.hp["maximize"] else g.astype(dt)
                 p = None if params is None else params[n].astype(dt)
                 m = mom if mom is None or isinstance(mom, float) else mom.astype(dt)
-                s = {slot: slots[slot][n] for slot in grp.slots}
+                s = {slot: slots[slot][n] for slot in _param_slots(grp.slots, g.shape)}
                 u, s, step[n] = rule(g, p, s, step[n], grp.hp, lr.astype(dt), m)
                 out[n] = u.astype(updates[n].dtype)
                 for slot, value in s.items():  # state keeps its dtype (torch's: the param's)
                     slots[slot][n] = value.astype(slots[slot][n].dtype)
         count = optax.safe_int32_increment(state.count)
-        return out, TorchOptimState(count, lrs(count), step, slots)
+
+        def used_up(gi):  # a host-side rate: NaN until before_step writes the next one
+            return jnp.full_like(state.lr[gi], jnp.nan)
+
+        return out, TorchOptimState(count, lrs(count, used_up), step, slots)
 
     return optax.GradientTransformation(init, update)
+
+
+def _rate(value: float) -> jax.Array:
+    """A host-side rate as the traced schedules give theirs (float32, float64 under x64)."""
+    return jnp.asarray(value, jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
 def _to_jax(t) -> jax.Array:
@@ -268,7 +483,9 @@ def _check_position(kind: str, gi: int, group: dict, hp: dict, sched: GroupSched
                 "with itself in torch)."
             )
 
-    check("lr", float(_scalar(group["lr"])), sched.lr)
+    if sched.on_host and sched.host_lr is None:
+        return  # ReduceLROnPlateau: group["lr"] is the rate, whatever it is
+    check("lr", float(_scalar(group["lr"])), lambda t: sched.rate_at(int(t)))
     if sched.momentum is not None:
         mkey = _momentum_key(kind)
         check(mkey, hp[mkey], sched.momentum)
@@ -279,15 +496,16 @@ def _param_state(name: str, p, st: dict, hp: dict, slots: tuple[str, ...]):
     has_buf = st.get("momentum_buffer") is not None
     step = jnp.asarray(float(_scalar(st.get("step", 1.0 if has_buf else 0.0))), jnp.float32)
     out = {}
-    for slot in slots:
+    for slot in _param_slots(slots, tuple(p.shape)):
         value = st.get(slot)
         if value is None:  # not stepped yet (or SGD's buffer before its first step)
             dtype = jnp.dtype(str(p.dtype).removeprefix("torch."))
             out[slot] = _fresh(slot, hp, tuple(p.shape), dtype)
             continue
         out[slot] = _to_jax(value)
-        if out[slot].shape != tuple(p.shape):
-            raise ValueError(f"{name}: state[{slot!r}] has shape {out[slot].shape}, not {p.shape}.")
+        want = _slot_shape(slot, p.shape)
+        if out[slot].shape != want:
+            raise ValueError(f"{name}: state[{slot!r}] has shape {out[slot].shape}, not {want}.")
     return step, out
 
 
@@ -299,8 +517,8 @@ def _unsupported_message(optimizer=None, scheduler=None) -> str:
     return (
         f"Can't convert the {kind} {type(what).__module__}.{type(what).__qualname__} to optax. "
         f"Supported optimizers (torch.optim, exact classes): {', '.join(SUPPORTED_OPTIMIZERS)}. "
-        f"Supported schedulers (torch.optim.lr_scheduler, stepped once per optimizer step): "
-        f"{', '.join(SUPPORTED_SCHEDULERS)}."
+        f"Supported schedulers (torch.optim.lr_scheduler, stepped once per optimizer step; "
+        f"ReduceLROnPlateau with the step's loss): {', '.join(SUPPORTED_SCHEDULERS)}."
     )
 
 
@@ -316,7 +534,11 @@ def convert_optimizer(
             groups that requires grad. Other names (extra entries, or parameters with
             ``requires_grad=False``, which torch never steps) get zero updates.
         scheduler: the ``torch.optim.lr_scheduler`` object driving ``optimizer``, stepped once
-            per optimizer step after it; a class in ``SUPPORTED_SCHEDULERS``.
+            per optimizer step after it; a class in ``SUPPORTED_SCHEDULERS``. If a param
+            group's rate can't be traced (a LambdaLR lambda with Python ``math`` or branches,
+            ReduceLROnPlateau), the update reads it from ``opt_state.lr``: drive the loop with
+            :func:`host_rates` (``before_step`` before each update), or every update after the
+            first gives NaN.
 
     Returns:
         ``(tx, opt_state)``: ``tx`` works on flat ``{name: array}`` dicts of grads and params
@@ -326,13 +548,13 @@ def convert_optimizer(
 
     Raises:
         ValueError: an unsupported optimizer or scheduler (listing the supported ones), a
-            parameter missing from ``names``, complex parameters, a LambdaLR lambda JAX can't
-            trace, or a ``group["lr"]`` that disagrees with the scheduler.
+            parameter missing from ``names``, complex parameters, or a ``group["lr"]`` that
+            disagrees with the scheduler.
     """
     import torch
 
     kind = type(optimizer).__name__
-    if kind not in SUPPORTED_OPTIMIZERS or type(optimizer) is not getattr(torch.optim, kind):
+    if kind not in SUPPORTED_OPTIMIZERS or type(optimizer) is not getattr(torch.optim, kind, None):
         raise ValueError(_unsupported_message(optimizer=optimizer))
     if scheduler is not None and not is_supported(scheduler):
         raise ValueError(_unsupported_message(scheduler=scheduler))
@@ -366,9 +588,129 @@ def convert_optimizer(
             )
             for slot, value in per_slot.items():
                 slots.setdefault(slot, {})[name] = value
-        groups.append(_Group(tuple(group_names), hp, sched, group_slots))
+        fresh = float(_scalar(group["lr"]))
+        if sched.host_lr is not None:
+            fresh = sched.host_lr(0)
+        groups.append(_Group(tuple(group_names), hp, sched, group_slots, fresh))
 
     tx = _transformation(kind, groups)
     count = jnp.asarray(epoch, jnp.int32)
-    lr = tuple(grp.schedule.lr(count) for grp in groups)
+    lr = tuple(
+        _rate(float(_scalar(group["lr"]))) if grp.schedule.on_host else grp.schedule.lr(count)
+        for group, grp in zip(optimizer.param_groups, groups, strict=True)
+    )
     return tx, TorchOptimState(count, lr, step, slots)
+
+
+class HostRates:
+    """The learning rates of the param groups a jitted step can't compute, stepped on the host.
+
+    Built by :func:`host_rates`, at the scheduler's position when converted. Torch's order is
+    ``optimizer.step()`` (which uses ``group["lr"]``) then ``scheduler.step()``; here that is
+    ``before_step`` (write the rate the step about to run uses), the update, then
+    ``after_step`` (move the schedule on, as ``scheduler.step()`` / ``scheduler.step(loss)``).
+    Call both once per optimizer step (once per accumulated step, not per micro-batch).
+
+    Attributes:
+        needs_loss: True for ReduceLROnPlateau: ``after_step`` needs the step's loss.
+        epoch: the scheduler's ``last_epoch``; the step about to run uses the rate at it.
+    """
+
+    def __init__(self, schedules: list[GroupSchedule], epoch: int, plateau: Plateau | None):
+        self._schedules = schedules
+        self._plateau = plateau
+        self.epoch = epoch
+        self.needs_loss = plateau is not None
+
+    def rates(self) -> tuple[float | None, ...]:
+        """Per param group, the host-side rate of the next step (None: traced in the step)."""
+        out = []
+        for i, sched in enumerate(self._schedules):
+            if not sched.on_host:
+                out.append(None)
+            elif sched.host_lr is None:
+                out.append(self._plateau.lrs[i])
+            else:
+                out.append(sched.host_lr(self.epoch))
+        return tuple(out)
+
+    def before_step(self, opt_state):
+        """``opt_state`` with the rates of the step about to run written in.
+
+        Args:
+            opt_state: the state ``convert_optimizer`` returned (as updated since), or a
+                structure holding it (``optax.chain``'s tuple, ``optax.MultiSteps``' state):
+                every :class:`TorchOptimState` inside is rewritten.
+        """
+        rates = self.rates()
+        found = []
+
+        def write(node):
+            if not isinstance(node, TorchOptimState):
+                return node
+            if len(node.lr) != len(rates):
+                raise ValueError(
+                    f"HostRates.before_step: the optimizer state has {len(node.lr)} param "
+                    f"groups, the scheduler {len(rates)}; pass the state convert_optimizer "
+                    "returned for the same optimizer."
+                )
+            found.append(node)
+            lr = tuple(
+                old if r is None else jnp.asarray(r, old.dtype)
+                for old, r in zip(node.lr, rates, strict=True)
+            )
+            return node._replace(lr=lr)
+
+        out = jax.tree.map(write, opt_state, is_leaf=lambda x: isinstance(x, TorchOptimState))
+        if not found:
+            raise ValueError(
+                "HostRates.before_step: no TorchOptimState in opt_state; pass the state "
+                "convert_optimizer returned (or the optax state that wraps it)."
+            )
+        return out
+
+    def after_step(self, loss: float | None = None) -> None:
+        """Move the schedule on by one optimizer step (torch's ``scheduler.step()``).
+
+        Args:
+            loss: the loss of the step just run (a float or a scalar array), which
+                ReduceLROnPlateau compares with its best (``scheduler.step(loss)``); ignored,
+                and may be None, when ``needs_loss`` is False.
+        """
+        if self._plateau is not None:
+            if loss is None:
+                raise ValueError(
+                    "ReduceLROnPlateau steps on the loss: call after_step(loss) with the loss "
+                    "of the step just run (as torch's scheduler.step(loss))."
+                )
+            self._plateau.step(float(loss))
+        self.epoch += 1
+
+
+def host_rates(optimizer, scheduler) -> HostRates | None:
+    """The host-side half of a converted scheduler, or None when every rate traces.
+
+    A ``LambdaLR`` lambda JAX can't trace (Python ``math``, ``min``, ``if`` on the epoch: the
+    transformers ``get_*_schedule_with_warmup`` lambdas, nanoGPT's ``get_lr``), a
+    ``SequentialLR`` holding one, and ``ReduceLROnPlateau`` are evaluated here in Python, per
+    step, exactly as torch evaluates them; the rate reaches the jitted update through
+    ``opt_state.lr`` (see :class:`HostRates`).
+
+    Args:
+        optimizer: the torch optimizer passed to :func:`convert_optimizer`.
+        scheduler: the scheduler passed to it (None: no scheduler, returns None).
+
+    Raises:
+        ValueError: as :func:`convert_optimizer` for an unsupported scheduler.
+    """
+    if scheduler is None:
+        return None
+    if not is_supported(scheduler):
+        raise ValueError(_unsupported_message(scheduler=scheduler))
+    scheds = group_schedules(scheduler, optimizer)
+    if not any(s.on_host for s in scheds):
+        return None
+    plateau = None
+    if type(scheduler).__name__ == "ReduceLROnPlateau":
+        plateau = Plateau(scheduler, optimizer)
+    return HostRates(scheds, int(scheduler.last_epoch), plateau)

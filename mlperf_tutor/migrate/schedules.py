@@ -1,10 +1,16 @@
-"""PyTorch LR schedulers as traceable functions of the scheduler's epoch.
+"""PyTorch LR schedulers as traceable functions of the scheduler's epoch, or host-side rates.
 
 ``torch.optim.lr_scheduler`` mostly updates ``group["lr"]`` recursively (it multiplies the
 current value). A jitted JAX step can't carry that Python state, so every supported scheduler is
 written here in closed form, as a function of ``last_epoch`` (an int32 array) that ``jax.jit``
 can trace. Where torch has a ``_get_closed_form_lr`` the formula is torch's; the recursive values
 torch produces differ from it by round-off only.
+
+Two kinds of schedule stay on the host, in Python, and their rate is fed to the jitted step each
+step (:class:`mlperf_tutor.migrate.optim.HostRates`): a ``LambdaLR`` lambda that JAX can't trace
+(``math.cos``, ``min``, ``if`` on the epoch, as in transformers' ``get_*_schedule_with_warmup``
+and nanoGPT's ``get_lr``), evaluated on the integer epoch exactly as torch does, and
+``ReduceLROnPlateau``, which follows the losses (:class:`Plateau`).
 
 The convention (torch's): ``optimizer.step()`` uses ``group["lr"]``, then ``scheduler.step()``
 moves ``last_epoch`` one on. So the ``k``-th update after a conversion at ``last_epoch = E``
@@ -31,6 +37,7 @@ SUPPORTED_SCHEDULERS = (
     "OneCycleLR",
     "SequentialLR",
     "LambdaLR",
+    "ReduceLROnPlateau",
 )
 
 Schedule = Callable[[jax.Array], jax.Array]
@@ -40,13 +47,30 @@ class GroupSchedule(NamedTuple):
     """The hyperparameters a scheduler moves for one param group, as functions of the epoch.
 
     Attributes:
-        lr: epoch -> learning rate.
+        lr: epoch -> learning rate, traceable; None when the rate comes from the host.
         momentum: epoch -> SGD/RMSprop ``momentum`` or Adam's ``beta1``; only for
             ``OneCycleLR(cycle_momentum=True)``, else None (the group's value is constant).
+        host_lr: with ``lr`` None, the Python function ``int epoch -> float rate`` evaluated
+            on the host (a LambdaLR lambda JAX can't trace, or a SequentialLR holding one);
+            None with ``lr`` None too means ReduceLROnPlateau (the rate follows the losses).
     """
 
-    lr: Schedule
+    lr: Schedule | None
     momentum: Schedule | None = None
+    host_lr: Callable[[int], float] | None = None
+
+    @property
+    def on_host(self) -> bool:
+        """Whether the rate is computed on the host rather than inside the jitted step."""
+        return self.lr is None
+
+    def rate_at(self, epoch: int) -> float:
+        """The rate at ``epoch``, as a Python float (not for ReduceLROnPlateau)."""
+        if self.lr is not None:
+            return float(self.lr(jnp.asarray(epoch, jnp.int32)))
+        if self.host_lr is None:
+            raise ValueError("ReduceLROnPlateau's rate follows the losses, not the epoch.")
+        return self.host_lr(epoch)
 
 
 def _real(t: jax.Array) -> jax.Array:
@@ -139,22 +163,27 @@ def _cosine(s, base: float) -> Schedule:
     return lr
 
 
-def _lambda(s, base: float, fn: Callable) -> Schedule:
+def _lambda(base: float, fn: Callable) -> GroupSchedule:
+    """A LambdaLR group: traced when ``fn`` traces to a scalar, else evaluated on the host."""
     try:
         out = jax.eval_shape(fn, jax.ShapeDtypeStruct((), jnp.int32))
-        ok = getattr(out, "shape", None) == ()
-    except Exception as err:  # whatever the lambda does to a tracer, the fix is the same
-        raise ValueError(
-            f"LambdaLR: lr_lambda {fn!r} can't be traced by JAX ({type(err).__name__}: "
-            f"{err}). The converted step computes the rate inside jax.jit, so the lambda must "
-            "use jnp-compatible math on its epoch argument: arithmetic, ** and // work in both "
-            "torch and JAX; min(), math.cos or if/else on the epoch don't. Either rewrite it so, "
-            "or before converting set scheduler.lr_lambdas to jnp twins of the same functions "
-            "(jnp.minimum, jnp.where, jnp.cos)."
-        ) from err
-    if not ok:
-        raise ValueError(f"LambdaLR: lr_lambda {fn!r} must return a scalar, got {out}.")
-    return lambda t: base * _real(fn(jnp.asarray(t, jnp.int32)))
+        traces = getattr(out, "shape", None) == ()
+    except Exception:  # noqa: BLE001 - whatever the lambda does to a tracer, the host path works
+        traces = False
+    if traces:
+        return GroupSchedule(lambda t: base * _real(fn(jnp.asarray(t, jnp.int32))))
+
+    def host_lr(epoch: int) -> float:
+        # torch's LambdaLR.get_lr: base_lr * lmbda(last_epoch), in Python floats.
+        try:
+            return float(base * fn(epoch))
+        except Exception as err:
+            raise ValueError(
+                f"LambdaLR: lr_lambda {fn!r} failed at epoch {epoch} ({type(err).__name__}: "
+                f"{err}); it must map an int epoch to a float factor, as torch calls it."
+            ) from err
+
+    return GroupSchedule(None, host_lr=host_lr)
 
 
 def _one_cycle(s, group: dict) -> GroupSchedule:
@@ -200,6 +229,11 @@ def _sequential(s, optimizer) -> list[GroupSchedule]:
             "SequentialLR inside SequentialLR is not supported (torch shifts the inner "
             "schedulers' epochs): list all the schedulers in one SequentialLR."
         )
+    if any(type(sub).__name__ == "ReduceLROnPlateau" for sub in s._schedulers):
+        raise ValueError(
+            "SequentialLR containing ReduceLROnPlateau is not supported (torch's SequentialLR "
+            "steps it without a metric): use ReduceLROnPlateau alone."
+        )
     inner = [group_schedules(sub, optimizer) for sub in s._schedulers]
     if any(g.momentum is not None for groups in inner for g in groups):
         raise ValueError(
@@ -219,10 +253,82 @@ def _sequential(s, optimizer) -> list[GroupSchedule]:
 
         return lr
 
-    return [
-        GroupSchedule(piecewise([groups[i].lr for groups in inner]))
-        for i in range(len(optimizer.param_groups))
-    ]
+    def host_piecewise(parts: Sequence[GroupSchedule]) -> Callable[[int], float]:
+        def host_lr(epoch: int) -> float:
+            i = sum(epoch >= start for start in starts[1:])
+            return parts[i].rate_at(max(epoch - starts[i], 0))
+
+        return host_lr
+
+    out = []
+    for i in range(len(optimizer.param_groups)):
+        parts = [groups[i] for groups in inner]
+        if any(part.on_host for part in parts):
+            out.append(GroupSchedule(None, host_lr=host_piecewise(parts)))
+        else:
+            out.append(GroupSchedule(piecewise([part.lr for part in parts])))
+    return out
+
+
+class Plateau:
+    """``ReduceLROnPlateau`` on the host: torch's rule, its state converted from torch's.
+
+    ``step(metric)`` is torch's ``scheduler.step(metric)``, called after the optimizer step;
+    ``lrs`` are the param groups' rates the next optimizer step uses (Python floats, multiplied
+    as torch multiplies ``group["lr"]``, so they are torch's to the last bit).
+    """
+
+    def __init__(self, scheduler, optimizer):
+        s = scheduler
+        n = len(optimizer.param_groups)
+        min_lrs = list(s.min_lrs)
+        if len(min_lrs) != n:
+            if s.default_min_lr is None:
+                raise ValueError(
+                    f"ReduceLROnPlateau has {len(min_lrs)} min_lrs for {n} param groups: set "
+                    "scheduler.min_lrs to one value per param group."
+                )
+            min_lrs = [s.default_min_lr] * n
+        self.min_lrs = [float(m) for m in min_lrs]
+        # The hyperparameters and the position, under torch's attribute names.
+        self.mode: str = s.mode
+        self.threshold: float = s.threshold
+        self.threshold_mode: str = s.threshold_mode
+        self.factor: float = s.factor
+        self.patience: int = s.patience
+        self.cooldown: int = s.cooldown
+        self.eps: float = s.eps
+        self.best: float = s.best
+        self.num_bad_epochs: int = s.num_bad_epochs
+        self.cooldown_counter: int = s.cooldown_counter
+        self.last_epoch: int = s.last_epoch
+        self.lrs = [float(g["lr"]) for g in optimizer.param_groups]
+
+    def _is_better(self, a: float) -> bool:
+        if self.mode == "min":
+            if self.threshold_mode == "rel":
+                return a < self.best * (1.0 - self.threshold)
+            return a < self.best - self.threshold
+        if self.threshold_mode == "rel":
+            return a > self.best * (self.threshold + 1.0)
+        return a > self.best + self.threshold
+
+    def step(self, metric: float) -> None:
+        current = float(metric)
+        self.last_epoch += 1
+        if self._is_better(current):
+            self.best, self.num_bad_epochs = current, 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0  # bad epochs in cooldown don't count, as in torch
+        if self.num_bad_epochs > self.patience:
+            for i, old in enumerate(self.lrs):
+                new = max(old * self.factor, self.min_lrs[i])
+                if old - new > self.eps:
+                    self.lrs[i] = new
+            self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
 
 
 _PER_BASE_LR: dict[str, Callable[[Any, float], Schedule]] = {
@@ -245,8 +351,8 @@ def group_schedules(scheduler, optimizer) -> list[GroupSchedule]:
         optimizer: the ``torch.optim.Optimizer`` it drives.
 
     Raises:
-        ValueError: unsupported scheduler, a scheduler of another optimizer, or a LambdaLR whose
-            lambda JAX can't trace.
+        ValueError: unsupported scheduler, a scheduler of another optimizer, or a nesting torch
+            itself runs differently from its parts (see ``_sequential``).
     """
     kind = type(scheduler).__name__
     if not is_supported(scheduler):
@@ -263,9 +369,11 @@ def group_schedules(scheduler, optimizer) -> list[GroupSchedule]:
         return [GroupSchedule(build(scheduler, float(b))) for b in scheduler.base_lrs]
     if kind == "LambdaLR":
         return [
-            GroupSchedule(_lambda(scheduler, float(b), fn))
+            _lambda(float(b), fn)
             for b, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
         ]
+    if kind == "ReduceLROnPlateau":
+        return [GroupSchedule(None) for _ in groups]
     if kind == "OneCycleLR":
         return [_one_cycle(scheduler, g) for g in groups]
     return _sequential(scheduler, optimizer)
