@@ -11,6 +11,11 @@ would flow through them) become a ``stop_gradient`` op; and
 ``scaled_dot_product_attention`` stays one op, so jax runs one attention instead of a
 decomposition of PyTorch's math fallback.
 
+The batch's leading dimension is exported as a dynamic dimension where the model allows it, so
+a smaller last batch runs the same graph; ``autocast="bf16"`` exports under ``torch.autocast``,
+whose casts the graph then records. A tied parameter is lifted once per name (``torch.export``
+routes its uses through one of them); every name reads one state entry, the first name's.
+
 References: https://pytorch.org/docs/stable/export.html (graph signature, decompositions).
 """
 
@@ -243,30 +248,36 @@ class Translation:
             f"values), {len(self.ops())} distinct ops in the train graph)"
         )
 
-    def _mismatch(self, keys: tuple, shape: tuple[int, ...], want: tuple) -> str | None:
-        """Why a batch tensor of ``shape`` does not fit the exported graphs (None: it fits)."""
-        fixed = len(shape) == len(want) and all(
-            w is None or s == w for s, w in zip(shape, want, strict=True)
-        )
-        if fixed and want and want[0] is None:
-            low, high = self.batch_range
-            if low <= shape[0] and (high is None or shape[0] <= high):
-                return None
-            fixed = False
-        if fixed:
-            return None
-        shown = tuple("B" if w is None else w for w in want)
-        return f"{_describe(keys)} has shape {shape}; the translation was exported for {shown}"
+    def _mismatch(self, shapes: list[tuple[int, ...]]) -> str | None:
+        """Why batch tensors of these shapes (one per leaf) do not fit the graphs, or None."""
+        batch_sizes = set()
+        for (keys, want, _), shape in zip(self._leaves, shapes, strict=True):
+            fits = len(shape) == len(want) and all(
+                w is None or s == w for s, w in zip(shape, want, strict=True)
+            )
+            if fits and want and want[0] is None:
+                low, high = self.batch_range
+                fits = low <= shape[0] and (high is None or shape[0] <= high)
+                batch_sizes.add(shape[0])
+            if not fits:
+                shown = tuple("B" if w is None else w for w in want)
+                return f"{_describe(keys)} has shape {shape}; the graphs were exported for {shown}"
+        if len(batch_sizes) > 1:
+            dynamic = [
+                f"{_describe(keys)} has shape {shape}"
+                for (keys, want, _), shape in zip(self._leaves, shapes, strict=True)
+                if want and want[0] is None
+            ]
+            return f"{', '.join(dynamic)}: their batch dimension B must have one size"
+        return None
 
     def accepts(self, batch: Any) -> bool:
         """Whether :meth:`apply` takes ``batch`` (its tensors have shapes the graphs fit)."""
         try:
-            return not any(
-                self._mismatch(keys, tuple(np.shape(_fetch(batch, keys))), shape)
-                for keys, shape, _ in self._leaves
-            )
+            shapes = [tuple(np.shape(_fetch(batch, keys))) for keys, _, _ in self._leaves]
         except (KeyError, IndexError, TypeError):
             return False
+        return self._mismatch(shapes) is None
 
     def apply(self, params, buffers, frozen, batch, key=None, train: bool = True):
         """The loss and the buffers after the forward; pure and jit-able.
@@ -289,17 +300,17 @@ class Translation:
         """
         graph = self._train if train else self._eval
         inputs = []
-        for keys, shape, dtype in self._leaves:
+        for keys, _, dtype in self._leaves:
             try:
                 value = jnp.asarray(_fetch(batch, keys))
             except (KeyError, IndexError, TypeError) as error:
                 raise ValueError(f"{_describe(keys)} is missing from the batch") from error
-            if why := self._mismatch(keys, value.shape, shape):
-                raise ValueError(
-                    f"{why}: translate again with a batch of the new shape (a migrated step "
-                    "does this by itself)"
-                )
             inputs.append(value if dtype is None else value.astype(dtype))
+        if why := self._mismatch([x.shape for x in inputs]):
+            raise ValueError(
+                f"{why} (translate again with a batch of the new shape; a migrated step does "
+                "this by itself)"
+            )
         outputs, mutated = graph({**frozen, **buffers, **params}, inputs, key)
         new_buffers = dict(buffers)
         new_buffers.update({k: v for k, v in mutated.items() if k in new_buffers})
