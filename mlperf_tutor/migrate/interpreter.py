@@ -86,9 +86,13 @@ def source_line(node: torch.fx.Node) -> str:
 
 
 def _static_shape(meta: torch.Tensor) -> tuple[int, ...] | None:
+    # Symbolic sizes (a dynamic batch dimension) have no fixed value; int() would give the
+    # example's size, its hint.
+    if any(isinstance(s, torch.SymInt) for s in meta.shape):
+        return None
     try:
         return tuple(int(s) for s in meta.shape)
-    except (TypeError, ValueError):  # symbolic sizes
+    except (TypeError, ValueError):
         return None
 
 
