@@ -199,8 +199,16 @@ def _adaptive_max_pool(x, output_size):
     return out, jnp.zeros(out.shape, jnp.int32)  # the check keeps the indices unused
 
 
-def _resize_sources(x, output_size, scale_factors):
-    """(spatial dims, [(input size, output size, source step per output step)])."""
+def _resize_sources(x, output_size, scale_factors, scales=()):
+    """(spatial dims, [(input size, output size, source step per output step)]). ``scales``:
+    the per-dim scales of the ``.default`` overloads, which take precedence over the sizes."""
+    if output_size and any(scales):
+        sizes = x.shape[-len(output_size) :]
+        scales = (*scales, *(None,) * (len(sizes) - len(scales)))  # trailing Nones left out
+        steps = [
+            1 / s if s else n / out for n, out, s in zip(sizes, output_size, scales, strict=True)
+        ]
+        return len(output_size), list(zip(sizes, output_size, steps, strict=True))
     if output_size:
         sizes = x.shape[-len(output_size) :]
         pairs = zip(sizes, output_size, strict=True)
@@ -211,18 +219,28 @@ def _resize_sources(x, output_size, scale_factors):
     return len(scale_factors), [(length, math.floor(length * f), 1 / f) for length, f in pairs]
 
 
+@aten("upsample_nearest1d.default", "upsample_nearest2d.default", "upsample_nearest3d.default")
+def _upsample_nearest_sizes(x, output_size, *scales):
+    return _upsample_nearest(x, output_size, None, scales)
+
+
 @aten("upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec")
-def _upsample_nearest(x, output_size, scale_factors):
-    n, axes = _resize_sources(x, output_size, scale_factors)
+def _upsample_nearest(x, output_size, scale_factors, scales=()):
+    n, axes = _resize_sources(x, output_size, scale_factors, scales)
     for i, (length, out, scale) in enumerate(axes):
         src = np.minimum(np.floor(np.arange(out) * np.float32(scale)), length - 1).astype(int)
         x = jnp.take(x, src, axis=x.ndim - n + i)
     return x
 
 
+@aten("upsample_bilinear2d.default", "upsample_linear1d.default", "upsample_trilinear3d.default")
+def _upsample_linear_sizes(x, output_size, align_corners, *scales):
+    return _upsample_linear(x, output_size, align_corners, None, scales)
+
+
 @aten("upsample_bilinear2d.vec", "upsample_linear1d.vec", "upsample_trilinear3d.vec")
-def _upsample_linear(x, output_size, align_corners, scale_factors):
-    n, axes = _resize_sources(x, output_size, scale_factors)
+def _upsample_linear(x, output_size, align_corners, scale_factors, scales=()):
+    n, axes = _resize_sources(x, output_size, scale_factors, scales)
     for i, (length, out, scale) in enumerate(axes):
         dst = np.arange(out, dtype=np.float64)
         if align_corners:
@@ -476,41 +494,54 @@ def _embedding_bag(
         starts = np.asarray(offsets)[:bags]
         size = n // bags if bags else 0
         if bags and size * bags == n and np.array_equal(starts, np.arange(0, n, size)):
-            return _equal_bags(rows.reshape(bags, size, -1), valid.reshape(bags, size), mode)
+            grouped = rows.reshape(bags, size, -1), valid.reshape(bags, size)
+            return _equal_bags(*grouped, indices.reshape(bags, size), mode)
         bag_of = jnp.asarray(np.searchsorted(starts, np.arange(n), side="right") - 1)
     count = jax.ops.segment_sum(valid.astype(jnp.int32), bag_of, num_segments=bags)
+    winner = None
     if mode == 2:  # max; an empty bag gives zeros
         low = jnp.where(valid[:, None], rows, -jnp.inf)
         out = jax.ops.segment_max(low, bag_of, num_segments=bags)
+        # The row each maximum came from (the first on ties), for the fourth output.
+        hit = valid[:, None] & (low == out[bag_of])
+        where = jnp.where(hit, jnp.arange(n)[:, None], n)
+        first = jax.ops.segment_min(where, bag_of, num_segments=bags)
+        winner = jnp.where(first < n, indices[jnp.minimum(first, n - 1)], 0)
         out = jnp.where(count[:, None] > 0, out, 0)
     else:
         out = jax.ops.segment_sum(jnp.where(valid[:, None], rows, 0), bag_of, num_segments=bags)
         if mode == 1:  # mean
             out = out / jnp.maximum(count, 1)[:, None].astype(out.dtype)
-    return _bag_outputs(out.astype(weight.dtype), bag_of, count, mode)
+    return _bag_outputs(out.astype(weight.dtype), bag_of, count, mode, winner)
 
 
-def _bag_outputs(out, bag_of, count, mode):
-    """PyTorch's four outputs: the bags, offset2bag (empty in sum mode), the bag sizes and the
-    argmax per feature in max mode (zeros here: only PyTorch's own backward reads them)."""
-    bags = out.shape[0]
-    bag_of = bag_of[:0] if mode == 0 else bag_of
-    max_indices = jnp.zeros(out.shape if mode == 2 else (bags,), jnp.int32)
-    return out, bag_of, count, max_indices
+def _bag_outputs(out, bag_of, count, mode, winner):
+    """PyTorch's four outputs (the last three are what its backward reads): the bags;
+    offset2bag, bag sizes and max_indices, which in sum mode are empty, zeros and zeros, in mean
+    mode the bag of each index, the sizes and the sizes again, and in max mode the bag of each
+    index, the sizes and the weight row of each maximum."""
+    if mode == 0:
+        zeros = jnp.zeros(count.shape, count.dtype)
+        return out, bag_of[:0], zeros, zeros
+    return out, bag_of, count, count if mode == 1 else winner
 
 
-def _equal_bags(rows, valid, mode):
-    # rows (bags, L, D), valid (bags, L): the reduction is a plain sum / mean / max over L.
+def _equal_bags(rows, valid, indices, mode):
+    # rows (bags, L, D), valid and indices (bags, L): a plain sum / mean / max over L.
     count = valid.sum(1)
+    winner = None
     if mode == 2:
-        out = jnp.where(count[:, None] > 0, jnp.where(valid[..., None], rows, -jnp.inf).max(1), 0)
+        low = jnp.where(valid[..., None], rows, -jnp.inf)
+        first = jnp.argmax(low, axis=1)  # (bags, D), the first on ties
+        winner = jnp.where(count[:, None] > 0, jnp.take_along_axis(indices, first, axis=1), 0)
+        out = jnp.where(count[:, None] > 0, low.max(1), 0)
     else:
         out = jnp.where(valid[..., None], rows, 0).sum(1)
         if mode == 1:
             out = out / jnp.maximum(count, 1)[:, None].astype(out.dtype)
     bags, size = valid.shape
     bag_of = jnp.repeat(jnp.arange(bags), size)
-    return _bag_outputs(out.astype(rows.dtype), bag_of, count, mode)
+    return _bag_outputs(out.astype(rows.dtype), bag_of, count, mode, winner)
 
 
 # --- attention ------------------------------------------------------------------------------

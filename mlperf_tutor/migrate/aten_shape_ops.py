@@ -173,22 +173,29 @@ def _constant_pad_nd(x, pad, value=0):
     return lax.pad(x, jnp.asarray(value, x.dtype), widths)
 
 
-def _padded(x, pad, mode):
-    # ``pad`` lists (before, after) from the last dim backwards, as for constant_pad_nd.
-    widths = [(0, 0)] * x.ndim
+def _padded(x, pad, reflect: bool):
+    """Reflection or replication padding. ``pad`` lists (before, after) from the last dim
+    backwards, as for constant_pad_nd; negative widths crop. Output position i of a dim reads
+    input position i - before, reflected about the ends or clamped to them."""
     for i in range(len(pad) // 2):
-        widths[x.ndim - 1 - i] = (pad[2 * i], pad[2 * i + 1])
-    return jnp.pad(x, widths, mode=mode)
+        axis, before, after = x.ndim - 1 - i, pad[2 * i], pad[2 * i + 1]
+        n = x.shape[axis]
+        src = np.arange(n + before + after) - before
+        if reflect:
+            src = np.abs(src)  # mirrored without repeating the edge
+            src = np.where(src > n - 1, 2 * (n - 1) - src, src)
+        x = jnp.take(x, np.clip(src, 0, n - 1), axis=axis)
+    return x
 
 
 @aten("reflection_pad1d.default", "reflection_pad2d.default", "reflection_pad3d.default")
 def _reflection_pad(x, padding):
-    return _padded(x, padding, "reflect")  # mirrored without repeating the edge, as PyTorch
+    return _padded(x, padding, reflect=True)
 
 
 @aten("replication_pad1d.default", "replication_pad2d.default", "replication_pad3d.default")
 def _replication_pad(x, padding):
-    return _padded(x, padding, "edge")
+    return _padded(x, padding, reflect=False)
 
 
 def _strided_input(node) -> str | None:
@@ -255,6 +262,8 @@ def _index_add(x, dim, index, source, *, alpha=1):
 
 @aten("index_fill.int_Scalar", "index_fill.int_Tensor")
 def _index_fill(x, dim, index, value):
+    if x.ndim == 0:  # index is [0] or empty
+        return jnp.asarray(value, x.dtype) if index.size else x
     return x.at[_along(dim, x.ndim, index)].set(value)
 
 
