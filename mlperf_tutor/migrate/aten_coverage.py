@@ -279,8 +279,10 @@ def coverage() -> list[dict]:
             note = EXCLUDED[name]
         elif name in NOT_CORE:
             note = NOT_CORE[name]
-        elif is_random(name):
+        elif is_random(name) and covered:
             note = "random: draws from the step's JAX key (never PyTorch's numbers)"
+        elif is_random(name):
+            note = "random: not translated (the exported graph is refused)"
         else:
             note = ""
         rows.append({"op": name, "covered": covered, "tested": tested, "note": note})
