@@ -285,18 +285,88 @@ class Wrapper(nn.Module):
 
 
 class Recurrent(nn.Module):
+    """Both recurrent layers (stacked, bidirectional, batch first or not) and attention."""
+
     def __init__(self):
         super().__init__()
-        self.rnn = nn.LSTM(4, 4, batch_first=True)
+        self.lstm = nn.LSTM(4, 6, num_layers=2, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(12, 5, bias=False)
+        self.attn = nn.MultiheadAttention(5, 1, batch_first=True)
+        self.cross = nn.MultiheadAttention(5, 5, dropout=0.1)
+        self.fc = nn.Linear(5, 3)
 
     def forward(self, x):
-        return self.rnn(x)[0]
+        h = self.lstm(x)[0]  # (B, T, 12)
+        h = self.gru(h.transpose(0, 1))[0].transpose(0, 1)  # GRU is time-major here
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        t = h.transpose(0, 1)
+        return self.fc(self.cross(t, t, t)[0] * self.cross(t, t, t)[1].sum())
+
+
+class Conv2dNormActivation(nn.Sequential):
+    """torchvision's conv-norm-activation block: a Sequential subclass, children "0", "1", "2"."""
+
+    def __init__(self, cin, cout, kernel=3):
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(),
+        )
+
+
+class Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(Conv2dNormActivation(3, 8), Conv2dNormActivation(8, 8, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.heads = nn.ModuleDict({"boxes": nn.Linear(8, 4), "gate": nn.Linear(8, 4)})
+
+    def forward(self, x):
+        h = torch.flatten(self.pool(self.features(x)), 1)
+        return self.heads["boxes"](h) * torch.sigmoid(self.heads["gate"](h))
+
+
+def test_sequential_subclass_and_module_dict(tmp_path):
+    torch.manual_seed(0)
+    model = _randomize_batchnorm(Heads())
+    source = _check_generated(model, torch.randn(2, 3, 6, 6), tmp_path, "heads")
+    code = source.code
+    # One class for both blocks, its varying widths and kernel as arguments.
+    assert "class Conv2dNormActivation(nnx.Sequential):" in code
+    assert "Conv2dNormActivation(in_features=8, kernel_size=(1, 1)" in code
+    assert "self.heads = nnx.Dict(" in code and "self.heads.gate(" in code
+    assert source.weight_map["features.1.0.weight"] == (
+        ("features", "layers", 1, "layers", 0, "kernel"),
+        (2, 3, 1, 0),
+    )
+
+
+class Wrapper2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 4), Concat(), nn.BatchNorm1d(8), nn.ReLU())
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_untranslatable_module_falls_back_to_the_interpreter(tmp_path):
+    torch.manual_seed(0)
+    model = _randomize_batchnorm(Wrapper2())
+    source = _check_generated(model, torch.randn(3, 4), tmp_path, "fallback")
+    code = source.code
+    # The comment names the module and why; the rest stays readable Flax.
+    assert "# Module 'inner.1' (Concat) is not readable Flax: node 'cat'" in code
+    assert "_CONCAT_GRAPH = interpreted(" in code
+    assert "nnx.BatchNorm(8, momentum=0.9" in code
+    assert source.weight_map["inner.1.fc.weight"] == (("inner", "layers", 1, "fc__weight"), None)
 
 
 def test_unsupported_module_raises_clear_error():
     with pytest.raises(UnsupportedModuleError, match=r"module 'inner.1' \(Concat\).*node 'cat'"):
-        to_flax_source(Wrapper(), torch.randn(2, 4))
-    with pytest.raises(UnsupportedModuleError, match=r"module 'rnn' \(LSTM\)"):
-        to_flax_source(Recurrent(), torch.randn(2, 3, 4))
+        to_flax_source(Wrapper(), torch.randn(2, 4), fallback=False)
+    lstm = nn.Sequential(nn.LSTM(4, 4, proj_size=2))
+    with pytest.raises(UnsupportedModuleError, match=r"module '0' \(LSTM\).*proj_size"):
+        to_flax_source(lstm, torch.randn(3, 2, 4), fallback=False)
     with pytest.raises(UnsupportedModuleError, match="single Linear layer"):
         to_flax_source(nn.Linear(2, 2), torch.randn(1, 2))

@@ -199,8 +199,16 @@ def _adaptive_max_pool(x, output_size):
     return out, jnp.zeros(out.shape, jnp.int32)  # the check keeps the indices unused
 
 
-def _resize_sources(x, output_size, scale_factors):
-    """(spatial dims, [(input size, output size, source step per output step)])."""
+def _resize_sources(x, output_size, scale_factors, scales=()):
+    """(spatial dims, [(input size, output size, source step per output step)]). ``scales``:
+    the per-dim scales of the ``.default`` overloads, which take precedence over the sizes."""
+    if output_size and any(scales):
+        sizes = x.shape[-len(output_size) :]
+        scales = (*scales, *(None,) * (len(sizes) - len(scales)))  # trailing Nones left out
+        steps = [
+            1 / s if s else n / out for n, out, s in zip(sizes, output_size, scales, strict=True)
+        ]
+        return len(output_size), list(zip(sizes, output_size, steps, strict=True))
     if output_size:
         sizes = x.shape[-len(output_size) :]
         pairs = zip(sizes, output_size, strict=True)
@@ -211,18 +219,28 @@ def _resize_sources(x, output_size, scale_factors):
     return len(scale_factors), [(length, math.floor(length * f), 1 / f) for length, f in pairs]
 
 
+@aten("upsample_nearest1d.default", "upsample_nearest2d.default", "upsample_nearest3d.default")
+def _upsample_nearest_sizes(x, output_size, *scales):
+    return _upsample_nearest(x, output_size, None, scales)
+
+
 @aten("upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec")
-def _upsample_nearest(x, output_size, scale_factors):
-    n, axes = _resize_sources(x, output_size, scale_factors)
+def _upsample_nearest(x, output_size, scale_factors, scales=()):
+    n, axes = _resize_sources(x, output_size, scale_factors, scales)
     for i, (length, out, scale) in enumerate(axes):
         src = np.minimum(np.floor(np.arange(out) * np.float32(scale)), length - 1).astype(int)
         x = jnp.take(x, src, axis=x.ndim - n + i)
     return x
 
 
+@aten("upsample_bilinear2d.default", "upsample_linear1d.default", "upsample_trilinear3d.default")
+def _upsample_linear_sizes(x, output_size, align_corners, *scales):
+    return _upsample_linear(x, output_size, align_corners, None, scales)
+
+
 @aten("upsample_bilinear2d.vec", "upsample_linear1d.vec", "upsample_trilinear3d.vec")
-def _upsample_linear(x, output_size, align_corners, scale_factors):
-    n, axes = _resize_sources(x, output_size, scale_factors)
+def _upsample_linear(x, output_size, align_corners, scale_factors, scales=()):
+    n, axes = _resize_sources(x, output_size, scale_factors, scales)
     for i, (length, out, scale) in enumerate(axes):
         dst = np.arange(out, dtype=np.float64)
         if align_corners:
@@ -238,6 +256,86 @@ def _upsample_linear(x, output_size, align_corners, scale_factors):
         w = jnp.asarray(w.reshape(shape), x.dtype)
         x = jnp.take(x, lo, axis=axis) * (1 - w) + jnp.take(x, hi, axis=axis) * w
     return x
+
+
+# --- sampling and folding -------------------------------------------------------------------
+
+
+def _reflect(coord, low2: int, high2: int):
+    """Reflect ``coord`` into [low2 / 2, high2 / 2] (PyTorch's reflect_coordinates)."""
+    if low2 == high2:
+        return jnp.zeros_like(coord)
+    low, span = low2 / 2, (high2 - low2) / 2
+    coord = jnp.abs(coord - low)
+    extra, flips = jnp.fmod(coord, span), jnp.floor(coord / span)
+    return jnp.where(jnp.fmod(flips, 2) == 0, extra + low, span - extra + low)
+
+
+def _source_coord(coord, size: int, padding_mode: int, align_corners: bool):
+    """Grid values in [-1, 1] -> input pixel coordinates, after the padding mode's clipping."""
+    if align_corners:
+        coord = (coord + 1) / 2 * (size - 1)
+    else:
+        coord = ((coord + 1) * size - 1) / 2
+    if padding_mode == 2:  # reflection
+        low2, high2 = (0, 2 * (size - 1)) if align_corners else (-1, 2 * size - 1)
+        coord = _reflect(coord, low2, high2)
+    if padding_mode in (1, 2):  # border, and reflection's final clip
+        coord = jnp.clip(coord, 0, size - 1)
+    return coord
+
+
+def _no_bicubic(node) -> str | None:
+    if node.args[2] == 2:
+        return "bicubic interpolation (mode='bicubic') is not translated"
+    return None
+
+
+@aten("grid_sampler_2d.default", check=_no_bicubic)
+def _grid_sampler_2d(x, grid, interpolation_mode, padding_mode, align_corners):
+    # x (N, C, H, W), grid (N, Ho, Wo, 2) of (x, y) in [-1, 1] -> (N, C, Ho, Wo)
+    height, width = x.shape[-2:]
+    gx = _source_coord(grid[..., 0], width, padding_mode, align_corners)
+    gy = _source_coord(grid[..., 1], height, padding_mode, align_corners)
+
+    def tap(iy, ix):
+        # x at integer (iy, ix) per output pixel; zero outside the image.
+        inside = (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
+        iy_c, ix_c = jnp.clip(iy, 0, height - 1), jnp.clip(ix, 0, width - 1)
+        values = jax.vmap(lambda img, y, x_: img[:, y, x_])(x, iy_c, ix_c)  # (N, C, Ho, Wo)
+        return jnp.where(inside[:, None], values, 0)
+
+    if interpolation_mode == 1:  # nearest, halves to even as PyTorch's nearbyint
+        return tap(jnp.round(gy).astype(jnp.int32), jnp.round(gx).astype(jnp.int32))
+    x0, y0 = jnp.floor(gx), jnp.floor(gy)
+    wx, wy = (gx - x0)[:, None], (gy - y0)[:, None]
+    x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+    top = tap(y0, x0) * (1 - wx) + tap(y0, x0 + 1) * wx
+    bottom = tap(y0 + 1, x0) * (1 - wx) + tap(y0 + 1, x0 + 1) * wx
+    return top * (1 - wy) + bottom * wy
+
+
+@aten("col2im.default")
+def _col2im(x, output_size, kernel_size, dilation, padding, stride):
+    # x (N, C kh kw, L) -> (N, C, H, W): every column's patch added back at its place.
+    batched = x.ndim == 3
+    x = x if batched else x[None]
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = (
+        _tuple(v, 2) for v in (kernel_size, dilation, padding, stride)
+    )
+    height, width = output_size
+    blocks_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    blocks_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ki, kj, bi, bj = np.meshgrid(
+        np.arange(kh), np.arange(kw), np.arange(blocks_h), np.arange(blocks_w), indexing="ij"
+    )
+    rows = (bi * sh + ki * dh).reshape(kh * kw, -1)  # in the padded output
+    cols = (bj * sw + kj * dw).reshape(kh * kw, -1)
+    n, c = x.shape[0], x.shape[1] // (kh * kw)
+    patches = x.reshape(n, c, kh * kw, blocks_h * blocks_w)
+    out = jnp.zeros((n, c, height + 2 * ph, width + 2 * pw), x.dtype)
+    out = out.at[:, :, rows, cols].add(patches)[:, :, ph : ph + height, pw : pw + width]
+    return out if batched else out[0]
 
 
 # --- normalisation --------------------------------------------------------------------------
@@ -306,6 +404,22 @@ def _batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps):
     h = x.astype(acc_dtype(x))
     y, _ = _normalize(h, running_mean, running_var, weight, bias, eps, shape, x.dtype)
     return y, jnp.zeros((0,), h.dtype), jnp.zeros((0,), h.dtype)
+
+
+def _stats_not_updated(node) -> str | None:
+    training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training")
+    if training:
+        return (
+            "training=True updates running_mean/running_var in place; export the model with "
+            "torch.export (its functional form, _native_batch_norm_legit_functional, is "
+            "translated)"
+        )
+    return None
+
+
+@aten("_native_batch_norm_legit.default", check=_stats_not_updated)
+def _batch_norm_legit(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    return _batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps)
 
 
 @aten("_native_batch_norm_legit.no_stats")
@@ -380,32 +494,54 @@ def _embedding_bag(
         starts = np.asarray(offsets)[:bags]
         size = n // bags if bags else 0
         if bags and size * bags == n and np.array_equal(starts, np.arange(0, n, size)):
-            return _equal_bags(rows.reshape(bags, size, -1), valid.reshape(bags, size), mode)
+            grouped = rows.reshape(bags, size, -1), valid.reshape(bags, size)
+            return _equal_bags(*grouped, indices.reshape(bags, size), mode)
         bag_of = jnp.asarray(np.searchsorted(starts, np.arange(n), side="right") - 1)
     count = jax.ops.segment_sum(valid.astype(jnp.int32), bag_of, num_segments=bags)
+    winner = None
     if mode == 2:  # max; an empty bag gives zeros
         low = jnp.where(valid[:, None], rows, -jnp.inf)
         out = jax.ops.segment_max(low, bag_of, num_segments=bags)
+        # The row each maximum came from (the first on ties), for the fourth output.
+        hit = valid[:, None] & (low == out[bag_of])
+        where = jnp.where(hit, jnp.arange(n)[:, None], n)
+        first = jax.ops.segment_min(where, bag_of, num_segments=bags)
+        winner = jnp.where(first < n, indices[jnp.minimum(first, n - 1)], 0)
         out = jnp.where(count[:, None] > 0, out, 0)
     else:
         out = jax.ops.segment_sum(jnp.where(valid[:, None], rows, 0), bag_of, num_segments=bags)
         if mode == 1:  # mean
             out = out / jnp.maximum(count, 1)[:, None].astype(out.dtype)
-    return out.astype(weight.dtype), bag_of, count, jnp.zeros((bags,), jnp.int32)
+    return _bag_outputs(out.astype(weight.dtype), bag_of, count, mode, winner)
 
 
-def _equal_bags(rows, valid, mode):
-    # rows (bags, L, D), valid (bags, L): the reduction is a plain sum / mean / max over L.
+def _bag_outputs(out, bag_of, count, mode, winner):
+    """PyTorch's four outputs (the last three are what its backward reads): the bags;
+    offset2bag, bag sizes and max_indices, which in sum mode are empty, zeros and zeros, in mean
+    mode the bag of each index, the sizes and the sizes again, and in max mode the bag of each
+    index, the sizes and the weight row of each maximum."""
+    if mode == 0:
+        zeros = jnp.zeros(count.shape, count.dtype)
+        return out, bag_of[:0], zeros, zeros
+    return out, bag_of, count, count if mode == 1 else winner
+
+
+def _equal_bags(rows, valid, indices, mode):
+    # rows (bags, L, D), valid and indices (bags, L): a plain sum / mean / max over L.
     count = valid.sum(1)
+    winner = None
     if mode == 2:
-        out = jnp.where(count[:, None] > 0, jnp.where(valid[..., None], rows, -jnp.inf).max(1), 0)
+        low = jnp.where(valid[..., None], rows, -jnp.inf)
+        first = jnp.argmax(low, axis=1)  # (bags, D), the first on ties
+        winner = jnp.where(count[:, None] > 0, jnp.take_along_axis(indices, first, axis=1), 0)
+        out = jnp.where(count[:, None] > 0, low.max(1), 0)
     else:
         out = jnp.where(valid[..., None], rows, 0).sum(1)
         if mode == 1:
             out = out / jnp.maximum(count, 1)[:, None].astype(out.dtype)
     bags, size = valid.shape
     bag_of = jnp.repeat(jnp.arange(bags), size)
-    return out.astype(rows.dtype), bag_of, count, jnp.zeros((bags,), jnp.int32)
+    return _bag_outputs(out.astype(rows.dtype), bag_of, count, mode, winner)
 
 
 # --- attention ------------------------------------------------------------------------------
@@ -449,6 +585,97 @@ def _sdpa(
         probs = _dropout_of(key, probs, dropout_p)[0]
     probs = probs.astype(v.dtype)
     return jnp.einsum("...ts,...se->...te", probs, v, preferred_element_type=wide(v))
+
+
+# --- backward ops ---------------------------------------------------------------------------
+# A graph differentiated by PyTorch (torch.func.grad inside the loss, a gradient penalty) holds
+# these; jax's own derivative of the forward translation computes the same numbers.
+
+
+def _masked(values, output_mask):
+    return tuple(v if keep else None for v, keep in zip(values, output_mask, strict=True))
+
+
+@aten("convolution_backward.default")
+def _convolution_backward(
+    grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask
+):
+    def forward(x, weight):
+        args = (stride, padding, dilation, transposed, output_padding, groups)
+        return _convolution(x, weight, None, *args)
+
+    _, pullback = jax.vjp(forward, x, weight)
+    grad_x, grad_w = pullback(grad.astype(jnp.result_type(x, weight)))
+    grad_b = grad.sum((0, *range(2, grad.ndim))) if bias_sizes is not None else None
+    return _masked((grad_x, grad_w, grad_b), mask)
+
+
+@aten("avg_pool2d_backward.default", "avg_pool3d_backward.default")
+def _avg_pool_backward(grad, x, *args):
+    return jax.vjp(lambda v: _avg_pool(v, *args), x)[1](grad)[0]
+
+
+@aten("_adaptive_avg_pool2d_backward.default", "_adaptive_avg_pool3d_backward.default")
+def _adaptive_avg_pool_backward(grad, x):
+    n = grad.ndim - 2
+    return jax.vjp(lambda v: _adaptive_avg_pool(v, grad.shape[-n:]), x)[1](grad)[0]
+
+
+@aten("max_pool2d_with_indices_backward.default", "max_pool3d_with_indices_backward.default")
+def _max_pool_backward(grad, x, kernel_size, stride, padding, dilation, ceil_mode, indices):
+    # ``indices`` are flat positions in each (N, C) plane of x: the gradient goes back there.
+    n = len(kernel_size)
+    lead = x.shape[:-n]
+    flat_grad = grad.reshape(*lead, -1)
+    flat_index = indices.reshape(*lead, -1)
+    planes = jnp.zeros((*lead, math.prod(x.shape[-n:])), grad.dtype)
+    where = tuple(jnp.indices(flat_index.shape, sparse=True)[:-1]) + (flat_index,)
+    return planes.at[where].add(flat_grad).reshape(x.shape)
+
+
+@aten("embedding_dense_backward.default")
+def _embedding_backward(grad, indices, num_weights, padding_idx, scale_grad_by_freq):
+    flat = indices.reshape(-1)
+    rows = grad.reshape(flat.shape[0], -1)
+    if padding_idx >= 0:
+        rows = jnp.where((flat == padding_idx)[:, None], 0, rows)
+    if scale_grad_by_freq:
+        counts = jnp.zeros((num_weights,), rows.dtype).at[flat].add(1)
+        rows = rows / counts[flat][:, None]
+    return jnp.zeros((num_weights, rows.shape[1]), rows.dtype).at[flat].add(rows)
+
+
+def _norm_input_grad(g, xhat, rstd, axes):
+    """d loss / d x of (x - mean) * rstd with the mean and rstd of x over ``axes``."""
+    count = math.prod(g.shape[a] for a in axes)
+    mean_g = g.sum(axes, keepdims=True) / count
+    mean_gx = (g * xhat).sum(axes, keepdims=True) / count
+    return (g - mean_g - xhat * mean_gx) * rstd
+
+
+@aten("native_layer_norm_backward.default")
+def _layer_norm_backward(grad, x, normalized_shape, mean, rstd, weight, bias, mask):
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    batch_axes = tuple(range(x.ndim - len(normalized_shape)))
+    h, g = x.astype(acc_dtype(x)), grad.astype(acc_dtype(x))
+    xhat = (h - mean) * rstd
+    scaled = g if weight is None else g * weight
+    grad_x = _norm_input_grad(scaled, xhat, rstd, axes).astype(x.dtype)
+    grad_w = (g * xhat).sum(batch_axes) if weight is not None else None
+    grad_b = g.sum(batch_axes) if bias is not None else None
+    return _masked((grad_x, grad_w, grad_b), mask)
+
+
+@aten("native_group_norm_backward.default")
+def _group_norm_backward(grad, x, mean, rstd, weight, n, c, hxw, group, mask):
+    h = x.astype(acc_dtype(x)).reshape(n, group, c // group, -1)
+    g = grad.astype(h.dtype).reshape(n, c, -1)
+    xhat = (h - mean[..., None, None]) * rstd[..., None, None]
+    scaled = g if weight is None else g * weight[:, None]
+    scaled = scaled.reshape(h.shape)
+    grad_x = _norm_input_grad(scaled, xhat, rstd[..., None, None], (2, 3)).reshape(x.shape)
+    per_channel = (g * xhat.reshape(n, c, -1)).sum((0, 2))
+    return _masked((grad_x.astype(x.dtype), per_channel, g.sum((0, 2))), mask)
 
 
 # --- dropout and random numbers -------------------------------------------------------------

@@ -123,7 +123,7 @@ def acc_dtype(x) -> np.dtype:
 
 def dims_of(dim, ndim: int) -> tuple[int, ...] | None:
     """Reduction dims: None or [] mean all (ATen's convention for ``dim_IntList``)."""
-    if dim is None:
+    if dim is None or ndim == 0:  # a 0-d tensor reduced over dim 0 or -1 is itself
         return None
     if isinstance(dim, int):
         dim = [dim]
@@ -407,6 +407,17 @@ def _empty(*args, dtype=None, **_):
     return jnp.zeros(tuple(size), jax_dtype(dtype) or x.dtype)
 
 
+@aten("empty_permuted.default")
+def _empty_permuted(size, physical_layout, *, dtype=None, **_):
+    # physical_layout orders the dims in memory only; a jax array has no memory layout.
+    return _filled(size, 0.0, dtype)
+
+
+@aten("fill.Scalar", "fill.Tensor")
+def _fill(x, value):
+    return jnp.full(x.shape, value, dtype=x.dtype)
+
+
 @aten("full_like.default")
 def _full_like(x, fill_value, *, dtype=None, **_):
     return jnp.full(x.shape, fill_value, dtype=jax_dtype(dtype) or x.dtype)
@@ -507,6 +518,12 @@ def _stop_gradient(x):
 )
 def _no_op(*args, **kwargs):
     return None
+
+
+@aten("_local_scalar_dense.default")
+def _local_scalar_dense(x):
+    # ``tensor.item()``: the value as a 0-d array (a Python number is out of reach under jit).
+    return jnp.reshape(x, ())
 
 
 @aten("sym_size.int")

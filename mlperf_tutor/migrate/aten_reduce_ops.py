@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from mlperf_tutor.migrate.aten_ops import as_float, aten, dims_of, is_float, jax_dtype, opmath, wide
@@ -55,23 +56,36 @@ def _min_all(x):
     return jnp.min(x)
 
 
+def _scalar_dim(x):
+    """A 0-d tensor reduced over dim 0 or -1 (PyTorch allows it) is itself, index 0."""
+    return x, jnp.zeros((), jnp.int32)
+
+
 @aten("max.dim")
 def _max_dim(x, dim, keepdim=False):
+    if x.ndim == 0:
+        return _scalar_dim(x)
     return jnp.max(x, axis=dim, keepdims=keepdim), jnp.argmax(x, axis=dim, keepdims=keepdim)
 
 
 @aten("min.dim")
 def _min_dim(x, dim, keepdim=False):
+    if x.ndim == 0:
+        return _scalar_dim(x)
     return jnp.min(x, axis=dim, keepdims=keepdim), jnp.argmin(x, axis=dim, keepdims=keepdim)
 
 
 @aten("argmax.default")
 def _argmax(x, dim=None, keepdim=False):
+    if x.ndim == 0:
+        return jnp.zeros((), jnp.int32)
     return jnp.argmax(x, axis=dim, keepdims=keepdim)
 
 
 @aten("argmin.default")
 def _argmin(x, dim=None, keepdim=False):
+    if x.ndim == 0:
+        return jnp.zeros((), jnp.int32)
     return jnp.argmin(x, axis=dim, keepdims=keepdim)
 
 
@@ -107,16 +121,22 @@ def _all(x, dim=None, keepdim=False):
 def _cumsum(x, dim, *, dtype=None):
     if dtype is None and not is_float(x):
         dtype = jnp.int64
+    if x.ndim == 0:
+        return x.astype(jax_dtype(dtype) or x.dtype)
     return jnp.cumsum(*opmath(x), axis=dim, dtype=jax_dtype(dtype))
 
 
 @aten("cumprod.default")
 def _cumprod(x, dim, *, dtype=None):
+    if x.ndim == 0:
+        return x.astype(jax_dtype(dtype) or x.dtype)
     return jnp.cumprod(*opmath(x), axis=dim, dtype=jax_dtype(dtype))
 
 
 @aten("logcumsumexp.default")
 def _logcumsumexp(x, dim):
+    if x.ndim == 0:
+        return as_float(x)
     return lax.cumlogsumexp(*opmath(as_float(x)), axis=dim % max(x.ndim, 1))
 
 
@@ -182,3 +202,56 @@ def _linear(x, weight, bias=None):
 @aten("einsum.default")
 def _einsum(equation, tensors, *, path=None):
     return jnp.einsum(equation, *tensors, preferred_element_type=wide(*tensors))
+
+
+# --- distances and Fourier transforms -------------------------------------------------------
+
+
+def _p_norm(diff, p, axis):
+    """The p-norm of ``diff`` along ``axis``, with a zero (not NaN) gradient at zero."""
+    diff = jnp.abs(diff)
+    if p == 0:
+        return jnp.sum(diff != 0, axis=axis).astype(diff.dtype)
+    if p == math.inf:
+        return jnp.max(diff, axis=axis)
+    if p == 1:
+        return jnp.sum(diff, axis=axis)
+    total = jnp.sum(jnp.square(diff) if p == 2 else diff**p, axis=axis)
+    safe = jnp.where(total > 0, total, 1)
+    return jnp.where(total > 0, jnp.sqrt(safe) if p == 2 else safe ** (1 / p), 0)
+
+
+@aten("_cdist_forward.default")
+def _cdist(x1, x2, p, compute_mode=None):
+    # x1 (..., P, M), x2 (..., R, M) -> (..., P, R). Always the direct difference: PyTorch's
+    # matmul shortcut for p=2 (compute_mode) differs from it by round-off only.
+    return _p_norm(x1[..., :, None, :] - x2[..., None, :, :], p, -1)
+
+
+@aten("_pdist_forward.default")
+def _pdist(x, p=2.0):
+    # x (N, M) -> the distances of the pairs i < j, row by row (N (N - 1) / 2,).
+    rows, cols = np.triu_indices(x.shape[0], 1)
+    return _p_norm(x[rows] - x[cols], p, -1)
+
+
+def _fft_scale(n: int, normalization: int) -> float:
+    # ATen's fft_norm_mode: 0 none, 1 by 1 / sqrt(n), 2 by 1 / n.
+    return (1.0, 1.0 / math.sqrt(n), 1.0 / n)[normalization]
+
+
+@aten("_fft_r2c.default")
+def _fft_r2c(x, dim, normalization, onesided):
+    axes = tuple(d % x.ndim for d in dim)
+    n = math.prod(x.shape[d] for d in axes)
+    out = jnp.fft.rfftn(x, axes=axes) if onesided else jnp.fft.fftn(x, axes=axes)
+    return out * _fft_scale(n, normalization)
+
+
+@aten("_fft_c2r.default")
+def _fft_c2r(x, dim, normalization, last_dim_size):
+    axes = tuple(d % x.ndim for d in dim)
+    sizes = [x.shape[d] for d in axes[:-1]] + [last_dim_size]
+    n = math.prod(sizes)
+    # irfftn divides by n; ATen's c2r is unnormalised before ``normalization``.
+    return jnp.fft.irfftn(x, s=sizes, axes=axes) * (n * _fft_scale(n, normalization))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from mlperf_tutor.migrate.aten_ops import aten
@@ -172,6 +173,50 @@ def _constant_pad_nd(x, pad, value=0):
     return lax.pad(x, jnp.asarray(value, x.dtype), widths)
 
 
+def _padded(x, pad, reflect: bool):
+    """Reflection or replication padding. ``pad`` lists (before, after) from the last dim
+    backwards, as for constant_pad_nd; negative widths crop. Output position i of a dim reads
+    input position i - before, reflected about the ends or clamped to them."""
+    for i in range(len(pad) // 2):
+        axis, before, after = x.ndim - 1 - i, pad[2 * i], pad[2 * i + 1]
+        n = x.shape[axis]
+        src = np.arange(n + before + after) - before
+        if reflect:
+            src = np.abs(src)  # mirrored without repeating the edge
+            src = np.where(src > n - 1, 2 * (n - 1) - src, src)
+        x = jnp.take(x, np.clip(src, 0, n - 1), axis=axis)
+    return x
+
+
+@aten("reflection_pad1d.default", "reflection_pad2d.default", "reflection_pad3d.default")
+def _reflection_pad(x, padding):
+    return _padded(x, padding, reflect=True)
+
+
+@aten("replication_pad1d.default", "replication_pad2d.default", "replication_pad3d.default")
+def _replication_pad(x, padding):
+    return _padded(x, padding, reflect=False)
+
+
+def _strided_input(node) -> str | None:
+    # A jax array is its values in row-major order; as_strided reads the torch tensor's
+    # storage, which is the same only for a contiguous tensor that starts its storage.
+    meta = node.args[0].meta.get("val") if hasattr(node.args[0], "meta") else None
+    if meta is None or not meta.is_contiguous() or meta.storage_offset() != 0:
+        return "its input is a view into a larger storage (not contiguous or offset)"
+    return None
+
+
+@aten("as_strided.default", "as_strided_copy.default", check=_strided_input)
+def _as_strided(x, size, stride, storage_offset=None):
+    coords = np.indices(tuple(size), dtype=np.int64)
+    flat = (storage_offset or 0) + sum(c * s for c, s in zip(coords, stride, strict=True))
+    flat = np.asarray(flat, np.int64).reshape(tuple(size))
+    if flat.size and flat.max() >= x.size:
+        raise ValueError(f"as_strided reads element {flat.max()} of a tensor of {x.size}")
+    return jnp.reshape(x, -1)[flat]
+
+
 # --- indexing, gather and scatter -----------------------------------------------------------
 
 
@@ -191,6 +236,8 @@ def _gather(x, dim, index, *, sparse_grad=False):
 
 @aten("index_select.default")
 def _index_select(x, dim, index):
+    if x.ndim == 0:  # the only index a 0-d tensor has is 0; the result stays 0-d
+        return x
     return jnp.take(x, index.reshape(-1), axis=dim)
 
 
@@ -215,6 +262,8 @@ def _index_add(x, dim, index, source, *, alpha=1):
 
 @aten("index_fill.int_Scalar", "index_fill.int_Tensor")
 def _index_fill(x, dim, index, value):
+    if x.ndim == 0:  # index is [0] or empty
+        return jnp.asarray(value, x.dtype) if index.size else x
     return x.at[_along(dim, x.ndim, index)].set(value)
 
 
@@ -263,6 +312,15 @@ def _scatter_reduce(x, dim, index, src, reduce, *, include_self=True):
 @aten("masked_fill.Scalar", "masked_fill.Tensor")
 def _masked_fill(x, mask, value):
     return jnp.where(mask, jnp.asarray(value, x.dtype), x)
+
+
+@aten("masked_scatter.default")
+def _masked_scatter(x, mask, source):
+    # The k-th True position (row-major) takes the k-th element of source.
+    mask = jnp.broadcast_to(mask, x.shape)
+    position = jnp.cumsum(mask.reshape(-1)) - 1
+    taken = jnp.reshape(source, -1)[jnp.clip(position, 0, max(source.size - 1, 0))]
+    return jnp.where(mask, taken.reshape(x.shape).astype(x.dtype), x)
 
 
 @aten("slice_scatter.default")

@@ -6,8 +6,11 @@ takes those as keyword arguments), with the torch attribute names, explicit hype
 (LayerNorm/BatchNorm epsilon, BatchNorm momentum as ``1 - torch momentum``, GELU's
 approximation, conv padding) and shape comments from a run on the example input. A custom
 module qualifies when ``torch.fx`` traces its forward into calls of its submodules, simple
-activations, ``flatten`` and ``+``, ``-``, ``*``; anything else raises
-:class:`UnsupportedModuleError` naming the module and the operation.
+activations, ``flatten``, ``+``, ``-``, ``*`` and indexing a layer's outputs. ``nn.LSTM``,
+``nn.GRU`` and ``nn.MultiheadAttention`` become classes written out in the generated file with
+torch's parameter names and layouts. Any other submodule runs its ``torch.export`` graph through
+the interpreter (:func:`interpreted`), and the generated class says which module and why; with
+``fallback=False`` it raises :class:`UnsupportedModuleError` naming the module and the operation.
 
 Layout: the generated modules take and return 4-D activations as NHWC (Flax's convolution
 layout) where torch has NCHW; every 4-D value is taken to be an image. Flatten transposes back
@@ -145,6 +148,44 @@ class FlaxSource:
         return err
 
 
+def interpreted(blob: str, nhwc: bool):
+    """The function that generated code calls for a module that could not become readable
+    Flax: ``fn(weights, *inputs)`` runs the module's embedded ``torch.export`` program
+    (``blob``: base64 of the zlib-compressed ``torch.export.save`` file) through
+    :mod:`mlperf_tutor.migrate`'s interpreter. ``weights`` maps torch ``state_dict`` names to
+    arrays (those left out keep the exported values); with ``nhwc``, 4-D inputs and outputs are
+    NHWC and are transposed around the NCHW graph."""
+    import base64
+    import io
+    import zlib
+
+    import jax.numpy as jnp
+
+    from mlperf_tutor.migrate.export import KEEP
+    from mlperf_tutor.migrate.interpreter import GraphFunction
+
+    program = torch.export.load(io.BytesIO(zlib.decompress(base64.b64decode(blob))))
+    table = torch.export.default_decompositions()
+    for op in KEEP:
+        table.pop(op, None)
+    graph = GraphFunction(program.run_decompositions(table))
+    exported = {k: jnp.asarray(v.detach().numpy()) for k, v in program.state_dict.items()}
+
+    def to_graph(x):
+        return jnp.transpose(x, (0, 3, 1, 2)) if nhwc and jnp.ndim(x) == 4 else x
+
+    def from_graph(x):
+        return jnp.transpose(x, (0, 2, 3, 1)) if nhwc and jnp.ndim(x) == 4 else x
+
+    def fn(weights, *inputs):
+        state = exported | dict(weights)
+        outputs, _ = graph(state, [to_graph(x) for x in inputs])
+        outputs = [from_graph(x) for x in outputs]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    return fn
+
+
 def _flat(tree) -> list:
     if isinstance(tree, dict):
         return [leaf for k in tree for leaf in _flat(tree[k])]
@@ -178,29 +219,38 @@ class _eval:
             mod.training = training
 
 
-def to_flax_source(model: nn.Module, example_input, *, class_name: str | None = None) -> FlaxSource:
+def to_flax_source(
+    model: nn.Module, example_input, *, class_name: str | None = None, fallback: bool = True
+) -> FlaxSource:
     """Write Flax NNX source code equivalent to ``model`` (see the module docstring).
 
     Args:
         model: a torch module built from standard layers (Linear, Conv2d, BatchNorm1d/2d,
             LayerNorm, GroupNorm, Embedding, Dropout, ReLU/GELU/SiLU/Tanh/Sigmoid/LeakyReLU,
-            Flatten, MaxPool2d/AvgPool2d/AdaptiveAvgPool2d(1), Sequential, ModuleList) and
+            Flatten, MaxPool2d/AvgPool2d/AdaptiveAvgPool2d(1), LSTM, GRU, MultiheadAttention,
+            Sequential and its subclasses that keep its forward, ModuleList, ModuleDict) and
             custom modules whose forward torch.fx traces into calls of those, ``+``, ``-``,
-            ``*``, functional activations and ``flatten``.
+            ``*``, functional activations, ``flatten`` and indexing a layer's outputs.
         example_input: a tensor or numpy array, or a tuple of them: the forward's positional
             arguments (torch layout). The model runs once on it in eval mode, for shapes.
         class_name: name of the root class (default: the torch class name; "Model" for an
             ``nn.Sequential``).
+        fallback: a submodule that cannot become readable Flax becomes a class that runs its
+            ``torch.export`` graph (eval mode, the example's shapes) through the interpreter
+            (:func:`interpreted`), with a comment naming the module and why; False raises
+            :class:`UnsupportedModuleError` instead.
 
     Returns:
         A :class:`FlaxSource`: ``.code``, ``.build()``, ``.convert_weights()``, ``.verify()``.
 
     Raises:
-        UnsupportedModuleError: naming the module and the layer or traced operation.
+        UnsupportedModuleError: naming the module and the layer or traced operation (with
+            ``fallback``: only when the root module itself is not translatable, or a module
+            that is not cannot be exported either).
     """
     inputs = _inputs(example_input)
     with _eval(model), torch.no_grad():
-        writer = Writer(model, inputs, class_name)
+        writer = Writer(model, inputs, class_name, fallback)
         classes, root = writer.classes()
     if root is None:
         raise UnsupportedModuleError(

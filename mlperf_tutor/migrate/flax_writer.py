@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import graphlib
 import operator
+import re
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from mlperf_tutor.migrate.flax_layers import (
     STATEFUL,
     STATELESS,
+    WRITTEN_OUT,
     Code,
     Ctor,
     UnsupportedModuleError,
@@ -32,6 +34,8 @@ from mlperf_tutor.migrate.flax_layers import (
     layer_ctor,
     shape_text,
     stateless_code,
+    written_out_code,
+    written_out_ctor,
 )
 
 WIDTH = 100  # ruff's line length in this project
@@ -66,6 +70,12 @@ class _Body:
     call: list[tuple[str, str]]  # (code, shape comment)
 
 
+def sequential(mod: nn.Module) -> bool:
+    """An ``nn.Sequential`` or a subclass that keeps its forward (torchvision's
+    ``Conv2dNormActivation``): its children run in order."""
+    return isinstance(mod, nn.Sequential) and type(mod).forward is nn.Sequential.forward
+
+
 def _literal(value) -> str:
     return f'"{value}"' if isinstance(value, str) else repr(value)
 
@@ -73,14 +83,17 @@ def _literal(value) -> str:
 class Writer:
     """Walks the torch module tree once and writes the code and the weight table."""
 
-    def __init__(self, model: nn.Module, inputs: tuple, class_name: str | None):
-        self.model, self.root_name = model, class_name
+    def __init__(
+        self, model: nn.Module, inputs: tuple, class_name: str | None, fallback: bool = True
+    ):
+        self.model, self.root_name, self.fallback = model, class_name, fallback
         self.paths = {m: name for name, m in model.named_modules()}
         self.calls: dict[nn.Module, tuple] = {}  # first call: (args, kwargs, output shape)
         self.weights: dict[str, tuple[tuple, tuple | None]] = {}
         self.bodies: dict[nn.Module, _Body] = {}
         self.resolved: dict[nn.Module, tuple[str, list[tuple[str, Any]]]] = {}
         self.comments = True  # shape comments in constructor lists
+        self.written: dict[str, str] = {}  # class name -> source of WRITTEN_OUT layers' classes
         self.batch = inputs[0].shape[0] if inputs and inputs[0].dim() else None
         self._record(inputs)
         ranks = [len(s) for _, _, s in self.calls.values() if s] + [x.dim() for x in inputs]
@@ -117,7 +130,7 @@ class Writer:
     def nnx_path(self, path: str) -> tuple:
         out, mod = [], self.model
         for seg in path.split(".") if path else []:
-            if type(mod) is nn.Sequential:
+            if sequential(mod):
                 out += ["layers", int(seg)]
             else:
                 out.append(int(seg) if type(mod) is nn.ModuleList else seg)
@@ -138,37 +151,125 @@ class Writer:
                         full = f"{path}.{key}" if path else key
                         self.weights[full] = (self.nnx_path(path) + (nnx_name,), perm)
                 return ctor
+            if kind in WRITTEN_OUT:
+                ctor, table = written_out_ctor(mod, hp)
+                for name, code in written_out_code(kind):
+                    self.written.setdefault(name, code)
+                for key, (nnx_name, perm) in table.items():
+                    if key in mod.state_dict():
+                        full = f"{path}.{key}" if path else key
+                        sub = nnx_name if isinstance(nnx_name, tuple) else (nnx_name,)
+                        self.weights[full] = (self.nnx_path(path) + sub, perm)
+                return ctor
             if kind in STATELESS:
                 return Code(as_function(stateless_code(mod, self._rank(mod))))
-            if kind in (nn.Sequential, nn.ModuleList):
+            if kind is nn.ModuleDict:
+                bad = [key for key in mod if not key.isidentifier()]
+                if bad:
+                    raise UnsupportedModuleError(f"ModuleDict keys {bad} are not identifiers")
+                items = [
+                    (key, f"{hp}_{key}".lstrip("_"), self._value(c, f"{hp}_{key}".lstrip("_")), "")
+                    for key, c in mod.items()
+                ]
+                return Ctor("nnx.Dict", items, multiline=True)
+            if sequential(mod) or kind is nn.ModuleList:
+                # A Sequential subclass (and a root Sequential) becomes a class of its own,
+                # whose hyperparameters are named from its own items.
+                own_class = kind not in (nn.Sequential, nn.ModuleList) or mod is self.model
+                base = "layer" if own_class else hp
                 items = [
                     (
                         None,
-                        f"{hp}_{i}".lstrip("_"),
-                        self._value(c, f"{hp}_{i}".lstrip("_")),
-                        self._comment(c) if kind is nn.Sequential else "",
+                        f"{base}_{i}".lstrip("_"),
+                        self._value(c, f"{base}_{i}".lstrip("_")),
+                        self._comment(c) if kind is not nn.ModuleList else "",
                     )
                     for i, c in enumerate(mod)
                 ]
-                if mod is self.model and kind is nn.Sequential:
+                if own_class:
                     self.bodies[mod] = _Body(mod, "nnx.Sequential", items, [], [])
                     return _Instance(mod)
                 fn = "nnx.Sequential" if kind is nn.Sequential else "nnx.List"
                 return Ctor(fn, items, multiline=True)
-            if kind.__module__.startswith("torch.") or kind is nn.ModuleDict:
+            if kind.__module__.startswith("torch."):
                 raise UnsupportedModuleError(f"{kind.__name__} is not a supported layer")
             self._body(mod)
             return _Instance(mod)
         except UnsupportedModuleError as error:
             if str(error).startswith("cannot translate"):
                 raise
+            if self.fallback and path and mod in self.calls:
+                return self._interpreted(mod, path, str(error))
             where = f"module {path!r}" if path else "the model"
             raise UnsupportedModuleError(
                 f"cannot translate {where} ({kind.__name__}): {error}. Supported: "
-                f"{', '.join(t.__name__ for t in STATEFUL + STATELESS)}, nn.Sequential, "
-                "nn.ModuleList, and modules whose forward calls these (plus relu/gelu/silu/"
-                "sigmoid/tanh, flatten, +, -, *)"
+                f"{', '.join(t.__name__ for t in STATEFUL + STATELESS + WRITTEN_OUT)}, "
+                "nn.Sequential (and subclasses that keep its forward), nn.ModuleList, "
+                "nn.ModuleDict, and modules whose forward calls these (plus relu/gelu/silu/"
+                "sigmoid/tanh, flatten, +, -, *, indexing a layer's outputs)"
             ) from None
+
+    def _interpreted(self, mod: nn.Module, path: str, why: str) -> Ctor:
+        """A class that runs ``mod``'s torch.export graph through the interpreter."""
+        import base64
+        import io
+        import zlib
+
+        args, kwargs, _ = self.calls[mod]
+        try:
+            program = torch.export.export(mod, tuple(args), kwargs)
+            buffer = io.BytesIO()
+            torch.export.save(program, buffer)
+        except Exception as error:  # export raises many types; name the module and both causes
+            raise UnsupportedModuleError(
+                f"cannot translate module {path!r} ({type(mod).__name__}): {why}; and "
+                f"torch.export cannot trace it for the interpreter either ({error})"
+            ) from None
+        blob = base64.b64encode(zlib.compress(buffer.getvalue(), 9)).decode()
+        kind = type(mod).__name__
+        name = next(
+            n for n in (kind, *(f"{kind}{i}" for i in range(2, 999))) if n not in self.written
+        )
+        graph = f"_{re.sub(r'(?<!^)(?=[A-Z])', '_', name).upper()}_GRAPH"
+        weights = {k: v for k, v in mod.state_dict().items() if "num_batches_tracked" not in k}
+        params = {n for n, _ in mod.named_parameters()}
+        attrs = {key: key.replace(".", "__") for key in weights}
+        for key, attr in attrs.items():
+            full = f"{path}.{key}"
+            self.weights[full] = (self.nnx_path(path) + (attr,), None)
+        note = why if why.endswith(".") else why + "."
+        lines = [
+            f"# Module {path!r} ({kind}) is not readable Flax: {note}",
+            "# It runs through mlperf_tutor.migrate's interpreter instead (see the docstring).",
+            f"class {name}(nnx.Module):",
+            f'    """torch ``{kind}`` (module {path!r}) run by mlperf_tutor.migrate.interpreted.',
+            "",
+            "    Its torch.export graph (eval mode, the example input's shapes) is embedded as",
+            f"    ``{graph}``; its weights are nnx variables named as torch's with ``__`` for",
+            "    ``.``, in torch's layouts. Rewrite this class by hand to drop torch.",
+            '    """',
+            "",
+            "    def __init__(self, *, rngs: nnx.Rngs):",
+        ]
+        for key, value in weights.items():
+            kind_var = "nnx.Param" if key in params else "nnx.BatchStat"
+            dtype = str(value.dtype).removeprefix("torch.")
+            lines.append(
+                f"        self.{attrs[key]} = {kind_var}(jnp.zeros({tuple(value.shape)}, "
+                f"jnp.{dtype}))"
+            )
+        if not weights:
+            lines.append("        pass")
+        lines += ["", "    def __call__(self, *inputs):"]
+        lines.append("        weights = {")
+        lines += [f'            "{key}": self.{attr}[...],' for key, attr in attrs.items()]
+        lines += ["        }", f"        return {graph}(weights, *inputs)", "", ""]
+        chunks = [blob[i : i + 88] for i in range(0, len(blob), 88)]
+        quoted = [f'    "{c}"' for c in chunks]
+        quoted[-1] += ","
+        lines += [f"{graph} = interpreted(", *quoted, f"    nhwc={self.nhwc},", ")"]
+        self.written[name] = "\n".join(lines)
+        return Ctor(name, [("rngs", "rngs", Code("rngs"), "")])
 
     def _body(self, mod: nn.Module) -> None:
         own = [n for n, _ in mod.named_parameters(recurse=False)]
@@ -275,7 +376,7 @@ class Writer:
                 return stateless_code(sub, rank(args[0])).format(x=arg(args[0]))
             expr, owner = "self", mod
             for seg in target.split("."):
-                if type(owner) is nn.Sequential:
+                if sequential(owner):
                     expr += f".layers[{seg}]"
                 else:
                     expr += f"[{seg}]" if type(owner) is nn.ModuleList else f".{seg}"
@@ -292,6 +393,8 @@ class Writer:
             start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
             end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
             return flatten_code(start, end, rank(args[0])).format(x=arg(args[0]))
+        if fn is operator.getitem and isinstance(args[1], int) and not kwargs:
+            return f"{arg(args[0])}[{args[1]}]"  # one output of a layer that returns several
         if fn in _BINARY and len(args) == 2 and not kwargs:
             return f"{arg(args[0])} {_BINARY[fn]} {arg(args[1])}"
         what = getattr(target, "__name__", target)
@@ -371,7 +474,7 @@ class Writer:
         for mod, body in self.bodies.items():
             found = set().union(*(instances(a[2], set()) for a in body.attrs))
             deps.setdefault(key(mod), set()).update(key(m) for m in found)
-        taken, out, root = set(), [], None
+        taken, out, root = set(self.written), list(self.written.values()), None
         for cls in graphlib.TopologicalSorter(deps).static_order():
             mods = [m for m in self.bodies if key(m) == cls]
             groups: dict[str, list] = {}
@@ -410,6 +513,9 @@ class Writer:
             # out_features, its norm's num_features and the next conv's in_features -> features.
             arg_name = _common_suffix(hps) if len(hps) > 1 else hps[0]
             arg_name = hps[0] if not arg_name or arg_name in args else arg_name
+            # A Sequential class's items are layer_0, layer_1, ...: drop that where unambiguous.
+            short = re.sub(r"^layer_\d+_", "", arg_name)
+            arg_name = short if short not in args and short not in vectors else arg_name
             args[arg_name] = values
             arg_of |= dict.fromkeys(hps, arg_name)
         for mod, lits in members:
@@ -500,5 +606,8 @@ def header(name: str, torch_name: str, nhwc: bool, batchnorm: bool, code: str) -
     imports = ["from functools import partial", ""] if "partial(" in code else []
     imports += ["import jax"] if "jax." in code else []
     imports += ["import jax.numpy as jnp"] if "jnp." in code else []
+    imports += ["from flax import nnx"]
+    if "interpreted(" in code:  # a module that runs through the interpreter
+        imports += ["", "from mlperf_tutor.migrate.flax_source import interpreted"]
     doc = doc + ['"""'] if len(doc) > 1 else [doc[0] + '"""']
-    return "\n".join([*doc, "", *imports, "from flax import nnx", "", "", ""])
+    return "\n".join([*doc, "", *imports, "", "", ""])
