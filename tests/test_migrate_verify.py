@@ -69,17 +69,26 @@ def test_referee_passes_bert_key_bias_roundoff_that_the_plain_bars_fail():
 
 
 class Block(nn.Module):
-    """A Transformer encoder layer (MultiheadAttention's in_proj_bias holds a key bias) with a
-    GELU feed-forward and a linear head. The feed-forward's first weight is scaled up so its
-    pre-activations reach |x| ~ 2, where tanh GELU and exact GELU differ most."""
+    """A pre-norm Transformer encoder layer (MultiheadAttention's in_proj_bias holds a key bias)
+    with a GELU feed-forward and a linear head. Embeddings start as BERT's (std 0.02), so the
+    first LayerNorm sees a variance of 4e-4 and its eps matters; the feed-forward's first weight
+    is scaled up so its pre-activations reach |x| ~ 2, where tanh and exact GELU differ most."""
 
     def __init__(self, eps: float = 1e-5):
         super().__init__()
         self.embed = nn.Embedding(20, 16)
         self.layer = nn.TransformerEncoderLayer(
-            16, 2, 32, dropout=0.1, activation="gelu", layer_norm_eps=eps, batch_first=True
+            16,
+            2,
+            32,
+            dropout=0.1,
+            activation="gelu",
+            layer_norm_eps=eps,
+            batch_first=True,
+            norm_first=True,
         )
         self.head = nn.Linear(16, 5)
+        nn.init.normal_(self.embed.weight, std=0.02)
         with torch.no_grad():
             self.layer.linear1.weight.mul_(4.0)
 
