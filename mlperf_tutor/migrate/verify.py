@@ -35,8 +35,8 @@ training=True)``) and attention dropout run with rate 0 (a ``TorchFunctionMode``
 interpreter's ``random_off`` in JAX). Random numbers that no rate switches off (stochastic depth
 from ``torch.rand`` or ``bernoulli_``) put the innermost module that draws them in eval mode in both
 runs (only its own ``training`` flag, not its children's), which is how such code skips them; if
-the numbers are still drawn then, or ``loss_fn`` draws them outside the model, ``verify`` refuses,
-naming the op and the source line.
+the numbers are still drawn then, or the model's own forward or ``loss_fn`` draws them (neither
+has a module to put in eval mode), ``verify`` refuses, naming the op and the source line.
 """
 
 from __future__ import annotations
@@ -144,14 +144,15 @@ def _switch_off_randomness(model, optimizer, loss_fn, batch, scheduler, migrate)
         stuck = [s for s in _random_sites(migrated) if s[0] not in RANDOM_OFF]
         if not stuck:
             break
-        outside = [s for s in stuck if s[2] is None or s[2] in evaluated]
+        # The model itself cannot be put in eval mode: export trains a model in eval mode.
+        outside = [s for s in stuck if not s[2] or s[2] in evaluated]
         if outside or evaluated:
             op, where, path = (outside or stuck)[0]
-            how = (
-                "loss_fn draws them outside the model"
-                if path is None
-                else f"module '{path}' draws them even in eval mode"
-            )
+            how = {
+                None: "loss_fn draws them outside the model",
+                "": "the model's own forward draws them (verify can put a submodule in eval "
+                "mode, not the model itself)",
+            }.get(path, f"module '{path}' draws them even in eval mode")
             raise VerificationError(
                 f"verify cannot turn off the random op {op} at {where}: {how}. Torch and JAX "
                 "cannot draw the same numbers, so the runs cannot be compared; draw them only "
@@ -166,7 +167,7 @@ def _switch_off_randomness(model, optimizer, loss_fn, batch, scheduler, migrate)
     for graph in (migrated.translation._train, migrated.translation._eval):
         graph.random_off = True
     sites = [f"{op} in {p or 'loss_fn'} ({where})" for op, where, p in _random_sites(migrated)]
-    return migrated, sites, [p or "(model)" for p in evaluated]
+    return migrated, sites, evaluated
 
 
 def _as_double(batch):
