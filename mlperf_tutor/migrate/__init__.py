@@ -12,8 +12,9 @@ accumulation, autocast) is not in those objects: ``torch_to_jax`` takes it as op
 user must pass the ones their loop uses. Tied parameters stay tied (one array, exported back
 under every name by :meth:`Migrated.state_dict`); the batch size may change between steps.
 
-:func:`verify` runs the torch step and the migrated one side by side and prints a per-step
-table; :func:`to_tf` turns the migrated step into a ``tf.function`` through ``jax2tf``;
+:func:`verify` (:mod:`.verify`) runs the torch step and the migrated one side by side, judged
+against a float64 referee, and prints a per-step table; :func:`to_tf` turns the migrated step
+into a ``tf.function`` through ``jax2tf``;
 :func:`to_flax_source` writes idiomatic Flax NNX source for models built from standard layers;
 ``mlperf_tutor.parity.diff_layers`` compares a hand port layer by layer.
 
@@ -22,17 +23,17 @@ Frameworks are imported when these functions are called, not when this package i
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
-# The parity bars: the loss is held to the output bar (max-abs), the parameters after each step
-# to the bar of parameters after N steps (relative).
-from mlperf_tutor.core.parity import OUTPUT_ATOL, STEP_RTOL, VerificationError
+from mlperf_tutor.core.parity import VerificationError
 from mlperf_tutor.frameworks import require
+
+# verify (with its float64 referee) lives in .verify; re-exported here.
+from mlperf_tutor.migrate.verify import VerifyReport, _without_dropout, verify  # noqa: F401
 
 
 class StepState(NamedTuple):
@@ -455,133 +456,6 @@ def torch_to_jax(
         torch_dtypes={k: v.dtype for k, v in torch_state.items()},
         untouched=untouched,
     )
-
-
-def _without_dropout(model) -> list[str]:
-    """Set every dropout rate of the model's modules to 0 in place (``nn.Dropout*`` and the
-    attention dropout of ``nn.MultiheadAttention``, a float attribute); the names of those
-    that had one. ``F.dropout`` with a literal rate inside a custom forward is out of reach."""
-    import torch
-
-    changed = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
-            module.p = 0.0
-            changed.append(name)
-        elif isinstance(module, torch.nn.MultiheadAttention) and module.dropout > 0:
-            module.dropout = 0.0
-            changed.append(f"{name} (attention)")
-    return changed
-
-
-@dataclasses.dataclass
-class VerifyReport:
-    """Per-step comparison of a torch training step and its migration.
-
-    Attributes:
-        rows: per step: torch loss, jax loss, |difference|, the worst parameter's relative
-            error (after the step) and its name.
-        dropout_off: dropout modules whose rate verify set to 0 in both (masks differ).
-    """
-
-    rows: list[dict]
-    dropout_off: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return all(r["loss diff"] <= OUTPUT_ATOL and r["worst rel"] <= STEP_RTOL for r in self.rows)
-
-    def __str__(self) -> str:
-        lines = [
-            f"{'step':>4}  {'torch loss':>12}  {'jax loss':>12}  {'|diff|':>9}  "
-            f"{'worst param rel':>15}  worst param"
-        ]
-        for r in self.rows:
-            lines.append(
-                f"{r['step']:>4}  {r['torch loss']:>12.6f}  {r['jax loss']:>12.6f}  "
-                f"{r['loss diff']:>9.2e}  {r['worst rel']:>15.2e}  {r['worst param']}"
-            )
-        if self.dropout_off:
-            lines.append(f"dropout set to 0 in both for: {', '.join(self.dropout_off)}")
-        lines.append(
-            f"{'PASS' if self.ok else 'FAIL'} (bars: loss max-abs <= {OUTPUT_ATOL:g}, parameters "
-            f"relative <= {STEP_RTOL:g})"
-        )
-        return "\n".join(lines)
-
-    def to_dataframe(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows).set_index("step")
-
-
-def verify(
-    model,
-    optimizer,
-    loss_fn: Callable,
-    batches: Iterable,
-    scheduler=None,
-    *,
-    quiet: bool = False,
-    raise_on_failure: bool = True,
-) -> VerifyReport:
-    """Run the torch step and its migration side by side and compare every step.
-
-    Works on deep copies: ``model``, ``optimizer`` and ``scheduler`` are left untouched. Each
-    step is ``loss_fn(model, batch).backward(); optimizer.step(); scheduler.step()`` in torch
-    and the migrated ``step`` in JAX, from the same state. Dropout masks cannot be equal across
-    frameworks, so both run with every dropout rate set to 0 (the report lists those modules).
-
-    Args:
-        model, optimizer, loss_fn, scheduler: as for :func:`torch_to_jax`.
-        batches: the batches, one per step (dicts/tuples of numpy arrays or tensors).
-        quiet: do not print the table.
-        raise_on_failure: raise :class:`VerificationError` past the parity bars of
-            :mod:`mlperf_tutor.core.parity` (loss max-abs ``OUTPUT_ATOL``, parameters relative
-            ``STEP_RTOL``); otherwise just return the report.
-    """
-    from mlperf_tutor.migrate.export import _as_torch
-
-    for adapter in require("mlperf_tutor.migrate.verify", "torch", "jax"):
-        adapter.pin_precision()
-    model, optimizer, scheduler = copy.deepcopy((model, optimizer, scheduler))
-    dropout_off = _without_dropout(model)
-    batches = list(batches)
-    migrated = torch_to_jax(model, optimizer, loss_fn, batches[0], scheduler)
-    named = dict(model.named_parameters())
-    rows = []
-    for step, batch in enumerate(batches):
-        optimizer.zero_grad()
-        torch_loss = loss_fn(model, _as_torch(batch))
-        torch_loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        jax_loss = migrated.run(batch)
-        worst, worst_name = 0.0, ""
-        for name, value in migrated.params.items():
-            want = named[name].detach().numpy().astype(np.float64)
-            err = np.linalg.norm(np.asarray(value, np.float64) - want)
-            rel = err / max(np.linalg.norm(want), 1e-30)
-            if rel > worst:
-                worst, worst_name = float(rel), name
-        t = float(torch_loss.detach())
-        rows.append(
-            {
-                "step": step,
-                "torch loss": t,
-                "jax loss": jax_loss,
-                "loss diff": abs(t - jax_loss),
-                "worst rel": worst,
-                "worst param": worst_name,
-            }
-        )
-    report = VerifyReport(rows, dropout_off)
-    if not quiet:
-        print(report)
-    if raise_on_failure and not report.ok:
-        raise VerificationError(f"the migrated step diverged from torch:\n{report}")
-    return report
 
 
 def to_tf(migrated: Migrated):

@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 
 from mlperf_tutor.frameworks.torch import from_numpy, to_numpy
 from mlperf_tutor.migrate.aten_ops import OPS, jax_dtype, register
+from mlperf_tutor.migrate.aten_random_ops import check_lost_randomness, rnn_decompositions
 from mlperf_tutor.migrate.interpreter import GraphFunction, UnsupportedOp, op_name
 
 PREFIX = "model."  # the wrapper's attribute: parameter targets read "model.<state_dict name>"
@@ -171,7 +172,9 @@ def export_loss(
         for module, mode in modes.items():
             module.training = mode
     _keep_gradient_stops(program)
-    table = torch.export.default_decompositions()
+    check_lost_randomness(program)
+    # The recurrent layers' own decomposition drops their dropout between layers.
+    table = rnn_decompositions(torch.export.default_decompositions())
     for op in KEEP:
         table.pop(op, None)
     return program.run_decompositions(table)

@@ -24,6 +24,7 @@ from torch.fx.node import map_arg
 from mlperf_tutor.frameworks.torch import to_numpy
 from mlperf_tutor.migrate import aten_nn_ops, aten_reduce_ops, aten_shape_ops  # noqa: F401
 from mlperf_tutor.migrate.aten_ops import CHECKS, OPS, RANDOM_OPS, jax_dtype
+from mlperf_tutor.migrate.aten_random_ops import RANDOM_OFF, draws, module_path
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _MIGRATE_DIR = os.path.dirname(__file__)
@@ -110,7 +111,12 @@ class GraphFunction:
         buffers: buffer names read from the state (persistent or mutated buffers).
         mutated: buffer names whose new values the graph returns (BatchNorm statistics).
         num_user_inputs: how many tensors of the batch the graph takes.
+        random_off: run every dropout with rate 0 (no key needed), as
+            :func:`mlperf_tutor.migrate.verify` does; other random ops then raise. Set it
+            before the function is first traced.
     """
+
+    random_off = False
 
     def __init__(
         self,
@@ -200,7 +206,17 @@ class GraphFunction:
             if node.op != "call_function" or node.target is operator.getitem:
                 continue
             name = op_name(node.target)
-            if name not in OPS:
+            seeded = isinstance(node.target, torch._ops.OpOverload) and (
+                torch.Tag.nondeterministic_seeded in node.target.tags
+            )
+            if seeded and name not in RANDOM_OPS:
+                # Translated without a key it would draw the same numbers every step, or none.
+                why = (
+                    "it draws random numbers and has no translation with per-step keys; "
+                    "register one with register(..., random=True), or leave it out of the step"
+                )
+                problems.append((name, source_line(node), why))
+            elif name not in OPS:
                 problems.append((name, source_line(node), None))
             elif name in CHECKS and (why := CHECKS[name](node)):
                 problems.append((name, source_line(node), why))
@@ -213,6 +229,15 @@ class GraphFunction:
             {op_name(n.target) for n in self.graph.nodes if n.op == "call_function"}
             - {op_name(operator.getitem)}
         )
+
+    def random_sites(self) -> list[tuple[str, str, str | None]]:
+        """(op name, source line, module name or None for loss_fn) of every node that draws
+        random numbers when it runs (dropout with a rate, rand, bernoulli, ...)."""
+        return [
+            (op_name(n.target), source_line(n), module_path(n))
+            for n in self.graph.nodes
+            if n.op == "call_function" and draws(n)
+        ]
 
     def __call__(
         self, state: Mapping[str, Any], user_inputs: Sequence[Any], key: Any = None
@@ -260,6 +285,13 @@ class GraphFunction:
             value = args[0][args[1]]
         else:
             name = op_name(node.target)
+            if self.random_off and name in RANDOM_OPS and draws(node):
+                if name not in RANDOM_OFF:
+                    raise OpError(
+                        f"{name} at {source_line(node)} draws random numbers that cannot be "
+                        "switched off by a rate"
+                    )
+                return _conform(RANDOM_OFF[name](*args, **kwargs), node)
             if name in RANDOM_OPS:
                 # Fold the node's position into the step key: each random site differs.
                 args = (None if key is None else jax.random.fold_in(key, index), *args)
