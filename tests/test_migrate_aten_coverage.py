@@ -10,9 +10,6 @@ are compared with PyTorch's kernel on hand-written inputs.
 from __future__ import annotations
 
 import operator
-import sys
-import types
-import unittest
 import warnings
 
 import numpy as np
@@ -43,12 +40,8 @@ from mlperf_tutor.migrate.export import KEEP  # noqa: E402
 frameworks.get("jax").pin_precision()
 frameworks.get("torch").pin_precision()
 
-# PyTorch's OpInfo module imports expecttest (a test dependency of PyTorch's own suite) for a
-# TestCase base class that op_db never uses.
-try:
-    import expecttest  # noqa: F401
-except ImportError:
-    sys.modules["expecttest"] = types.SimpleNamespace(TestCase=unittest.TestCase)
+# PyTorch's OpInfo database needs expecttest (a test dependency of PyTorch's own suite, pinned
+# in requirements.txt).
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
 
 SAMPLES = 3  # traced samples per OpInfo (the first ones its sample_inputs gives)

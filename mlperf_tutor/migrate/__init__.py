@@ -473,13 +473,23 @@ def to_tf(migrated: Migrated):
     return tf.function(converted, autograph=False, jit_compile=True)
 
 
-def to_flax_source(model, example_input, *, class_name: str | None = None):
-    """Idiomatic Flax NNX source for a torch module of standard layers; see
-    :func:`mlperf_tutor.migrate.flax_source.to_flax_source`."""
+def to_flax_source(model, example_input, *, class_name: str | None = None, fallback: bool = True):
+    """Idiomatic Flax NNX source for a torch module of standard layers (submodules that cannot
+    become readable Flax run through the interpreter, with a comment saying why, unless
+    ``fallback=False``); see :func:`mlperf_tutor.migrate.flax_source.to_flax_source`."""
     require("mlperf_tutor.migrate.to_flax_source", "torch", "jax")
     from mlperf_tutor.migrate.flax_source import to_flax_source as write
 
-    return write(model, example_input, class_name=class_name)
+    return write(model, example_input, class_name=class_name, fallback=fallback)
+
+
+def coverage() -> list[dict]:
+    """The core ATen opset and what the interpreter does with each op (rows ``op``,
+    ``covered``, ``tested``, ``note``); see :func:`mlperf_tutor.migrate.aten_coverage.coverage`."""
+    require("mlperf_tutor.migrate.coverage", "torch", "jax")
+    from mlperf_tutor.migrate.aten_coverage import coverage as rows
+
+    return rows()
 
 
 __all__ = [
@@ -487,6 +497,7 @@ __all__ = [
     "StepState",
     "VerificationError",
     "VerifyReport",
+    "coverage",
     "to_flax_source",
     "to_tf",
     "torch_to_jax",

@@ -41,8 +41,10 @@ has a module to put in eval mode), ``verify`` refuses, naming the op and the sou
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -197,17 +199,53 @@ def _double(model, optimizer, scheduler):
     return model, optimizer, scheduler
 
 
-def _torch_step(model, optimizer, scheduler, loss_fn, batch, mode) -> float:
-    from mlperf_tutor.migrate.export import _as_torch
+@dataclasses.dataclass(frozen=True)
+class _StepOptions:
+    """What the user's torch step does besides model + optimizer + scheduler (the keyword
+    options of :func:`~mlperf_tutor.migrate.torch_to_jax`), done the same way on both sides."""
 
-    optimizer.zero_grad()
-    with mode:
-        loss = loss_fn(model, _as_torch(batch))
-    loss.backward()
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    return float(loss.detach())
+    clip_grad_norm: float | None = None
+    accumulate: int = 1
+    autocast: str | None = None
+
+    def migrate(self, migrate_fn: Callable) -> Callable:
+        return functools.partial(migrate_fn, **dataclasses.asdict(self))
+
+    def torch_step(self, model, optimizer, scheduler, loss_fn, batch, mode) -> float:
+        """``accumulate`` backward passes of ``loss / k`` over ``tensor.chunk(k)`` micro-batches
+        (under ``torch.autocast`` when asked), ``clip_grad_norm_`` over the optimizer's
+        parameters, ``optimizer.step()``, ``scheduler.step()``; returns the mean loss."""
+        import torch
+        from torch.utils import _pytree as pytree
+
+        from mlperf_tutor.migrate.export import AUTOCAST_DTYPES, _as_torch
+
+        batch = _as_torch(batch)
+        k = self.accumulate
+        leaves, spec = pytree.tree_flatten(batch)
+        chunks = [
+            leaf.chunk(k) if isinstance(leaf, torch.Tensor) else [leaf] * k for leaf in leaves
+        ]
+        optimizer.zero_grad()
+        total = 0.0
+        for i in range(k):
+            micro = pytree.tree_unflatten([c[i] for c in chunks], spec)
+            cast = (
+                torch.autocast("cpu", dtype=AUTOCAST_DTYPES[self.autocast])
+                if self.autocast
+                else contextlib.nullcontext()
+            )
+            with mode, cast:
+                loss = loss_fn(model, micro)
+            (loss / k).backward()
+            total += float(loss.detach())
+        if self.clip_grad_norm is not None:
+            held = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(held, self.clip_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return total / k
 
 
 def _rel(a, b) -> float:
@@ -309,12 +347,17 @@ def verify(
     quiet: bool = False,
     raise_on_failure: bool = True,
     referee: bool = True,
+    clip_grad_norm: float | None = None,
+    accumulate: int = 1,
+    autocast: str | None = None,
 ) -> VerifyReport:
     """Run the torch step and its migration side by side and compare every step.
 
     Works on deep copies: ``model``, ``optimizer`` and ``scheduler`` are left untouched. Each
     step is ``loss_fn(model, batch).backward(); optimizer.step(); scheduler.step()`` in torch
-    and the migrated ``step`` in JAX, from the same state. Random ops are turned off in both
+    (with the recipe's ``clip_grad_norm``, ``accumulate`` and ``autocast`` when given: see
+    :func:`~mlperf_tutor.migrate.torch_to_jax`, which gets the same options) and the migrated
+    ``step`` in JAX, from the same state. Random ops are turned off in both
     and listed (see :mod:`mlperf_tutor.migrate.verify`).
 
     Args:
@@ -330,6 +373,8 @@ def verify(
             plus ``REFEREE_FLOOR`` (1e-6). False: the plain bars of
             :mod:`mlperf_tutor.core.parity` only (loss max-abs ``OUTPUT_ATOL``, parameters
             relative ``STEP_RTOL``).
+        clip_grad_norm, accumulate, autocast: the step options of
+            :func:`~mlperf_tutor.migrate.torch_to_jax`, applied to both runs.
 
     Raises:
         VerificationError: a step failed (with ``raise_on_failure``), or a random op cannot be
@@ -339,24 +384,29 @@ def verify(
 
     for adapter in require("mlperf_tutor.migrate.verify", "torch", "jax"):
         adapter.pin_precision()
+    options = _StepOptions(clip_grad_norm, accumulate, autocast)
     model, optimizer, scheduler = copy.deepcopy((model, optimizer, scheduler))
     dropout_off = _without_dropout(model)
     batches = list(batches)
     # Looked up at call time, so tests can plant a faulty migration.
     migrated, random_off, eval_modules = _switch_off_randomness(
-        model, optimizer, loss_fn, batches[0], scheduler, migrate.torch_to_jax
+        model, optimizer, loss_fn, batches[0], scheduler, options.migrate(migrate.torch_to_jax)
     )
     ref = None
     referee_error = None
     if referee:
         try:
-            ref = _Referee(model, optimizer, scheduler, loss_fn, batches[0], migrate.torch_to_jax)
+            ref = _Referee(
+                model, optimizer, scheduler, loss_fn, batches[0], migrate.torch_to_jax, options
+            )
         except Exception as error:  # a model that cannot run in float64: plain bars only
             referee_error = f"{type(error).__name__}: {error}"
     named = dict(model.named_parameters())
     rows, failures, roundoff = [], [], set()
     for step, batch in enumerate(batches):
-        torch_loss = _torch_step(model, optimizer, scheduler, loss_fn, batch, _dropout_off_mode())
+        torch_loss = options.torch_step(
+            model, optimizer, scheduler, loss_fn, batch, _dropout_off_mode()
+        )
         grads32 = {n: p.grad.double().numpy() for n, p in named.items() if p.grad is not None}
         jax_loss = migrated.run(batch)
         row = {"step": step, "torch loss": torch_loss, "jax loss": jax_loss}
@@ -420,12 +470,13 @@ def verify(
 class _Referee:
     """The float64 runs: torch on a double copy, and its migration under ``jax.enable_x64``."""
 
-    def __init__(self, model, optimizer, scheduler, loss_fn, batch, migrate_fn):
+    def __init__(self, model, optimizer, scheduler, loss_fn, batch, migrate_fn, options):
         self.model, self.optimizer, self.scheduler = _double(model, optimizer, scheduler)
         self.loss_fn = loss_fn
+        self.options = options
         self.named = dict(self.model.named_parameters())
         with _x64():
-            self.migrated = migrate_fn(
+            self.migrated = options.migrate(migrate_fn)(
                 self.model, self.optimizer, loss_fn, _as_double(batch), self.scheduler
             )
             for graph in (self.migrated.translation._train, self.migrated.translation._eval):
@@ -433,7 +484,7 @@ class _Referee:
 
     def step(self, batch) -> float:
         batch = _as_double(batch)
-        loss = _torch_step(
+        loss = self.options.torch_step(
             self.model, self.optimizer, self.scheduler, self.loss_fn, batch, _dropout_off_mode()
         )
         with _x64():
