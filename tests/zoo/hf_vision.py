@@ -157,7 +157,15 @@ ENTRIES = [
                 num_channels=3,
                 image_size=32,
                 width_coefficient=0.25,
-                depth_coefficient=0.25,
+                depth_coefficient=0.25,  # one block a stage
+                # B0's first three stages of seven (a tiny model compiles in seconds)
+                kernel_sizes=[3, 3, 5],
+                strides=[1, 2, 2],
+                in_channels=[32, 16, 24],
+                out_channels=[16, 24, 40],
+                expand_ratios=[1, 6, 6],
+                num_block_repeats=[1, 2, 2],
+                depthwise_padding=[],
                 hidden_dim=320,  # must equal the top conv's round_filters(1280) at width 0.25
                 num_labels=CLASSES,
             ),
