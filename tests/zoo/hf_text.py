@@ -145,7 +145,11 @@ ENTRIES = [
         linear_warmup,
         "BERT paper App. A.2 / transformers run_mlm.py",
         clip_grad_norm=1.0,
-        tied=(("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),),
+        # the MLM head's decoder is tied to the word embeddings, and its bias to the head's
+        tied=(
+            ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),
+            ("cls.predictions.bias", "cls.predictions.decoder.bias"),
+        ),
     ),
     Entry(
         "distilbert-cls",
