@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: a shared CPU runs faster)"
     )
-    parser.add_argument("--width", type=int, default=110, help="message column width")
+    parser.add_argument("--width", type=int, default=140, help="message column width")
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -88,10 +88,14 @@ def as_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 def torch_step(entry: Entry, model, optimizer, scheduler, micro_batches) -> float:
     """One step of the recipe in torch, as its training loop writes it: autocast forward,
     accumulated backward, clipping, update, scheduler. Returns the step's mean loss."""
+    dtypes = {None: None, "bf16": torch.bfloat16}
+    if entry.autocast not in dtypes:
+        raise ValueError(f"{entry.name}: autocast={entry.autocast!r}; the zoo knows {dtypes}")
     optimizer.zero_grad()
     total = 0.0
     for batch in micro_batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=entry.autocast == "bf16"):
+        dtype = dtypes[entry.autocast]
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             loss = entry.loss_fn(model, as_torch(batch))
         (loss / entry.accumulate).backward()
         total += float(loss.detach()) / entry.accumulate
@@ -141,8 +145,8 @@ def _divergence(report) -> str:
     for row in report.rows:
         if row["loss diff"] > OUTPUT_ATOL or row["worst rel"] > STEP_RTOL:
             return (
-                f"diverged at step {row['step']}: loss |diff| {row['loss diff']:.2e}, worst "
-                f"parameter {row['worst param']} relative {row['worst rel']:.2e}"
+                f"diverged at step {row['step']}: {row['worst param']} relative "
+                f"{row['worst rel']:.2e}, loss diff {row['loss diff']:.2e}"
             )
     return ""
 
