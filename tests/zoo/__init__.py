@@ -76,9 +76,18 @@ class Entry:
         scheduler = self.scheduler(optimizer) if self.scheduler else None
         return model, optimizer, scheduler
 
+    def micro_batches(self, step: int) -> list[dict[str, np.ndarray]]:
+        """The ``accumulate`` micro-batches of optimizer step ``step``, in order."""
+        k = self.accumulate
+        return [self.batch(seed) for seed in range(step * k, (step + 1) * k)]
+
     def batches(self, steps: int = STEPS) -> list[dict[str, np.ndarray]]:
-        """The micro-batches of ``steps`` optimizer steps (``accumulate`` per step)."""
-        return [self.batch(seed) for seed in range(steps * self.accumulate)]
+        """One batch per optimizer step: its micro-batches joined along the leading axis, as
+        ``verify(..., accumulate=k)`` takes them (it splits each into k, as ``chunk(k)``)."""
+        return [
+            {key: np.concatenate([m[key] for m in micro]) for key in micro[0]}
+            for micro in map(self.micro_batches, range(steps))
+        ]
 
 
 def as_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -155,7 +164,7 @@ def run(entry: Entry, steps: int = STEPS, verify: Callable | None = None) -> Res
     """``verify`` the entry's recipe for ``steps`` steps.
 
     The recipe's step options go to ``verify`` as keywords (``clip_grad_norm=1.0``, ...), and
-    the batches are the micro-batches in order, ``accumulate`` per step. An option ``verify``
+    each step's batch joins its ``accumulate`` micro-batches along the leading axis. An option ``verify``
     does not take is a refusal (status ``"refused"``): the step would differ from the recipe's.
 
     Args:
