@@ -323,8 +323,9 @@ def torch_to_jax(
             JAX array under the first name ``named_parameters()`` gives, with the sum of both
             uses' gradients and one optimizer state, as in torch; :meth:`Migrated.state_dict`
             gives it back under every name.
-        optimizer: a ``torch.optim`` SGD, Adam, AdamW, Adagrad or RMSprop over the model's
-            parameters (param groups with their own hyperparameters are kept).
+        optimizer: a ``torch.optim`` optimizer over the model's parameters (param groups with
+            their own hyperparameters are kept); see
+            :data:`mlperf_tutor.migrate.optim.SUPPORTED_OPTIMIZERS`.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the forward included.
         example_batch: a dict or tuple of tensors or numpy arrays, one step's batch (with
             ``accumulate=k``, all k micro-batches); steps take batches of the same structure
