@@ -164,8 +164,9 @@ def run(entry: Entry, steps: int = STEPS, verify: Callable | None = None) -> Res
     """``verify`` the entry's recipe for ``steps`` steps.
 
     The recipe's step options go to ``verify`` as keywords (``clip_grad_norm=1.0``, ...), and
-    each step's batch joins its ``accumulate`` micro-batches along the leading axis. An option ``verify``
-    does not take is a refusal (status ``"refused"``): the step would differ from the recipe's.
+    each step's batch joins its ``accumulate`` micro-batches along the leading axis. An option
+    ``verify`` does not take is a refusal (status ``"refused"``): the step would differ from the
+    recipe's.
 
     Args:
         entry: the zoo entry.
