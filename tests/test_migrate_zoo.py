@@ -110,7 +110,7 @@ def recording_verify(calls):
                 scheduler=scheduler,
             )
         )
-        return types.SimpleNamespace(ok=True, rows=[{}] * (len(batches) // accumulate))
+        return types.SimpleNamespace(ok=True, rows=[{}] * len(batches))  # one batch per step
 
     return verify
 
@@ -136,6 +136,6 @@ def test_runner_hands_every_recipe_option_to_verify():
     assert result.status == "pass"
     (call,) = calls
     assert call["clip_grad_norm"] == entry.clip_grad_norm == 1.0
-    assert call["accumulate"] == entry.accumulate == 2 and call["batches"] == 3 * 2
+    assert call["accumulate"] == entry.accumulate == 2 and call["batches"] == 3
     assert call["autocast"] == "bf16"
     assert call["scheduler"] is not None
