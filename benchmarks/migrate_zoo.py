@@ -9,6 +9,12 @@ through, and if not, why.
 
     python benchmarks/migrate_zoo.py                 # every model
     python benchmarks/migrate_zoo.py --only gpt2 vit  # some
+    python benchmarks/migrate_zoo.py --time --only gpt2 resnet lstm-lm
+
+``--time`` times, instead, one training step of the recipe (dropout and the rest as the recipe
+has them) in torch eager and migrated (``torch_to_jax``'s jitted step), ms per step after
+warm-up. These models have no hand-written Flax twin (transformers dropped Flax in v5); the
+package's workloads do, and ``migrate_step.py`` times those three ways.
 """
 
 from __future__ import annotations
@@ -20,6 +26,33 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def time_steps(entry, steps: int, warmup: int) -> tuple[float, float]:
+    """(torch eager, migrated) seconds per recipe step of one zoo entry."""
+    import jax
+    import zoo
+    from timing import timed
+
+    from mlperf_tutor.migrate import torch_to_jax
+
+    batches = entry.batches(1)
+    model, optimizer, scheduler = entry.build()
+    migrated = torch_to_jax(
+        model, optimizer, entry.loss_fn, batches[0], scheduler, **entry.step_options()
+    )
+    micro = entry.micro_batches(0)
+    torch_s = timed(
+        lambda: zoo.torch_step(entry, model, optimizer, scheduler, micro), steps, warmup, lambda: 0
+    )
+    state = [migrated.params, migrated.state, None]
+
+    def jax_step():
+        state[0], state[1], state[2] = migrated.step(state[0], state[1], batches[0])
+
+    jax_s = timed(jax_step, steps, warmup, lambda: jax.block_until_ready(state[2]))
+    return torch_s, jax_s
 
 
 def main() -> None:
@@ -30,6 +63,8 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (1: a shared CPU runs faster)"
     )
     parser.add_argument("--width", type=int, default=140, help="message column width")
+    parser.add_argument("--time", action="store_true", help="time torch eager vs migrated")
+    parser.add_argument("--warmup", type=int, default=3, help="--time: untimed steps first")
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -42,6 +77,14 @@ def main() -> None:
     unknown = sorted(set(names) - set(entries))
     if unknown:
         parser.error(f"no zoo model {unknown}; choose from {sorted(entries)}")
+
+    if args.time:
+        print("| model | torch eager ms/step | migrated ms/step | torch / migrated |")
+        print("|---|---|---|---|")
+        for name in names:
+            torch_s, jax_s = time_steps(entries[name], args.steps, args.warmup)
+            print(f"| {name} | {1e3 * torch_s:.2f} | {1e3 * jax_s:.2f} | {torch_s / jax_s:.2f} |")
+        return
 
     rows = []
     for name in names:
