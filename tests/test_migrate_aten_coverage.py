@@ -41,8 +41,15 @@ frameworks.get("jax").pin_precision()
 frameworks.get("torch").pin_precision()
 
 # PyTorch's OpInfo database needs expecttest (a test dependency of PyTorch's own suite, pinned
-# in requirements.txt).
+# in requirements.txt). Importing it freezes torch.backends' global flags (its common_utils calls
+# torch.backends.disable_global_flags()), after which every later pin_precision() in this test
+# process would raise; they are unfrozen again.
+_FROZEN = torch.backends.flags_frozen()
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
+
+if not _FROZEN:  # the flag lives in torch/backends/__init__.py's globals (torch has no setter)
+    torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    assert not torch.backends.flags_frozen()
 
 SAMPLES = 3  # traced samples per OpInfo (the first ones its sample_inputs gives)
 RTOL, ATOL = 1e-4, 1e-5  # float32: a few ulps of the result's scale, or of 1 near zero
