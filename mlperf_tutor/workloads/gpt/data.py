@@ -58,22 +58,35 @@ def bigram_table(vocab_size: int, language_seed: int) -> np.ndarray:
 def bigram_sequences(
     vocab_size: int, batch_size: int, length: int, seed: int, language_seed: int
 ) -> np.ndarray:
-    """(batch_size, length) int32 token sequences of :func:`bigram_successors`'s language."""
+    """(batch_size, length) int32 token sequences of :func:`bigram_successors`'s language.
+
+    Each next token inverts the cumulative distribution of its row of :func:`bigram_table` in
+    token order at a uniform draw (the token is the number of entries whose cumulative sum is
+    below the draw), without building the row: between two successors the cumulative sum grows
+    by ``NOISE / V`` per token, so the first token at or above the draw is found per segment.
+    """
     successors, probabilities = bigram_successors(vocab_size, language_seed)
-    cumulative = np.cumsum(probabilities)
-    cumulative[-1] = 1.0
+    order = np.argsort(successors, axis=1)
+    starts = np.take_along_axis(successors, order, axis=1)  # (V, K) successors in token order
+    masses = (1.0 - NOISE) * probabilities[order]  # (V, K) their extra mass, same order
+    # Segment k of a row: tokens [start_k, end_k) after the first k successors (in token order)
+    # have added their mass; segment 0 starts at token 0.
+    below = np.concatenate([np.zeros((vocab_size, 1)), np.cumsum(masses, axis=1)], axis=1)
+    seg_start = np.concatenate([np.zeros((vocab_size, 1), np.int64), starts], axis=1)
+    seg_end = np.concatenate([starts, np.full((vocab_size, 1), vocab_size)], axis=1)
     rng = np.random.default_rng(seed)
     tokens = np.empty((batch_size, length), np.int32)
     tokens[:, 0] = rng.integers(0, vocab_size, batch_size)
-    uniform = rng.integers(0, vocab_size, (batch_size, length))
     draws = rng.random((batch_size, length))
-    likely = draws >= NOISE
-    # Above NOISE, the draw rescaled to [0, 1) picks a successor by the cumulative weights.
-    picks = np.searchsorted(cumulative, (draws - NOISE) / (1.0 - NOISE), side="right")
-    picks = np.minimum(picks, successors.shape[1] - 1)
     for t in range(1, length):
-        follow = successors[tokens[:, t - 1], picks[:, t]]
-        tokens[:, t] = np.where(likely[:, t], follow, uniform[:, t])
+        prev = tokens[:, t - 1]
+        u = draws[:, t : t + 1]  # (B, 1)
+        # cumulative(j) = NOISE (j + 1) / V + mass below j: the first j with cumulative >= u.
+        first = np.ceil((u - below[prev]) * vocab_size / NOISE - 1.0)  # (B, K + 1)
+        first = np.maximum(first, seg_start[prev])
+        valid = first < seg_end[prev]
+        pick = np.take_along_axis(first, valid.argmax(axis=1)[:, None], axis=1)[:, 0]
+        tokens[:, t] = np.minimum(pick, vocab_size - 1)
     return tokens
 
 
