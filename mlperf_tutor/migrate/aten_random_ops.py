@@ -141,8 +141,17 @@ def _layered(op, default, is_lstm: bool):
         for i in range(num_layers):
             layer_hx = [s[i * d : (i + 1) * d] for s in states]
             layer = params[i * per : (i + 1) * per]
-            out = op(x, layer_hx if is_lstm else layer_hx[0], layer, has_biases, 1, 0.0, train,
-                     bidirectional, first)  # fmt: skip
+            out = op(
+                x,
+                layer_hx if is_lstm else layer_hx[0],
+                layer,
+                has_biases,
+                1,
+                0.0,
+                train,
+                bidirectional,
+                first,
+            )
             x = out[0]
             for final, value in zip(finals, out[1:], strict=True):
                 final.append(value)

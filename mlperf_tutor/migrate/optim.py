@@ -134,13 +134,22 @@ def _sgd(g, p, s, step, hp, lr, mom):
     return -lr * jnp.where(on, d, g), new, step + on.astype(step.dtype)
 
 
-def _adam(g, p, s, step, hp, lr, b1):
-    step = step + 1
+def _moments(g, p, s, hp, b1):
+    """Adam's first and second moments after one step, torch's way (what Adam, NAdam and RAdam
+    share): L2 weight decay joins the gradient first unless it is decoupled. Returns (g, m, v),
+    g with that decay added."""
     wd, b2 = hp["weight_decay"], hp["beta2"]
     if wd and not hp["decoupled_weight_decay"]:
         g = g + wd * p
     m = _lerp(s["exp_avg"], g, 1.0 - b1)
     v = s["exp_avg_sq"] * b2 + (1.0 - b2) * g * g
+    return g, m, v
+
+
+def _adam(g, p, s, step, hp, lr, b1):
+    step = step + 1
+    wd, b2 = hp["weight_decay"], hp["beta2"]
+    g, m, v = _moments(g, p, s, hp, b1)
     new = {"exp_avg": m, "exp_avg_sq": v}
     # 1 - b**t with b rounded to float32 loses ~1e-5 for b2 = 0.999; expm1 keeps torch's digits.
     log_b1 = math.log(b1) if isinstance(b1, float) else jnp.log(b1)
@@ -150,9 +159,7 @@ def _adam(g, p, s, step, hp, lr, b1):
     denom = jnp.sqrt(v) / jnp.sqrt(c2) + hp["eps"]
     u = -(lr / c1) * m / denom
     if wd and hp["decoupled_weight_decay"]:
-        # Torch scales p by (1 - lr * wd) first; p * c - p is exact (Sterbenz), so p + u rounds
-        # like torch's two in-place ops up to one final rounding.
-        u = (p * (1.0 - lr * wd) - p) + u
+        u = _decoupled_decay(u, p, lr, hp)
     return u, new, step
 
 
@@ -199,14 +206,11 @@ def _decoupled_decay(u, p, lr, hp):
 def _nadam(g, p, s, step, hp, lr, b1):
     step = step + 1
     wd, b2, psi = hp["weight_decay"], hp["beta2"], hp["momentum_decay"]
-    if wd and not hp["decoupled_weight_decay"]:
-        g = g + wd * p
+    g, m, v = _moments(g, p, s, hp, b1)
     # mu_t = beta1 (1 - 0.5 * 0.96 ** (t psi)), the momentum cache of Dozat's Nesterov Adam.
     mu = b1 * (1.0 - 0.5 * jnp.exp(step * (psi * math.log(0.96))))
     mu_next = b1 * (1.0 - 0.5 * jnp.exp((step + 1.0) * (psi * math.log(0.96))))
     mu_product = s["mu_product"] * mu  # torch keeps it as a float32 tensor
-    m = _lerp(s["exp_avg"], g, 1.0 - b1)
-    v = s["exp_avg_sq"] * b2 + (1.0 - b2) * g * g
     c2 = -jnp.expm1(step * math.log(b2))
     denom = jnp.sqrt(v / c2) + hp["eps"]
     mu_product_next = mu_product * mu_next
@@ -243,10 +247,7 @@ def _radam_rho(step, b2: float):
 def _radam(g, p, s, step, hp, lr, b1):
     step = step + 1
     wd, b2 = hp["weight_decay"], hp["beta2"]
-    if wd and not hp["decoupled_weight_decay"]:
-        g = g + wd * p
-    m = _lerp(s["exp_avg"], g, 1.0 - b1)
-    v = s["exp_avg_sq"] * b2 + (1.0 - b2) * g * g
+    g, m, v = _moments(g, p, s, hp, b1)
     log_b1 = math.log(b1) if isinstance(b1, float) else jnp.log(b1)
     c1, c2 = -jnp.expm1(step * log_b1), -jnp.expm1(step * math.log(b2))
     rho, rho_inf = _radam_rho(step, b2)
