@@ -194,7 +194,7 @@ def cmd_convert(args) -> int:
 def cmd_score(args) -> int:
     from mlperf_tutor.mlperf import score
 
-    print(score(args.dir).table())
+    print(score(args.dir, ruleset=args.ruleset).table())
     return 0
 
 
@@ -343,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "dir", help="<dir>/<benchmark>/result_N.txt, or <submitter>/results/<system>/<benchmark>/"
+    )
+    p.add_argument(
+        "--ruleset",
+        default="4.0.0",
+        help="MLPerf Training ruleset of the logs (default 4.0.0; also 4.1.0, 5.0.0 to 6.1.0)",
     )
     p.set_defaults(func=cmd_score)
     return parser
