@@ -72,6 +72,12 @@ def numpy_to_tensor(array: np.ndarray):
     return torch.from_numpy(array)
 
 
+def _reason(error: BaseException) -> str:
+    """``Type: first line of the message`` of an exception from inside torch or zipfile."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 # What torch.save's zip archives start with (torch tells them from older files the same way).
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -90,10 +96,8 @@ def check_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except Exception as e:  # BadZipFile, EOFError, ValueError, NotImplementedError, zlib.error...
-        first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"{path} is a damaged zip archive ({type(e).__name__}: {first}); re-save or "
-            "re-download it"
+            f"{path} is a damaged zip archive ({_reason(e)}); re-save or re-download it"
         ) from e
     if bad is not None:
         raise CheckpointError(
@@ -134,10 +138,9 @@ def load_torch(path: str | os.PathLike) -> Tree:
             f"(corrupt, or not written by torch.save); {_RESAVE}"
         ) from e
     except Exception as e:  # garbage bytes fail anywhere in the unpickler (IndexError, ...)
-        first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
-            f"{type(e).__name__}: {first}); re-save or re-download it"
+            f"{_reason(e)}); re-save or re-download it"
         ) from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(
