@@ -20,6 +20,7 @@ About 300 cases in all; every failure is collected and reported together.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import json
 import os
 import shutil
@@ -37,7 +38,11 @@ from mlperf_tutor.train import checkpoints
 
 pytestmark = pytest.mark.requires("torch", "jax")
 
-CASE_SECONDS = 10.0  # each case takes milliseconds; far above that is a hang
+# Each case takes milliseconds (a tenth of a second for .weights.h5, which builds a model).
+# Slower than CASE_SECONDS fails the test; at HANG_SECONDS the process is ended with every
+# thread's traceback (faulthandler), so a loop inside a C library fails the run, never hangs it.
+CASE_SECONDS = 30.0
+HANG_SECONDS = 120.0
 
 # The safetensors dtype names, written out here rather than taken from the reader.
 SAFETENSORS_DTYPES = {
@@ -93,6 +98,7 @@ class Outcomes:
 
     def run(self, case: str, load, check, must_raise: bool = False) -> None:
         start = time.monotonic()
+        faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
         try:
             loaded = load()
         except CheckpointError:
@@ -101,7 +107,9 @@ class Outcomes:
         except Exception as e:  # the point: nothing else may escape
             self.problems.append(f"{case}: {type(e).__name__} escaped: {str(e)[:200]}")
             loaded = None
-        else:
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        if loaded is not None:
             self.counts["loaded"] += 1
             if must_raise:
                 self.problems.append(f"{case}: loaded, but it must be refused")
@@ -114,8 +122,8 @@ class Outcomes:
             self.problems.append(f"{case}: took {elapsed:.1f} s")
 
     def assert_clean(self, cases: int) -> None:
-        assert sum(self.counts.values()) == cases
         assert not self.problems, "\n".join(self.problems)
+        assert sum(self.counts.values()) == cases
         # Both outcomes happen: the cases are neither all trivially fatal nor all harmless.
         assert self.counts["refused"] and self.counts["loaded"], self.counts
 
