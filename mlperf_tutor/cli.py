@@ -1,4 +1,4 @@
-"""The ``mlperf-tutor`` command line: list, info, parity, train, convert, score."""
+"""The ``mlperf-tutor`` command line: list, info, parity, train, convert, score, doctor."""
 
 from __future__ import annotations
 
@@ -198,6 +198,40 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from mlperf_tutor.core import io
+
+    found = io.leftovers_below(args.path)
+    if not found:
+        print(f"{args.path}: no leftovers of interrupted writes")
+        return 0
+    pending = 0
+    for item in found:
+        print(f"{item.path}: {item.describe()}")
+        if item.state == io.IN_USE:
+            continue
+        if not args.fix:
+            pending += 1
+            what = {
+                io.RECOVERABLE: "--fix moves the previous directory back, then removes it",
+                io.STRANDED: "--fix keeps it (see below)",
+            }.get(item.state, "--fix removes it")
+            print(f"  {what}")
+        else:
+            try:
+                action = io.fix(item)
+            except OSError as e:
+                action = f"kept: {e.strerror or e}"
+            print(f"  {action}")
+            pending += action.startswith("kept")
+        if item.state == io.STRANDED:
+            print(
+                f"  inspect {item.path / item.destination.name}: move it to {item.destination} "
+                f"if it is complete, or remove {item.path}"
+            )
+    return 1 if pending else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlperf-tutor",
@@ -350,6 +384,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLPerf Training ruleset of the logs (default 4.0.0; also 4.1.0, 5.0.0 to 6.1.0)",
     )
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "doctor",
+        help="find what interrupted writes left (temporaries, staged checkpoints) and sweep it",
+        description="Lists the temporaries of interrupted checkpoint and data writes under PATH "
+        "(a directory, searched below; or a destination file). Exit status 1 while something "
+        "needs --fix or a look. With --fix: temporaries whose writer is gone are removed, a "
+        "previous checkpoint found in a staging directory is moved back to its missing "
+        "destination; a new checkpoint that never reached its place is reported and kept. "
+        "Writes still in progress are left alone.",
+        allow_abbrev=False,
+    )
+    p.add_argument("path", help="a directory (searched below) or a checkpoint or data file")
+    p.add_argument("--fix", action="store_true", help="sweep what was found")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -6,6 +6,7 @@ Framework-free at import: the PyTorch helpers only call methods of the objects t
 from __future__ import annotations
 
 import math
+import zipfile
 
 import numpy as np
 
@@ -85,3 +86,15 @@ def padded_lora_batch(wl, cfg, seed: int = 0) -> dict[str, np.ndarray]:
     batch["attention_mask"][1, -3:] = 0
     batch["labels"][1, -3:] = -100
     return batch
+
+
+def zip_records(path) -> dict[str, tuple[int, int]]:
+    """Record name -> (offset of its first data byte, size) in a zip archive (a ``.pt`` file),
+    read from each record's local header."""
+    spans = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+        for info in archive.infolist():
+            f.seek(info.header_offset + 26)
+            name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+            spans[info.filename] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
+    return spans

@@ -247,7 +247,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     [
         ("{not json", "not valid JSON"),
         ('{"format": "something else"}', "not an mlperf_tutor run checkpoint"),
-        (None, "is not a regular file"),
+        (None, "is a directory, not a regular run.json"),
     ],
 )
 def test_a_corrupt_run_json_is_named(tmp_path, content, problem):

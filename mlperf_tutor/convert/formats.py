@@ -17,6 +17,7 @@ import numpy as np
 
 from mlperf_tutor.convert import hf_io, keras_io, orbax_io, safetensors_io, torch_io
 from mlperf_tutor.convert.tensors import Reader, TensorSpec, TreeReader
+from mlperf_tutor.core.checkpoint import CheckpointError
 from mlperf_tutor.core.config import Config
 from mlperf_tutor.core.interop import CheckpointOwner
 
@@ -108,11 +109,12 @@ def detect_format(path: str | os.PathLike) -> str:
         A name of :data:`FORMATS`: "safetensors", "torch", "keras", "orbax" or "hf".
 
     Raises:
-        ValueError: the path is none of the accepted forms; the message lists them.
+        CheckpointError: (a ValueError) the path is none of the accepted forms; the message
+            lists them.
     """
     text = os.fspath(path)
     name = os.path.basename(text.rstrip("/" + os.sep)).lower()
     for fmt, spec in FORMATS.items():
         if spec.detect(text, name):
             return fmt
-    raise ValueError(f"cannot tell the checkpoint format of {text!r}; use {ACCEPTED}")
+    raise CheckpointError(f"cannot tell the checkpoint format of {text!r}; use {ACCEPTED}")

@@ -29,6 +29,7 @@ from mlperf_tutor.convert.safetensors_io import SafetensorsReader, write_safeten
 from mlperf_tutor.convert.tensors import TensorSpec
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree
 from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.files import read_json, regular_file
 from mlperf_tutor.core.interop import CheckpointOwner, HfInterop
 from mlperf_tutor.core.io import atomic_dir
 
@@ -149,17 +150,20 @@ def config_dict(hf_config: Any) -> tuple[dict, str]:
 
 def _index(path: Path) -> dict[str, str]:
     """The ``weight_map`` of a sharded checkpoint's index: tensor name -> shard file name."""
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    index = read_json(path, CheckpointError, "safetensors index", within=path.parent)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
         raise CheckpointError(
-            f"{path} is not a valid safetensors index (no weight_map); re-save the model"
-        ) from e
+            f"{path}: field weight_map is missing or not an object (tensor name -> shard file); "
+            "re-save the model"
+        )
     # Shard names are plain file names; anything else could point outside the directory.
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(v, str) and v == Path(v).name for v in weight_map.values()
-    ):
-        raise CheckpointError(f"{path} has a malformed weight_map; re-save the model")
+    bad = [k for k, v in weight_map.items() if not (isinstance(v, str) and v == Path(v).name)]
+    if bad:
+        raise CheckpointError(
+            f"{path}: field weight_map maps {bad[:5]} to something other than a file name in "
+            "the directory; re-save the model"
+        )
     return weight_map
 
 
@@ -167,15 +171,20 @@ def read_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of a ``save_pretrained`` directory under its library name, memory-mapped.
 
     Nothing is read until a tensor is used (copy-on-write views, as ``convert.load`` gives).
+    Only regular files inside ``directory`` are opened (a symlink leaving it is refused).
 
     Raises:
-        CheckpointError: no weights, a corrupt file, or an index naming a tensor that its shard
-            does not hold.
+        CheckpointError: no weights, a corrupt file, an index that is not a JSON object with a
+            ``weight_map`` of shard file names, a shard that is not a regular file of the
+            directory, or an index naming a tensor that its shard does not hold.
     """
     directory = Path(directory)
-    weights = next((w for w in _WEIGHT_FILES if (directory / f"{w}.index.json").is_file()), None)
+    # lexists: an index that is a FIFO or a dangling symlink is refused by name, not skipped.
+    weights = next(
+        (w for w in _WEIGHT_FILES if os.path.lexists(directory / f"{w}.index.json")), None
+    )
     if weights is None:
-        single = next((w for w in _WEIGHT_FILES if (directory / w).is_file()), None)
+        single = next((w for w in _WEIGHT_FILES if os.path.lexists(directory / w)), None)
         if single is None:
             legacy = sorted(p.name for p in directory.glob("pytorch_model*.bin"))
             hint = (
@@ -185,13 +194,17 @@ def read_weights(directory: str | os.PathLike) -> dict[str, np.ndarray]:
                 else ""
             )
             raise CheckpointError(f"{directory} has no {WEIGHTS} nor {INDEX}{hint}")
-        with SafetensorsReader(directory / single) as reader:
+        path = regular_file(directory / single, CheckpointError, "safetensors file", directory)
+        with SafetensorsReader(path) as reader:
             return reader.mapped()
     index = directory / f"{weights}.index.json"
     weight_map = _index(index)
     shards: dict[str, dict[str, np.ndarray]] = {}
     for file in dict.fromkeys(weight_map.values()):
-        with SafetensorsReader(directory / file) as reader:
+        path = regular_file(
+            directory / file, CheckpointError, f"safetensors shard of {index}", directory
+        )
+        with SafetensorsReader(path) as reader:
             shards[file] = reader.mapped()
     missing = [k for k, file in weight_map.items() if k not in shards[file]]
     if missing:

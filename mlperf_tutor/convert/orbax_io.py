@@ -25,6 +25,7 @@ import numpy as np
 
 from mlperf_tutor.convert.tensors import Reader, TensorSpec, group_by_bytes, native
 from mlperf_tutor.core.checkpoint import CheckpointError
+from mlperf_tutor.core.files import read_json, regular_tree
 from mlperf_tutor.core.io import atomic_dir
 
 MIN_GROUP_BYTES = 64 * 2**20
@@ -34,12 +35,19 @@ CHUNK_BYTES = 32 * 2**20
 _META_KEY = "mlperf_tutor"
 # Files inside an Orbax checkpoint directory (v0 or v1 layout, top level or one level down).
 _MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "orbax.checkpoint")
+# The JSON files of an Orbax tree, read first with the package's guards (Orbax ignores a
+# corrupt _CHECKPOINT_METADATA with a log line, which would silently lose the key order).
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA")
+# Names of the file formats: a directory named so is a mistake, never an Orbax checkpoint.
+_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".weights.h5")
 
 
 def detect(path: str, name: str) -> bool:
     """Whether ``path`` is an Orbax checkpoint directory: an existing directory (a Hugging Face
     one is told apart first, see ``FORMATS``), or a new path that ends in a separator or has no
-    extension."""
+    extension (a directory named like a checkpoint file is not one: its format refuses it)."""
+    if name.endswith(_FILE_SUFFIXES):
+        return False
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         return True
     return bool(name) and "." not in name and not os.path.exists(path)
@@ -87,12 +95,15 @@ def orbax_specs(path: str | os.PathLike) -> dict[str, TensorSpec]:
             dict of arrays.
     """
     path = Path(path).absolute()  # Orbax refuses relative paths
-    if not path.is_dir():
-        raise CheckpointError(f"{path} does not exist or is not a directory; check the path")
+    # Orbax and tensorstore open whatever the tree holds: a FIFO in it would block them forever.
+    files = regular_tree(path, CheckpointError, "Orbax checkpoint")
+    for file in files:
+        if file.name in _JSON_FILES:
+            read_json(file, CheckpointError, f"Orbax {file.name}", within=path)
     try:
         meta = _ocp().metadata(path)
         tree = meta.metadata
-        custom = meta.custom_metadata or {}
+        custom = meta.custom_metadata
     except Exception as e:  # orbax, tensorstore and json raise many unrelated types
         raise _corrupt(path, e) from e
     if tree is None:
@@ -109,10 +120,40 @@ def orbax_specs(path: str | os.PathLike) -> dict[str, TensorSpec]:
             f"{path} is an Orbax checkpoint but not a flat canonical dict: entries {bad} are not "
             "arrays (a nested Flax tree? load it with the JAX adapter and save to_canonical)"
         )
-    order = custom.get(_META_KEY, {}).get("order") if isinstance(custom, Mapping) else None
-    if not order or sorted(order) != sorted(tree):
-        order = list(tree)
-    return {k: TensorSpec(tuple(tree[k].shape), np.dtype(tree[k].dtype)) for k in order}
+    order = _order(path, custom, tree)
+    specs = {}
+    for k in order:
+        try:
+            specs[k] = TensorSpec(tuple(int(d) for d in tree[k].shape), np.dtype(tree[k].dtype))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{path}: array {k!r} has shape {tree[k].shape} and dtype {tree[k].dtype}, "
+                "which a canonical checkpoint cannot hold"
+            ) from e
+    return specs
+
+
+def _order(path: Path, custom, tree: Mapping) -> list[str]:
+    """The tree's key order that :func:`write_orbax` recorded in the custom metadata, or
+    Orbax's (sorted) in a checkpoint that another program wrote.
+
+    Raises:
+        CheckpointError: a recorded order that is malformed or names other keys than the
+            arrays (a damaged _CHECKPOINT_METADATA).
+    """
+    ours = custom.get(_META_KEY) if isinstance(custom, Mapping) else None
+    if ours is None:
+        return list(tree)
+    order = ours.get("order") if isinstance(ours, Mapping) else None
+    where = f"{path / '_CHECKPOINT_METADATA'}: field custom_metadata.{_META_KEY}.order"
+    if not isinstance(order, list) or not all(isinstance(k, str) for k in order):
+        raise CheckpointError(f"{where} is not a list of names; the checkpoint is damaged")
+    if sorted(order) != sorted(tree):
+        raise CheckpointError(
+            f"{where} names other keys than the checkpoint's arrays "
+            f"({sorted(set(order) ^ set(tree))[:5]}); the checkpoint is damaged, re-save it"
+        )
+    return order
 
 
 def iter_orbax(
@@ -136,10 +177,18 @@ def iter_orbax(
         try:
             with ctx:
                 restored = ocp.load(path, abstract)
+            arrays = {name: restored.pop(name) for name in group}
         except Exception as e:
             raise _corrupt(path, e) from e
         for name in group:
-            yield name, restored.pop(name)
+            array = arrays.pop(name)
+            if not isinstance(array, np.ndarray) or (array.shape, array.dtype) != specs[name]:
+                got = f"{getattr(array, 'shape', '?')} {getattr(array, 'dtype', type(array))}"
+                raise CheckpointError(
+                    f"{path}: array {name!r} was restored as {got}, its metadata says "
+                    f"{specs[name].shape} {specs[name].dtype}; the checkpoint is damaged"
+                )
+            yield name, array
 
 
 class OrbaxReader(Reader):

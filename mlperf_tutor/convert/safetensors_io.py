@@ -16,16 +16,17 @@ moment the consumer drops it, so streaming holds only the tensors still in use.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 from mlperf_tutor.convert.tensors import Reader, TensorSpec, native
 from mlperf_tutor.core.checkpoint import CheckpointError
+from mlperf_tutor.core.files import regular_file
 from mlperf_tutor.core.io import atomic_file
 
 _TO_NUMPY = {
@@ -53,11 +54,22 @@ _MAX_HEADER = 100_000_000
 _ALIGN = 8
 
 
+def _count(value) -> bool:
+    """Whether a JSON value is a non-negative integer (``true`` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 class SafetensorsReader(Reader):
     """An open safetensors file: its specs from the header, and its tensors on demand.
 
-    Use as a context manager. The header is validated completely on opening (dtypes, shapes,
-    offsets inside the file), so a truncated or corrupt file fails before any tensor is read.
+    Use as a context manager. The header is validated completely on opening, as the reference
+    library does (a regular file; UTF-8 JSON without repeated names; known dtypes; shapes and
+    offsets as non-negative integers, byte counts without overflow; tensors tiling the data
+    section exactly), so a truncated or corrupt file fails before any tensor is read.
     As a :class:`~mlperf_tutor.convert.tensors.Reader`, :meth:`tensors` reads each tensor into
     its own buffer and :meth:`tree` maps the file (see the module's docstring).
 
@@ -68,13 +80,11 @@ class SafetensorsReader(Reader):
     streams = True
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = regular_file(path, CheckpointError, "safetensors file")
         try:
             self._file = open(self.path, "rb")
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{self.path} does not exist; check the path") from e
         except OSError as e:
-            raise CheckpointError(f"cannot open {self.path}: {e}") from e
+            raise CheckpointError(f"cannot open {self.path}: {e.strerror or e}") from e
         try:
             self.specs, self.metadata, self._offsets = self._read_header()
         except BaseException:
@@ -94,29 +104,90 @@ class SafetensorsReader(Reader):
         n = int.from_bytes(self._file.read(8), "little")
         if n > min(size - 8, _MAX_HEADER):
             raise self._corrupt(f"header of {n} bytes in a file of {size} bytes")
-        try:
-            header = json.loads(self._file.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._corrupt("header is not JSON") from e
-        if not isinstance(header, dict):
-            raise self._corrupt("header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
+        raw = self._file.read(n)
+        if len(raw) != n:
+            raise self._corrupt("the header was cut short while reading")
+        header = self._parse(raw)
+        metadata = header.pop("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._corrupt("field __metadata__ is not an object of strings")
         data_start, data_size = 8 + n, size - 8 - n
-        specs, offsets = {}, {}
+        specs, spans = {}, {}
         for name, entry in header.items():
-            try:
-                dtype = _TO_NUMPY[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(o) for o in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError, OverflowError) as e:
-                raise self._corrupt(f"bad header entry for {name!r}") from e
-            spec = TensorSpec(shape, dtype)
-            if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != spec.nbytes:
-                raise self._corrupt(f"offsets of {name!r} do not match its shape and dtype")
-            if end > data_size:
-                raise self._corrupt(f"{name!r} ends at byte {end} of {data_size} data bytes")
-            specs[name], offsets[name] = spec, data_start + begin
+            specs[name], spans[name] = self._entry(name, entry)
+        # As the reference library checks: tensors tile the data section exactly, in offset
+        # order, without gap or overlap, and nothing follows the last one.
+        end = 0
+        for name in sorted(spans, key=lambda k: spans[k]):
+            begin, stop = spans[name]
+            if begin != end:
+                how = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
+                raise self._corrupt(f"tensor {name!r}: field data_offsets [{begin}, {stop}] {how}")
+            end = stop
+        if end != data_size:
+            raise self._corrupt(
+                f"the tensors hold {end} data bytes, the file has {data_size} after the header"
+            )
+        offsets = {k: data_start + begin for k, (begin, _) in spans.items()}
         return specs, metadata, offsets
+
+    def _parse(self, raw: bytes) -> dict:
+        """The header's JSON object, or one error: not UTF-8, not JSON, nested too deeply, an
+        integer too long, NaN, a repeated name."""
+
+        def no_repeats(pairs):
+            keys = [k for k, _ in pairs]
+            if len(set(keys)) != len(keys):
+                repeated = sorted({k for k in keys if keys.count(k) > 1})
+                raise ValueError(f"names {repeated} appear twice")
+            return dict(pairs)
+
+        try:
+            header = json.loads(
+                raw.decode("utf-8"), object_pairs_hook=no_repeats, parse_constant=_no_constant
+            )
+        except UnicodeDecodeError as e:
+            raise self._corrupt(f"the header is not UTF-8 ({e.reason} at byte {e.start})") from None
+        except RecursionError:
+            raise self._corrupt("the header is nested too deeply") from None
+        except ValueError as e:  # JSONDecodeError, an over-long integer, NaN, a repeated name
+            raise self._corrupt(f"the header is not valid JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise self._corrupt("the header is not a JSON object")
+        return header
+
+    def _entry(self, name: str, entry) -> tuple[TensorSpec, tuple[int, int]]:
+        """A header entry's spec and [begin, end) data span, checked field by field."""
+        if not isinstance(entry, dict):
+            raise self._corrupt(f"tensor {name!r} is not described by a JSON object")
+        dtype = entry.get("dtype")
+        if not isinstance(dtype, str) or dtype not in _TO_NUMPY:
+            raise self._corrupt(
+                f"tensor {name!r}: field dtype {dtype!r} is not one of {sorted(_TO_NUMPY)}"
+            )
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(_count(d) for d in shape):
+            raise self._corrupt(
+                f"tensor {name!r}: field shape {shape!r} is not a list of non-negative integers"
+            )
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_count, offsets))):
+            raise self._corrupt(
+                f"tensor {name!r}: field data_offsets {offsets!r} is not two non-negative integers"
+            )
+        spec = TensorSpec(tuple(shape), _TO_NUMPY[dtype])
+        # numpy's limits: 64 dimensions, and a size in bytes that fits its index type (a zero
+        # dimension does not make [0, 2**70] allocatable).
+        nonzero = math.prod(d for d in shape if d) * spec.dtype.itemsize
+        if len(shape) > 64 or nonzero >= 2**63:
+            raise self._corrupt(f"tensor {name!r}: field shape {shape} is too large for an array")
+        begin, end = offsets
+        if end - begin != spec.nbytes:
+            raise self._corrupt(
+                f"tensor {name!r}: field data_offsets {offsets} spans {end - begin} bytes, but "
+                f"shape {shape} of {dtype} needs {spec.nbytes}"
+            )
+        return spec, (begin, end)
 
     def tensor(self, name: str) -> np.ndarray:
         """Tensor ``name``, read into a new array (owned and writable)."""

@@ -9,6 +9,7 @@ budget.
 from __future__ import annotations
 
 import collections
+import math
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
@@ -49,7 +50,8 @@ class TensorSpec(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        # Python integers: a hostile header's [2**62, 4] must not wrap around to 0 bytes.
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def specs_of(tree: Mapping[str, np.ndarray], where: str) -> dict[str, TensorSpec]:

@@ -2,7 +2,9 @@
 
 Reading uses ``torch.load(weights_only=True)`` only: a pickle is code, and a checkpoint that needs
 more than tensors in a dict is refused rather than executed. Files are memory-mapped where torch
-allows it, so tensors are read as they are used. torch is imported inside the
+allows it, so tensors are read as they are used. torch does not check the CRC-32 that its zip
+archive stores for every record, so a damaged file would load as different weights: the
+checksums are verified first (one read of the whole file). torch is imported inside the
 functions so that ``mlperf_tutor.convert`` imports no framework.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import numpy as np
 
 from mlperf_tutor.convert.tensors import native
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree
+from mlperf_tutor.core.files import regular_file
 from mlperf_tutor.core.io import atomic_file
 
 _RESAVE = (
@@ -68,18 +72,52 @@ def numpy_to_tensor(array: np.ndarray):
     return torch.from_numpy(array)
 
 
+def _reason(error: BaseException) -> str:
+    """``Type: first line of the message`` of an exception from inside torch or zipfile."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+# What torch.save's zip archives start with (torch tells them from older files the same way).
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def check_archive(path: Path) -> None:
+    """Verify the CRC-32 of every record of a zip-format ``.pt`` file (older, non-zip files
+    carry no checksum and pass unchecked).
+
+    Raises:
+        CheckpointError: the archive is unreadable or a record's bytes do not match its CRC.
+    """
+    with open(path, "rb") as f:
+        if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+            return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as e:  # BadZipFile, EOFError, ValueError, NotImplementedError, zlib.error...
+        raise CheckpointError(
+            f"{path} is a damaged zip archive ({_reason(e)}); re-save or re-download it"
+        ) from e
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: record {bad!r} does not match its CRC-32 checksum; the file is damaged, "
+            "re-save or re-download it"
+        )
+
+
 def load_torch(path: str | os.PathLike) -> Tree:
     """Read a plain ``state_dict`` (str -> tensor) with ``torch.load(weights_only=True)``.
 
     Raises:
-        CheckpointError: the file is missing, corrupt, needs more than ``weights_only`` allows,
-            or holds anything but tensors in a flat dict.
+        CheckpointError: the file is missing or not a regular file, damaged (a zip checksum
+            does not match), corrupt, needs more than ``weights_only`` allows, or holds
+            anything but tensors in a flat dict.
     """
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; check the path")
+    path = regular_file(path, CheckpointError, "PyTorch checkpoint")
+    check_archive(path)
     try:
         try:
             # Memory-mapped, tensors are read only when used: a checkpoint larger than memory
@@ -101,8 +139,8 @@ def load_torch(path: str | os.PathLike) -> Tree:
         ) from e
     except Exception as e:  # garbage bytes fail anywhere in the unpickler (IndexError, ...)
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt); "
-            "re-save or re-download it"
+            f"{path} is not a readable PyTorch checkpoint (empty, truncated or corrupt: "
+            f"{_reason(e)}); re-save or re-download it"
         ) from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(

@@ -128,3 +128,52 @@ def _json_type(value) -> str:
     if isinstance(value, bool):
         return "boolean"
     return _json_type_name(type(value))
+
+
+def regular_tree(
+    root: str | os.PathLike, error: type[Exception], what: str = "directory"
+) -> list[Path]:
+    """Every regular file under the directory ``root``, after checking every entry below it.
+
+    A checkpoint directory (an Orbax tree, a training step) is handed whole to a library that
+    opens whatever it finds; this checks first that it holds only regular files and
+    directories, and that a symlink in it resolves inside ``root`` to one of those.
+
+    Raises:
+        error: ``root`` is not a directory, or an entry below it is a FIFO, a device, a socket,
+            a dangling symlink or a symlink leaving ``root`` (the message names the entry).
+    """
+    root = Path(root)
+    try:
+        mode = os.stat(root).st_mode
+    except FileNotFoundError:
+        raise error(f"{root}: no such {what}; check the path") from None
+    except OSError as e:
+        raise error(f"{root}: cannot open the {what} ({e.strerror or e})") from None
+    if not stat.S_ISDIR(mode):
+        raise error(f"{root} is {_kind(mode)}, not a {what}")
+
+    def refuse(e: OSError):
+        raise error(f"{e.filename}: cannot read the {what} ({e.strerror or e})")
+
+    files = []
+    for top, dirs, names in os.walk(root, onerror=refuse):
+        for name in dirs + names:
+            path = Path(top) / name
+            try:
+                mode = os.lstat(path).st_mode
+                if stat.S_ISLNK(mode):
+                    inside(path, root, error, what)
+                    mode = os.stat(path).st_mode
+            except FileNotFoundError:
+                raise error(f"{path}: a dangling symlink in the {what}") from None
+            except OSError as e:
+                raise error(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+            if stat.S_ISREG(mode):
+                files.append(path)
+            elif not stat.S_ISDIR(mode):
+                raise error(
+                    f"{path} is {_kind(mode)} inside the {what}; only regular files and "
+                    "directories are read"
+                )
+    return files

@@ -4,7 +4,8 @@
 it is built under a hidden staging name beside the others and renamed into place once the
 framework has written everything (``core.io.atomic_dir``), so a run killed during a save
 leaves the previous checkpoints as they were; the staging directory it leaves is swept when the
-next run opens ``checkpoint_dir``. A step directory holds:
+next run opens ``checkpoint_dir`` (``core.io.sweep``, as ``mlperf-tutor doctor`` does). A step
+directory holds:
 
 - ``run.json``: what the loop needs to continue (workload, config, framework, precision,
   seed, steps taken, the data position) and what the run was (batch size, data path);
@@ -29,12 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from mlperf_tutor.core.checkpoint import CheckpointError
-from mlperf_tutor.core.io import atomic_dir
+from mlperf_tutor.core.files import read_json, regular_tree
+from mlperf_tutor.core.io import atomic_dir, remove_dir, sweep
 
 FORMAT = "mlperf_tutor run checkpoint"
 VERSION = 1
 STEP_DIR = re.compile(r"step_(\d{8})")
-MAX_RUN_JSON_BYTES = 1 << 20  # a run.json is a few hundred bytes
+# What versions before core.io.remove_dir renamed a step to while removing it.
+_LEGACY_REMOVAL = re.compile(r"\.tmp-step_removed_\d{8}")
+_INT64 = 2**63
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +73,14 @@ class RunState:
         )
 
     @classmethod
-    def from_json(cls, text: str, where: Path) -> RunState:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(
-                f"{where} is not valid JSON ({e}); the checkpoint is corrupt"
-            ) from None
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    def from_dict(cls, raw: dict, where: Path) -> RunState:
+        """The run state in ``raw`` (the parsed ``run.json`` at ``where``), every field checked.
+
+        Raises:
+            CheckpointError: naming ``where`` and the fields that are missing, mistyped or out
+                of range.
+        """
+        if raw.get("format") != FORMAT:
             raise CheckpointError(f"{where} is not an mlperf_tutor run checkpoint's run.json")
         if raw.get("version") != VERSION:
             raise CheckpointError(
@@ -100,8 +104,19 @@ class RunState:
         ]
         if wrong:
             raise CheckpointError(f"{where} has missing or mistyped fields {wrong}")
-        if raw["steps"] < 0 or raw["data_position"] < 0 or raw["batch_size"] < 1:
-            raise CheckpointError(f"{where} has a negative step, data position or batch size")
+        ranges = {
+            "seed": (-_INT64, _INT64),
+            "steps": (0, _INT64),
+            "batch_size": (1, 2**31),
+            "data_position": (0, _INT64),
+        }
+        out = [
+            f"{k} {raw[k]} (not in [{lo}, {hi}))"
+            for k, (lo, hi) in ranges.items()
+            if not lo <= raw[k] < hi
+        ]
+        if out:
+            raise CheckpointError(f"{where} has fields out of range: {', '.join(out)}")
         return cls(**{name: raw[name] for name in types})
 
 
@@ -113,28 +128,12 @@ def _is_real_dir(path: Path) -> bool:
         return False
 
 
-def _read_regular_file(path: Path, limit: int) -> str:
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
-    if not stat.S_ISREG(mode):
-        raise CheckpointError(f"{path} is not a regular file; refusing to read it")
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise CheckpointError(f"{path} is larger than {limit} bytes; not a run.json")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path} is not UTF-8 text; the checkpoint is corrupt") from None
-
-
 class RunCheckpoints:
     """The step directories of one checkpoint directory.
 
-    Opening it creates ``directory`` if needed and removes the staging directories that an
-    interrupted save left (hidden ``.tmp-step_*`` entries, and nothing else).
+    Opening it creates ``directory`` if needed and sweeps what an interrupted save left
+    (``core.io.sweep``: staging directories of writers that are gone, nothing else; a previous
+    step directory found in one is moved back). :attr:`swept` names them.
 
     Args:
         directory: where the step directories live.
@@ -152,9 +151,11 @@ class RunCheckpoints:
         self.swept = self._sweep()
 
     def _sweep(self) -> list[str]:
-        swept = []
+        done = sweep(self.directory, remove_stranded=True)
+        swept = [item.path.name for item, action in done if action != "kept"]
         for entry in self.directory.iterdir():
-            if entry.name.startswith(".tmp-step_") and _is_real_dir(entry):
+            # A step that an older version was removing: its files were going anyway.
+            if _LEGACY_REMOVAL.fullmatch(entry.name) and _is_real_dir(entry):
                 shutil.rmtree(entry)
                 swept.append(entry.name)
         return swept
@@ -187,9 +188,7 @@ class RunCheckpoints:
         for old in self.steps()[: -self.keep]:
             # Renamed to a staging name first, so a crash during the removal is swept later
             # instead of leaving a half-removed step that looks complete.
-            doomed = self.directory / f".tmp-step_removed_{old:08d}"
-            os.rename(self.path(old), doomed)
-            shutil.rmtree(doomed)
+            remove_dir(self.path(old))
         return path
 
     def latest(self) -> tuple[RunState, Path] | None:
@@ -203,14 +202,21 @@ class RunCheckpoints:
 def read(step_dir: str | os.PathLike) -> tuple[RunState, Path]:
     """The run state of one step directory and the path of its ``state/`` directory.
 
+    The state directory is checked before any framework opens it: regular files and
+    directories only, symlinks staying inside it.
+
     Raises:
-        CheckpointError: naming the file that is missing, not a regular file, or corrupt.
+        CheckpointError: naming the file that is missing, not a regular file (a FIFO, a device,
+            a symlink leaving the step directory), or corrupt, and the field where one is wrong.
     """
     step_dir = Path(step_dir)
     if not _is_real_dir(step_dir):
         raise CheckpointError(f"{step_dir} is not a checkpoint directory")
     where = step_dir / "run.json"
-    state = RunState.from_json(_read_regular_file(where, MAX_RUN_JSON_BYTES), where)
+    state = RunState.from_dict(
+        read_json(where, CheckpointError, "run.json", within=step_dir), where
+    )
     if not _is_real_dir(step_dir / "state"):
         raise CheckpointError(f"{step_dir / 'state'} is missing; the checkpoint is incomplete")
+    regular_tree(step_dir / "state", CheckpointError, "checkpoint state")
     return state, step_dir / "state"
