@@ -373,10 +373,16 @@ def _loss_and_grads(model, batch):
     return nnx.value_and_grad(lambda m: m(batch)["loss"])(model)
 
 
-def forward(model: nnx.Module, batch: Mapping[str, np.ndarray], train: bool = False) -> dict:
-    """Named outputs (numpy) of ``model`` on a numpy batch; train mode updates BatchNorm stats."""
+def forward(
+    model: nnx.Module,
+    batch: Mapping[str, np.ndarray],
+    train: bool = False,
+    outputs: tuple[str, ...] | None = None,
+) -> dict:
+    """Named outputs (numpy) of ``model`` on a numpy batch; train mode updates BatchNorm stats.
+    ``outputs`` names the ones copied to the host (None: all); the others stay on the device."""
     out = _forward(_mode(model, train), _batch(batch))
-    return {k: to_numpy(v) for k, v in out.items()}
+    return {k: to_numpy(v) for k, v in out.items() if outputs is None or k in outputs}
 
 
 def loss_and_grads(

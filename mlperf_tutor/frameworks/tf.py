@@ -321,16 +321,22 @@ def _inputs(batch: Mapping[str, object]) -> dict[str, tf.Tensor]:
     return {k: from_numpy(v) for k, v in batch.items()}
 
 
-def forward(model: keras.Model, batch: Mapping[str, np.ndarray], train: bool = False) -> Tree:
+def forward(
+    model: keras.Model,
+    batch: Mapping[str, np.ndarray],
+    train: bool = False,
+    outputs: tuple[str, ...] | None = None,
+) -> Tree:
     """The model's outputs (including ``loss``) as numpy arrays.
 
     Args:
         model: a built model whose call takes a dict of tensors and ``training``.
         batch: numpy arrays, as the workload's ``synthetic_batch`` makes them.
         train: training mode (BatchNorm uses and updates batch statistics, like PyTorch).
+        outputs: the names to copy to the host (None: all).
     """
     out = model(_inputs(batch), training=train)
-    return {k: to_numpy(v) for k, v in out.items()}
+    return {k: to_numpy(v) for k, v in out.items() if outputs is None or k in outputs}
 
 
 def loss_and_grads(

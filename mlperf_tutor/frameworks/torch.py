@@ -259,18 +259,25 @@ def _to_tensors(batch: Mapping[str, Any], device: torch.device) -> dict[str, tor
     }
 
 
-def forward(model: torch.nn.Module, batch: Mapping[str, Any], train: bool = False) -> Tree:
+def forward(
+    model: torch.nn.Module,
+    batch: Mapping[str, Any],
+    train: bool = False,
+    outputs: tuple[str, ...] | None = None,
+) -> Tree:
     """Named outputs (numpy) of one forward pass without gradients.
 
     Args:
         model: a workload model (takes a dict of tensors, returns a dict with "loss").
         batch: name -> numpy array, moved to the model's device.
         train: training mode (BatchNorm batch statistics, which also update its running ones).
+        outputs: the names to copy to the host (None: all). An evaluation that needs only the
+            loss leaves the logits on the device.
     """
     model.train(train)
     with torch.no_grad():
-        outputs = model(_to_tensors(batch, _device_of(model)))
-    return {k: to_numpy(v) for k, v in outputs.items()}
+        out = model(_to_tensors(batch, _device_of(model)))
+    return {k: to_numpy(v) for k, v in out.items() if outputs is None or k in outputs}
 
 
 def loss_and_grads(

@@ -17,6 +17,7 @@ from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.config import Config
 from mlperf_tutor.core.interop import HfInterop
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
+from mlperf_tutor.layers.spec import IGNORE_INDEX
 from mlperf_tutor.workloads.recipe import Recipe
 
 
@@ -297,9 +298,12 @@ class Workload:
         """The model's weights as a canonical dict."""
         return self.adapter(framework).to_canonical(model)
 
-    def forward(self, framework: str, model, batch: dict, train: bool = False) -> dict:
-        """Named outputs (numpy), including ``loss``."""
-        return self.adapter(framework).forward(model, batch, train=train)
+    def forward(
+        self, framework: str, model, batch: dict, train: bool = False, outputs=None
+    ) -> dict:
+        """Named outputs (numpy), including ``loss``; ``outputs`` names the ones copied to the
+        host (None: all)."""
+        return self.adapter(framework).forward(model, batch, train=train, outputs=outputs)
 
     def evaluate(
         self, framework: str, model, eval_set: Tree, batch_size: int
@@ -308,6 +312,28 @@ class Workload:
         in batches (eval mode); or a dict of metrics holding it, each logged as an
         ``eval_accuracy`` of its own."""
         raise NotImplementedError
+
+
+def token_weighted_loss(
+    workload: Workload, framework: str, model, eval_set: Tree, batch_size: int, shift: int
+) -> float:
+    """A language model's eval loss over ``eval_set``: the cross-entropy averaged over every
+    labelled token (token-weighted across batches, not a mean of batch means).
+
+    Each batch's mean loss (the model's own ``loss`` output, computed on the device) is weighted
+    by its count of labelled tokens, counted here from the labels; only that one number per batch
+    leaves the device. ``shift`` is 0 where the labels are already the next tokens (GPT) and 1
+    where the model shifts them itself (Llama: ``labels[:, 1:]``).
+    """
+    total = count = 0.0
+    for start in range(0, len(eval_set["input_ids"]), batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in eval_set.items()}
+        n = int(np.count_nonzero(batch["labels"][:, shift:] != IGNORE_INDEX))
+        if n == 0:  # the model's mean over no tokens is 0/0
+            continue
+        loss = workload.forward(framework, model, batch, outputs=("loss",))["loss"]
+        total, count = total + float(loss) * n, count + n
+    return total / count
 
 
 # --- helpers of write_sample_data and data_batches -----------------------------------------------

@@ -28,7 +28,13 @@ import numpy as np
 from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.layers.spec import is_adapter
-from mlperf_tutor.workloads.base import Workload, endless_batches, epoch_rng, new_data_directory
+from mlperf_tutor.workloads.base import (
+    Workload,
+    endless_batches,
+    epoch_rng,
+    new_data_directory,
+    token_weighted_loss,
+)
 from mlperf_tutor.workloads.llama import hf
 from mlperf_tutor.workloads.llama.config import LORA_TARGETS, LlamaConfig
 from mlperf_tutor.workloads.recipe import CheckpointStart, Recipe, Target
@@ -264,15 +270,7 @@ class LlamaLoraWorkload(Workload):
     def evaluate(self, framework: str, model, eval_set: dict, batch_size: int) -> float:
         """Eval loss: cross-entropy averaged over every answer token of ``eval_set``
         (token-weighted across batches, as one pass over the validation set)."""
-        from mlperf_tutor.workloads.llama.data import answer_cross_entropy
-
-        total = count = 0.0
-        for start in range(0, len(eval_set["input_ids"]), batch_size):
-            batch = {k: v[start : start + batch_size] for k, v in eval_set.items()}
-            logits = self.forward(framework, model, batch)["logits"]
-            s, n = answer_cross_entropy(logits, batch["labels"])
-            total, count = total + s, count + n
-        return total / count
+        return token_weighted_loss(self, framework, model, eval_set, batch_size, shift=1)
 
     def info(self, cfg: LlamaConfig) -> dict:
         n, n_lora = self.param_count(cfg), adapter_count(cfg)
