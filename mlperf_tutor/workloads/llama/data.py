@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlperf_tutor.core.files import regular_file
 from mlperf_tutor.layers.spec import IGNORE_INDEX
 
 # Probability that a token is followed by its one fixed successor; the other 1 - p is spread
@@ -134,15 +135,21 @@ class GovReport:
         directory: the reference's ``dataset_path``.
         split: ``"train"`` or ``"validation"``.
         max_seq_len: longest sequence accepted (the reference packs to 8192).
-        vocab_size: when given, input ids must be below it (JAX gathers clamp silently).
+        vocab_size: the vocabulary V that input ids must be below (default: any id that fits
+            int32).
+        validate: check every value as it is loaded (a few passes over each row group):
+            input ids in [0, V), attention mask 0 or 1, labels -100 or the input id at their
+            position. ``False`` skips these checks, to load trusted data faster; values that do
+            not fit the int32 arrays are refused either way (never wrapped).
 
     Raises:
         ValueError: an unknown split.
-        GovReportError: a missing directory, no files of the split, a file that is not
-            parquet, a missing or non-integer column, nulls, an empty row, a row whose three
-            lists differ in length or that is longer than ``max_seq_len``, attention-mask
-            values other than 0 and 1, negative or too large input ids, or a label that is
-            neither -100 nor the input id at its position.
+        GovReportError: a missing directory, no files of the split, a file that is not a
+            regular file or not parquet, a missing or non-integer column, nulls, an empty row,
+            a row whose three lists differ in length or that is longer than ``max_seq_len``,
+            attention-mask values other than 0 and 1, negative or too large input ids, or a
+            label that is neither -100 nor the input id at its position (the message names the
+            file, the row and the column).
     """
 
     def __init__(
@@ -151,6 +158,8 @@ class GovReport:
         split: str = "train",
         max_seq_len: int = 8192,
         vocab_size: int | None = None,
+        *,
+        validate: bool = True,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -167,9 +176,9 @@ class GovReport:
                 "dataset into it (see the reference's README)"
             )
         for path in self.files:
-            if not path.is_file():
-                raise GovReportError(f"{path} is not a regular file; a split is parquet files")
+            regular_file(path, GovReportError, "parquet file of the split")
         self.split, self.max_seq_len, self.vocab_size = split, max_seq_len, vocab_size
+        self.validate = validate
         parts: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
         lengths: list[np.ndarray] = []
         for path in self.files:
@@ -190,6 +199,17 @@ class GovReport:
 
     def _read_file(self, path: Path) -> Iterator[dict[str, np.ndarray]]:
         """Validated ``{column: flat int32 values, "lengths": (rows,)}`` per row group."""
+        pa, _ = _pyarrow()
+        try:
+            yield from self._row_groups(path)
+        except GovReportError:
+            raise
+        except (pa.ArrowException, OSError, ValueError, TypeError, KeyError, IndexError) as e:
+            raise GovReportError(
+                f"{path} is corrupt ({type(e).__name__}: {e}); download or write it again"
+            ) from None
+
+    def _row_groups(self, path: Path) -> Iterator[dict[str, np.ndarray]]:
         pa, pq = _pyarrow()
         try:
             parquet = pq.ParquetFile(path)
@@ -271,6 +291,13 @@ class GovReport:
                 f"max_seq_len {self.max_seq_len}; pass a larger max_seq_len or re-pack the data"
             )
         ids, mask, labels = chunk["input_ids"], chunk["attention_mask"], chunk["labels"]
+        if not self.validate:  # only what the int32 arrays cannot hold
+            for column in COLUMNS:
+                values = chunk[column]
+                if values.size and (values.min() < -(2**31) or values.max() >= 2**31):
+                    bad = np.flatnonzero((values < -(2**31)) | (values >= 2**31))
+                    fail(bad[0], f"has {column} value {values[bad[0]]}, which does not fit int32")
+            return
         high = min(self.vocab_size or 2**31, 2**31)
         bad = np.flatnonzero((ids < 0) | (ids >= high))
         if bad.size:

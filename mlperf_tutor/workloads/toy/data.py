@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlperf_tutor.core.files import regular_file
+
 # name -> (dtype, the row's dimensions as config fields); in synthetic_batch's key order.
 LAYOUT = {
     "image": (np.dtype(np.float32), ("in_channels", "image_size", "image_size")),
@@ -55,15 +57,17 @@ class ToyArrays:
     Args:
         directory: the folder holding ``image.npy``, ``tokens.npy`` and ``labels.npy``.
         cfg: a ``ToyConfig``: the rows' shapes and the integer files' ranges.
+        validate: check every value on opening (one pass over each file): tokens and labels
+            in their ranges, images finite. ``False`` skips it, to open trusted data faster.
 
     Raises:
         ToyDataError: a missing or non-regular file, a file that is not a .npy array (or is
             truncated), a wrong dtype or shape, files of different row counts, or a value out
-            of its range (the message names the file).
+            of its range or not finite (the message names the file and the row).
     """
 
-    def __init__(self, directory: str | os.PathLike, cfg):
-        self.directory = Path(directory)
+    def __init__(self, directory: str | os.PathLike, cfg, *, validate: bool = True):
+        self.directory, self.validate = Path(directory), validate
         if not self.directory.is_dir():
             raise ToyDataError(
                 f"{self.directory} is not a directory; pass the folder holding "
@@ -78,12 +82,10 @@ class ToyArrays:
             )
 
     def _open(self, name: str, cfg) -> np.ndarray:
-        path = self.directory / f"{name}.npy"
-        if not path.is_file():
-            raise ToyDataError(f"{path} does not exist or is not a regular file")
+        path = regular_file(self.directory / f"{name}.npy", ToyDataError, "toy data file")
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
+        except (ValueError, OSError, EOFError, TypeError, SyntaxError, OverflowError) as e:
             raise ToyDataError(
                 f"{path} is not a readable .npy array ({e}); write it again"
             ) from None
@@ -94,14 +96,18 @@ class ToyArrays:
             raise ToyDataError(
                 f"{path} holds {array.dtype} {array.shape}; expected {dtype} {want} for this config"
             )
-        if name in LIMITS and array.size:
+        if self.validate and name in LIMITS and array.size:
             limit = getattr(cfg, LIMITS[name])
-            low, high = int(array.min()), int(array.max())
-            if low < 0 or high >= limit:
+            if array.min() < 0 or array.max() >= limit:
+                where = np.argwhere((array < 0) | (array >= limit))[0]
+                column = f", column {where[1]}" if len(where) > 1 else ""
                 raise ToyDataError(
-                    f"{path} holds {low if low < 0 else high}, outside [0, {limit}) "
-                    f"(cfg.{LIMITS[name]}); use the config the data was made for"
+                    f"{path}: row {where[0]}{column} holds {array[tuple(where)]}, outside "
+                    f"[0, {limit}) (cfg.{LIMITS[name]}); use the config the data was made for"
                 )
+        if self.validate and name not in LIMITS and not np.isfinite(array).all():
+            row = int(np.argwhere(~np.isfinite(array))[0][0])
+            raise ToyDataError(f"{path}: row {row} holds NaN or infinite values; write it again")
         return array
 
     def __len__(self) -> int:
