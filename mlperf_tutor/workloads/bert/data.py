@@ -415,12 +415,18 @@ def write_shard(path: str | os.PathLike, batch: Mapping[str, np.ndarray]) -> Non
         batch: the six arrays of :data:`KEYS` (a ``synthetic_batch`` or a batch read back).
 
     Raises:
-        DataError: a key is missing or the shapes do not fit together.
+        DataError: a key is missing, the shapes do not fit together, or values do not fit the
+            on-disk dtypes (HDF5 would saturate them).
     """
     path = Path(path)
     missing = [k for k in KEYS if k not in batch]
     if missing:
         raise DataError(f"cannot write {path}: the batch has no {missing}; it needs {list(KEYS)}")
+    for key in KEYS:
+        values = np.asarray(batch[key])
+        if not np.array_equal(values.astype(_DISK_DTYPES[key]), values):
+            dtype = np.dtype(_DISK_DTYPES[key])
+            raise DataError(f"cannot write {path}: {key!r} holds values that do not fit {dtype}")
     shapes = {k: np.shape(batch[k]) for k in KEYS}
     _check_layout(f"cannot write {path}", shapes, None, None, "fix the batch")
     h5py = _h5py()

@@ -387,7 +387,8 @@ def write_govreport(
         row_group_size: rows per parquet row group (pyarrow's default when ``None``).
 
     Raises:
-        ValueError: a row missing a key, or whose three lists are not 1-D of one length.
+        ValueError: a row missing a key, or whose three lists are not 1-D of one length or hold
+            values that do not fit int32.
     """
     pa, pq = _pyarrow()
     from mlperf_tutor.core.io import atomic_file
@@ -401,6 +402,9 @@ def write_govreport(
         arrays = [np.asarray(row[c]) for c in COLUMNS]
         if any(a.ndim != 1 or len(a) != len(arrays[0]) for a in arrays):
             raise ValueError(f"row {r}: {COLUMNS} must be 1-D and of one length")
+        for column, array in zip(COLUMNS, arrays, strict=True):
+            if not np.array_equal(array.astype(np.int32), array):
+                raise ValueError(f"row {r}: {column} holds values that do not fit int32")
         for column, array in zip(COLUMNS, arrays, strict=True):
             values[column].append(array.astype(np.int32))
         lengths.append(len(arrays[0]))

@@ -216,7 +216,9 @@ def _npy_header(data: bytes, where: str) -> tuple[tuple[int, ...], bool, np.dtyp
     return shape, fortran, dtype, f.tell()
 
 
-def _moments(path: Path, name: str, data: bytes, channels: int, size: int | None) -> np.ndarray:
+def _moments(
+    path: Path, name: str, data: bytes, channels: int, size: int | None, validate: bool = True
+) -> np.ndarray:
     # The header is checked before any array is made: a header announcing a huge shape would
     # make np.load allocate it.
     where = f"shard {path}: member {name}"
@@ -244,13 +246,17 @@ def _moments(path: Path, name: str, data: bytes, channels: int, size: int | None
     )
     with np.errstate(over="ignore"):  # a float64 too large for float32: inf, refused below
         moments = moments.reshape(sample).astype(np.float32)
-    if not np.isfinite(moments).all():
+    if validate and not np.isfinite(moments).all():
         raise ShardError(f"{where} has {np.sum(~np.isfinite(moments))} NaN or infinite values")
     return moments
 
 
 def read_shards(
-    paths: Iterable[str | os.PathLike], latent_channels: int = 4, latent_size: int | None = None
+    paths: Iterable[str | os.PathLike],
+    latent_channels: int = 4,
+    latent_size: int | None = None,
+    *,
+    validate: bool = True,
 ) -> Iterator[tuple[str, np.ndarray, str]]:
     """Stream the samples of webdataset shards, in order, without extracting them to disk.
 
@@ -260,6 +266,8 @@ def read_shards(
         paths: the ``.tar`` shards (compressed ones are read too).
         latent_channels: C; the moments must have 2C channels.
         latent_size: when given, the moments must be (2C, latent_size, latent_size).
+        validate: check that every moment is finite (no NaN or inf: the latents drawn from
+            them would be NaN); ``False`` skips it, to read trusted shards faster.
 
     Yields:
         ``(key, moments, caption)``: moments (2C, h, w) float32, the caption as stored.
@@ -272,7 +280,7 @@ def read_shards(
     """
     for path in map(Path, paths):
         for key, parts in _grouped(path):
-            moments = _moments(path, *parts[MOMENTS], 2 * latent_channels, latent_size)
+            moments = _moments(path, *parts[MOMENTS], 2 * latent_channels, latent_size, validate)
             yield key, moments, _caption(path, *parts[CAPTION])
 
 
@@ -312,6 +320,8 @@ class ShardIndex:
         paths: the ``.tar`` shards, in order (sample ``i`` counts across them).
         latent_channels: C; the moments must have 2C channels.
         latent_size: when given, the moments must be (2C, latent_size, latent_size).
+        validate: check that every moment read is finite; ``False`` skips it (see
+            :func:`read_shards`).
 
     Raises:
         ShardError: a missing, compressed, truncated or non-tar file, a sample without its
@@ -324,9 +334,12 @@ class ShardIndex:
         paths: Sequence[str | os.PathLike],
         latent_channels: int = 4,
         latent_size: int | None = None,
+        *,
+        validate: bool = True,
     ):
         self.paths = [Path(p) for p in paths]
         self.channels, self.latent_size = 2 * latent_channels, latent_size
+        self.validate = validate
         # Per sample: (shard, key, (moments name, (offset, size)), (caption name, (offset, size)))
         self._samples = [
             (shard, key, parts[MOMENTS], parts[CAPTION])
@@ -345,13 +358,19 @@ class ShardIndex:
         indices = [int(i) for i in indices]
         out: dict[int, tuple[str, np.ndarray, str]] = {}
         for shard in sorted({self._samples[i][0] for i in indices}):
-            path = self.paths[shard]
+            path = regular_file(self.paths[shard], ShardError, "shard")
             with open(path, "rb") as file:
                 for i in indices:
                     owner, key, (npy_name, npy), (txt_name, txt) = self._samples[i]
                     if owner == shard and i not in out:
+                        npy_bytes = _read_at(file, *npy)
                         moments = _moments(
-                            path, npy_name, _read_at(file, *npy), self.channels, self.latent_size
+                            path,
+                            npy_name,
+                            npy_bytes,
+                            self.channels,
+                            self.latent_size,
+                            self.validate,
                         )
                         out[i] = key, moments, _caption(path, txt_name, _read_at(file, *txt))
         return [out[i] for i in indices]

@@ -46,6 +46,10 @@ def write_arrays(directory: str | os.PathLike, batch: Mapping[str, np.ndarray]) 
 
     directory = Path(directory)
     for name, (dtype, _) in LAYOUT.items():
+        values = np.asarray(batch[name])
+        if dtype.kind == "i" and not np.array_equal(values.astype(dtype), values):
+            raise ToyDataError(f"cannot write {directory / name}.npy: values do not fit {dtype}")
+    for name, (dtype, _) in LAYOUT.items():
         with atomic_file(directory / f"{name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, np.asarray(batch[name]).astype(dtype), allow_pickle=False)
     return directory
