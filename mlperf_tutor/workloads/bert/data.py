@@ -76,6 +76,11 @@ class DataError(ValueError):
     """A data file that cannot be read as MLPerf BERT shards; the message says what to do."""
 
 
+def _reason(error: BaseException) -> str:
+    """A library's exception as one line of an error message (pyarrow's can hold newlines)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 # A dataset may declare at most this many bytes per byte of the file (gzip-compressed token
 # rows shrink well below this); a shard declaring more is refused before its data is read, so
 # that a few hundred bytes cannot make the reader allocate terabytes.
@@ -92,7 +97,7 @@ def _h5_errors(path: Path):
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
         raise DataError(
-            f"{path} cannot be read as an MLPerf BERT shard ({type(e).__name__}: {e}); the "
+            f"{path} cannot be read as an MLPerf BERT shard ({_reason(e)}); the "
             "file is truncated or corrupt, regenerate or copy it again"
         ) from None
 

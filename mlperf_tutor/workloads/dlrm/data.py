@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import tokenize
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -129,6 +130,11 @@ class DataError(ValueError):
     """Criteo multi-hot files that cannot be read (the message names the file)."""
 
 
+def _reason(error: BaseException) -> str:
+    """A library's exception as one line of an error message (pyarrow's can hold newlines)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def day_paths(directory: str | os.PathLike, day: int) -> dict[str, Path]:
     """``{"dense", "labels", "sparse"}`` -> the paths of one day's three files."""
     root = Path(directory)
@@ -149,8 +155,18 @@ def _read_npy_header(f, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
         if read is None:
             raise ValueError(f"unknown .npy version {version}")
         return read(f)
-    except (ValueError, TypeError, SyntaxError, OverflowError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not a readable .npy array ({e}); re-create it") from None
+    except (
+        ValueError,
+        TypeError,
+        SyntaxError,
+        OverflowError,
+        UnicodeError,
+        RecursionError,
+        tokenize.TokenError,  # numpy tokenizes the header before literal_eval
+    ) as e:
+        raise DataError(
+            f"{path} is not a readable .npy array ({_reason(e)}); re-create it"
+        ) from None
 
 
 def _map(path: Path, offset: int, header, room: int | None = None) -> np.ndarray:
@@ -196,7 +212,7 @@ def _open_npy(path: Path) -> np.ndarray:
     except DataError:
         raise
     except _FILE_ERRORS as e:
-        raise DataError(f"{path} cannot be read ({type(e).__name__}: {e}); re-create it") from None
+        raise DataError(f"{path} cannot be read ({_reason(e)}); re-create it") from None
 
 
 def _open_npz(path: Path) -> dict[str, np.ndarray]:
@@ -210,9 +226,7 @@ def _open_npz(path: Path) -> dict[str, np.ndarray]:
     except zipfile.BadZipFile:
         raise DataError(f"{path} is not an .npz (zip) archive; write it with np.savez") from None
     except (*_FILE_ERRORS, zipfile.LargeZipFile, UnicodeDecodeError) as e:
-        raise DataError(
-            f"{path} is a damaged .npz archive ({type(e).__name__}: {e}); re-create it"
-        ) from None
+        raise DataError(f"{path} is a damaged .npz archive ({_reason(e)}); re-create it") from None
 
 
 def _npz_members(path: Path) -> dict[str, np.ndarray]:

@@ -147,6 +147,11 @@ class IndexedDatasetError(ValueError):
     """A Megatron-LM indexed dataset that cannot be read (the message names the file)."""
 
 
+def _reason(error: BaseException) -> str:
+    """A library's exception as one line of an error message (pyarrow's can hold newlines)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 _INT32_END = 2**31  # token ids are int32 in batches: larger ones are refused, never wrapped
 
 
@@ -194,8 +199,7 @@ class IndexedDataset:
             if isinstance(e, IndexedDatasetError):
                 raise
             raise IndexedDatasetError(
-                f"{idx} or {self.data_path} cannot be read ({type(e).__name__}: {e}); copy the "
-                "dataset again"
+                f"{idx} or {self.data_path} cannot be read ({_reason(e)}); copy the dataset again"
             ) from None
 
     def _open(self, idx: Path) -> None:
@@ -373,7 +377,7 @@ class GptSamples:
         count = max(0, (total - 1) // seq_len)
         if count == 0:
             where = getattr(dataset, "index_path", "the dataset")
-            raise ValueError(
+            raise IndexedDatasetError(
                 f"{where} has {total} tokens, fewer than one sample of seq_len + 1 = {seq_len + 1}"
             )
         order = np.arange(count)

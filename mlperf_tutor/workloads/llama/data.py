@@ -107,6 +107,11 @@ class GovReportError(ValueError):
     """A GovReport parquet directory or file that cannot be read (the message names it)."""
 
 
+def _reason(error: BaseException) -> str:
+    """A library's exception as one line of an error message (pyarrow's can hold newlines)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def _pyarrow():
     try:
         import pyarrow as pa
@@ -206,7 +211,7 @@ class GovReport:
             raise
         except (pa.ArrowException, OSError, ValueError, TypeError, KeyError, IndexError) as e:
             raise GovReportError(
-                f"{path} is corrupt ({type(e).__name__}: {e}); download or write it again"
+                f"{path} is corrupt ({_reason(e)}); download or write it again"
             ) from None
 
     def _row_groups(self, path: Path) -> Iterator[dict[str, np.ndarray]]:
@@ -215,7 +220,7 @@ class GovReport:
             parquet = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
             raise GovReportError(
-                f"{path} is not a readable parquet file ({e}); download or write it again"
+                f"{path} is not a readable parquet file ({_reason(e)}); download or write it again"
             ) from None
         schema = parquet.schema_arrow
         for column in COLUMNS:
@@ -240,7 +245,7 @@ class GovReport:
                 except (pa.ArrowException, OSError) as e:
                     raise GovReportError(
                         f"{path} is corrupt: row group {group} of column {column!r} cannot be "
-                        f"read ({e}); download it again"
+                        f"read ({_reason(e)}); download it again"
                     ) from None
                 values, lengths = self._flatten(array, path, column, first_row)
                 if "lengths" in chunk and not np.array_equal(lengths, chunk["lengths"]):

@@ -30,6 +30,7 @@ import math
 import os
 import re
 import tarfile
+import tokenize
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -54,6 +55,11 @@ _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz magic
 
 class ShardError(ValueError):
     """A training shard that cannot be read (the message names the shard and member)."""
+
+
+def _reason(error: BaseException) -> str:
+    """A library's exception as one line of an error message (pyarrow's can hold newlines)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 class CaptionsError(ValueError):
@@ -138,7 +144,8 @@ def _members(
             if isinstance(e, ShardError):
                 raise
             raise ShardError(
-                f"shard {path} is not a tar file or is truncated ({e}); download or write it again"
+                f"shard {path} is not a tar file or is truncated ({_reason(e)}); download or "
+                "write it again"
             ) from None
         if not _has_end_marker(file):
             raise ShardError(
@@ -195,6 +202,16 @@ def _runs(path: Path, random_access: bool) -> Iterator[tuple[str, dict[str, tupl
         yield key, parts
 
 
+# What numpy's .npy header parser raises on damaged bytes (it tokenizes and literal_evals them).
+_NPY_HEADER_ERRORS = (
+    ValueError,
+    TypeError,
+    SyntaxError,
+    OverflowError,
+    UnicodeError,
+    RecursionError,
+    tokenize.TokenError,
+)
 _NPY_HEADERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
@@ -209,8 +226,8 @@ def _npy_header(data: bytes, where: str) -> tuple[tuple[int, ...], bool, np.dtyp
         if read is None:
             raise ValueError("an unknown .npy version")
         shape, fortran, dtype = read(f)
-    except (ValueError, TypeError, SyntaxError, OverflowError, UnicodeError) as e:
-        raise ShardError(f"{where} is not a .npy array ({e})") from None
+    except _NPY_HEADER_ERRORS as e:
+        raise ShardError(f"{where} is not a .npy array ({_reason(e)})") from None
     if dtype.hasobject:
         raise ShardError(f"{where} is not a .npy array of numbers (it holds Python objects)")
     return shape, fortran, dtype, f.tell()
@@ -529,9 +546,11 @@ def read_captions_tsv(path: str | os.PathLike) -> list[tuple[int, int, str]]:
     except UnicodeDecodeError as e:
         raise CaptionsError(f"captions file {path} is not utf-8 text ({e})") from None
     except csv.Error as e:
-        raise CaptionsError(f"captions file {path} is not a valid TSV file ({e})") from None
+        raise CaptionsError(
+            f"captions file {path} is not a valid TSV file ({_reason(e)})"
+        ) from None
     except OSError as e:
-        raise CaptionsError(f"captions file {path} cannot be read ({e})") from None
+        raise CaptionsError(f"captions file {path} cannot be read ({_reason(e)})") from None
     if not rows:
         raise CaptionsError(f"captions file {path} has a header but no caption rows")
     return rows

@@ -18,6 +18,7 @@ and rows are read from the mapped files only when a batch needs them.
 from __future__ import annotations
 
 import os
+import tokenize
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -37,6 +38,11 @@ LIMITS = {"tokens": "vocab_size", "labels": "num_classes"}
 
 class ToyDataError(ValueError):
     """A toy data directory that cannot be read (the message names the file)."""
+
+
+def _reason(error: BaseException) -> str:
+    """A library's exception as one line of an error message (pyarrow's can hold newlines)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 def write_arrays(directory: str | os.PathLike, batch: Mapping[str, np.ndarray]) -> Path:
@@ -89,9 +95,18 @@ class ToyArrays:
         path = regular_file(self.directory / f"{name}.npy", ToyDataError, "toy data file")
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError, TypeError, SyntaxError, OverflowError) as e:
+        except (
+            ValueError,
+            OSError,
+            EOFError,
+            TypeError,
+            SyntaxError,
+            OverflowError,
+            RecursionError,
+            tokenize.TokenError,  # numpy tokenizes the header before literal_eval
+        ) as e:
             raise ToyDataError(
-                f"{path} is not a readable .npy array ({e}); write it again"
+                f"{path} is not a readable .npy array ({_reason(e)}); write it again"
             ) from None
         dtype, fields = LAYOUT[name]
         row = tuple(getattr(cfg, f) for f in fields)
