@@ -77,7 +77,7 @@ class DataError(ValueError):
 
 
 def _reason(error: BaseException) -> str:
-    """A library's exception as one line of an error message (pyarrow's can hold newlines)."""
+    """A library's exception as one line of an error message (theirs can hold newlines)."""
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
@@ -161,7 +161,7 @@ def _has(f, name: str) -> bool:
 
 def _datasets(f, path: Path) -> dict:
     """The shard's datasets (h5py objects, nothing read), each checked to be stored in the file
-    itself: a hard link to a dataset of contiguous or chunked storage in this file."""
+    itself: a hard link to a dataset that is neither virtual nor in external storage."""
     h5py = _h5py()
     missing = [k for k in KEYS if not _has(f, k)]
     if missing:

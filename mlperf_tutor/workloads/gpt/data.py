@@ -148,7 +148,7 @@ class IndexedDatasetError(ValueError):
 
 
 def _reason(error: BaseException) -> str:
-    """A library's exception as one line of an error message (pyarrow's can hold newlines)."""
+    """A library's exception as one line of an error message (theirs can hold newlines)."""
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
