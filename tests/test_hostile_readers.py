@@ -201,6 +201,27 @@ def test_bert_refuses_data_stored_outside_the_shard_before_reading_it(tmp_path, 
 
 
 @pytest.mark.requires("tf")
+def test_bert_refuses_a_shard_declaring_more_data_than_it_holds(tmp_path):
+    # Chunked datasets never written: a few kB on disk that h5py would read back as ~10 GB.
+    import h5py
+
+    from mlperf_tutor.workloads.bert.data import _DISK_DTYPES, DataError, HDF5Shards
+
+    path = tmp_path / "huge.hdf5"
+    rows = 50_000_000
+    widths = {"masked_lm_positions": P, "masked_lm_ids": P, "next_sentence_labels": None}
+    with h5py.File(path, "w") as f:
+        for key, dtype in _DISK_DTYPES.items():
+            width = widths.get(key, S)
+            shape = (rows,) if width is None else (rows, width)
+            f.create_dataset(key, shape=shape, dtype=dtype, chunks=(1000, *shape[1:]))
+    assert path.stat().st_size < 2**20
+    with pytest.raises(DataError) as error:
+        HDF5Shards(path)
+    assert_names(str(error.value), path, "declare", "bytes")
+
+
+@pytest.mark.requires("tf")
 def test_the_planted_external_storage_really_reads_another_file(tmp_path):
     # What the refusal prevents: h5py itself returns the other file's bytes as token ids.
     import h5py
@@ -501,20 +522,21 @@ def test_govreport_refuses_a_planted_value_unless_validate_is_off(
 
 @pytest.mark.requires("data")
 @pytest.mark.parametrize("validate", [True, False])
-def test_govreport_refuses_ids_that_do_not_fit_int32(tmp_path, validate):
+@pytest.mark.parametrize("kind, big", [("int64", 2**40), ("uint64", 2**64 - 1)])
+def test_govreport_refuses_ids_that_do_not_fit_int32(tmp_path, validate, kind, big):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from mlperf_tutor.workloads.llama.data import COLUMNS, GovReportError, write_govreport
 
-    with pytest.raises(ValueError, match="does not fit int32|do not fit int32"):
+    with pytest.raises(ValueError, match="do not fit int32"):
         write_govreport(tmp_path / "x.parquet", [{c: [1, 2**40] for c in COLUMNS}])
-    rows = [[1, 2, 3], [4, 2**40, 6]]  # int64 lists: the package's writer would refuse them
-    table = pa.table({c: pa.array(rows, pa.list_(pa.int64())) for c in COLUMNS})
+    rows = [[1, 2, 3], [4, big, 6]]  # wide lists: the package's writer would refuse them
+    table = pa.table({c: pa.array(rows, pa.list_(getattr(pa, kind)())) for c in COLUMNS})
     pq.write_table(table, tmp_path / "train-0.parquet")
     with pytest.raises(GovReportError) as error:
         read_govreport(tmp_path, validate=validate)
-    assert_names(str(error.value), tmp_path / "train-0.parquet", "row 1", 2**40)
+    assert_names(str(error.value), tmp_path / "train-0.parquet", "row 1", big)
 
 
 @pytest.mark.requires("data")

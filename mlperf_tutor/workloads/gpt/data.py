@@ -194,7 +194,7 @@ class IndexedDataset:
         for path in (idx, self.data_path):
             regular_file(path, IndexedDatasetError, "file of an indexed dataset")
         try:
-            self._open(idx)
+            self._read_index(idx)
         except (OSError, ValueError) as e:
             if isinstance(e, IndexedDatasetError):
                 raise
@@ -202,7 +202,7 @@ class IndexedDataset:
                 f"{idx} or {self.data_path} cannot be read ({_reason(e)}); copy the dataset again"
             ) from None
 
-    def _open(self, idx: Path) -> None:
+    def _read_index(self, idx: Path) -> None:
         with open(idx, "rb") as f:
             head = f.read(_HEADER.size)
         idx_bytes = idx.stat().st_size

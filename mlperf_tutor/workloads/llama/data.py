@@ -271,7 +271,15 @@ class GovReport:
                     "every row needs a full list of ints"
                 )
             lengths.append(chunk.value_lengths().to_numpy().astype(np.int64))
-            values.append(chunk.flatten().to_numpy().astype(np.int64, copy=False))
+            flat = chunk.flatten().to_numpy()
+            if flat.dtype == np.uint64 and flat.size and flat.max() >= 2**63:  # int64 would wrap
+                position = int(np.argmax(flat >= 2**63))
+                bad = row + _row_of(np.concatenate([[0], np.cumsum(lengths[-1])]), position)
+                raise GovReportError(
+                    f"{path}: row {bad} has {column} value {flat[position]}, which does not fit "
+                    "int32"
+                )
+            values.append(flat.astype(np.int64, copy=False))
             row += len(chunk)
         return (
             np.concatenate(values) if values else np.empty(0, np.int64),
