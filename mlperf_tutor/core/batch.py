@@ -73,11 +73,11 @@ class BatchCheck:
         Fields the batch does not have are not checked (the model reports a missing one).
         """
         for key, limit, source in self.lengths:
-            if key in batch and np.ndim(batch[key]) and np.shape(batch[key])[-1] > limit:
+            shape = _shape(batch[key]) if key in batch else ()
+            if shape and shape[-1] > limit:
                 raise BatchError(
-                    f"batch field {key!r} has {np.shape(batch[key])[-1]} positions, more than "
-                    f"the model's {limit} ({source}); cut the sequences or use a config with "
-                    "more positions"
+                    f"batch field {key!r} has {shape[-1]} positions, more than the model's "
+                    f"{limit} ({source}); cut the sequences or use a config with more positions"
                 )
         for spec in self.ids:
             if spec.key in batch:
@@ -90,6 +90,12 @@ def check_model_batch(model: Any, batch: Mapping[str, Any]) -> None:
     check = getattr(model, ATTRIBUTE, None)
     if check is not None:
         check(batch)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    """The shape of a numpy or framework array, without copying it."""
+    shape = getattr(value, "shape", None)
+    return tuple(int(d) for d in (np.shape(value) if shape is None else shape))
 
 
 def _host(value: Any) -> np.ndarray:
@@ -120,9 +126,9 @@ def _check_ids(spec: Ids, a: np.ndarray, batch: Mapping[str, Any]) -> None:
     source = spec.source
     if isinstance(high, str):  # the length of another field: positions inside the sequence
         source = f"{source}: the length of {high!r}"
-        high = int(np.shape(batch[high])[-1]) if high in batch else None
-        if high is None:
+        if high not in batch or not _shape(batch[high]):
             return
+        high = _shape(batch[high])[-1]
     limits = np.asarray(high, np.int64)
     if limits.ndim and a.shape[-1:] != limits.shape:
         columns = a.shape[-1] if a.ndim else 0
