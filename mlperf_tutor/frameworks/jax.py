@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mlperf_tutor.core.batch import check_model_batch
 from mlperf_tutor.core.checkpoint import CheckpointMismatch, check_tree, spec_of
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.frameworks.jax_optim import ArrayOptimizer as ArrayOptimizer  # contract
@@ -381,6 +382,7 @@ def forward(
 ) -> dict:
     """Named outputs (numpy) of ``model`` on a numpy batch; train mode updates BatchNorm stats.
     ``outputs`` names the ones copied to the host (None: all); the others stay on the device."""
+    check_model_batch(model, batch)
     out = _forward(_mode(model, train), _batch(batch))
     return {k: to_numpy(v) for k, v in out.items() if outputs is None or k in outputs}
 
@@ -389,6 +391,7 @@ def loss_and_grads(
     model: nnx.Module, batch: Mapping[str, np.ndarray], train: bool = True
 ) -> tuple[float, dict[str, np.ndarray]]:
     """The loss and its gradients in canonical names and layouts (train mode updates BN stats)."""
+    check_model_batch(model, batch)
     loss, grads = _loss_and_grads(_mode(model, train), _batch(batch))
     return float(loss), _grads_to_canonical(model, grads)
 
@@ -463,6 +466,7 @@ def train_step(model: nnx.Module, optimizer: Optimizer, batch: Mapping[str, np.n
             "this optimizer was made for a different model; call make_optimizer(spec, schedule, "
             "model) for this one"
         )
+    check_model_batch(model, batch)
     loss, optimizer.opt_state = optimizer._step(
         _mode(model, True), optimizer.opt_state, _batch(batch)
     )
@@ -685,6 +689,7 @@ class Trainer:
         Returns:
             The loss before the update, a float32 device array (not synchronised).
         """
+        check_model_batch(self._model, batch)
         arrays = jax.device_put(dict(batch), self.device)
         self._params, self._opt.opt_state, self._rest, loss = self._update(
             self._params, self._opt.opt_state, self._rest, self._frozen, arrays

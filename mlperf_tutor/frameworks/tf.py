@@ -53,6 +53,7 @@ from tensorflow.core.protobuf.rewriter_config_pb2 import RewriterConfig  # noqa:
 from tensorflow.core.protobuf.trackable_object_graph_pb2 import TrackableObjectGraph  # noqa: E402
 from tensorflow.python.eager import context as tf_context  # noqa: E402
 
+from mlperf_tutor.core.batch import check_model_batch  # noqa: E402
 from mlperf_tutor.core.checkpoint import CheckpointMismatch, Tree, check_tree  # noqa: E402
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec, state_key  # noqa: E402
 from mlperf_tutor.frameworks import tf_optim  # noqa: E402
@@ -335,6 +336,7 @@ def forward(
         train: training mode (BatchNorm uses and updates batch statistics, like PyTorch).
         outputs: the names to copy to the host (None: all).
     """
+    check_model_batch(model, batch)
     out = model(_inputs(batch), training=train)
     return {k: to_numpy(v) for k, v in out.items() if outputs is None or k in outputs}
 
@@ -346,6 +348,7 @@ def loss_and_grads(
 
     A parameter the loss does not reach gets a zero gradient.
     """
+    check_model_batch(model, batch)
     trainable = _trainable_leaves(model)
     variables = [leaf.variable for leaf in trainable]
     with tf.GradientTape() as tape:
@@ -368,6 +371,7 @@ def train_step(model: keras.Model, optimizer, batch: Mapping[str, np.ndarray]) -
             "this optimizer was made for another model; create one with make_optimizer(spec, "
             "schedule, model) for this model"
         )
+    check_model_batch(model, batch)
     if optimizer._train_fn is None:
         variables = [leaf.variable for leaf in _trainable_leaves(model)]
         optimizer._train_fn = compiled_update(model, optimizer.native, variables)
@@ -738,6 +742,7 @@ class Trainer:
     def step(self, batch: Mapping[str, np.ndarray]) -> tf.Tensor:
         """One update (training mode: dropout on, BatchNorm statistics updated). Returns the
         float32 loss as a tensor, without waiting for it (see :meth:`loss_value`)."""
+        check_model_batch(self._model, batch)
         with tf.device(self.device), _without_memory_optimizer():
             return self._update(_inputs(batch))
 

@@ -22,6 +22,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from mlperf_tutor.core.batch import check_model_batch
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec, state_key
 from mlperf_tutor.frameworks import torch_optim
@@ -274,6 +275,7 @@ def forward(
         outputs: the names to copy to the host (None: all). An evaluation that needs only the
             loss leaves the logits on the device.
     """
+    check_model_batch(model, batch)
     model.train(train)
     with torch.no_grad():
         out = model(_to_tensors(batch, _device_of(model)))
@@ -292,6 +294,7 @@ def loss_and_grads(
         batch: name -> numpy array.
         train: training mode for the forward pass.
     """
+    check_model_batch(model, batch)
     model.train(train)
     model.zero_grad(set_to_none=True)
     loss = model(_to_tensors(batch, _device_of(model)))["loss"]
@@ -315,6 +318,7 @@ def train_step(model: torch.nn.Module, optimizer: Optimizer, batch: Mapping[str,
     Returns:
         The loss before the update.
     """
+    check_model_batch(model, batch)
     model.train(True)
     optimizer.zero_grad()
     loss = model(_to_tensors(batch, _device_of(model)))["loss"]
@@ -601,6 +605,7 @@ class Trainer:
             The loss before the update: a detached float32 tensor on the device, not
             synchronised (see :meth:`loss_value`).
         """
+        check_model_batch(self._model, batch)
         self._model.train(True)
         self.optimizer.zero_grad()
         inputs = self._inputs(batch)

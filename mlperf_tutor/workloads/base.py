@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from mlperf_tutor import frameworks
+from mlperf_tutor.core.batch import ATTRIBUTE, BatchCheck
 from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.config import Config
 from mlperf_tutor.core.interop import HfInterop
@@ -159,6 +160,19 @@ class Workload:
         """A seeded batch of the right shapes, dtypes and ranges (numpy arrays)."""
         raise NotImplementedError
 
+    def batch_check(self, cfg: Config) -> BatchCheck:
+        """The ranges of a batch's id fields for a model of ``cfg`` (token ids below the
+        vocabulary, labels in their set, ...): what :meth:`check_batch` checks, and what every
+        model :meth:`build` makes refuses before a framework sees the batch. None by default.
+        """
+        return BatchCheck()
+
+    def check_batch(self, cfg: Config, batch: Mapping[str, Any]) -> None:
+        """Raise a :class:`~mlperf_tutor.core.batch.BatchError` naming the field and the entry
+        of ``batch`` (host arrays) that a model of ``cfg`` cannot take (see
+        :meth:`batch_check`): the same error in every framework."""
+        self.batch_check(cfg)(batch)
+
     def init_canonical(self, cfg: Config, seed: int = 0) -> Tree:
         """Initial weights in canonical names and layouts, float32: :meth:`init_weight` of each
         entry of :meth:`canonical_shapes`, in that order, from one generator seeded ``seed``."""
@@ -270,6 +284,9 @@ class Workload:
 
             weights = convert.load(weights, workload=self, cfg=cfg)
         adapter.load_canonical(model, weights)
+        # The adapters' forward, loss_and_grads, train_step and Trainer.step check every batch
+        # with it (mlperf_tutor.core.batch), so an id outside its table is one BatchError.
+        setattr(model, ATTRIBUTE, self.batch_check(cfg))
         return model
 
     def read_keras_weights(self, path: str | os.PathLike, cfg: Config) -> Tree:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlperf_tutor.core.batch import BatchCheck, Ids
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import Workload, endless_batches, new_data_directory
 from mlperf_tutor.workloads.bert import hf
@@ -148,6 +149,23 @@ class BertWorkload(Workload):
             replaced[(roll >= 0.8) & (roll < 0.9)] = random_tokens[(roll >= 0.8) & (roll < 0.9)]
             batch["input_ids"][b, positions] = replaced
         return batch
+
+    def batch_check(self, cfg: BertConfig) -> BatchCheck:
+        """Token ids below the vocabulary, segment ids below ``type_vocab_size``, mask and
+        next-sentence labels 0 or 1, masked positions inside the sequence, S at most
+        ``max_positions``."""
+        vocab = "cfg.vocab_size"
+        return BatchCheck(
+            ids=(
+                Ids("input_ids", cfg.vocab_size, vocab),
+                Ids("segment_ids", cfg.type_vocab_size, "cfg.type_vocab_size"),
+                Ids("input_mask", 2, "a mask: 0 or 1"),
+                Ids("masked_lm_positions", "input_ids", "positions in the sequence"),
+                Ids("masked_lm_ids", cfg.vocab_size, vocab),
+                Ids("next_sentence_labels", 2, "next-sentence labels: 0 or 1"),
+            ),
+            lengths=(("input_ids", cfg.max_positions, "cfg.max_positions"),),
+        )
 
     def write_sample_data(
         self, cfg: BertConfig, directory: str | os.PathLike, *, samples: int = 64, seed: int = 0

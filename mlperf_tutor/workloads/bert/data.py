@@ -25,15 +25,26 @@ row, with ``packed_input_len``/``packed_masked_lm_len``).
 
 Batches are dicts of int32 arrays with the keys and dtypes of ``synthetic_batch``. h5py is
 imported only when a file is opened.
+
+A shard is a file a user hands over, so it is read as untrusted: only a regular file is opened
+(a FIFO would block), a dataset must be stored in the shard itself (an external or soft link,
+an external-storage or a virtual dataset would make HDF5 read another file of the machine into
+the token ids) and this is checked before any data is read, and every value is checked as a
+shard is read (``validate``). Any error of h5py or numpy is one :class:`DataError` naming the
+file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from mlperf_tutor.core.files import regular_file
 
 # MLPerf Training BERT quality target: masked-LM accuracy on the 10k-sequence eval set
 # (mlcommons/training language_model/tensorflow/bert/README.md, "Stopping criteria").
@@ -63,6 +74,32 @@ _DISK_DTYPES = {
 
 class DataError(ValueError):
     """A data file that cannot be read as MLPerf BERT shards; the message says what to do."""
+
+
+def _reason(error: BaseException) -> str:
+    """A library's exception as one line of an error message (theirs can hold newlines)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+# A dataset may declare at most this many bytes per byte of the file (gzip-compressed token
+# rows shrink well below this); a shard declaring more is refused before its data is read, so
+# that a few hundred bytes cannot make the reader allocate terabytes.
+MAX_EXPANSION = 64
+_INT32 = (-(2**31), 2**31)
+
+
+@contextlib.contextmanager
+def _h5_errors(path: Path):
+    """Turn h5py's and numpy's own exceptions into one DataError naming ``path``."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+        raise DataError(
+            f"{path} cannot be read as an MLPerf BERT shard ({_reason(e)}); the "
+            "file is truncated or corrupt, regenerate or copy it again"
+        ) from None
 
 
 def _h5py():
@@ -105,33 +142,76 @@ def _check_layout(
 
 
 def _open(path: Path):
-    """``path`` opened with h5py, after checking that it is an HDF5 file."""
+    """``path`` opened with h5py, after checking that it is a regular HDF5 file."""
     h5py = _h5py()
-    if not path.is_file():
-        raise DataError(f"{path} does not exist or is not a file; check the path")
-    if not h5py.is_hdf5(path):
-        raise DataError(f"{path} is not an HDF5 file (empty, truncated or another format)")
-    try:
+    if not path.exists():
+        raise DataError(f"{path} does not exist; check the path")
+    regular_file(path, DataError, "HDF5 shard")
+    with _h5_errors(path):
+        if not h5py.is_hdf5(path):
+            raise DataError(f"{path} is not an HDF5 file (empty, truncated or another format)")
         return h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path} cannot be read ({e}); it is truncated or corrupt") from e
+
+
+def _has(f, name: str) -> bool:
+    """Whether the root group has a link ``name``, without following it (an external link
+    would open its file)."""
+    return f.id.links.exists(name.encode())
+
+
+def _datasets(f, path: Path) -> dict:
+    """The shard's datasets (h5py objects, nothing read), each checked to be stored in the file
+    itself: a hard link to a dataset that is neither virtual nor in external storage."""
+    h5py = _h5py()
+    missing = [k for k in KEYS if not _has(f, k)]
+    if missing:
+        raise DataError(
+            f"{path} has no dataset(s) {missing}; an MLPerf BERT shard holds {list(KEYS)}"
+        )
+    datasets = {}
+    for key in KEYS:
+        link = f.get(key, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            raise DataError(
+                f"{path}: {key!r} is an external link (to {link.filename}:{link.path}); a shard's "
+                "datasets must be stored in the shard itself, links to other files are refused"
+            )
+        if isinstance(link, h5py.SoftLink):
+            raise DataError(
+                f"{path}: {key!r} is a soft link (to {link.path}); a shard's datasets must be "
+                "stored under their own names, links are refused"
+            )
+        dataset = f.get(key)
+        if not isinstance(dataset, h5py.Dataset):
+            raise DataError(
+                f"{path}: {key!r} is not a dataset; an MLPerf BERT shard holds {list(KEYS)}"
+            )
+        if dataset.is_virtual:
+            raise DataError(
+                f"{path}: dataset {key!r} is a virtual dataset (it maps other datasets or "
+                "files); a shard's data must be stored in the shard itself"
+            )
+        if dataset.external:
+            files = [name for name, *_ in dataset.external]
+            raise DataError(
+                f"{path}: dataset {key!r} keeps its data in external files {files}; a shard's "
+                "data must be stored in the shard itself, external storage is refused"
+            )
+        datasets[key] = dataset
+    return datasets
 
 
 def _inspect(path: Path, seq_len: int | None, max_pred: int | None) -> tuple[int, int, int]:
     """Validate one shard's datasets without reading them; returns (rows, S, P)."""
-    with _open(path) as f:
-        if "packed_input_len" in f or "packed_masked_lm_len" in f:
+    with _open(path) as f, _h5_errors(path):
+        if _has(f, "packed_input_len") or _has(f, "packed_masked_lm_len"):
             raise DataError(
                 f"{path} is a packed shard (several sequences per row); this reader takes the "
                 "unpacked MLPerf shards (2048_shards_uncompressed, part_eval_10k.hdf5)"
             )
-        missing = [k for k in KEYS if not isinstance(f.get(k), _h5py().Dataset)]
-        if missing:
-            raise DataError(
-                f"{path} has no dataset(s) {missing}; an MLPerf BERT shard holds {list(KEYS)}"
-            )
-        for key in KEYS:
-            dtype = f[key].dtype
+        datasets = _datasets(f, path)
+        for key, dataset in datasets.items():
+            dtype = dataset.dtype
             if dtype.kind == "O":  # h5py's variable-length (vlen) rows
                 raise DataError(
                     f"{path}: dataset {key!r} has variable-length rows (NVIDIA's varlength "
@@ -143,7 +223,17 @@ def _inspect(path: Path, seq_len: int | None, max_pred: int | None) -> tuple[int
                     f"{path}: dataset {key!r} has dtype {dtype}, expected integers; the file "
                     "is not an MLPerf BERT shard"
                 )
-        return _check_layout(str(path), {k: f[k].shape for k in KEYS}, seq_len, max_pred)
+        shapes = {k: d.shape for k, d in datasets.items()}
+        layout = _check_layout(str(path), shapes, seq_len, max_pred)
+        declared = sum(math.prod(d.shape) * d.dtype.itemsize for d in datasets.values())
+        limit = MAX_EXPANSION * path.stat().st_size + 2**20
+        if declared > limit:
+            raise DataError(
+                f"{path}: its datasets declare {declared} bytes of data, more than "
+                f"{MAX_EXPANSION} times the file's {path.stat().st_size} bytes; the file is "
+                "corrupt or not an MLPerf BERT shard"
+            )
+        return layout
 
 
 def _paths(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -172,13 +262,19 @@ class HDF5Shards:
         source: a shard file, a directory of ``*.hdf5``/``*.h5`` shards, or a list of files.
         seq_len: expected S (default: whatever the first shard has).
         max_predictions: expected P (default: whatever the first shard has).
-        vocab_size: when given, every ``input_ids`` and ``masked_lm_ids`` value must be below
-            it, checked as each shard is read (JAX gathers clamp out-of-range ids silently).
+        vocab_size: the vocabulary V that ``input_ids`` and ``masked_lm_ids`` must be below
+            (default: any id that fits int32).
+        validate: check every value of a shard as it is read (a few passes over it): token
+            ids in [0, V), ``input_mask``, ``segment_ids`` and ``next_sentence_labels`` in
+            {0, 1}, ``masked_lm_positions`` in [0, S). ``False`` skips these checks, to read
+            trusted data faster; values that do not fit the int32 batches are refused either
+            way (never wrapped).
 
     Raises:
-        DataError: a missing or non-HDF5 file, a missing dataset, a wrong shape or dtype, or a
-            packed/varlength file (the message names the file and the dataset); while reading,
-            a token id outside the vocabulary.
+        DataError: a missing, non-regular or non-HDF5 file, a missing dataset, a wrong shape or
+            dtype, a packed/varlength file, a dataset stored outside the file (external or
+            soft link, external storage, virtual dataset); while reading, a value out of its
+            range (the message names the file, the dataset and the row).
     """
 
     def __init__(
@@ -187,8 +283,10 @@ class HDF5Shards:
         seq_len: int | None = None,
         max_predictions: int | None = None,
         vocab_size: int | None = None,
+        *,
+        validate: bool = True,
     ):
-        self.vocab_size = vocab_size
+        self.vocab_size, self.validate = vocab_size, validate
         self.paths = _paths(source)
         self.rows: list[int] = []
         for path in self.paths:
@@ -209,21 +307,29 @@ class HDF5Shards:
     def _read(self, index: int) -> dict[str, np.ndarray]:
         # Kept in the file's dtypes (int8 masks) until a batch is cut: a quarter of the memory.
         path = self.paths[index]
-        with _open(path) as f:
-            try:
-                shard = {k: f[k][()] for k in KEYS}
-            except OSError as e:
-                raise DataError(f"{path} cannot be read ({e}); it is truncated or corrupt") from e
-        if self.vocab_size is not None:
-            for key in ("input_ids", "masked_lm_ids"):
-                ids = shard[key]
-                if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-                    bad = ids.min() if ids.min() < 0 else ids.max()
-                    raise DataError(
-                        f"{path}: {key!r} holds token id {bad}, outside the vocabulary of "
-                        f"{self.vocab_size}; use the config the data was made for"
-                    )
+        with _open(path) as f, _h5_errors(path):
+            # Checked again: the file may have changed since it was inspected.
+            shard = {k: d[()] for k, d in _datasets(f, path).items()}
+            _check_layout(
+                str(path),
+                {k: v.shape for k, v in shard.items()},
+                self.seq_len,
+                self.max_predictions,
+            )
+        for key, value in shard.items():
+            low, high, what = self._range(key) if self.validate else (*_INT32, "int32")
+            _check_range(path, key, value, low, high, what)
         return shard
+
+    def _range(self, key: str) -> tuple[int, int, str]:
+        """[low, high) of dataset ``key``'s values, and what sets the bound."""
+        if key in ("input_ids", "masked_lm_ids"):
+            if self.vocab_size is None:
+                return 0, _INT32[1], "token ids that fit int32"
+            return 0, self.vocab_size, f"the vocabulary of {self.vocab_size} tokens"
+        if key == "masked_lm_positions":
+            return 0, self.seq_len, f"positions in sequences of {self.seq_len} tokens"
+        return 0, 2, "0 or 1"
 
     def batches(
         self,
@@ -286,6 +392,24 @@ class HDF5Shards:
             yield {k: v.astype(np.int32) for k, v in carry.items()}
 
 
+def _check_range(path: Path, key: str, values: np.ndarray, low: int, high: int, what: str) -> None:
+    """Raise a DataError naming the first row of dataset ``key`` with a value outside
+    ``[low, high)``; a dtype whose every value is inside costs nothing."""
+    if values.size == 0:
+        return
+    info = np.iinfo(values.dtype) if values.dtype.kind in "iu" else np.iinfo(np.uint8)
+    if info.min >= low and info.max < high:
+        return
+    if values.min() >= low and values.max() < high:
+        return
+    where = np.argwhere((values < low) | (values >= high))[0]
+    column = f", column {where[1]}" if len(where) > 1 else ""
+    raise DataError(
+        f"{path}: dataset {key!r}, row {where[0]}{column} holds {values[tuple(where)]}, outside "
+        f"[{low}, {high}) ({what}); the file is corrupt or made for another config"
+    )
+
+
 def write_shard(path: str | os.PathLike, batch: Mapping[str, np.ndarray]) -> None:
     """Write ``batch`` as an MLPerf BERT HDF5 shard, with the reference's on-disk dtypes.
 
@@ -296,12 +420,18 @@ def write_shard(path: str | os.PathLike, batch: Mapping[str, np.ndarray]) -> Non
         batch: the six arrays of :data:`KEYS` (a ``synthetic_batch`` or a batch read back).
 
     Raises:
-        DataError: a key is missing or the shapes do not fit together.
+        DataError: a key is missing, the shapes do not fit together, or values do not fit the
+            on-disk dtypes (HDF5 would saturate them).
     """
     path = Path(path)
     missing = [k for k in KEYS if k not in batch]
     if missing:
         raise DataError(f"cannot write {path}: the batch has no {missing}; it needs {list(KEYS)}")
+    for key in KEYS:
+        values = np.asarray(batch[key])
+        if not np.array_equal(values.astype(_DISK_DTYPES[key]), values):
+            dtype = np.dtype(_DISK_DTYPES[key])
+            raise DataError(f"cannot write {path}: {key!r} holds values that do not fit {dtype}")
     shapes = {k: np.shape(batch[k]) for k in KEYS}
     _check_layout(f"cannot write {path}", shapes, None, None, "fix the batch")
     h5py = _h5py()

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mlperf_tutor.core.batch import BatchCheck, Ids
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import Workload, endless_batches, new_data_directory
 from mlperf_tutor.workloads.dlrm.config import DlrmConfig
-from mlperf_tutor.workloads.dlrm.data import TARGET_AUC, roc_auc, synthetic_batch
+from mlperf_tutor.workloads.dlrm.data import TARGET_AUC, bag_offsets, roc_auc, synthetic_batch
 from mlperf_tutor.workloads.recipe import Recipe, Target
 
 # Seed of the synthetic click model (the "task"), and of the eval set; far from the training
@@ -85,6 +86,22 @@ class DlrmWorkload(Workload):
 
     def synthetic_batch(self, cfg: DlrmConfig, batch_size: int = 2, seed: int = 0) -> dict:
         return synthetic_batch(cfg, batch_size, seed, TASK_SEED)
+
+    def batch_check(self, cfg: DlrmConfig) -> BatchCheck:
+        """Each bag's indices below its table's size (``sparse`` column by column), click
+        labels 0 or 1."""
+        columns = tuple(
+            size
+            for size, hot in zip(cfg.table_sizes, cfg.multi_hot_sizes, strict=True)
+            for _ in range(hot)
+        )
+        offsets = tuple(int(o) for o in bag_offsets(cfg.multi_hot_sizes))
+        return BatchCheck(
+            ids=(
+                Ids("sparse", columns, "cfg.table_sizes[{group}]", groups=offsets),
+                Ids("labels", 2, "click labels: 0 or 1", floats=True),
+            )
+        )
 
     def write_sample_data(
         self, cfg: DlrmConfig, directory: str | os.PathLike, *, samples: int = 64, seed: int = 0

@@ -17,11 +17,14 @@ from __future__ import annotations
 import math
 import os
 import struct
+import tokenize
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from mlperf_tutor.core.files import regular_file
 
 # MLPerf Training DLRM-DCNv2 quality target: ROC AUC on the evaluation days (v4.0 rules).
 TARGET_AUC = 0.80275
@@ -127,6 +130,11 @@ class DataError(ValueError):
     """Criteo multi-hot files that cannot be read (the message names the file)."""
 
 
+def _reason(error: BaseException) -> str:
+    """A library's exception as one line of an error message (theirs can hold newlines)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def day_paths(directory: str | os.PathLike, day: int) -> dict[str, Path]:
     """``{"dense", "labels", "sparse"}`` -> the paths of one day's three files."""
     root = Path(directory)
@@ -147,55 +155,90 @@ def _read_npy_header(f, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
         if read is None:
             raise ValueError(f"unknown .npy version {version}")
         return read(f)
-    except ValueError as e:
-        raise DataError(f"{path} is not a readable .npy array ({e}); re-create it") from None
+    except (
+        ValueError,
+        TypeError,
+        SyntaxError,
+        OverflowError,
+        UnicodeError,
+        RecursionError,
+        tokenize.TokenError,  # numpy tokenizes the header before literal_eval
+    ) as e:
+        raise DataError(
+            f"{path} is not a readable .npy array ({_reason(e)}); re-create it"
+        ) from None
 
 
-def _map(path: Path, offset: int, header) -> np.ndarray:
+def _map(path: Path, offset: int, header, room: int | None = None) -> np.ndarray:
+    """The array of ``header`` at ``offset`` of ``path``, memory-mapped; ``room``: the bytes
+    its data may take there (a zip member's size), by default the rest of the file."""
     shape, fortran, dtype = header
     if dtype.hasobject:
         raise DataError(f"{path} holds Python objects, not numbers; re-create it")
-    if math.prod(shape) == 0:  # np.memmap cannot map zero bytes
-        return np.empty(shape, dtype)
-    need, size = offset + math.prod(shape) * dtype.itemsize, path.stat().st_size
-    if size < need:
+    if any(d < 0 for d in shape):
+        raise DataError(f"{path} announces the shape {shape}; re-create it")
+    nbytes = math.prod(shape) * dtype.itemsize
+    room = path.stat().st_size - offset if room is None else room
+    if nbytes > room:
         raise DataError(
-            f"{path} is truncated: its header announces {dtype} {shape}, {need} bytes, but the "
-            f"file has {size}; re-create it"
+            f"{path} is truncated: its header announces {dtype} {shape}, {nbytes} bytes, but "
+            f"only {max(room, 0)} follow it; re-create it"
         )
+    if nbytes == 0:  # np.memmap cannot map zero bytes
+        return np.empty(shape, dtype)
     return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
 
 
-def _open_npy(path: Path) -> np.ndarray:
-    if not path.is_file():
+def _present(path: Path) -> Path:
+    if not path.exists():
         raise DataError(
             f"{path} does not exist; a day needs day_D_dense.npy, day_D_labels.npy and "
             "day_D_sparse_multi_hot.npz (the reference's materialized multi-hot layout)"
         )
-    with open(path, "rb") as f:
-        header = _read_npy_header(f, path)
-        offset = f.tell()
-    return _map(path, offset, header)
+    return regular_file(path, DataError, "Criteo day file")
+
+
+# What numpy, zipfile and the OS raise on a damaged file; each becomes one DataError.
+_FILE_ERRORS = (OSError, ValueError, TypeError, EOFError, NotImplementedError, struct.error)
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    _present(path)
+    try:
+        with open(path, "rb") as f:
+            header = _read_npy_header(f, path)
+            offset = f.tell()
+        return _map(path, offset, header)
+    except DataError:
+        raise
+    except _FILE_ERRORS as e:
+        raise DataError(f"{path} cannot be read ({_reason(e)}); re-create it") from None
 
 
 def _open_npz(path: Path) -> dict[str, np.ndarray]:
     """The members of an uncompressed .npz, each memory-mapped in place (np.load would read
     them into memory)."""
-    if not path.is_file():
-        raise DataError(
-            f"{path} does not exist; a day needs day_D_dense.npy, day_D_labels.npy and "
-            "day_D_sparse_multi_hot.npz (the reference's materialized multi-hot layout)"
-        )
+    _present(path)
     try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
+        return _npz_members(path)
+    except DataError:
+        raise
     except zipfile.BadZipFile:
         raise DataError(f"{path} is not an .npz (zip) archive; write it with np.savez") from None
+    except (*_FILE_ERRORS, zipfile.LargeZipFile, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is a damaged .npz archive ({_reason(e)}); re-create it") from None
+
+
+def _npz_members(path: Path) -> dict[str, np.ndarray]:
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
     arrays = {}
     with open(path, "rb") as f:
         for info in infos:
             if not info.filename.endswith(".npy"):
                 raise DataError(f"{path} holds {info.filename!r}, which is not a .npy member")
+            if info.filename[: -len(".npy")] in arrays:
+                raise DataError(f"{path} holds the member {info.filename!r} twice; re-create it")
             if info.compress_type != zipfile.ZIP_STORED:
                 raise DataError(
                     f"{path} is compressed ({info.filename!r}); the reference memory-maps the "
@@ -209,9 +252,12 @@ def _open_npz(path: Path) -> dict[str, np.ndarray]:
                 raise DataError(
                     f"{path} is a damaged zip archive ({info.filename!r}); re-create it"
                 )
-            f.seek(info.header_offset + _ZIP_LOCAL_HEADER.size + fields[-2] + fields[-1])
+            start = info.header_offset + _ZIP_LOCAL_HEADER.size + fields[-2] + fields[-1]
+            f.seek(start)
             header = _read_npy_header(f, path)
-            arrays[info.filename[: -len(".npy")]] = _map(path, f.tell(), header)
+            # The array stays inside its member: a header cannot map the bytes of another one.
+            room = start + info.file_size - f.tell()
+            arrays[info.filename[: -len(".npy")]] = _map(path, f.tell(), header, room)
     return arrays
 
 
@@ -274,10 +320,16 @@ class CriteoMultiHot:
         hash_indices: take each index modulo its table size instead of refusing one that is
             too large (the reference's ``hashes``: ``--num_embeddings_per_feature`` applied at
             load time); for tables smaller than the data's, e.g. the ``small`` preset.
+        validate: check every value read (a few passes over each batch): indices inside
+            their tables (unless hashed), labels 0 or 1, dense features finite. ``False``
+            skips these checks, to read trusted data faster.
 
     Raises:
-        DataError: a missing file, a wrong shape, dtype or npz key, days whose three files
-            disagree on the row count; while reading, an index out of its table's range.
+        DataError: a missing or non-regular file, a wrong shape, dtype or npz key, a damaged
+            .npy or .npz file, days whose three files disagree on the row count; while
+            reading, an index out of its table's range, a label other than 0 and 1, a dense
+            feature that is NaN or infinite (the message names the file, the row and the
+            feature).
     """
 
     def __init__(
@@ -288,11 +340,12 @@ class CriteoMultiHot:
         *,
         rows: tuple[int, int] | None = None,
         hash_indices: bool = False,
+        validate: bool = True,
     ):
         self.directory, self.days, self.cfg = Path(directory), tuple(days), cfg
         if not self.days:
             raise DataError(f"no days given for {directory}; pass e.g. TRAIN_DAYS or [23]")
-        self.hash_indices = hash_indices
+        self.hash_indices, self.validate = hash_indices, validate
         self._days = [_open_day(directory, day, cfg) for day in self.days]
         self._starts = np.cumsum([0] + [len(d["dense"]) for d in self._days])
         total = int(self._starts[-1])
@@ -334,13 +387,15 @@ class CriteoMultiHot:
             lo, hi = start, min(stop, self._starts[k + 1])
             start = hi
             day, a, b = self._days[k], int(lo - self._starts[k]), int(hi - self._starts[k])
-            pieces.append(
-                {
+            with np.errstate(over="ignore"):  # a float64 too large for float32: inf, refused
+                piece = {
                     "dense": np.asarray(day["dense"][a:b], np.float32),
                     "sparse": self._sparse(day, a, b),
                     "labels": np.asarray(day["labels"][a:b, 0], np.float32),
                 }
-            )
+            if self.validate:
+                self._check(day, a, piece)
+            pieces.append(piece)
         if not pieces:
             return {
                 "dense": np.empty((0, self.cfg.num_dense), np.float32),
@@ -349,13 +404,35 @@ class CriteoMultiHot:
             }
         return {key: np.concatenate([p[key] for p in pieces]) for key in pieces[0]}
 
+    @staticmethod
+    def _check(day: dict, a: int, piece: dict[str, np.ndarray]) -> None:
+        """Labels 0 or 1 and finite dense features, or a DataError naming file, row and
+        column (``a``: the day's row of the piece's first)."""
+        labels = piece["labels"]
+        bad = np.flatnonzero((labels != 0) & (labels != 1))
+        if bad.size:
+            row = int(bad[0])
+            value = day["labels"][a + row, 0]
+            raise DataError(
+                f"{day['paths']['labels']}: row {a + row} has label {value}; a label is 0 or 1 "
+                "(a click); the file is corrupt"
+            )
+        dense = piece["dense"]
+        if not np.isfinite(dense).all():
+            row, col = (int(i) for i in np.argwhere(~np.isfinite(dense))[0])
+            value = day["dense"][a + row, col]
+            raise DataError(
+                f"{day['paths']['dense']}: row {a + row}, dense feature {col} is {value}, not a "
+                "finite float32 (the files hold log(count + 3)); the file is corrupt"
+            )
+
     def _sparse(self, day: dict, a: int, b: int) -> np.ndarray:
         out = np.empty((b - a, int(self._offsets[-1])), np.int32)
         for f, ids in enumerate(day["sparse"]):
             block, size = np.asarray(ids[a:b]), int(self._tables[f])
             if self.hash_indices:
                 block = block % size  # int32 stays int32; the result is in [0, size)
-            elif block.size and (block.min() < 0 or block.max() >= size):
+            elif self.validate and block.size and (block.min() < 0 or block.max() >= size):
                 row, col = np.argwhere((block < 0) | (block >= size))[0]
                 raise DataError(
                     f"{day['paths']['sparse']}: feature '{f}' has index {block[row, col]} at row "

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlperf_tutor.core.batch import BatchCheck, Ids
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import (
     Workload,
@@ -122,6 +123,19 @@ class GptWorkload(Workload):
 
         tokens = bigram_sequences(cfg.vocab_size, batch_size, cfg.seq_len + 1, seed, LANGUAGE_SEED)
         return split_tokens(tokens)
+
+    def batch_check(self, cfg: GptConfig) -> BatchCheck:
+        """Input ids and labels below ``vocab_size`` (the padded rows are never used), labels
+        -100 where not predicted, T at most ``max_positions``."""
+        from mlperf_tutor.layers.spec import IGNORE_INDEX
+
+        return BatchCheck(
+            ids=(
+                Ids("input_ids", cfg.vocab_size, "cfg.vocab_size"),
+                Ids("labels", cfg.vocab_size, "cfg.vocab_size", ignore=IGNORE_INDEX),
+            ),
+            lengths=(("input_ids", cfg.max_positions, "cfg.max_positions"),),
+        )
 
     def write_sample_data(
         self, cfg: GptConfig, directory: str | os.PathLike, *, samples: int = 64, seed: int = 0

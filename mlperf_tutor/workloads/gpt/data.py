@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlperf_tutor.core.files import regular_file
 from mlperf_tutor.layers.spec import IGNORE_INDEX
 
 # Next tokens each token may be followed by in the synthetic language: entropy about
@@ -146,6 +147,14 @@ class IndexedDatasetError(ValueError):
     """A Megatron-LM indexed dataset that cannot be read (the message names the file)."""
 
 
+def _reason(error: BaseException) -> str:
+    """A library's exception as one line of an error message (theirs can hold newlines)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+_INT32_END = 2**31  # token ids are int32 in batches: larger ones are refused, never wrapped
+
+
 def _paths(prefix: str | os.PathLike) -> tuple[Path, Path]:
     """(``prefix.idx``, ``prefix.bin``); a prefix given with either extension is accepted."""
     text = os.fspath(prefix)
@@ -165,26 +174,38 @@ class IndexedDataset:
         prefix: the path without extension (``.../c4_en_6_c4_spm_text_document``).
 
     Raises:
-        IndexedDatasetError: a missing file, a bad magic, version or dtype code, a truncated
-            index, or a .bin shorter than the index says.
+        IndexedDatasetError: a missing or non-regular file (a FIFO, a directory), a bad magic,
+            version or dtype code, a truncated index, sizes or pointers outside the .bin file,
+            or a .bin shorter than the index says.
     """
 
     def __init__(self, prefix: str | os.PathLike):
         self.index_path, self.data_path = _paths(prefix)
         idx = self.index_path
-        for path in (idx, self.data_path):
-            if path.exists() and not path.is_file():
-                raise IndexedDatasetError(
-                    f"{path} is not a regular file; pass the dataset's prefix"
-                )
-        try:
-            with open(idx, "rb") as f:
-                head = f.read(_HEADER.size)
-            idx_bytes = idx.stat().st_size
-        except FileNotFoundError:
+        if not idx.exists():
             raise IndexedDatasetError(
                 f"{idx} does not exist; pass the dataset's path prefix (without .idx/.bin)"
+            )
+        if not self.data_path.exists():
+            raise IndexedDatasetError(
+                f"{self.data_path} does not exist, but its index {idx} does; both files of "
+                "the dataset are needed"
+            )
+        for path in (idx, self.data_path):
+            regular_file(path, IndexedDatasetError, "file of an indexed dataset")
+        try:
+            self._read_index(idx)
+        except (OSError, ValueError) as e:
+            if isinstance(e, IndexedDatasetError):
+                raise
+            raise IndexedDatasetError(
+                f"{idx} or {self.data_path} cannot be read ({_reason(e)}); copy the dataset again"
             ) from None
+
+    def _read_index(self, idx: Path) -> None:
+        with open(idx, "rb") as f:
+            head = f.read(_HEADER.size)
+        idx_bytes = idx.stat().st_size
         if len(head) >= 9 and head[:9] != INDEX_MAGIC:
             raise IndexedDatasetError(
                 f"{idx} is not a Megatron-LM indexed dataset index (magic {head[:9]!r}, "
@@ -213,18 +234,19 @@ class IndexedDataset:
         self.document_indices = np.frombuffer(index, np.int64, doc_count, _HEADER.size + 12 * count)
         if count and (self.sizes.min() < 0 or self.pointers.min() < 0):
             raise IndexedDatasetError(f"{idx} has negative sizes or pointers; re-create it")
+        data_bytes = self.data_path.stat().st_size
+        if count and self.pointers.max() > data_bytes:
+            i = int(self.pointers.argmax())
+            raise IndexedDatasetError(
+                f"{idx}: sequence {i} starts at byte {self.pointers[i]}, past the end of "
+                f"{self.data_path} ({data_bytes} bytes); the index is corrupt, re-create it"
+            )
+        # No overflow: pointers are at most the file's size, sizes below 2**31 tokens.
         end = (
             int((self.pointers + self.sizes.astype(np.int64) * self.dtype.itemsize).max())
             if count
             else 0
         )
-        try:
-            data_bytes = self.data_path.stat().st_size
-        except FileNotFoundError:
-            raise IndexedDatasetError(
-                f"{self.data_path} does not exist, but its index {idx} does; both files of "
-                "the dataset are needed"
-            ) from None
         if data_bytes < end:
             raise IndexedDatasetError(
                 f"{self.data_path} is shorter than its index says ({data_bytes} bytes, the "
@@ -311,24 +333,51 @@ class GptSamples:
         dataset: an :class:`IndexedDataset` (or anything with ``sizes`` and ``[i]``) of tokens.
         seq_len: T, the tokens each sample predicts.
         seed: shuffle the sample order with this seed; ``None`` keeps it sequential.
-        vocab_size: when given, every token of a sample read must be in [0, vocab_size)
-            (JAX gathers clamp out-of-range ids silently); an IndexedDatasetError names the
-            data file otherwise.
+        vocab_size: the vocabulary V every token must be below (default: any token id that
+            fits int32).
+        validate: check every token of a sample as it is read (one minimum and maximum per
+            sample): in [0, V). ``False`` skips the check, to read trusted data faster; tokens
+            that do not fit the int32 batches are refused either way (never wrapped).
+
+    Raises:
+        IndexedDatasetError: a dataset of float values (tokens are integers); while reading,
+            a token out of range (the message names the data file, the sequence and the
+            token's position in it).
     """
 
     def __init__(
-        self, dataset, seq_len: int, seed: int | None = None, vocab_size: int | None = None
+        self,
+        dataset,
+        seq_len: int,
+        seed: int | None = None,
+        vocab_size: int | None = None,
+        *,
+        validate: bool = True,
     ):
         if seq_len < 1:
             raise ValueError(f"seq_len must be at least 1, got {seq_len}")
         self.dataset, self.seq_len, self.vocab_size = dataset, seq_len, vocab_size
+        self.validate = validate
+        dtype = np.dtype(getattr(dataset, "dtype", np.int64))
+        if dtype.kind not in "iu":
+            where = getattr(dataset, "data_path", "the dataset")
+            raise IndexedDatasetError(
+                f"{where} holds {dtype} values; GPT samples are token ids (integers): "
+                "tokenise the text with Megatron's preprocess_data.py"
+            )
+        high = vocab_size if validate and vocab_size is not None else _INT32_END
+        # Only a range the dtype can leave is checked (uint16 tokens always fit int32).
+        info = np.iinfo(dtype)
+        self._range = (
+            None if info.min >= 0 and info.max < high else (0 if validate else -high, high)
+        )
         # Token offset where each document starts in the stream, plus the total.
         self._starts = np.concatenate([[0], np.cumsum(np.asarray(dataset.sizes, np.int64))])
         total = int(self._starts[-1])
         count = max(0, (total - 1) // seq_len)
         if count == 0:
             where = getattr(dataset, "index_path", "the dataset")
-            raise ValueError(
+            raise IndexedDatasetError(
                 f"{where} has {total} tokens, fewer than one sample of seq_len + 1 = {seq_len + 1}"
             )
         order = np.arange(count)
@@ -346,19 +395,28 @@ class GptSamples:
         while start < stop:
             begin = int(self._starts[doc])
             piece = self.dataset[doc][start - begin : stop - begin]
-            if self.vocab_size is not None and piece.size:
-                low, high = int(piece.min()), int(piece.max())
-                if low < 0 or high >= self.vocab_size:
-                    where = getattr(self.dataset, "data_path", "the dataset")
-                    raise IndexedDatasetError(
-                        f"{where}: sequence {doc} holds token id {low if low < 0 else high}, "
-                        f"outside the vocabulary of {self.vocab_size}; use the config the data "
-                        "was made for"
-                    )
+            if self._range is not None and piece.size:
+                self._check(piece, doc, start - begin)
             pieces.append(piece.astype(np.int64))
             start += len(piece)
             doc += 1
         return np.concatenate(pieces)
+
+    def _check(self, piece: np.ndarray, doc: int, first: int) -> None:
+        low, high = self._range
+        if piece.min() >= low and piece.max() < high:
+            return
+        k = int(np.flatnonzero((piece < low) | (piece >= high))[0])
+        where = getattr(self.dataset, "data_path", "the dataset")
+        what = (
+            f"the vocabulary of {self.vocab_size} tokens"
+            if self.validate and self.vocab_size is not None
+            else "token ids that fit int32"
+        )
+        raise IndexedDatasetError(
+            f"{where}: sequence {doc}, token {first + k} holds token id {piece[k]}, outside "
+            f"[{low}, {high}) ({what}); the file is corrupt or made for another config"
+        )
 
     def batch(self, rows: Iterable[int]) -> dict[str, np.ndarray]:
         """Samples ``rows`` (positions in the order) as ``{"input_ids", "labels"}``, each

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlperf_tutor.core.batch import BatchCheck, Ids
 from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.layers.spec import is_adapter
@@ -170,6 +171,20 @@ class LlamaLoraWorkload(Workload):
         from mlperf_tutor.workloads.llama.data import synthetic_batch
 
         return synthetic_batch(cfg, batch_size, seed, LANGUAGE_SEEDS[cfg.language])
+
+    def batch_check(self, cfg: LlamaConfig) -> BatchCheck:
+        """Input ids and labels below ``vocab_size``, labels -100 on the prompt, the attention
+        mask 0 or 1, T at most ``max_positions``."""
+        from mlperf_tutor.layers.spec import IGNORE_INDEX
+
+        return BatchCheck(
+            ids=(
+                Ids("input_ids", cfg.vocab_size, "cfg.vocab_size"),
+                Ids("attention_mask", 2, "a mask: 0 or 1"),
+                Ids("labels", cfg.vocab_size, "cfg.vocab_size", ignore=IGNORE_INDEX),
+            ),
+            lengths=(("input_ids", cfg.max_positions, "cfg.max_positions"),),
+        )
 
     def write_sample_data(
         self, cfg: LlamaConfig, directory: str | os.PathLike, *, samples: int = 64, seed: int = 0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlperf_tutor.core.files import regular_file
 from mlperf_tutor.layers.spec import IGNORE_INDEX
 
 # Probability that a token is followed by its one fixed successor; the other 1 - p is spread
@@ -106,6 +107,11 @@ class GovReportError(ValueError):
     """A GovReport parquet directory or file that cannot be read (the message names it)."""
 
 
+def _reason(error: BaseException) -> str:
+    """A library's exception as one line of an error message (theirs can hold newlines)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def _pyarrow():
     try:
         import pyarrow as pa
@@ -134,15 +140,21 @@ class GovReport:
         directory: the reference's ``dataset_path``.
         split: ``"train"`` or ``"validation"``.
         max_seq_len: longest sequence accepted (the reference packs to 8192).
-        vocab_size: when given, input ids must be below it (JAX gathers clamp silently).
+        vocab_size: the vocabulary V that input ids must be below (default: any id that fits
+            int32).
+        validate: check every value as it is loaded (a few passes over each row group):
+            input ids in [0, V), attention mask 0 or 1, labels -100 or the input id at their
+            position. ``False`` skips these checks, to load trusted data faster; values that do
+            not fit the int32 arrays are refused either way (never wrapped).
 
     Raises:
         ValueError: an unknown split.
-        GovReportError: a missing directory, no files of the split, a file that is not
-            parquet, a missing or non-integer column, nulls, an empty row, a row whose three
-            lists differ in length or that is longer than ``max_seq_len``, attention-mask
-            values other than 0 and 1, negative or too large input ids, or a label that is
-            neither -100 nor the input id at its position.
+        GovReportError: a missing directory, no files of the split, a file that is not a
+            regular file or not parquet, a missing or non-integer column, nulls, an empty row,
+            a row whose three lists differ in length or that is longer than ``max_seq_len``,
+            attention-mask values other than 0 and 1, negative or too large input ids, or a
+            label that is neither -100 nor the input id at its position (the message names the
+            file, the row and the column).
     """
 
     def __init__(
@@ -151,6 +163,8 @@ class GovReport:
         split: str = "train",
         max_seq_len: int = 8192,
         vocab_size: int | None = None,
+        *,
+        validate: bool = True,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -167,9 +181,9 @@ class GovReport:
                 "dataset into it (see the reference's README)"
             )
         for path in self.files:
-            if not path.is_file():
-                raise GovReportError(f"{path} is not a regular file; a split is parquet files")
+            regular_file(path, GovReportError, "parquet file of the split")
         self.split, self.max_seq_len, self.vocab_size = split, max_seq_len, vocab_size
+        self.validate = validate
         parts: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
         lengths: list[np.ndarray] = []
         for path in self.files:
@@ -190,12 +204,23 @@ class GovReport:
 
     def _read_file(self, path: Path) -> Iterator[dict[str, np.ndarray]]:
         """Validated ``{column: flat int32 values, "lengths": (rows,)}`` per row group."""
+        pa, _ = _pyarrow()
+        try:
+            yield from self._row_groups(path)
+        except GovReportError:
+            raise
+        except (pa.ArrowException, OSError, ValueError, TypeError, KeyError, IndexError) as e:
+            raise GovReportError(
+                f"{path} is corrupt ({_reason(e)}); download or write it again"
+            ) from None
+
+    def _row_groups(self, path: Path) -> Iterator[dict[str, np.ndarray]]:
         pa, pq = _pyarrow()
         try:
             parquet = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
             raise GovReportError(
-                f"{path} is not a readable parquet file ({e}); download or write it again"
+                f"{path} is not a readable parquet file ({_reason(e)}); download or write it again"
             ) from None
         schema = parquet.schema_arrow
         for column in COLUMNS:
@@ -220,7 +245,7 @@ class GovReport:
                 except (pa.ArrowException, OSError) as e:
                     raise GovReportError(
                         f"{path} is corrupt: row group {group} of column {column!r} cannot be "
-                        f"read ({e}); download it again"
+                        f"read ({_reason(e)}); download it again"
                     ) from None
                 values, lengths = self._flatten(array, path, column, first_row)
                 if "lengths" in chunk and not np.array_equal(lengths, chunk["lengths"]):
@@ -246,7 +271,15 @@ class GovReport:
                     "every row needs a full list of ints"
                 )
             lengths.append(chunk.value_lengths().to_numpy().astype(np.int64))
-            values.append(chunk.flatten().to_numpy().astype(np.int64, copy=False))
+            flat = chunk.flatten().to_numpy()
+            if flat.dtype == np.uint64 and flat.size and flat.max() >= 2**63:  # int64 would wrap
+                position = int(np.argmax(flat >= 2**63))
+                bad = row + _row_of(np.concatenate([[0], np.cumsum(lengths[-1])]), position)
+                raise GovReportError(
+                    f"{path}: row {bad} has {column} value {flat[position]}, which does not fit "
+                    "int32"
+                )
+            values.append(flat.astype(np.int64, copy=False))
             row += len(chunk)
         return (
             np.concatenate(values) if values else np.empty(0, np.int64),
@@ -271,6 +304,13 @@ class GovReport:
                 f"max_seq_len {self.max_seq_len}; pass a larger max_seq_len or re-pack the data"
             )
         ids, mask, labels = chunk["input_ids"], chunk["attention_mask"], chunk["labels"]
+        if not self.validate:  # only what the int32 arrays cannot hold
+            for column in COLUMNS:
+                values = chunk[column]
+                if values.size and (values.min() < -(2**31) or values.max() >= 2**31):
+                    bad = np.flatnonzero((values < -(2**31)) | (values >= 2**31))
+                    fail(bad[0], f"has {column} value {values[bad[0]]}, which does not fit int32")
+            return
         high = min(self.vocab_size or 2**31, 2**31)
         bad = np.flatnonzero((ids < 0) | (ids >= high))
         if bad.size:
@@ -360,7 +400,8 @@ def write_govreport(
         row_group_size: rows per parquet row group (pyarrow's default when ``None``).
 
     Raises:
-        ValueError: a row missing a key, or whose three lists are not 1-D of one length.
+        ValueError: a row missing a key, or whose three lists are not 1-D of one length or hold
+            values that do not fit int32.
     """
     pa, pq = _pyarrow()
     from mlperf_tutor.core.io import atomic_file
@@ -374,6 +415,9 @@ def write_govreport(
         arrays = [np.asarray(row[c]) for c in COLUMNS]
         if any(a.ndim != 1 or len(a) != len(arrays[0]) for a in arrays):
             raise ValueError(f"row {r}: {COLUMNS} must be 1-D and of one length")
+        for column, array in zip(COLUMNS, arrays, strict=True):
+            if not np.array_equal(array.astype(np.int32), array):
+                raise ValueError(f"row {r}: {column} holds values that do not fit int32")
         for column, array in zip(COLUMNS, arrays, strict=True):
             values[column].append(array.astype(np.int32))
         lengths.append(len(arrays[0]))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlperf_tutor.core.batch import BatchCheck, Ids
 from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import Workload, endless_batches, epoch_rng, new_data_directory
@@ -117,6 +118,10 @@ class StableDiffusionWorkload(Workload):
         from mlperf_tutor.workloads.stable_diffusion.standins import synthetic_batch
 
         return synthetic_batch(cfg, batch_size, seed)
+
+    def batch_check(self, cfg: StableDiffusionConfig) -> BatchCheck:
+        """Timesteps below ``num_timesteps`` (they index the noise schedule)."""
+        return BatchCheck(ids=(Ids("timesteps", cfg.num_timesteps, "cfg.num_timesteps"),))
 
     def write_sample_data(
         self,

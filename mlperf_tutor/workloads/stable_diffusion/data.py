@@ -26,9 +26,11 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import math
 import os
 import re
 import tarfile
+import tokenize
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mlperf_tutor.core.files import regular_file
 from mlperf_tutor.workloads.stable_diffusion.diffusion import sample_latents
 
 if TYPE_CHECKING:
@@ -52,6 +55,11 @@ _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz magic
 
 class ShardError(ValueError):
     """A training shard that cannot be read (the message names the shard and member)."""
+
+
+def _reason(error: BaseException) -> str:
+    """A library's exception as one line of an error message (theirs can hold newlines)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 class CaptionsError(ValueError):
@@ -103,8 +111,9 @@ def _members(
     for the kept extensions: the member's bytes, streamed, or with ``random_access`` its
     ``(offset, size)`` in the file, found from the headers alone (uncompressed tars only).
     Directories, metadata and names without a dot are skipped, as webdataset does."""
-    if not path.is_file():
-        raise ShardError(f"shard {path} does not exist or is not a file; check the shard paths")
+    if not path.exists():
+        raise ShardError(f"shard {path} does not exist; check the shard paths")
+    regular_file(path, ShardError, "shard")
     with open(path, "rb") as file:
         if random_access and file.read(6).startswith(_COMPRESSED):
             raise ShardError(
@@ -131,9 +140,12 @@ def _members(
                     elif ext in (MOMENTS, CAPTION):
                         payload = tar.extractfile(info).read()
                     yield info.name, key, ext, payload
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError, UnicodeError) as e:
+            if isinstance(e, ShardError):
+                raise
             raise ShardError(
-                f"shard {path} is not a tar file or is truncated ({e}); download or write it again"
+                f"shard {path} is not a tar file or is truncated ({_reason(e)}); download or "
+                "write it again"
             ) from None
         if not _has_end_marker(file):
             raise ShardError(
@@ -190,36 +202,78 @@ def _runs(path: Path, random_access: bool) -> Iterator[tuple[str, dict[str, tupl
         yield key, parts
 
 
-def _moments(path: Path, name: str, data: bytes, channels: int, size: int | None) -> np.ndarray:
-    where = f"shard {path}: member {name}"
+# What numpy's .npy header parser raises on damaged bytes (it tokenizes and literal_evals them).
+_NPY_HEADER_ERRORS = (
+    ValueError,
+    TypeError,
+    SyntaxError,
+    OverflowError,
+    UnicodeError,
+    RecursionError,
+    tokenize.TokenError,
+)
+_NPY_HEADERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def _npy_header(data: bytes, where: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, offset of the data) of a .npy member's bytes."""
+    f = io.BytesIO(data)
     try:
-        moments = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, EOFError, OSError) as e:
-        raise ShardError(f"{where} is not a .npy array ({e})") from None
-    if not isinstance(moments, np.ndarray):
-        raise ShardError(f"{where} is an .npz archive, not a .npy array")
-    if not np.issubdtype(moments.dtype, np.floating):
-        raise ShardError(f"{where} has dtype {moments.dtype}; moments must be float16 or float32")
-    if moments.ndim == 4 and moments.shape[0] == 1:
-        moments = moments[0]
-    if moments.ndim != 3 or moments.shape[0] != channels:
+        read = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+        if read is None:
+            raise ValueError("an unknown .npy version")
+        shape, fortran, dtype = read(f)
+    except _NPY_HEADER_ERRORS as e:
+        raise ShardError(f"{where} is not a .npy array ({_reason(e)})") from None
+    if dtype.hasobject:
+        raise ShardError(f"{where} is not a .npy array of numbers (it holds Python objects)")
+    return shape, fortran, dtype, f.tell()
+
+
+def _moments(
+    path: Path, name: str, data: bytes, channels: int, size: int | None, validate: bool = True
+) -> np.ndarray:
+    # The header is checked before any array is made: a header announcing a huge shape would
+    # make np.load allocate it.
+    where = f"shard {path}: member {name}"
+    shape, fortran, dtype, offset = _npy_header(data, where)
+    if dtype.kind != "f":
+        raise ShardError(f"{where} has dtype {dtype}; moments must be float16 or float32")
+    sample = shape[1:] if len(shape) == 4 and shape[0] == 1 else shape
+    if len(sample) != 3 or sample[0] != channels:
         raise ShardError(
-            f"{where} has shape {moments.shape}; moments must be ({channels}, h, w) or "
+            f"{where} has shape {shape}; moments must be ({channels}, h, w) or "
             f"(1, {channels}, h, w): the mean and log-variance of {channels // 2} latent channels"
         )
-    if size is not None and moments.shape[1:] != (size, size):
+    if size is not None and sample[1:] != (size, size):
         raise ShardError(
-            f"{where} holds {moments.shape[1]}x{moments.shape[2]} latents; the config's "
-            f"latent_size is {size}"
+            f"{where} holds {sample[1]}x{sample[2]} latents; the config's latent_size is {size}"
         )
-    moments = moments.astype(np.float32)
-    if not np.isfinite(moments).all():
+    count = math.prod(shape)
+    if count * dtype.itemsize > len(data) - offset:
+        raise ShardError(
+            f"{where} is truncated: its header announces {dtype} {shape}, "
+            f"{count * dtype.itemsize} bytes, but the member holds {len(data) - offset}"
+        )
+    moments = np.frombuffer(data, dtype, count, offset).reshape(
+        shape, order="F" if fortran else "C"
+    )
+    with np.errstate(over="ignore"):  # a float64 too large for float32: inf, refused below
+        moments = moments.reshape(sample).astype(np.float32)
+    if validate and not np.isfinite(moments).all():
         raise ShardError(f"{where} has {np.sum(~np.isfinite(moments))} NaN or infinite values")
     return moments
 
 
 def read_shards(
-    paths: Iterable[str | os.PathLike], latent_channels: int = 4, latent_size: int | None = None
+    paths: Iterable[str | os.PathLike],
+    latent_channels: int = 4,
+    latent_size: int | None = None,
+    *,
+    validate: bool = True,
 ) -> Iterator[tuple[str, np.ndarray, str]]:
     """Stream the samples of webdataset shards, in order, without extracting them to disk.
 
@@ -229,6 +283,8 @@ def read_shards(
         paths: the ``.tar`` shards (compressed ones are read too).
         latent_channels: C; the moments must have 2C channels.
         latent_size: when given, the moments must be (2C, latent_size, latent_size).
+        validate: check that every moment is finite (no NaN or inf: the latents drawn from
+            them would be NaN); ``False`` skips it, to read trusted shards faster.
 
     Yields:
         ``(key, moments, caption)``: moments (2C, h, w) float32, the caption as stored.
@@ -241,7 +297,7 @@ def read_shards(
     """
     for path in map(Path, paths):
         for key, parts in _grouped(path):
-            moments = _moments(path, *parts[MOMENTS], 2 * latent_channels, latent_size)
+            moments = _moments(path, *parts[MOMENTS], 2 * latent_channels, latent_size, validate)
             yield key, moments, _caption(path, *parts[CAPTION])
 
 
@@ -281,6 +337,8 @@ class ShardIndex:
         paths: the ``.tar`` shards, in order (sample ``i`` counts across them).
         latent_channels: C; the moments must have 2C channels.
         latent_size: when given, the moments must be (2C, latent_size, latent_size).
+        validate: check that every moment read is finite; ``False`` skips it (see
+            :func:`read_shards`).
 
     Raises:
         ShardError: a missing, compressed, truncated or non-tar file, a sample without its
@@ -293,9 +351,12 @@ class ShardIndex:
         paths: Sequence[str | os.PathLike],
         latent_channels: int = 4,
         latent_size: int | None = None,
+        *,
+        validate: bool = True,
     ):
         self.paths = [Path(p) for p in paths]
         self.channels, self.latent_size = 2 * latent_channels, latent_size
+        self.validate = validate
         # Per sample: (shard, key, (moments name, (offset, size)), (caption name, (offset, size)))
         self._samples = [
             (shard, key, parts[MOMENTS], parts[CAPTION])
@@ -314,13 +375,19 @@ class ShardIndex:
         indices = [int(i) for i in indices]
         out: dict[int, tuple[str, np.ndarray, str]] = {}
         for shard in sorted({self._samples[i][0] for i in indices}):
-            path = self.paths[shard]
+            path = regular_file(self.paths[shard], ShardError, "shard")
             with open(path, "rb") as file:
                 for i in indices:
                     owner, key, (npy_name, npy), (txt_name, txt) = self._samples[i]
                     if owner == shard and i not in out:
+                        npy_bytes = _read_at(file, *npy)
                         moments = _moments(
-                            path, npy_name, _read_at(file, *npy), self.channels, self.latent_size
+                            path,
+                            npy_name,
+                            npy_bytes,
+                            self.channels,
+                            self.latent_size,
+                            self.validate,
                         )
                         out[i] = key, moments, _caption(path, txt_name, _read_at(file, *txt))
         return [out[i] for i in indices]
@@ -464,20 +531,26 @@ def read_captions_tsv(path: str | os.PathLike) -> list[tuple[int, int, str]]:
         ``(image_id, id, caption)`` per row, in file order.
 
     Raises:
-        CaptionsError: a missing file, bytes that are not utf-8, a header without the three
-            columns, a row with the wrong number of fields, a non-integer id, an empty caption,
-            or no rows at all.
+        CaptionsError: a missing or non-regular file, bytes that are not utf-8, a header
+            without the three columns, a row with the wrong number of fields, an id that is
+            not an integer in [0, 2**31), an empty caption, or no rows at all (the message
+            names the file, the line and the column).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CaptionsError(f"captions file {path} does not exist")
+    regular_file(path, CaptionsError, "captions file")
     try:
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(_tsv_rows(csv.reader(f, delimiter="\t"), path))
     except UnicodeDecodeError as e:
         raise CaptionsError(f"captions file {path} is not utf-8 text ({e})") from None
     except csv.Error as e:
-        raise CaptionsError(f"captions file {path} is not a valid TSV file ({e})") from None
+        raise CaptionsError(
+            f"captions file {path} is not a valid TSV file ({_reason(e)})"
+        ) from None
+    except OSError as e:
+        raise CaptionsError(f"captions file {path} cannot be read ({_reason(e)})") from None
     if not rows:
         raise CaptionsError(f"captions file {path} has a header but no caption rows")
     return rows
@@ -499,8 +572,10 @@ def _tsv_rows(reader, path: Path) -> Iterator[tuple[int, int, str]]:
             )
         image_id, sample_id, caption = (fields[i] for i in where)
         for column, value in (("image_id", image_id), ("id", sample_id)):
-            if not re.fullmatch(r"\s*[+-]?\d+\s*", value):
-                raise CaptionsError(f"{line}: {column} {value!r} is not an integer")
+            # COCO's ids: non-negative, and fitting the int32 arrays they may be put in.
+            digits = re.fullmatch(r"\s*\+?([0-9]{1,10})\s*", value)
+            if not digits or int(digits.group(1)) >= 2**31:
+                raise CaptionsError(f"{line}: {column} {value!r} is not an integer in [0, 2**31)")
         if not caption.strip():
             raise CaptionsError(f"{line}: the caption is empty")
         yield int(image_id), int(sample_id), caption

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlperf_tutor.core.batch import BatchCheck, Ids
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import Workload, endless_batches, epoch_rng, new_data_directory
 from mlperf_tutor.workloads.toy.config import ToyConfig
@@ -80,6 +81,15 @@ class ToyWorkload(Workload):
             "tokens": rng.integers(0, cfg.vocab_size, (batch_size, cfg.seq_len), dtype=np.int32),
             "labels": rng.integers(0, cfg.num_classes, (batch_size,), dtype=np.int32),
         }
+
+    def batch_check(self, cfg: ToyConfig) -> BatchCheck:
+        """Tokens below ``vocab_size``, labels below ``num_classes``."""
+        return BatchCheck(
+            ids=(
+                Ids("tokens", cfg.vocab_size, "cfg.vocab_size"),
+                Ids("labels", cfg.num_classes, "cfg.num_classes"),
+            )
+        )
 
     def write_sample_data(
         self, cfg: ToyConfig, directory: str | os.PathLike, *, samples: int = 64, seed: int = 0

@@ -18,10 +18,13 @@ and rows are read from the mapped files only when a batch needs them.
 from __future__ import annotations
 
 import os
+import tokenize
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from mlperf_tutor.core.files import regular_file
 
 # name -> (dtype, the row's dimensions as config fields); in synthetic_batch's key order.
 LAYOUT = {
@@ -37,12 +40,21 @@ class ToyDataError(ValueError):
     """A toy data directory that cannot be read (the message names the file)."""
 
 
+def _reason(error: BaseException) -> str:
+    """A library's exception as one line of an error message (theirs can hold newlines)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def write_arrays(directory: str | os.PathLike, batch: Mapping[str, np.ndarray]) -> Path:
     """Write ``batch`` (a ``synthetic_batch``) as ``directory/{image,tokens,labels}.npy``, each
     file atomically, in :data:`LAYOUT`'s dtypes; returns ``directory``."""
     from mlperf_tutor.core.io import atomic_file
 
     directory = Path(directory)
+    for name, (dtype, _) in LAYOUT.items():
+        values = np.asarray(batch[name])
+        if dtype.kind == "i" and not np.array_equal(values.astype(dtype), values):
+            raise ToyDataError(f"cannot write {directory / name}.npy: values do not fit {dtype}")
     for name, (dtype, _) in LAYOUT.items():
         with atomic_file(directory / f"{name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, np.asarray(batch[name]).astype(dtype), allow_pickle=False)
@@ -55,15 +67,17 @@ class ToyArrays:
     Args:
         directory: the folder holding ``image.npy``, ``tokens.npy`` and ``labels.npy``.
         cfg: a ``ToyConfig``: the rows' shapes and the integer files' ranges.
+        validate: check every value on opening (one pass over each file): tokens and labels
+            in their ranges, images finite. ``False`` skips it, to open trusted data faster.
 
     Raises:
         ToyDataError: a missing or non-regular file, a file that is not a .npy array (or is
             truncated), a wrong dtype or shape, files of different row counts, or a value out
-            of its range (the message names the file).
+            of its range or not finite (the message names the file and the row).
     """
 
-    def __init__(self, directory: str | os.PathLike, cfg):
-        self.directory = Path(directory)
+    def __init__(self, directory: str | os.PathLike, cfg, *, validate: bool = True):
+        self.directory, self.validate = Path(directory), validate
         if not self.directory.is_dir():
             raise ToyDataError(
                 f"{self.directory} is not a directory; pass the folder holding "
@@ -78,14 +92,21 @@ class ToyArrays:
             )
 
     def _open(self, name: str, cfg) -> np.ndarray:
-        path = self.directory / f"{name}.npy"
-        if not path.is_file():
-            raise ToyDataError(f"{path} does not exist or is not a regular file")
+        path = regular_file(self.directory / f"{name}.npy", ToyDataError, "toy data file")
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
+        except (
+            ValueError,
+            OSError,
+            EOFError,
+            TypeError,
+            SyntaxError,
+            OverflowError,
+            RecursionError,
+            tokenize.TokenError,  # numpy tokenizes the header before literal_eval
+        ) as e:
             raise ToyDataError(
-                f"{path} is not a readable .npy array ({e}); write it again"
+                f"{path} is not a readable .npy array ({_reason(e)}); write it again"
             ) from None
         dtype, fields = LAYOUT[name]
         row = tuple(getattr(cfg, f) for f in fields)
@@ -94,14 +115,18 @@ class ToyArrays:
             raise ToyDataError(
                 f"{path} holds {array.dtype} {array.shape}; expected {dtype} {want} for this config"
             )
-        if name in LIMITS and array.size:
+        if self.validate and name in LIMITS and array.size:
             limit = getattr(cfg, LIMITS[name])
-            low, high = int(array.min()), int(array.max())
-            if low < 0 or high >= limit:
+            if array.min() < 0 or array.max() >= limit:
+                where = np.argwhere((array < 0) | (array >= limit))[0]
+                column = f", column {where[1]}" if len(where) > 1 else ""
                 raise ToyDataError(
-                    f"{path} holds {low if low < 0 else high}, outside [0, {limit}) "
-                    f"(cfg.{LIMITS[name]}); use the config the data was made for"
+                    f"{path}: row {where[0]}{column} holds {array[tuple(where)]}, outside "
+                    f"[0, {limit}) (cfg.{LIMITS[name]}); use the config the data was made for"
                 )
+        if self.validate and name not in LIMITS and not np.isfinite(array).all():
+            row = int(np.argwhere(~np.isfinite(array))[0][0])
+            raise ToyDataError(f"{path}: row {row} holds NaN or infinite values; write it again")
         return array
 
     def __len__(self) -> int:
