@@ -195,6 +195,11 @@ def _rules(cls: type[Config]) -> dict[str, _Rule]:
     if cls in _RULES:
         return _RULES[cls]
     hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for table in ("RANGES", "CHOICES", "LENGTHS"):
+        stray = sorted(set(getattr(cls, table)) - names)
+        if stray:
+            raise TypeError(f"{cls.__name__}.{table} names no field: {stray}")
     rules = {}
     for field in dataclasses.fields(cls):
         hint, optional = hints[field.name], False
@@ -392,13 +397,22 @@ class ConfigSource:
         )
 
     def build(self, preset: str, fields: Mapping[str, Any], overrides: Mapping[str, Any]):
-        """``cls.preset(preset, **fields, **overrides)``; a field's error names its key."""
+        """``cls.preset(preset, **fields, **overrides)``: a bad value read from the source
+        raises ``error`` naming its key; a bad override, :class:`ConfigError` naming the field."""
+        known = {f.name for f in dataclasses.fields(self.cls)}
+        if set(overrides) - known:
+            raise ConfigError(
+                f"unknown config field(s) {sorted(set(overrides) - known)} for "
+                f"{self.cls.__name__}; valid fields: {sorted(known)}"
+            )
         try:
             return self.cls.preset(preset, **{**fields, **overrides})
         except ConfigError as e:
-            key = self.keys.get(e.field)
             if e.field in overrides:
-                raise self.error(f"{e} (an override to the config of {self.where})") from None
+                raise ConfigError(
+                    f"{e} (an override of the config of {self.where})", e.field
+                ) from None
+            key = self.keys.get(e.field)
             if key is not None:
                 raise self.error(f"{self.where}: {key} ({e})") from None
             raise self.error(f"{self.where}: {e}") from None

@@ -169,8 +169,10 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> BertC
         **overrides: other fields (not architecture ones, which the checkpoint fixes).
 
     Raises:
-        ValueError: not a BERT model, a feature our BERT lacks (activation other than exact
-            GELU, relative positions, decoder/cross-attention, untied decoder), or a bad field.
+        ConfigError: not a BERT model, a feature our BERT lacks (activation other than exact
+            GELU, relative positions, decoder/cross-attention, untied decoder), a value of the
+            wrong type or range (the key is named), or an override of an architecture field;
+            ``CheckpointError`` instead when ``hf_config`` is a file or directory.
     """
     data, where, error = convert.hf_config_dict(hf_config)
     return _config(ConfigSource(BertConfig, data, where, error), preset, overrides)

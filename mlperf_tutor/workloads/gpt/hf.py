@@ -191,8 +191,9 @@ class GptNaming:
             **overrides: other fields (not architecture ones, which the checkpoint fixes).
 
         Raises:
-            ValueError: another model type, a feature our decoder lacks (the field is named),
-                or an architecture override.
+            ConfigError: another model type, a feature our decoder lacks, a value of the wrong
+                type or range (the key is named), or an architecture override;
+                ``CheckpointError`` instead when ``hf_config`` is a file or directory.
         """
         data, where, error = convert.hf_config_dict(hf_config)
         source = ConfigSource(self.config_class, data, where, error)

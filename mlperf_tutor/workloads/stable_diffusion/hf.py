@@ -79,6 +79,8 @@ _REQUIRED = {
     "resnet_out_scale_factor": 1.0,
     "cross_attention_norm": None,
     "reverse_transformer_layers_per_block": None,
+    "dropout": 0.0,  # our UNet has none (the MLPerf reference trains without)
+    "time_embedding_act_fn": None,
 }
 _DOWN = ("DownBlock2D", "CrossAttnDownBlock2D")  # index: whether the level has attention
 _UP = ("UpBlock2D", "CrossAttnUpBlock2D")
