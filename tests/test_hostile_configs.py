@@ -222,6 +222,16 @@ def test_missing_required_key_is_named(name, pristine, tmp_path):
     _assert_refused(error, directory / "config.json", key)
 
 
+def test_absent_per_level_keys_take_the_diffusers_defaults():
+    sd = workloads.get("stable_diffusion")
+    data = sd.hf.config_to_hf(sd.config("tiny"))
+    del data["transformer_layers_per_block"]  # diffusers' default: 1 per level
+    assert sd.config_from_hf(data, preset="tiny") == sd.config("tiny")
+    del data["attention_head_dim"]  # diffusers' default: 8 heads per level, 4 and 8 wide here
+    with pytest.raises(ConfigError, match=r"head widths \[4, 8\]"):
+        sd.config_from_hf(data, preset="tiny")
+
+
 @pytest.mark.parametrize("name", HF_WORKLOADS)
 def test_config_json_that_is_not_an_object_is_refused(name, pristine, tmp_path):
     directory = tmp_path / "model.hf"
@@ -501,6 +511,9 @@ HOSTILE = [
     {},
     {"a": 1},
     "gelu",
+    [32, 64],
+    [2, 0],
+    {"rope_theta": "1e4"},
 ]
 
 

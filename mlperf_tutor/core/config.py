@@ -316,8 +316,6 @@ class ConfigSource:
         self.cls, self.data, self.where, self.error = cls, data, str(where), error
         self.keys: dict[str, str] = {}  # field -> the key it came from
 
-    REQUIRED = _REQUIRED  # the default of a key that must be present
-
     def fail(self, message: str):
         """Raise ``error`` with ``message`` after the source's name."""
         raise self.error(f"{self.where}: {message}")

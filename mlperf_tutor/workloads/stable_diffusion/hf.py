@@ -114,7 +114,7 @@ def _per_level(src: ConfigSource, key: str, default: Any, levels: int) -> list[i
             raise Invalid(f"has {len(values)} entries for {levels} levels")
         return values
 
-    return src.get(key, default, check)
+    return src.get(key, default, check) if key in src.data else check(default)
 
 
 def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> StableDiffusionConfig:
@@ -162,7 +162,9 @@ def _config(src: ConfigSource, preset: str, overrides: dict) -> StableDiffusionC
             f"has head widths {sorted(head_widths)} across levels; ours share one head_channels"
         )
     depths = set(_per_level(src, "transformer_layers_per_block", 1, levels))
-    per_block = _per_level(src, "layers_per_block", ConfigSource.REQUIRED, levels)
+    if "layers_per_block" not in src.data:
+        src.fail("has no 'layers_per_block'; it is required")
+    per_block = _per_level(src, "layers_per_block", None, levels)
     if len(depths) != 1 or len(set(per_block)) != 1:
         src.fail("varies transformer or resnet depth per level; ours does not")
     in_channels = src.field("in_channels", "latent_channels")
