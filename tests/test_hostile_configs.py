@@ -260,7 +260,8 @@ HUGE = {  # workload -> [(key, value)]: layers past the cap, a vocabulary past i
     ],
 }
 # Runs in a child process: the CLI's convert of every huge case, under an address-space limit
-# of 1 GiB above what the process holds after a first, valid conversion (every import done).
+# of 1 GiB above what the process holds after a first, valid conversion (every import done);
+# its peak RSS growth is reported too.
 _CHILD = """
 import contextlib, io, json, resource, sys
 from mlperf_tutor import cli
@@ -269,13 +270,16 @@ cases = json.loads(sys.argv[1])
 with contextlib.redirect_stderr(io.StringIO()):
     assert cli.main(["convert", "bert", cases["warmup"][0], cases["warmup"][1]]) == 0
 
-def vm_bytes():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
+def vm_bytes():  # Linux; elsewhere only the RSS growth below is measured
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(x.split()[1]) * 1024 for x in status if x.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        return None
 
-limit = vm_bytes() + 2**30
-resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+if vm_bytes() is not None:
+    limit = vm_bytes() + 2**30
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 results = []
 for name, src, dst in cases["huge"]:
