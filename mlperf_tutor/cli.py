@@ -6,6 +6,15 @@ import argparse
 import sys
 
 from mlperf_tutor import frameworks, workloads
+from mlperf_tutor.core.config import (
+    ANY,
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    Invalid,
+    Range,
+    check_float,
+    check_int,
+)
 from mlperf_tutor.train import loop as train_options
 
 CONVERT_HELP = """\
@@ -33,6 +42,36 @@ PRESET_HELP = (
     "a preset of the workload (see list), or auto: tiny on a CPU, small where a framework sees "
     "a GPU or TPU (MLPERF_TUTOR_PRESET overrides it)"
 )
+
+
+def _int_option(limit: Range):
+    """An argparse type: an integer (not ``2.0``, ``1e9`` or ``true``) in ``limit`` and int32."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        try:
+            return check_int(value, limit)
+        except Invalid as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number (``nan`` and ``inf`` are refused)."""
+    try:
+        return check_float(float(text), ANY)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    except Invalid as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+COUNT = _int_option(AT_LEAST_ONE)  # steps, batch sizes, samples, checkpoints kept
+SEED = _int_option(NON_NEGATIVE)
 
 
 def _format_value(value) -> str:
@@ -257,9 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("workload")
     p.add_argument("--preset", default="tiny", help=PRESET_HELP)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=COUNT, default=10)
+    p.add_argument("--batch-size", type=COUNT, default=2)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument(
         "--frameworks",
         nargs="+",
@@ -288,24 +327,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help=PRESET_HELP)
     p.add_argument(
         "--max-steps",
-        type=int,
+        type=COUNT,
         default=50,
         help="step limit; a run that has not reached --target by then stops as aborted",
     )
     p.add_argument(
         "--target",
-        type=float,
+        type=_finite,
         default=None,
         help="quality that ends the run (default: the workload's target; bert 0.720, gpt3 "
         "2.69; stable_diffusion: FID, with the preset's CLIP bar beside it)",
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=COUNT,
         default=None,
         help="examples per step (default: the preset's global batch size)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--deterministic", action="store_true", help="dropout off")
     p.add_argument("--curve", default=None, help="write step,loss rows to this CSV file")
     p.add_argument(
@@ -336,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the workload's real-format data (see make-sample-data); default: synthetic",
     )
     p.add_argument("--checkpoint-dir", default=None, help="save checkpoints here")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep (the newest)")
+    p.add_argument("--checkpoint-every", type=COUNT, default=None, help="save every N steps")
+    p.add_argument("--keep", type=COUNT, default=2, help="checkpoints to keep (the newest)")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -353,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workload")
     p.add_argument("directory", help="where to write it (created; must be empty or absent)")
     p.add_argument("--preset", default="tiny", help=PRESET_HELP)
-    p.add_argument("--samples", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=COUNT, default=64)
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_make_sample_data)
 
     p = sub.add_parser(

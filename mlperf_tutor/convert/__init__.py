@@ -43,6 +43,7 @@ import numpy as np
 from mlperf_tutor.convert.formats import ACCEPTED, FORMATS, Format, detect_format
 from mlperf_tutor.convert.hf_io import CONFIG as HF_CONFIG
 from mlperf_tutor.convert.hf_io import DIFFUSERS_WEIGHTS
+from mlperf_tutor.convert.hf_io import check_declared_size as check_hf_declared_size
 from mlperf_tutor.convert.hf_io import config_dict as hf_config_dict
 from mlperf_tutor.convert.hf_io import read_config as read_hf_config
 from mlperf_tutor.convert.hf_io import read_weights as read_hf_weights
@@ -70,6 +71,7 @@ __all__ = [
     "Format",
     "HF_CONFIG",
     "TensorSpec",
+    "check_hf_declared_size",
     "convert",
     "detect_format",
     "hf_config_dict",

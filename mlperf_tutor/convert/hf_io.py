@@ -17,6 +17,7 @@ exports as ``read_hf_config``, ``read_hf_weights``, ``write_hf_directory``, ...)
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -28,7 +29,7 @@ import numpy as np
 from mlperf_tutor.convert.safetensors_io import SafetensorsReader, write_safetensors
 from mlperf_tutor.convert.tensors import TensorSpec
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree
-from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.config import Config, ConfigError
 from mlperf_tutor.core.files import read_json, regular_file
 from mlperf_tutor.core.interop import CheckpointOwner, HfInterop
 from mlperf_tutor.core.io import atomic_dir
@@ -103,49 +104,82 @@ def read_config(directory: str | os.PathLike) -> dict:
     """The parsed ``config.json`` of a ``save_pretrained`` directory.
 
     Raises:
-        CheckpointError: no such directory, no config.json, or one that is not a JSON object.
+        CheckpointError: no such directory, no config.json, or one that is not a regular file
+            holding a JSON object (see :func:`mlperf_tutor.core.files.read_json`).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} does not exist or is not a directory; check the path")
     path = directory / CONFIG
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(
             f"{directory} has no {CONFIG}; a Hugging Face save_pretrained directory holds "
             f"{CONFIG} and {WEIGHTS} (save the model with save_pretrained)"
         )
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the model") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} is not a JSON object; re-save the model")
-    return config
+    return read_json(path, CheckpointError, "Hugging Face config")
 
 
-def config_dict(hf_config: Any) -> tuple[dict, str]:
-    """(config dict, how to name it in messages) of any form ``config_from_hf`` accepts."""
+def config_dict(hf_config: Any) -> tuple[dict, str, type[Exception]]:
+    """(config dict, how to name it in messages, the error class for its bad values) of any
+    form ``config_from_hf`` accepts: a file's values are refused with a ``CheckpointError``
+    naming the file, a config in memory with a ``ConfigError``.
+
+    Raises:
+        CheckpointError: a path that is not a readable JSON object (or its directory).
+        ConfigError: an object that is no form of a config.
+    """
     if isinstance(hf_config, (str, os.PathLike)):
         path = Path(hf_config)
         if path.is_dir():
-            return read_config(path), str(path / CONFIG)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError as e:
-            raise ValueError(f"{path} does not exist; pass a config.json or its directory") from e
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a readable JSON config ({e})") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} is not a JSON object; pass a transformers config.json")
-        return data, str(path)
+            return read_config(path), str(path / CONFIG), CheckpointError
+        config = read_json(path, CheckpointError, "Hugging Face config (config.json)")
+        return config, str(path), CheckpointError
     if isinstance(hf_config, Mapping):
-        return dict(hf_config), "the Hugging Face config"
+        return dict(hf_config), "the Hugging Face config", ConfigError
     if hasattr(hf_config, "to_dict"):  # a transformers PretrainedConfig
-        return hf_config.to_dict(), f"the {type(hf_config).__name__}"
-    raise TypeError(
+        return hf_config.to_dict(), f"the {type(hf_config).__name__}", ConfigError
+    raise ConfigError(
         f"cannot read a Hugging Face config from a {type(hf_config).__name__}; pass a "
         "transformers config, its dict, a config.json path or a save_pretrained directory"
     )
+
+
+def check_declared_size(directory: str | os.PathLike, shapes: Mapping, declared: str) -> None:
+    """Refuse a config.json whose model is larger than the weight files beside it can hold,
+    before anything of that size is built.
+
+    Every stored dtype takes at least one byte per element, so the weights of ``shapes`` need at
+    least as many bytes as they have elements; the weight files' sizes are summed from the
+    directory (the index's shards, or the single file), nothing is read.
+
+    Args:
+        directory: the ``save_pretrained`` directory.
+        shapes: tensor name -> shape that its config.json implies.
+        declared: the config.json's sizes, for the message ("num_hidden_layers=2, ...").
+
+    Raises:
+        CheckpointError: the weights cannot be that large (the message names the sizes).
+    """
+    directory = Path(directory)
+    files = []
+    for stem in _WEIGHT_FILES:
+        index = directory / f"{stem}.index.json"
+        if index.exists():
+            files = [directory / f for f in dict.fromkeys(_index(index).values())]
+            break
+        if (directory / stem).exists():
+            files = [directory / stem]
+            break
+    if not files:
+        return  # read_weights says what is missing
+    stored = sum(regular_file(f, CheckpointError, "weights file").stat().st_size for f in files)
+    elements = sum(math.prod(shape) for shape in shapes.values())
+    if elements > stored:
+        raise CheckpointError(
+            f"{directory / CONFIG} declares a model of {elements:,} parameters ({declared}), but "
+            f"the weight files of {directory} hold {stored:,} bytes, too few for them at any "
+            "dtype; the config does not describe these weights (nothing was loaded)"
+        )
 
 
 def _index(path: Path) -> dict[str, str]:

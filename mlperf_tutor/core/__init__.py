@@ -9,7 +9,7 @@ from mlperf_tutor.core.checkpoint import (
     check_tree,
     tree_specs,
 )
-from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.config import Config, ConfigError
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec, state_key
 from mlperf_tutor.core.parity import Comparison, ParityReport, errors
 from mlperf_tutor.core.reference import ReferenceOptimizer, clip_by_global_norm, global_norm
@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointMismatch",
     "Comparison",
     "Config",
+    "ConfigError",
     "OptimizerSpec",
     "ParityReport",
     "ReferenceOptimizer",

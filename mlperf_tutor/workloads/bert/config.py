@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.config import (
+    ANY,
+    LAYERS,
+    NON_NEGATIVE,
+    RATE,
+    Config,
+    ConfigError,
+    Range,
+)
 from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec
 
 
@@ -90,20 +98,33 @@ class BertConfig(Config):
         },
     }
 
-    def __post_init__(self):
+    # Fields outside the defaults (ints >= 1, floats > 0; see mlperf_tutor.core.config).
+    RANGES = {
+        "num_layers": LAYERS,
+        "mask_prob": Range(0, 1, low_open=True, high_open=True),
+        "dropout": RATE,
+        "beta1": RATE,
+        "beta2": RATE,
+        "weight_decay": NON_NEGATIVE,
+        "warmup_steps": NON_NEGATIVE,
+        "start_warmup_step": ANY,  # the reference's TPU run starts its warmup at -76
+    }
+
+    def check(self):
+        if self.hidden % self.num_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must divide hidden ({self.hidden})", "num_heads"
+            )
         self.block_spec()  # heads, widths and dropout checked once, where the layers read them
         if self.seq_len > self.max_positions:
-            raise ValueError(
-                f"seq_len ({self.seq_len}) exceeds max_positions ({self.max_positions})"
+            raise ConfigError(
+                f"seq_len ({self.seq_len}) exceeds max_positions ({self.max_positions})", "seq_len"
             )
         if self.max_predictions > self.seq_len - 3:
-            raise ValueError("max_predictions must leave room for [CLS] and two [SEP] tokens")
-        if self.eval_samples < 1:
-            raise ValueError(f"eval_samples must be at least 1, got {self.eval_samples}")
-        if self.eval_every_samples is not None and self.eval_every_samples < 1:
-            raise ValueError(
-                f"eval_every_samples must be at least 1 (or None for the MLPerf rule), got "
-                f"{self.eval_every_samples}"
+            raise ConfigError(
+                f"max_predictions ({self.max_predictions}) must leave room for [CLS] and two "
+                f"[SEP] tokens in seq_len ({self.seq_len})",
+                "max_predictions",
             )
 
     def block_spec(self) -> BlockSpec:

@@ -22,6 +22,7 @@ import numpy as np
 
 from mlperf_tutor import convert
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
+from mlperf_tutor.core.config import ConfigError, ConfigSource
 from mlperf_tutor.core.interop import HfInterop
 from mlperf_tutor.workloads.bert.config import BertConfig
 
@@ -168,39 +169,47 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> BertC
         **overrides: other fields (not architecture ones, which the checkpoint fixes).
 
     Raises:
-        ValueError: not a BERT model, a feature our BERT lacks (activation other than exact
-            GELU, relative positions, decoder/cross-attention, untied decoder), or a bad field.
+        ConfigError: not a BERT model, a feature our BERT lacks (activation other than exact
+            GELU, relative positions, decoder/cross-attention, untied decoder), a value of the
+            wrong type or range (the key is named), or an override of an architecture field;
+            ``CheckpointError`` instead when ``hf_config`` is a file or directory.
     """
-    data, where = convert.hf_config_dict(hf_config)
-    return _config(data, where, preset, overrides)
+    data, where, error = convert.hf_config_dict(hf_config)
+    return _config(ConfigSource(BertConfig, data, where, error), preset, overrides)
 
 
-def _config(data: dict, where: str, preset: str, overrides: dict) -> BertConfig:
+def _config(src: ConfigSource, preset: str, overrides: dict) -> BertConfig:
+    if src.data.get("model_type") != "bert":
+        src.fail(
+            f"has model_type={src.data.get('model_type')!r}; the bert workload reads "
+            "BertForPreTraining checkpoints (model_type='bert')"
+        )
     refused = {
-        "model_type": (data.get("model_type"), "bert"),
-        "hidden_act": (data.get("hidden_act", "gelu"), "gelu"),
-        "position_embedding_type": (data.get("position_embedding_type", "absolute"), "absolute"),
-        "is_decoder": (data.get("is_decoder", False), False),
-        "add_cross_attention": (data.get("add_cross_attention", False), False),
-        "tie_word_embeddings": (data.get("tie_word_embeddings", True), True),
+        "hidden_act": "gelu",
+        "position_embedding_type": "absolute",
+        "is_decoder": False,
+        "add_cross_attention": False,
+        "tie_word_embeddings": True,
     }
-    for key, (got, want) in refused.items():
-        if got != want:
-            raise ValueError(
-                f"{where} has {key}={got!r}; the bert workload implements BERT as in MLPerf "
-                f"({key}={want!r}) and cannot load this model"
-            )
+    for key, want in refused.items():
+        src.require(
+            key,
+            want,
+            "has {key}={got}; the bert workload implements BERT as in MLPerf ({key}={want!r}) "
+            "and cannot load this model",
+        )
     fixed = sorted(set(overrides) & set(ARCHITECTURE))
     if fixed:
-        raise ValueError(f"{fixed} come from {where}; they cannot be overridden")
-    values = HF_DEFAULTS | {k: data[k] for k in HF_DEFAULTS if k in data}
+        raise ConfigError(f"{fixed} come from {src.where}; they cannot be overridden")
     # attention_probs_dropout_prob has no field of its own (see config_from_hf).
-    fields = {ours: values[theirs] for ours, theirs in _FIELDS.items()}
+    fields = {
+        ours: src.field(theirs, ours, HF_DEFAULTS[theirs]) for ours, theirs in _FIELDS.items()
+    }
     base = BertConfig.preset(preset)
     seq_len = overrides.get("seq_len", min(base.seq_len, fields["max_positions"]))
-    if seq_len < base.seq_len and "max_predictions" not in overrides:
+    if isinstance(seq_len, int) and seq_len < base.seq_len and "max_predictions" not in overrides:
         fields["max_predictions"] = max(1, round(base.max_predictions * seq_len / base.seq_len))
-    return BertConfig.preset(preset, **(fields | {"seq_len": seq_len} | overrides))
+    return src.build(preset, fields | {"seq_len": seq_len}, overrides)
 
 
 def config_to_hf(cfg: BertConfig) -> dict[str, Any]:
@@ -242,10 +251,12 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[BertConfig, Tree]:
             weight that is not tied to the word embeddings.
     """
     config = convert.read_hf_config(directory)
-    try:
-        cfg = _config(config, str(Path(directory) / convert.HF_CONFIG), "mlperf", {})
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
+    src = ConfigSource(BertConfig, config, Path(directory) / convert.HF_CONFIG, CheckpointError)
+    cfg = _config(src, "mlperf", {})
+    expected = {to_hf_name(k): spec for k, spec in _specs(cfg).items()}
+    convert.check_hf_declared_size(
+        directory, {k: s for k, (s, _) in expected.items()}, src.sizes(cfg)
+    )
     state, tied = {}, {}
     for name, array in convert.read_hf_weights(directory).items():
         module, _, leaf = name.rpartition(".")
@@ -255,7 +266,6 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[BertConfig, Tree]:
             tied[name] = array
         elif name not in IGNORED:
             state[name] = array
-    expected = {to_hf_name(k): spec for k, spec in _specs(cfg).items()}
     # Checked in HF names, so that the message names what the user's files hold.
     check_tree(
         expected,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.config import LAYERS, Config, ConfigError
 
 TABLE_SIZES = (
     40000000,
@@ -144,19 +144,27 @@ class DlrmConfig(Config):
         "mlperf": {},
     }
 
-    def __post_init__(self):
+    # Fields outside the defaults (ints and tuple entries >= 1, floats > 0; see
+    # mlperf_tutor.core.config).
+    RANGES = {"cross_layers": LAYERS}
+
+    def check(self):
         if len(self.table_sizes) != len(self.multi_hot_sizes):
-            raise ValueError(
+            raise ConfigError(
                 f"{len(self.table_sizes)} table sizes but {len(self.multi_hot_sizes)} multi-hot "
-                "sizes; give one of each per categorical feature"
+                "sizes; give one of each per categorical feature",
+                "multi_hot_sizes",
             )
         if self.bottom_mlp[-1] != self.embedding_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"the bottom MLP must end at embedding_dim ({self.embedding_dim}), got "
-                f"{self.bottom_mlp[-1]}"
+                f"{self.bottom_mlp[-1]}",
+                "bottom_mlp",
             )
         if self.top_mlp[-1] != 1:
-            raise ValueError(f"the top MLP must end in one logit, got {self.top_mlp[-1]}")
+            raise ConfigError(
+                f"the top MLP must end in one logit, got {self.top_mlp[-1]}", "top_mlp"
+            )
 
     @property
     def num_tables(self) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.config import LAYERS, NON_NEGATIVE, RATE, Config, ConfigError, Range
 from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec
 
 # MLPerf GPT-3 starts from a checkpoint the reference trained for 4000 steps at global batch
@@ -90,28 +90,49 @@ class GptConfig(Config):
     init_checkpoint_step: int = REFERENCE_CHECKPOINT_STEP
     checkpoint_lr: float | None = None
 
-    def __post_init__(self):
-        if self.position not in ("learned", "rotary"):
-            raise ValueError(f"position must be 'learned' or 'rotary', got {self.position!r}")
+    # Fields outside the defaults (ints >= 1, floats > 0; see mlperf_tutor.core.config).
+    RANGES = {
+        "num_layers": LAYERS,
+        "rotary_dim": NON_NEGATIVE,
+        "dropout": RATE,
+        "end_lr_fraction": Range(0, 1),
+        "beta1": RATE,
+        "beta2": RATE,
+        "weight_decay": NON_NEGATIVE,
+        "warmup_steps": NON_NEGATIVE,
+        "init_checkpoint_step": NON_NEGATIVE,
+    }
+    CHOICES = {"position": ("learned", "rotary"), "activation": ("gelu", "gelu_tanh")}
+
+    def check(self):
+        if self.hidden % self.num_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must divide hidden ({self.hidden})", "num_heads"
+            )
         if self.position == "rotary" and not (
             0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"rotary_dim ({self.rotary_dim}) must be even and in (0, head_dim "
-                f"{self.head_dim}] for rotary positions"
+                f"{self.head_dim}] for rotary positions",
+                "rotary_dim",
             )
         if self.position == "learned" and self.rotary_dim:
-            raise ValueError("rotary_dim must be 0 with learned positions")
+            raise ConfigError("rotary_dim must be 0 with learned positions", "rotary_dim")
         if self.seq_len > self.max_positions:
-            raise ValueError(
-                f"seq_len ({self.seq_len}) exceeds max_positions ({self.max_positions})"
+            raise ConfigError(
+                f"seq_len ({self.seq_len}) exceeds max_positions ({self.max_positions})", "seq_len"
             )
-        if self.activation not in ("gelu", "gelu_tanh"):
-            raise ValueError(f"activation must be 'gelu' or 'gelu_tanh', got {self.activation!r}")
         if self.lm_head_bias and self.tie_embeddings:
-            raise ValueError("lm_head_bias needs an untied head (tie_embeddings=False)")
-        if self.vocab_multiple < 1:
-            raise ValueError(f"vocab_multiple must be at least 1, got {self.vocab_multiple}")
+            raise ConfigError(
+                "lm_head_bias needs an untied head (tie_embeddings=False)", "lm_head_bias"
+            )
+        if self.padded_vocab_size > 2**31 - 1:
+            raise ConfigError(
+                f"vocab_size {self.vocab_size} padded to a multiple of {self.vocab_multiple} "
+                "does not fit int32",
+                "vocab_multiple",
+            )
         self.block_spec()  # heads, widths and dropout checked once, where the layers read them
 
     @property

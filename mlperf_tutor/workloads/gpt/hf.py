@@ -28,6 +28,7 @@ import numpy as np
 
 from mlperf_tutor import convert
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
+from mlperf_tutor.core.config import ConfigError, ConfigSource
 from mlperf_tutor.core.interop import HfInterop
 from mlperf_tutor.workloads.gpt.config import Gpt3Config, GptConfig, GptjConfig
 
@@ -190,54 +191,59 @@ class GptNaming:
             **overrides: other fields (not architecture ones, which the checkpoint fixes).
 
         Raises:
-            ValueError: another model type, a feature our decoder lacks (the field is named),
-                or an architecture override.
+            ConfigError: another model type, a feature our decoder lacks, a value of the wrong
+                type or range (the key is named), or an architecture override;
+                ``CheckpointError`` instead when ``hf_config`` is a file or directory.
         """
-        data, where = convert.hf_config_dict(hf_config)
-        return self._config(data, where, preset or self.default_preset, overrides)
+        data, where, error = convert.hf_config_dict(hf_config)
+        source = ConfigSource(self.config_class, data, where, error)
+        return self._config(source, preset or self.default_preset, overrides)
 
-    def _fields(self, values: dict, where: str) -> dict[str, Any]:
+    def _fields(self, src: ConfigSource) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _config(self, data: dict, where: str, preset: str, overrides: dict) -> GptConfig:
-        if data.get("model_type") != self.model_type:
-            raise ValueError(
-                f"{where} has model_type={data.get('model_type')!r}; the {self.workload} "
+    def _config(self, src: ConfigSource, preset: str, overrides: dict) -> GptConfig:
+        if src.data.get("model_type") != self.model_type:
+            src.fail(
+                f"has model_type={src.data.get('model_type')!r}; the {self.workload} "
                 f"workload reads {self.model_class} checkpoints (model_type="
                 f"{self.model_type!r})"
             )
-        values = self.hf_defaults | {k: data[k] for k in self.hf_defaults if k in data}
-        act = values["activation_function"]
+        defaults = self.hf_defaults
+        act = src.string("activation_function", defaults["activation_function"])
         if act not in _ACT_FROM_HF:
-            raise ValueError(
-                f"{where} has activation_function={act!r}; our decoder implements "
+            src.fail(
+                f"has activation_function={act!r}; our decoder implements "
                 f"{sorted(_ACT_FROM_HF)} and cannot load this model"
             )
-        fields = self._fields(values, where)
+        fields = self._fields(src)
+        hidden = src.field("n_embd", "hidden", defaults["n_embd"])
+        ffn = src.field("n_inner", "ffn", None) if src.data.get("n_inner") is not None else None
         fields |= {
             "activation": _ACT_FROM_HF[act],
-            "num_layers": values["n_layer"],
-            "hidden": values["n_embd"],
-            "num_heads": values["n_head"],
-            "ffn": values["n_inner"] if values["n_inner"] is not None else 4 * values["n_embd"],
-            "vocab_size": values["vocab_size"],
+            "num_layers": src.field("n_layer", "num_layers", defaults["n_layer"]),
+            "hidden": hidden,
+            "num_heads": src.field("n_head", "num_heads", defaults["n_head"]),
+            "ffn": 4 * hidden if ffn is None else ffn,
+            "vocab_size": src.field("vocab_size", "vocab_size", defaults["vocab_size"]),
             "vocab_multiple": 1,
-            "max_positions": values["n_positions"],
-            "norm_eps": values["layer_norm_epsilon"],
-            "dropout": values["resid_pdrop"],
-            "init_std": values["initializer_range"],
+            "max_positions": src.field("n_positions", "max_positions", defaults["n_positions"]),
+            "norm_eps": src.field("layer_norm_epsilon", "norm_eps", defaults["layer_norm_epsilon"]),
+            "dropout": src.field("resid_pdrop", "dropout", defaults["resid_pdrop"]),
+            "init_std": src.field("initializer_range", "init_std", defaults["initializer_range"]),
         }
         fixed = sorted(set(overrides) & (set(ARCHITECTURE) - {"padded_vocab_size"}))
         if fixed:
-            raise ValueError(f"{fixed} come from {where}; they cannot be overridden")
+            raise ConfigError(f"{fixed} come from {src.where}; they cannot be overridden")
         base = self.config_class.preset(preset)
         seq_len = overrides.get("seq_len", min(base.seq_len, fields["max_positions"]))
-        cfg = self.config_class.preset(preset, **(fields | {"seq_len": seq_len} | overrides))
-        if cfg.padded_vocab_size != values["vocab_size"]:
-            raise ValueError(
+        cfg = src.build(preset, fields | {"seq_len": seq_len}, overrides)
+        if cfg.padded_vocab_size != fields["vocab_size"]:
+            raise ConfigError(
                 f"vocab_size {cfg.vocab_size} padded to a multiple of {cfg.vocab_multiple} is "
-                f"{cfg.padded_vocab_size} rows, but {where} has vocab_size "
-                f"{values['vocab_size']}; choose vocab_size and vocab_multiple that pad to it"
+                f"{cfg.padded_vocab_size} rows, but {src.where} has vocab_size "
+                f"{fields['vocab_size']}; choose vocab_size and vocab_multiple that pad to it",
+                "vocab_size",
             )
         return cfg
 
@@ -293,11 +299,11 @@ class GptNaming:
                 that is not the tied copy of the word embeddings.
         """
         config = convert.read_hf_config(directory)
-        where = str(Path(directory) / convert.HF_CONFIG)
-        try:
-            cfg = self._config(config, where, self.default_preset, {})
-        except ValueError as e:
-            raise CheckpointError(str(e)) from e
+        where = Path(directory) / convert.HF_CONFIG
+        src = ConfigSource(self.config_class, config, where, CheckpointError)
+        cfg = self._config(src, self.default_preset, {})
+        shapes = self.hf_shapes(cfg)
+        convert.check_hf_declared_size(directory, shapes, src.sizes(cfg))
         weights = convert.read_hf_weights(directory)
         if not any(k.startswith("transformer.") for k in weights):  # a bare GPT2Model file
             weights = {
@@ -311,7 +317,7 @@ class GptNaming:
                     f"{directory} holds an lm_head.weight that differs from {wte}, but its "
                     "config ties them (tie_word_embeddings); re-save the model"
                 )
-        expected = {k: (s, "float32") for k, s in self.hf_shapes(cfg).items()}
+        expected = {k: (s, "float32") for k, s in shapes.items()}
         check_tree(
             expected,
             state,
@@ -398,7 +404,7 @@ class Gpt2Naming(GptNaming):
     fused = {"attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2}
     fused_module = "attn.c_attn"
 
-    def _fields(self, values: dict, where: str) -> dict[str, Any]:
+    def _fields(self, src: ConfigSource) -> dict[str, Any]:
         # reorder_and_upcast_attn is accepted: it only changes the precision of the scores
         # (float32 either way for a float32 model), not the function.
         for key, want in (
@@ -406,11 +412,11 @@ class Gpt2Naming(GptNaming):
             ("scale_attn_by_inverse_layer_idx", False),
             ("add_cross_attention", False),
         ):
-            if values[key] != want:
-                raise ValueError(
-                    f"{where} has {key}={values[key]!r}; our GPT-3 decoder has {key}={want!r} "
-                    "and cannot load this model"
-                )
+            src.require(
+                key,
+                want,
+                "has {key}={got}; our GPT-3 decoder has {key}={want!r} and cannot load this model",
+            )
         return {
             "position": "learned",
             "rotary_dim": 0,
@@ -418,7 +424,7 @@ class Gpt2Naming(GptNaming):
             "parallel_residual": False,
             "attention_bias": True,
             "mlp_bias": True,
-            "tie_embeddings": bool(values["tie_word_embeddings"]),
+            "tie_embeddings": src.field("tie_word_embeddings", "tie_embeddings", True),
             "lm_head_bias": False,
         }
 
@@ -478,21 +484,21 @@ class GptjNaming(GptNaming):
         "lm_head": "lm_head",
     }
 
-    def _fields(self, values: dict, where: str) -> dict[str, Any]:
-        if values["tie_word_embeddings"]:
-            raise ValueError(
-                f"{where} has tie_word_embeddings=True; GPT-J's head is untied (it has a "
-                "bias), and our decoder cannot load this model"
-            )
-        if not isinstance(values["rotary_dim"], int):
+    def _fields(self, src: ConfigSource) -> dict[str, Any]:
+        src.require(
+            "tie_word_embeddings",
+            False,
+            "has {key}={got}; GPT-J's head is untied (it has a bias), and our decoder cannot "
+            "load this model",
+        )
+        if src.data.get("rotary_dim", 64) is None:
             # transformers then rotates whole hidden-size vectors: only valid with one head.
-            raise ValueError(
-                f"{where} has rotary_dim={values['rotary_dim']!r}; our decoder needs an even "
-                "rotary_dim of at most the head dim"
+            src.fail(
+                "has rotary_dim=None; our decoder needs an even rotary_dim of at most the head dim"
             )
         return {
             "position": "rotary",
-            "rotary_dim": values["rotary_dim"],
+            "rotary_dim": src.field("rotary_dim", "rotary_dim", self.hf_defaults["rotary_dim"]),
             "rotary_base": 10000.0,
             "parallel_residual": True,
             "attention_bias": False,

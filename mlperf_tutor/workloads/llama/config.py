@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.config import LAYERS, NON_NEGATIVE, RATE, Config, ConfigError
 from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, Lora, MlpSpec
 
 LORA_TARGETS = ("qkv_proj", "o_proj")
@@ -68,19 +68,35 @@ class LlamaConfig(Config):
     # "summary" (the fine-tuning task: another successor table, which only the adapters learn).
     language: str = "summary"
 
-    def __post_init__(self):
-        if self.seq_len > self.max_positions:
-            raise ValueError(
-                f"seq_len ({self.seq_len}) exceeds max_positions ({self.max_positions})"
+    # Fields outside the defaults (ints >= 1, floats > 0; see mlperf_tutor.core.config).
+    RANGES = {
+        "num_layers": LAYERS,
+        "lora_rank": NON_NEGATIVE,  # 0: no adapters
+        "lora_dropout": RATE,
+        "beta1": RATE,
+        "beta2": RATE,
+        "weight_decay": NON_NEGATIVE,
+        "warmup_steps": NON_NEGATIVE,
+        "prompt_fraction": RATE,
+        "init_checkpoint_step": NON_NEGATIVE,
+    }
+    CHOICES = {"language": LANGUAGES}
+
+    def check(self):
+        if self.hidden % self.num_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must divide hidden ({self.hidden})", "num_heads"
             )
-        if self.language not in LANGUAGES:
-            raise ValueError(f"language must be one of {LANGUAGES}, got {self.language!r}")
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0 (0: no adapters), got {self.lora_rank}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0.0 <= self.prompt_fraction < 1.0:
-            raise ValueError(f"prompt_fraction must be in [0, 1), got {self.prompt_fraction}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"grouped-query attention needs num_heads divisible by num_kv_heads "
+                f"({self.num_kv_heads}), got num_heads {self.num_heads}",
+                "num_kv_heads",
+            )
+        if self.seq_len > self.max_positions:
+            raise ConfigError(
+                f"seq_len ({self.seq_len}) exceeds max_positions ({self.max_positions})", "seq_len"
+            )
         self.block_spec()  # heads, kv heads and rotary dims: checked once, in the spec
 
     def block_spec(self) -> BlockSpec:

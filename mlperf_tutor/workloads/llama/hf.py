@@ -27,12 +27,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mlperf_tutor import convert
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
+from mlperf_tutor.core.config import ConfigError, ConfigSource
 from mlperf_tutor.core.interop import HfInterop
 from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.llama.config import LlamaConfig
@@ -79,16 +81,19 @@ def _split_qkv(array: np.ndarray, cfg: LlamaConfig, axis: int = 0) -> list[np.nd
 
 
 # --- config ---------------------------------------------------------------------------------
-def _rope_theta(data: dict, where: str) -> float:
-    params = data.get("rope_parameters") or {}
-    scaling = data.get("rope_scaling")
+def _rope_theta(src: ConfigSource) -> float:
+    params = src.mapping("rope_parameters", None) or {}
+    scaling = src.data.get("rope_scaling")
     rope_type = params.get("rope_type", "default")
     if scaling or rope_type != "default":
-        raise ValueError(
-            f"{where} scales rotary positions ({scaling or rope_type!r}); Llama 2 does not and "
-            "our decoder cannot load this model"
+        src.fail(
+            f"scales rotary positions ({scaling or rope_type!r}); Llama 2 does not and our "
+            "decoder cannot load this model"
         )
-    return float(params.get("rope_theta", data.get("rope_theta", 10000.0)))
+    if "rope_theta" in params:
+        nested = ConfigSource(LlamaConfig, params, f"{src.where}: rope_parameters", src.error)
+        return nested.field("rope_theta", "rotary_base")
+    return src.field("rope_theta", "rotary_base", 10000.0)
 
 
 def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> LlamaConfig:
@@ -96,13 +101,18 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> Llama
     sequence length) from ``preset``; ``seq_len`` shrinks to the model's positions if needed.
 
     Raises:
-        ValueError: not a Llama config, a feature our decoder lacks (the field is named), or an
-            override of an architecture field.
+        ConfigError: not a Llama config, a feature our decoder lacks, or a value of the wrong
+            type or range (the key is named), or an override of an architecture field;
+            ``CheckpointError`` instead when ``hf_config`` is a file or directory.
     """
-    data, where = convert.hf_config_dict(hf_config)
-    if data.get("model_type") not in MODEL_TYPES:
-        raise ValueError(
-            f"{where} has model_type={data.get('model_type')!r}; llama2_70b_lora reads "
+    data, where, error = convert.hf_config_dict(hf_config)
+    return _config(ConfigSource(LlamaConfig, data, where, error), preset, overrides)
+
+
+def _config(src: ConfigSource, preset: str, overrides: dict) -> LlamaConfig:
+    if src.data.get("model_type") not in MODEL_TYPES:
+        src.fail(
+            f"has model_type={src.data.get('model_type')!r}; llama2_70b_lora reads "
             f"LlamaForCausalLM checkpoints (model_type one of {list(MODEL_TYPES)})"
         )
     for key, want in (
@@ -111,35 +121,38 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> Llama
         ("mlp_bias", False),
         ("tie_word_embeddings", False),
     ):
-        if data.get(key, want) != want:
-            raise ValueError(
-                f"{where} has {key}={data[key]!r}; Llama 2 has {key}={want!r} and our decoder "
-                "cannot load this model"
-            )
-    heads, hidden = data["num_attention_heads"], data["hidden_size"]
-    if data.get("head_dim") not in (None, hidden // heads):
-        raise ValueError(
-            f"{where} has head_dim={data['head_dim']}, not hidden_size / num_attention_heads "
-            f"= {hidden // heads}; our decoder cannot load this model"
+        src.require(
+            key,
+            want,
+            "has {key}={got}; Llama 2 has {key}={want!r} and our decoder cannot load this model",
         )
+    heads = src.field("num_attention_heads", "num_heads")
+    hidden = src.field("hidden_size", "hidden")
+    head_dim = src.integer("head_dim", None, none=True)
+    if head_dim not in (None, hidden // heads):
+        src.fail(
+            f"has head_dim={head_dim}, not hidden_size / num_attention_heads = "
+            f"{hidden // heads}; our decoder cannot load this model"
+        )
+    kv_heads = src.field("num_key_value_heads", "num_kv_heads", None)
     fields = {
-        "num_layers": data["num_hidden_layers"],
+        "num_layers": src.field("num_hidden_layers", "num_layers"),
         "hidden": hidden,
         "num_heads": heads,
-        "num_kv_heads": data.get("num_key_value_heads") or heads,
-        "ffn": data["intermediate_size"],
-        "vocab_size": data["vocab_size"],
-        "norm_eps": data.get("rms_norm_eps", 1e-6),
-        "rotary_base": _rope_theta(data, where),
-        "max_positions": data.get("max_position_embeddings", 4096),
-        "init_std": data.get("initializer_range", 0.02),
+        "num_kv_heads": heads if kv_heads is None else kv_heads,
+        "ffn": src.field("intermediate_size", "ffn"),
+        "vocab_size": src.field("vocab_size", "vocab_size"),
+        "norm_eps": src.field("rms_norm_eps", "norm_eps", 1e-6),
+        "rotary_base": _rope_theta(src),
+        "max_positions": src.field("max_position_embeddings", "max_positions", 4096),
+        "init_std": src.field("initializer_range", "init_std", 0.02),
     }
     fixed = sorted(set(overrides) & set(ARCHITECTURE))
     if fixed:
-        raise ValueError(f"{fixed} come from {where}; they cannot be overridden")
+        raise ConfigError(f"{fixed} come from {src.where}; they cannot be overridden")
     base = LlamaConfig.preset(preset)
-    seq_len = overrides.pop("seq_len", min(base.seq_len, fields["max_positions"]))
-    return LlamaConfig.preset(preset, **(fields | {"seq_len": seq_len} | overrides))
+    seq_len = overrides.get("seq_len", min(base.seq_len, fields["max_positions"]))
+    return src.build(preset, fields | {"seq_len": seq_len}, overrides)
 
 
 def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
@@ -236,12 +249,11 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[LlamaConfig, Tree]:
             unexpected or misshapen (every one named, in Hugging Face names).
     """
     config = convert.read_hf_config(directory)
-    try:
-        cfg = config_from_hf(config).replace(lora_rank=0)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
-    state = convert.read_hf_weights(directory)
+    src = ConfigSource(LlamaConfig, config, Path(directory) / convert.HF_CONFIG, CheckpointError)
+    cfg = _config(src, "mlperf", {}).replace(lora_rank=0)
     expected = hf_shapes(cfg)
+    convert.check_hf_declared_size(directory, expected, src.sizes(cfg))
+    state = convert.read_hf_weights(directory)
     if any(k.endswith("self_attn.qkv_proj.weight") for k in state):  # the fused reference model
         expected = {_hf_name(k): s for k, s in base_shapes(cfg).items()}
     check_tree(

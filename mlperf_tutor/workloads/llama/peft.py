@@ -19,6 +19,8 @@ import numpy as np
 
 from mlperf_tutor import convert
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
+from mlperf_tutor.core.config import ConfigSource, Invalid
+from mlperf_tutor.core.files import read_json
 from mlperf_tutor.core.io import atomic_dir
 from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.llama.config import LORA_TARGETS, LlamaConfig
@@ -158,13 +160,60 @@ def save_adapter(
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict:
+    """The parsed ``adapter_config.json`` of a PEFT directory (a JSON object; not yet checked).
+
+    Raises:
+        CheckpointError: no such file, or not a regular file holding a JSON object.
+    """
     path = Path(directory) / CONFIG
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{directory} has no {CONFIG}; is it a PEFT adapter directory?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the adapter") from e
+    return read_json(path, CheckpointError, "PEFT adapter config")
+
+
+def check_adapter_config(config: dict, cfg: LlamaConfig, where: str) -> None:
+    """Refuse a PEFT config that is not plain LoRA with ``cfg``'s rank and alpha, or whose
+    values have the wrong type or range (``r`` an integer >= 1, ``lora_alpha`` a positive
+    number, ``lora_dropout`` in [0, 1)).
+
+    Raises:
+        CheckpointError: naming ``where`` and the key.
+    """
+    src = ConfigSource(LlamaConfig, config, where, CheckpointError)
+    src.require("peft_type", "LORA", "has {key}={got}; llama2_70b_lora reads LoRA adapters only")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        src.require(key, False, "has {key}={got}; a plain LoRA adapter has {key}=False")
+    src.require("bias", "none", "has {key}={got}; our LoRA adapters have no biases (bias 'none')")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if src.mapping(key, {}):
+            src.fail(f"has a {key}; one rank and alpha for every adapter is all we read")
+    targets = src.get("target_modules", None, _target_modules)
+    if targets is not None and not set(targets) <= {*LAYOUTS["fused"], *LAYOUTS["hf"]}:
+        src.fail(
+            f"has target_modules {targets}; llama2_70b_lora reads adapters on "
+            f"{sorted({*LAYOUTS['fused'], *LAYOUTS['hf']})}"
+        )
+    found = {
+        "r": src.integer("r"),
+        "lora_alpha": src.field("lora_alpha", "lora_alpha"),
+    }
+    src.field("lora_dropout", "lora_dropout", 0.0)
+    for key, want in (("r", cfg.lora_rank), ("lora_alpha", cfg.lora_alpha)):
+        if found[key] != want:
+            src.fail(
+                f"has {key}={found[key]!r} but the config needs {want!r}; set "
+                "lora_rank/lora_alpha to match, or use a plain LoRA adapter"
+            )
+
+
+def _target_modules(value) -> list[str] | None:
+    """PEFT's list of module names; None for its other form, one regular expression (not run
+    here: the weights' names are checked instead)."""
+    if isinstance(value, str):
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Invalid(f"must be a list of module names or a pattern, got {value!r:.60}")
+    return value
 
 
 def load_adapter(directory: str | os.PathLike, cfg: LlamaConfig) -> Tree:
@@ -172,23 +221,11 @@ def load_adapter(directory: str | os.PathLike, cfg: LlamaConfig) -> Tree:
 
     Raises:
         CheckpointError: missing or corrupt files, a PEFT config that is not plain LoRA with
-            ``cfg``'s rank and alpha, or weights missing, unexpected or misshapen.
+            ``cfg``'s rank and alpha (or holds a value of the wrong type or range), or weights
+            missing, unexpected or misshapen.
     """
     config = read_adapter_config(directory)
-    checks = {
-        "peft_type": "LORA",
-        "r": cfg.lora_rank,
-        "lora_alpha": cfg.lora_alpha,
-        "use_rslora": False,
-        "use_dora": False,
-        "fan_in_fan_out": False,
-    }
-    for key, want in checks.items():
-        if config.get(key, want) != want:
-            raise CheckpointError(
-                f"{directory}/{CONFIG} has {key}={config.get(key)!r} but the config needs "
-                f"{want!r}; set lora_rank/lora_alpha to match, or use a plain LoRA adapter"
-            )
+    check_adapter_config(config, cfg, str(Path(directory) / CONFIG))
     weights = Path(directory) / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS}")

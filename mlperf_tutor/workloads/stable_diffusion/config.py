@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.config import NON_NEGATIVE, RATE, Config, ConfigError, Range
 from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec
 
 
@@ -61,29 +61,60 @@ class StableDiffusionConfig(Config):
     fid_target: float = 90.0  # reached when FID <= fid_target ...
     clip_target: float = 0.15  # ... and CLIP score >= clip_target
 
-    def __post_init__(self):
+    # Fields outside the defaults (ints and tuple entries >= 1, floats > 0; see
+    # mlperf_tutor.core.config). The UNet's depths are bounded so that the tensors a config
+    # names stay countable (8 levels of 16 blocks of 16 transformer layers: about 50,000).
+    RANGES = {
+        "num_res_blocks": Range(1, 16),
+        "attention_levels": NON_NEGATIVE,
+        "transformer_depth": Range(1, 16),
+        "num_timesteps": Range(1, 100_000),  # the noise schedule holds arrays of this length
+        "beta_start": Range(0, 1, low_open=True, high_open=True),
+        "beta_end": Range(0, 1, low_open=True, high_open=True),
+        "beta1": RATE,
+        "beta2": RATE,
+        "weight_decay": NON_NEGATIVE,
+        "warmup_steps": NON_NEGATIVE,
+        "warmup_init_factor": Range(0, 1, low_open=True),
+        "guidance_scale": NON_NEGATIVE,
+        "fid_target": NON_NEGATIVE,
+        "clip_target": Range(-1, 1),  # a cosine similarity
+    }
+    LENGTHS = {"channel_mult": Range(1, 8), "attention_levels": Range(0, 8)}
+
+    def check(self):
         widths = [self.model_channels * m for m in self.channel_mult]
         if any(w % self.norm_groups for w in widths):
-            raise ValueError(
-                f"every level width {widths} must be divisible by norm_groups ({self.norm_groups})"
+            raise ConfigError(
+                f"every level width {widths} must be divisible by norm_groups ({self.norm_groups})",
+                "norm_groups",
             )
         if any(not 0 <= lvl < len(widths) for lvl in self.attention_levels):
-            raise ValueError(
+            raise ConfigError(
                 f"attention_levels {self.attention_levels} must index channel_mult "
-                f"(0..{len(widths) - 1})"
+                f"(0..{len(widths) - 1})",
+                "attention_levels",
             )
         if any(widths[lvl] % self.head_channels for lvl in (*self.attention_levels, -1)):
-            raise ValueError(
+            raise ConfigError(
                 "the widths of the attention levels and of the last level (the middle block's) "
-                f"must be divisible by head_channels ({self.head_channels})"
+                f"must be divisible by head_channels ({self.head_channels})",
+                "head_channels",
             )
         if self.latent_size % 2 ** (len(widths) - 1):
-            raise ValueError(
+            raise ConfigError(
                 f"latent_size ({self.latent_size}) must be divisible by 2**{len(widths) - 1} "
-                "(one downsampling per level but the last)"
+                "(one downsampling per level but the last)",
+                "latent_size",
             )
-        if not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError("betas need 0 < beta_start < beta_end < 1")
+        if not self.beta_start < self.beta_end:
+            raise ConfigError("betas need 0 < beta_start < beta_end < 1", "beta_end")
+        if self.sampler_steps > self.num_timesteps:
+            raise ConfigError(
+                f"sampler_steps ({self.sampler_steps}) exceeds num_timesteps "
+                f"({self.num_timesteps})",
+                "sampler_steps",
+            )
 
     def block_spec(self, channels: int) -> BlockSpec:
         """A transformer block of a spatial transformer over ``channels`` (C) channels: pre-LN,

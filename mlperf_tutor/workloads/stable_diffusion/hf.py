@@ -23,12 +23,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mlperf_tutor import convert
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
+from mlperf_tutor.core.config import ConfigError, ConfigSource, Invalid, check_int, check_ints
 from mlperf_tutor.core.interop import HfInterop
 from mlperf_tutor.workloads.stable_diffusion.config import StableDiffusionConfig
 from mlperf_tutor.workloads.stable_diffusion.shapes import canonical_shapes
@@ -77,6 +79,8 @@ _REQUIRED = {
     "resnet_out_scale_factor": 1.0,
     "cross_attention_norm": None,
     "reverse_transformer_layers_per_block": None,
+    "dropout": 0.0,  # our UNet has none (the MLPerf reference trains without)
+    "time_embedding_act_fn": None,
 }
 _DOWN = ("DownBlock2D", "CrossAttnDownBlock2D")  # index: whether the level has attention
 _UP = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -98,11 +102,19 @@ _BLOCK = re.compile(r"(.+\.transformer_blocks\.\d+)\.(.+)")
 
 
 # --- config ---------------------------------------------------------------------------------
-def _per_level(value: Any, levels: int, field: str, where: str) -> list:
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * levels
-    if len(values) != levels:
-        raise ValueError(f"{where} has {len(values)} {field} entries for {levels} levels")
-    return values
+def _per_level(src: ConfigSource, key: str, default: Any, levels: int) -> list[int]:
+    """A diffusers per-level setting: one integer for every level, or a list of one per level."""
+
+    def check(value) -> list[int]:
+        if isinstance(value, (list, tuple)):
+            values = list(check_ints(value))
+        else:
+            values = [check_int(value)] * levels
+        if len(values) != levels:
+            raise Invalid(f"has {len(values)} entries for {levels} levels")
+        return values
+
+    return src.get(key, default, check) if key in src.data else check(default)
 
 
 def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> StableDiffusionConfig:
@@ -110,68 +122,81 @@ def config_from_hf(hf_config: Any, preset: str = "mlperf", **overrides) -> Stabl
     rest (diffusion, optimizer, evaluation) from ``preset``.
 
     Raises:
-        ValueError: not a UNet2DConditionModel, a feature our UNet lacks (the field is named),
-            or an override of an architecture field.
+        ConfigError: not a UNet2DConditionModel, a feature our UNet lacks, a value of the wrong
+            type or range (the key is named), or an override of an architecture field;
+            ``CheckpointError`` instead when ``hf_config`` is a file or directory.
     """
-    data, where = convert.hf_config_dict(hf_config)
-    if data.get("_class_name", CLASS_NAME) != CLASS_NAME:
-        raise ValueError(
-            f"{where} is a {data['_class_name']}; stable_diffusion reads {CLASS_NAME} configs"
-        )
+    data, where, error = convert.hf_config_dict(hf_config)
+    return _config(ConfigSource(StableDiffusionConfig, data, where, error), preset, overrides)
+
+
+def _config(src: ConfigSource, preset: str, overrides: dict) -> StableDiffusionConfig:
+    if src.data.get("_class_name", CLASS_NAME) != CLASS_NAME:
+        src.fail(f"is a {src.data['_class_name']!r}; stable_diffusion reads {CLASS_NAME} configs")
     for key, want in _REQUIRED.items():
-        if data.get(key, want) != want:
-            raise ValueError(
-                f"{where} has {key}={data[key]!r}; the SD v2 UNet has {key}={want!r} and ours "
-                "cannot load this model"
-            )
-    widths = list(data["block_out_channels"])
+        src.require(
+            key,
+            want,
+            "has {key}={got}; the SD v2 UNet has {key}={want!r} and ours cannot load this model",
+        )
+    widths = src.integers("block_out_channels")
     levels = len(widths)
-    down = list(data["down_block_types"])
+    down = src.strings("down_block_types")
     if len(down) != levels or any(t not in _DOWN for t in down):
-        raise ValueError(f"{where} has down_block_types {down}; ours are {list(_DOWN)} per level")
+        src.fail(f"has down_block_types {down}; ours are {list(_DOWN)} per level")
     attention = tuple(i for i, t in enumerate(down) if t == "CrossAttnDownBlock2D")
     up = [_UP[i in attention] for i in reversed(range(levels))]
-    if list(data["up_block_types"]) != up:
-        raise ValueError(f"{where} has up_block_types {data['up_block_types']}; ours are {up}")
+    if src.strings("up_block_types") != up:
+        src.fail(f"has up_block_types {src.data['up_block_types']}; ours are {up}")
     # diffusers' attention_head_dim counts heads when num_attention_heads is unset (its legacy
     # naming, which SD 2's config relies on).
-    heads = _per_level(
-        data.get("num_attention_heads") or data.get("attention_head_dim", 8),
-        levels,
-        "attention heads",
-        where,
+    heads_key = (
+        "num_attention_heads" if src.data.get("num_attention_heads") else "attention_head_dim"
     )
+    heads = _per_level(src, heads_key, 8, levels)
+    if any(widths[i] % heads[i] for i in [*attention, levels - 1]):
+        src.fail(f"has {heads_key} {heads}, which do not divide block_out_channels {widths}")
     head_widths = {widths[i] // heads[i] for i in [*attention, levels - 1]}
     if len(head_widths) != 1:
-        raise ValueError(
-            f"{where} has head widths {sorted(head_widths)} across levels; ours share one "
-            "head_channels"
+        src.fail(
+            f"has head widths {sorted(head_widths)} across levels; ours share one head_channels"
         )
-    depths = set(_per_level(data.get("transformer_layers_per_block", 1), levels, "depth", where))
-    per_block = _per_level(data["layers_per_block"], levels, "layers_per_block", where)
+    depths = set(_per_level(src, "transformer_layers_per_block", 1, levels))
+    if "layers_per_block" not in src.data:
+        src.fail("has no 'layers_per_block'; it is required")
+    per_block = _per_level(src, "layers_per_block", None, levels)
     if len(depths) != 1 or len(set(per_block)) != 1:
-        raise ValueError(f"{where} varies transformer or resnet depth per level; ours does not")
+        src.fail("varies transformer or resnet depth per level; ours does not")
+    in_channels = src.field("in_channels", "latent_channels")
+    if src.integer("out_channels", in_channels) != in_channels:
+        src.fail("has out_channels != in_channels; ours predicts latents")
+    if any(w % widths[0] for w in widths):
+        src.fail(f"has block_out_channels {widths}, not multiples of the first")
+    src.keys |= {
+        "model_channels": "block_out_channels",
+        "channel_mult": "block_out_channels",
+        "num_res_blocks": "layers_per_block",
+        "attention_levels": "down_block_types",
+        "head_channels": heads_key,
+        "transformer_depth": "transformer_layers_per_block",
+    }
     fields = {
-        "latent_channels": data["in_channels"],
+        "latent_channels": in_channels,
         "model_channels": widths[0],
         "channel_mult": tuple(w // widths[0] for w in widths),
         "num_res_blocks": per_block[0],
         "attention_levels": attention,
         "head_channels": head_widths.pop(),
         "transformer_depth": depths.pop(),
-        "context_dim": data["cross_attention_dim"],
-        "norm_groups": data.get("norm_num_groups", 32),
-        "resnet_eps": data.get("norm_eps", 1e-5),
-        "latent_size": data.get("sample_size", 64),
+        "context_dim": src.field("cross_attention_dim", "context_dim"),
+        "norm_groups": src.field("norm_num_groups", "norm_groups", 32),
+        "resnet_eps": src.field("norm_eps", "resnet_eps", 1e-5),
+        "latent_size": src.field("sample_size", "latent_size", 64),
     }
-    if data.get("out_channels", data["in_channels"]) != data["in_channels"]:
-        raise ValueError(f"{where} has out_channels != in_channels; ours predicts latents")
-    if [fields["model_channels"] * m for m in fields["channel_mult"]] != widths:
-        raise ValueError(f"{where} has block_out_channels {widths}, not multiples of the first")
     fixed = sorted(set(overrides) & set(ARCHITECTURE))
     if fixed:
-        raise ValueError(f"{fixed} come from {where}; they cannot be overridden")
-    return StableDiffusionConfig.preset(preset, **(fields | overrides))
+        raise ConfigError(f"{fixed} come from {src.where}; they cannot be overridden")
+    return src.build(preset, fields, overrides)
 
 
 def config_to_hf(cfg: StableDiffusionConfig) -> dict[str, Any]:
@@ -267,13 +292,14 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[StableDiffusionConfig
             unexpected or misshapen (every one named, in diffusers names).
     """
     config = convert.read_hf_config(directory)
-    try:
-        cfg = config_from_hf(config)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{directory}: {e}") from e
+    where = Path(directory) / convert.HF_CONFIG
+    src = ConfigSource(StableDiffusionConfig, config, where, CheckpointError)
+    cfg = _config(src, "mlperf", {})
+    shapes = hf_shapes(cfg)
+    convert.check_hf_declared_size(directory, shapes, src.sizes(cfg))
     state = convert.read_hf_weights(directory)
     check_tree(
-        {k: (s, "float32") for k, s in hf_shapes(cfg).items()},
+        {k: (s, "float32") for k, s in shapes.items()},
         state,
         where=str(directory),
         check_dtype=False,

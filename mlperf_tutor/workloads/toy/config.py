@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.config import NON_NEGATIVE, Config, ConfigError, Range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +46,15 @@ class ToyConfig(Config):
         },
     }
 
-    def __post_init__(self):
+    # Fields outside the defaults (ints >= 1, floats > 0; see mlperf_tutor.core.config).
+    RANGES = {
+        "bn_momentum": Range(0, 1),
+        "weight_decay": NON_NEGATIVE,
+        "warmup_steps": NON_NEGATIVE,
+    }
+
+    def check(self):
         if self.channels % self.groups:
-            raise ValueError(
-                f"channels ({self.channels}) must be divisible by groups ({self.groups})"
+            raise ConfigError(
+                f"channels ({self.channels}) must be divisible by groups ({self.groups})", "groups"
             )
