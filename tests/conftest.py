@@ -67,6 +67,7 @@ MODULES = {
     "orbax-checkpoint": "orbax.checkpoint",
     "scikit-learn": "sklearn",
     "jupyter-book": "jupyter_book",
+    "pytest-xdist": "xdist",
 }
 
 
