@@ -101,8 +101,14 @@ def test_bf16_model_gives_a_float32_loss(setup):
 def test_wrong_sparse_width_is_a_clear_error(setup, model):
     _, _, batch = setup
     bad = dict(batch, sparse=batch["sparse"][:, :-1])
-    with pytest.raises(ValueError, match="multi_hot_sizes sum to"):
+    width = batch["sparse"].shape[1]
+    with pytest.raises(
+        ValueError, match=f"'sparse' has {width - 1} columns; the model takes {width}"
+    ):
         WL.forward("torch", model, bad)
+    # The model itself refuses it too where no batch check runs (built by the adapter directly).
+    with pytest.raises(ValueError, match="multi_hot_sizes sum to"):
+        frameworks.get("torch").forward(torch_model.build(setup[0]), bad)
 
 
 # --- layout -------------------------------------------------------------------------------

@@ -809,12 +809,3 @@ def test_check_batch_refuses_every_id_field_of_every_workload(name, change, name
     with pytest.raises(BatchError) as error:
         wl.check_batch(cfg, batch)
     assert_names(str(error.value), named)
-
-
-def test_check_batch_refuses_sequences_longer_than_the_positions():
-    wl = workloads.get("bert")
-    cfg = wl.config("tiny")  # max_positions 64
-    long = wl.synthetic_batch(wl.config("tiny", seq_len=80, max_positions=128), 2, seed=0)
-    with pytest.raises(BatchError) as error:
-        wl.check_batch(cfg, long)
-    assert_names(str(error.value), "'input_ids'", "80 positions", "64")

@@ -25,8 +25,8 @@ ATTRIBUTE = "batch_check"  # the attribute of a model holding its BatchCheck
 
 
 class BatchError(ValueError):
-    """A batch that its model cannot take: an id outside its table, a label outside its set, a
-    sequence longer than the model's positions (the message names the field and the entry)."""
+    """A batch that its model cannot take: an id outside its table, a label outside its set (the
+    message names the field and the entry)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,27 +58,20 @@ class Ids:
 class BatchCheck:
     """The checks of one model's batches (frozen and hashable: a static attribute of a model).
 
+    A sequence longer than the model's positions is not checked here: the position layers
+    refuse it themselves, with one message in the three frameworks (``layers.spec``).
+
     Attributes:
         ids: the integer fields and their ranges.
-        lengths: ``(key, limit, source)``: the field's last dimension (a sequence length) is at
-            most ``limit`` (the model's learned or rotary positions).
     """
 
     ids: tuple[Ids, ...] = ()
-    lengths: tuple[tuple[str, int, str], ...] = ()
 
     def __call__(self, batch: Mapping[str, Any]) -> None:
         """Raise a :class:`BatchError` naming the first field and entry out of range.
 
         Fields the batch does not have are not checked (the model reports a missing one).
         """
-        for key, limit, source in self.lengths:
-            shape = _shape(batch[key]) if key in batch else ()
-            if shape and shape[-1] > limit:
-                raise BatchError(
-                    f"batch field {key!r} has {shape[-1]} positions, more than the model's "
-                    f"{limit} ({source}); cut the sequences or use a config with more positions"
-                )
         for spec in self.ids:
             if spec.key in batch:
                 _check_ids(spec, _host(batch[spec.key]), batch)

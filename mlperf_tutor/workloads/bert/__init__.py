@@ -152,8 +152,8 @@ class BertWorkload(Workload):
 
     def batch_check(self, cfg: BertConfig) -> BatchCheck:
         """Token ids below the vocabulary, segment ids below ``type_vocab_size``, mask and
-        next-sentence labels 0 or 1, masked positions inside the sequence, S at most
-        ``max_positions``."""
+        next-sentence labels 0 or 1, masked positions inside the sequence (a sequence longer than
+        ``max_positions`` is refused by the position embeddings)."""
         vocab = "cfg.vocab_size"
         return BatchCheck(
             ids=(
@@ -163,8 +163,7 @@ class BertWorkload(Workload):
                 Ids("masked_lm_positions", "input_ids", "positions in the sequence"),
                 Ids("masked_lm_ids", cfg.vocab_size, vocab),
                 Ids("next_sentence_labels", 2, "next-sentence labels: 0 or 1"),
-            ),
-            lengths=(("input_ids", cfg.max_positions, "cfg.max_positions"),),
+            )
         )
 
     def write_sample_data(

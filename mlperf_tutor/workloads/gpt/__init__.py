@@ -126,15 +126,14 @@ class GptWorkload(Workload):
 
     def batch_check(self, cfg: GptConfig) -> BatchCheck:
         """Input ids and labels below ``vocab_size`` (the padded rows are never used), labels
-        -100 where not predicted, T at most ``max_positions``."""
+        -100 where not predicted."""
         from mlperf_tutor.layers.spec import IGNORE_INDEX
 
         return BatchCheck(
             ids=(
                 Ids("input_ids", cfg.vocab_size, "cfg.vocab_size"),
                 Ids("labels", cfg.vocab_size, "cfg.vocab_size", ignore=IGNORE_INDEX),
-            ),
-            lengths=(("input_ids", cfg.max_positions, "cfg.max_positions"),),
+            )
         )
 
     def write_sample_data(

@@ -174,7 +174,7 @@ class LlamaLoraWorkload(Workload):
 
     def batch_check(self, cfg: LlamaConfig) -> BatchCheck:
         """Input ids and labels below ``vocab_size``, labels -100 on the prompt, the attention
-        mask 0 or 1, T at most ``max_positions``."""
+        mask 0 or 1."""
         from mlperf_tutor.layers.spec import IGNORE_INDEX
 
         return BatchCheck(
@@ -182,8 +182,7 @@ class LlamaLoraWorkload(Workload):
                 Ids("input_ids", cfg.vocab_size, "cfg.vocab_size"),
                 Ids("attention_mask", 2, "a mask: 0 or 1"),
                 Ids("labels", cfg.vocab_size, "cfg.vocab_size", ignore=IGNORE_INDEX),
-            ),
-            lengths=(("input_ids", cfg.max_positions, "cfg.max_positions"),),
+            )
         )
 
     def write_sample_data(
