@@ -163,7 +163,7 @@ class Workload:
     def batch_check(self, cfg: Config) -> BatchCheck:
         """The ranges of a batch's id fields for a model of ``cfg`` (token ids below the
         vocabulary, labels in their set, ...): what :meth:`check_batch` checks, and what every
-        model :meth:`build` makes refuses before a framework sees the batch. None by default.
+        model :meth:`build` makes refuses before a framework sees the batch. Empty by default.
         """
         return BatchCheck()
 
