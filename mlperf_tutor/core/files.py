@@ -11,11 +11,24 @@ from __future__ import annotations
 import json
 import os
 import stat
+import tokenize
 from pathlib import Path
 
 # A JSON file we read (configs, indexes, adapter configs, result metadata) is small; a larger one
 # is refused before it is read, so a hostile file cannot make the reader allocate gigabytes.
 MAX_JSON_BYTES = 64 * 2**20
+
+# What numpy's .npy header parser raises on damaged bytes (it tokenizes the header, then
+# literal_evals it): the readers of .npy files catch these and raise their own error.
+NPY_HEADER_ERRORS = (
+    ValueError,
+    TypeError,
+    SyntaxError,
+    OverflowError,
+    UnicodeError,
+    RecursionError,
+    tokenize.TokenError,
+)
 
 
 def _kind(mode: int) -> str:
@@ -28,6 +41,16 @@ def _kind(mode: int) -> str:
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "not a regular file"
+
+
+def _mode(path: Path, error: type[Exception], what: str) -> int:
+    """``path``'s mode (through symlinks), or ``error`` saying it is missing or unreadable."""
+    try:
+        return os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}; check the path") from None
+    except OSError as e:
+        raise error(f"{path}: cannot open the {what} ({e.strerror or e})") from None
 
 
 def regular_file(
@@ -47,12 +70,7 @@ def regular_file(
             a socket), or resolves outside ``within``.
     """
     path = Path(path)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise error(f"{path}: no such {what}; check the path") from None
-    except OSError as e:
-        raise error(f"{path}: cannot open the {what} ({e.strerror or e})") from None
+    mode = _mode(path, error, what)
     if not stat.S_ISREG(mode):
         raise error(f"{path} is {_kind(mode)}, not a regular {what}; only regular files are read")
     if within is not None:
@@ -144,12 +162,7 @@ def regular_tree(
             a dangling symlink or a symlink leaving ``root`` (the message names the entry).
     """
     root = Path(root)
-    try:
-        mode = os.stat(root).st_mode
-    except FileNotFoundError:
-        raise error(f"{root}: no such {what}; check the path") from None
-    except OSError as e:
-        raise error(f"{root}: cannot open the {what} ({e.strerror or e})") from None
+    mode = _mode(root, error, what)
     if not stat.S_ISDIR(mode):
         raise error(f"{root} is {_kind(mode)}, not a {what}")
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 import math
 import os
 import struct
-import tokenize
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from mlperf_tutor.core.files import regular_file
+from mlperf_tutor.core.files import NPY_HEADER_ERRORS, regular_file
 
 # MLPerf Training DLRM-DCNv2 quality target: ROC AUC on the evaluation days (v4.0 rules).
 TARGET_AUC = 0.80275
@@ -155,15 +154,7 @@ def _read_npy_header(f, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
         if read is None:
             raise ValueError(f"unknown .npy version {version}")
         return read(f)
-    except (
-        ValueError,
-        TypeError,
-        SyntaxError,
-        OverflowError,
-        UnicodeError,
-        RecursionError,
-        tokenize.TokenError,  # numpy tokenizes the header before literal_eval
-    ) as e:
+    except NPY_HEADER_ERRORS as e:
         raise DataError(
             f"{path} is not a readable .npy array ({_reason(e)}); re-create it"
         ) from None

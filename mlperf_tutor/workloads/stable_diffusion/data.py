@@ -30,7 +30,6 @@ import math
 import os
 import re
 import tarfile
-import tokenize
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mlperf_tutor.core.files import regular_file
+from mlperf_tutor.core.files import NPY_HEADER_ERRORS, regular_file
 from mlperf_tutor.workloads.stable_diffusion.diffusion import sample_latents
 
 if TYPE_CHECKING:
@@ -202,16 +201,6 @@ def _runs(path: Path, random_access: bool) -> Iterator[tuple[str, dict[str, tupl
         yield key, parts
 
 
-# What numpy's .npy header parser raises on damaged bytes (it tokenizes and literal_evals them).
-_NPY_HEADER_ERRORS = (
-    ValueError,
-    TypeError,
-    SyntaxError,
-    OverflowError,
-    UnicodeError,
-    RecursionError,
-    tokenize.TokenError,
-)
 _NPY_HEADERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
@@ -226,7 +215,7 @@ def _npy_header(data: bytes, where: str) -> tuple[tuple[int, ...], bool, np.dtyp
         if read is None:
             raise ValueError("an unknown .npy version")
         shape, fortran, dtype = read(f)
-    except _NPY_HEADER_ERRORS as e:
+    except NPY_HEADER_ERRORS as e:
         raise ShardError(f"{where} is not a .npy array ({_reason(e)})") from None
     if dtype.hasobject:
         raise ShardError(f"{where} is not a .npy array of numbers (it holds Python objects)")

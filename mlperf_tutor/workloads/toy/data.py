@@ -18,13 +18,12 @@ and rows are read from the mapped files only when a batch needs them.
 from __future__ import annotations
 
 import os
-import tokenize
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from mlperf_tutor.core.files import regular_file
+from mlperf_tutor.core.files import NPY_HEADER_ERRORS, regular_file
 
 # name -> (dtype, the row's dimensions as config fields); in synthetic_batch's key order.
 LAYOUT = {
@@ -95,16 +94,7 @@ class ToyArrays:
         path = regular_file(self.directory / f"{name}.npy", ToyDataError, "toy data file")
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (
-            ValueError,
-            OSError,
-            EOFError,
-            TypeError,
-            SyntaxError,
-            OverflowError,
-            RecursionError,
-            tokenize.TokenError,  # numpy tokenizes the header before literal_eval
-        ) as e:
+        except (*NPY_HEADER_ERRORS, OSError, EOFError) as e:
             raise ToyDataError(
                 f"{path} is not a readable .npy array ({_reason(e)}); write it again"
             ) from None
