@@ -42,11 +42,10 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-# This process runs torch as its CPU build does, without triton. With triton loaded beside
-# TensorFlow (requirements.txt pins it for tests/test_framework_imports.py, whose subprocesses
-# do load it), TensorFlow's gpt3 step resumed from canonical weights was no longer bit-identical
-# to the uninterrupted run on this CPU (test_workload_contract, gpt3-tf); hiding triton makes it
-# so again. The cause is not found yet: an open bug, not a fix.
+# This process runs torch as its CPU build does, without triton. Test modules import TensorFlow
+# themselves, before the package could load triton ahead of it (mlperf_tutor.frameworks.runtime),
+# and triton loaded after TensorFlow aborts the process (LLVM ERROR). tests/test_framework_imports.py
+# runs the three frameworks with triton in subprocesses, where the package chooses the order.
 sys.modules.setdefault("triton", None)
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"

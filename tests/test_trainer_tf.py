@@ -144,19 +144,52 @@ def test_step_returns_a_tensor_and_loss_value_its_float():
     assert t.steps == 1
 
 
-def test_calls_run_without_grapplers_memory_optimizer_and_restore_the_options():
-    from tensorflow.core.protobuf.rewriter_config_pb2 import RewriterConfig
+def _memory_optimization() -> int:
+    """Grappler's memory_optimization setting that ``tf.function`` calls get now."""
     from tensorflow.python.eager import context
 
-    def memory_optimization() -> int:
-        config = tf.compat.v1.ConfigProto()
-        config.ParseFromString(context.context().function_call_options.config_proto_serialized)
-        return config.graph_options.rewrite_options.memory_optimization
+    config = tf.compat.v1.ConfigProto()
+    config.ParseFromString(context.context().function_call_options.config_proto_serialized)
+    return config.graph_options.rewrite_options.memory_optimization
 
-    before = memory_optimization()
+
+def test_calls_run_without_grapplers_memory_optimizer_and_restore_the_options():
+    from tensorflow.core.protobuf.rewriter_config_pb2 import RewriterConfig
+
+    before = _memory_optimization()
     with adapter._without_memory_optimizer():
-        assert memory_optimization() == RewriterConfig.NO_MEM_OPT
-    assert memory_optimization() == before != RewriterConfig.NO_MEM_OPT
+        assert _memory_optimization() == RewriterConfig.NO_MEM_OPT
+    assert _memory_optimization() == before != RewriterConfig.NO_MEM_OPT
+
+
+def test_both_steps_call_their_update_without_grapplers_memory_optimizer():
+    # Its AccumulateNV2 rewrite sums gradients in the order threads finish: the plain
+    # train_step, which ran with it, resumed gpt3 tiny differently in the last bit when the
+    # CPU was busy (test_workload_contract's resume test under two pytest workers).
+    from tensorflow.core.protobuf.rewriter_config_pb2 import RewriterConfig
+
+    def recording(update, seen: list):
+        def call(inputs):
+            seen.append(_memory_optimization())
+            return update(inputs)
+
+        return call
+
+    wl, cfg = config("toy")
+    data = wl.synthetic_batch(cfg, batch_size=BATCH, seed=0)
+    model = build(wl, cfg, "fp32")
+    optimizer = adapter.make_optimizer(*wl.optimizer(cfg), model)
+    adapter.train_step(model, optimizer, data)  # builds the update
+    plain: list[int] = []
+    optimizer._train_fn = recording(optimizer._train_fn, plain)
+    adapter.train_step(model, optimizer, data)
+
+    t = trainer(wl, cfg)
+    t.step(data)
+    loop: list[int] = []
+    t._update = recording(t._update, loop)
+    t.step(data)
+    assert plain == loop == [RewriterConfig.NO_MEM_OPT]
 
 
 def test_seed_generators_finds_every_dropout_stream():

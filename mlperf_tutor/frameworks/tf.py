@@ -375,7 +375,8 @@ def train_step(model: keras.Model, optimizer, batch: Mapping[str, np.ndarray]) -
     if optimizer._train_fn is None:
         variables = [leaf.variable for leaf in _trainable_leaves(model)]
         optimizer._train_fn = compiled_update(model, optimizer.native, variables)
-    return float(optimizer._train_fn(_inputs(batch)))
+    with _without_memory_optimizer():
+        return float(optimizer._train_fn(_inputs(batch)))
 
 
 def compiled_update(
