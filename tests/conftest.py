@@ -42,10 +42,11 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-# This process runs torch as its CPU build does, without triton. Test modules import TensorFlow
-# themselves, before the package could load triton ahead of it (mlperf_tutor.frameworks.runtime),
-# and triton loaded after TensorFlow aborts the process (LLVM ERROR). tests/test_framework_imports.py
-# runs the three frameworks with triton in subprocesses, where the package chooses the order.
+# This process runs torch as its CPU build does, without triton. Test modules import
+# TensorFlow themselves, before the package could load triton ahead of it
+# (mlperf_tutor.frameworks.runtime), and triton loaded after TensorFlow aborts the process
+# (LLVM ERROR). tests/test_framework_imports.py runs the three frameworks with triton in
+# subprocesses, where the package chooses the order.
 sys.modules.setdefault("triton", None)
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
