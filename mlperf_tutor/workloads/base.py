@@ -209,6 +209,38 @@ class Workload:
         (float32, as :meth:`init_canonical` makes them; nothing allocated)."""
         return {name: (shape, "float32") for name, shape in self.canonical_shapes(cfg).items()}
 
+    # --- parallel plans (mlperf_tutor.parallel) ----------------------------------------------
+    def logical_axes(self, cfg: Config) -> dict[str, tuple[str | None, ...]]:
+        """Canonical name -> the logical axis of each dimension (``"vocab"``, ``"heads"``,
+        ``"mlp"``, ``"embed"``, ``"rows"``, ... or None), what :func:`mlperf_tutor.parallel.plan`
+        maps to mesh axes. By default the transformer family's
+        (:func:`mlperf_tutor.layers.axes.transformer_axes`); names it does not know get None."""
+        from mlperf_tutor.layers.axes import transformer_axes
+
+        return {
+            name: transformer_axes(name, len(shape))
+            for name, shape in self.canonical_shapes(cfg).items()
+        }
+
+    def check_mesh(self, cfg: Config, mesh) -> None:
+        """Refuse a :class:`~mlperf_tutor.parallel.plan.MeshShape` that would split this model
+        unevenly where it must not (by default: a ``tensor`` size that does not divide the
+        heads or the MLP width of a config with a ``block_spec``).
+
+        Raises:
+            ValueError: naming the workload, the mesh and what it would split.
+        """
+        from mlperf_tutor.layers.axes import check_tensor_parallel
+
+        block_spec = getattr(cfg, "block_spec", None)
+        if mesh.tensor > 1 and block_spec is None:
+            raise ValueError(
+                f"workload {self.name!r} has no tensor-parallel plan; use the data and fsdp "
+                f"axes (mesh {mesh})"
+            )
+        if mesh.tensor > 1:
+            check_tensor_parallel(block_spec(), mesh.tensor, f"{self.name} mesh {mesh}")
+
     def optimizer(self, cfg: Config) -> tuple[OptimizerSpec, ScheduleSpec]:
         """The workload's optimizer and learning-rate schedule."""
         raise NotImplementedError

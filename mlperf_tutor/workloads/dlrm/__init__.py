@@ -68,6 +68,15 @@ class DlrmWorkload(Workload):
     config_class = DlrmConfig
     package = "mlperf_tutor.workloads.dlrm"
 
+    def logical_axes(self, cfg: DlrmConfig) -> dict[str, tuple[str | None, ...]]:
+        """The embedding tables' rows are ``"rows"`` (split over every device: TorchRec's
+        ``ROW_WISE``); the MLPs and the interaction have no logical axes (data parallel, or
+        split over ``fsdp`` by the plan's fallback)."""
+        return {
+            name: ("rows", None) if name.startswith("embedding_bags.") else (None,) * len(shape)
+            for name, shape in self.canonical_shapes(cfg).items()
+        }
+
     def canonical_shapes(self, cfg: DlrmConfig) -> dict[str, tuple[int, ...]]:
         return canonical_shapes(cfg)
 

@@ -96,6 +96,14 @@ class StableDiffusionWorkload(Workload):
         """:func:`flops_per_image`: the UNet's forward and backward on one latent."""
         return flops_per_image(cfg)
 
+    def check_mesh(self, cfg: StableDiffusionConfig, mesh) -> None:
+        """Data and fsdp only: the UNet has no tensor-parallel plan here."""
+        if mesh.tensor > 1:
+            raise ValueError(
+                f"workload {self.name!r} has no tensor-parallel plan; use the data and fsdp "
+                f"axes (mesh {mesh})"
+            )
+
     def canonical_shapes(self, cfg: StableDiffusionConfig) -> dict[str, tuple[int, ...]]:
         """The UNet's weights (what diffusers' ``UNet2DConditionModel`` counts)."""
         return canonical_shapes(cfg)
