@@ -108,9 +108,38 @@ def _preset(args) -> str:
 def cmd_info(args) -> int:
     wl = workloads.get(args.workload)
     cfg = wl.config(_preset(args))
-    for key, value in wl.info(cfg).items():
+    rows = wl.info(cfg)
+    if args.mesh is not None:
+        rows.update(_mesh_info(wl, cfg, args))
+    for key, value in rows.items():
         print(f"{key:40s} {_format_value(value)}")
     return 0
+
+
+def _mesh_info(wl, cfg, args) -> dict:
+    """Per-device memory and per-axis traffic of ``args.mesh`` (nothing allocated)."""
+    from mlperf_tutor import parallel
+    from mlperf_tutor.parallel import memory
+
+    plan = parallel.plan(wl, cfg, parallel.MeshShape.parse(args.mesh))
+    batch = args.batch_size or getattr(cfg, "global_batch_size", None)
+    if batch is None:
+        raise ValueError(f"workload {wl.name!r} has no global batch size; give --batch-size")
+    held = memory.device_memory(wl, cfg, plan, batch, args.precision)
+    sent = memory.communication(wl, cfg, plan, batch, args.precision)
+    rows = {
+        "mesh": f"{plan.mesh} ({plan.mesh.devices} devices)",
+        "batch (global / per data x fsdp slice)": f"{batch} / {batch // plan.mesh.batch_shards}",
+        "per device: weights (GB)": held.weights / 1e9,
+        "per device: gradients (GB)": held.gradients / 1e9,
+        "per device: optimizer state (GB)": held.optimizer_state / 1e9,
+        "per device: activations (GB)": (
+            "not estimated" if held.activations is None else held.activations / 1e9
+        ),
+        "per device: total (GB)": held.total / 1e9,
+    }
+    rows.update({f"sent per step per device, {axis} (GB)": b / 1e9 for axis, b in sent.items()})
+    return rows
 
 
 def cmd_parity(args) -> int:
@@ -289,6 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("workload")
     p.add_argument("--preset", default="tiny", help=PRESET_HELP)
+    p.add_argument(
+        "--mesh",
+        help="a device mesh such as data=2,fsdp=4,tensor=8: print what each device holds and "
+        "what each step sends on each axis",
+    )
+    p.add_argument(
+        "--batch-size", type=COUNT, help="global batch for --mesh (default: the preset's)"
+    )
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help="for --mesh")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(

@@ -255,6 +255,18 @@ class Workload:
             "fp32 weights + grads + Adam state (GB)": n * 16 / 1e9,
         }
 
+    def activation_bytes(self, cfg: Config, tensor: int = 1) -> float | None:
+        """Activation bytes of one example in mixed-precision training without recomputation,
+        with tensor parallelism of size ``tensor`` (per device); None where the workload has
+        no estimate. Transformers: :func:`mlperf_tutor.parallel.memory.
+        transformer_activation_bytes` of their config."""
+        fields = ("num_layers", "seq_len", "hidden", "num_heads")
+        if not all(hasattr(cfg, f) for f in fields):
+            return None
+        from mlperf_tutor.parallel.memory import transformer_activation_bytes
+
+        return transformer_activation_bytes(*(getattr(cfg, f) for f in fields), tensor=tensor)
+
     def flops_per_sample(self, cfg: Config) -> float | None:
         """Model FLOPs of one training sample (forward and backward), for MFU; None where the
         workload does not count them."""

@@ -270,10 +270,7 @@ class BertWorkload(Workload):
         n = self.param_count(cfg)
         d, v, s, p = cfg.hidden, cfg.vocab_size, cfg.seq_len, cfg.max_predictions
         forward = s * encoder_flops_per_token(cfg) + 2 * p * (d * d + d * v) + 2 * 2 * d * d
-        # Activation memory of mixed-precision training without recomputation, per sequence:
-        # s*h*(34 + 5*a*s/h) bytes per layer (Korthikanti et al. 2022, "Reducing Activation
-        # Recomputation in Large Transformer Models", section 4.1).
-        activations = cfg.num_layers * s * d * (34 + 5 * cfg.num_heads * s / d)
+        activations = self.activation_bytes(cfg)  # per sequence (Korthikanti et al. 2022)
         return {
             "workload": self.name,
             "parameters": n,

@@ -241,10 +241,8 @@ class GptWorkload(Workload):
 
     def info(self, cfg: GptConfig) -> dict:
         n = self.param_count(cfg)
-        s, d, layers = cfg.seq_len, cfg.hidden, cfg.num_layers
-        # Activation memory of mixed-precision training without recomputation, per sequence:
-        # s*h*(34 + 5*a*s/h) bytes per layer (Korthikanti et al. 2022, section 4.1).
-        activations = layers * s * d * (34 + 5 * cfg.num_heads * s / d)
+        s = cfg.seq_len
+        activations = self.activation_bytes(cfg)  # per sequence (Korthikanti et al. 2022)
         return {
             "workload": self.name,
             "parameters": n,

@@ -288,11 +288,9 @@ class LlamaLoraWorkload(Workload):
 
     def info(self, cfg: LlamaConfig) -> dict:
         n, n_lora = self.param_count(cfg), adapter_count(cfg)
-        s, d, layers = cfg.seq_len, cfg.hidden, cfg.num_layers
-        # Activations of mixed-precision training without recomputation, per sequence:
-        # s*h*(34 + 5*a*s/h) bytes per layer (Korthikanti et al. 2022, section 4.1), GQA and
-        # SwiGLU ignored; the reference recomputes (gradient checkpointing) instead.
-        activations = layers * s * d * (34 + 5 * cfg.num_heads * s / d)
+        # Per sequence (Korthikanti et al. 2022; GQA and SwiGLU ignored); the reference
+        # recomputes (gradient checkpointing) instead.
+        activations = self.activation_bytes(cfg)
         return {
             "workload": self.name,
             "base parameters": n,
