@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tracemalloc
 
+import numpy as np
 import pytest
 
 from mlperf_tutor import cli, workloads
@@ -122,6 +123,29 @@ def test_a_dimension_is_split_only_where_the_axes_divide_it():
             assert size % math.prod(p.mesh.sizes[a] for a in axes) == 0, name
     rows = {n: p.partitions[n][0] for n in p.shapes if n.startswith("embedding_bags.")}
     assert any(axes == ("data", "fsdp") for axes in rows.values())  # rows over every device
+
+
+def test_ranks_count_tensor_fastest_then_fsdp_then_data():
+    mesh = MeshShape(data=2, fsdp=3, tensor=2)
+    expected = {0: (0, 0, 0), 1: (0, 0, 1), 2: (0, 1, 0), 5: (0, 2, 1), 6: (1, 0, 0), 11: (1, 2, 1)}
+    for rank, coords in expected.items():
+        assert tuple(mesh.coords(rank).values()) == coords
+    with pytest.raises(ParallelError, match="devices 0 to 11, not 12"):
+        mesh.coords(12)
+
+
+@pytest.mark.parametrize("mesh", [MeshShape(2, 2, 2), MeshShape(fsdp=4), MeshShape(1, 2, 2)])
+def test_the_devices_slices_cover_each_parameter_once_per_replica(mesh):
+    wl, cfg = tiny("llama2_70b_lora")
+    p = plan(wl, cfg, mesh)
+    for name, shape in p.shapes.items():
+        held = np.zeros(shape, dtype=int)
+        for rank in range(mesh.devices):
+            part = p.device_slices(name, rank)
+            assert held[part].shape == p.shard_shape(name), name
+            held[part] += 1
+        used = {a for axes in p.partitions[name] for a in axes}
+        assert (held == mesh.devices // math.prod(mesh.sizes[a] for a in used)).all(), name
 
 
 @pytest.mark.parametrize(

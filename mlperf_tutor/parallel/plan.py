@@ -119,6 +119,20 @@ class MeshShape:
         """How many slices the batch is split into (``data`` × ``fsdp``)."""
         return self.data * self.fsdp
 
+    def coords(self, rank: int) -> dict[str, int]:
+        """The index of device ``rank`` on each axis (ranks count ``tensor`` fastest, then
+        ``fsdp``, then ``data``, as the frameworks' meshes lay devices out).
+
+        Raises:
+            ParallelError: ``rank`` is not a device of the mesh.
+        """
+        if not 0 <= rank < self.devices:
+            raise ParallelError(f"mesh {self} has devices 0 to {self.devices - 1}, not {rank}")
+        out = {}
+        for axis in reversed(AXES):
+            rank, out[axis] = divmod(rank, getattr(self, axis))
+        return {axis: out[axis] for axis in AXES}
+
     def __str__(self) -> str:
         return ",".join(f"{axis}={size}" for axis, size in self.sizes.items())
 
@@ -178,6 +192,19 @@ class Plan:
     def shard_shape(self, name: str) -> tuple[int, ...]:
         """One device's slice of parameter ``name``."""
         return shard_shape(self.shapes[name], self.partitions[name], self.mesh)
+
+    def device_slices(self, name: str, rank: int) -> tuple[slice, ...]:
+        """Which part of parameter ``name`` device ``rank`` holds: a slice per dimension (the
+        axes splitting a dimension index it outermost first, as a row-major grid)."""
+        coords = self.mesh.coords(rank)
+        out = []
+        for size, axes in zip(self.shapes[name], self.partitions[name], strict=True):
+            index = 0
+            for axis in axes:
+                index = index * self.mesh.sizes[axis] + coords[axis]
+            step = size // math.prod(self.mesh.sizes[a] for a in axes)
+            out.append(slice(index * step, (index + 1) * step))
+        return tuple(out)
 
     def split_over(self, name: str, axis: str) -> int | None:
         """The dimension of ``name`` that mesh axis ``axis`` splits (None: replicated on it)."""
