@@ -134,3 +134,53 @@ def parallel_layout(
         fontsize=9,
     )
     return fig
+
+
+def plan_layout(plan, names: list[str]) -> Figure:
+    """Draw which devices hold which block of each parameter in ``names`` under ``plan`` (a
+    :class:`mlperf_tutor.parallel.Plan`): one panel per parameter, its matrix (a vector: one
+    row) cut into the blocks the plan splits it into, each block labelled with the devices
+    that hold it (several where an axis replicates it).
+
+    Returns:
+        A matplotlib Figure, made with pyplot (a notebook shows it with ``plt.show()``).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.8), squeeze=False)
+    colours = ["#3b75af", "#e07b39", "#519e3e", "#c53a32", "#8d69b8", "#84584e", "#d5a021"]
+    for ax, name in zip(axes[0], names, strict=True):
+        shape = plan.shapes[name]
+        rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+        holders: dict[tuple, list[int]] = {}
+        for rank in range(plan.mesh.devices):
+            part = plan.device_slices(name, rank)
+            row = part[0] if len(shape) == 2 else slice(0, 1)
+            col = part[1] if len(shape) == 2 else part[0]
+            holders.setdefault((row.start, row.stop, col.start, col.stop), []).append(rank)
+        for block, (r0, r1, c0, c1) in enumerate(sorted(holders)):
+            ranks = holders[(r0, r1, c0, c1)]
+            ax.add_patch(
+                Rectangle(
+                    (c0 / cols, 1 - r1 / rows),
+                    (c1 - c0) / cols,
+                    (r1 - r0) / rows,
+                    facecolor=colours[block % len(colours)],
+                    alpha=0.35,
+                    edgecolor="black",
+                )
+            )
+            label = (
+                "devices\n" + ",".join(map(str, ranks)) if len(ranks) > 1 else f"device {ranks[0]}"
+            )
+            centre = ((c0 + c1) / 2 / cols, 1 - (r0 + r1) / 2 / rows)
+            ax.text(*centre, label, ha="center", va="center", fontsize=7)
+        split = " × ".join("+".join(axes) or "·" for axes in plan.partitions[name])
+        ax.set_title(f"{name}\n{tuple(shape)} split {split}", fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.axis("off")
+    fig.suptitle(f"mesh {plan.mesh}", fontsize=9)
+    fig.tight_layout()
+    return fig
