@@ -54,10 +54,10 @@ def source(cell: dict) -> str:
 # --- the table of contents --------------------------------------------------------------------
 
 
-def test_every_chapter_is_a_notebook_and_there_are_ten():
-    # Foundations 2, MLPerf 1, Workloads 6, Porting 1; the root page (intro) is prose.
+def test_every_chapter_is_a_notebook_and_there_are_eleven():
+    # Foundations 2, MLPerf 1, Workloads 6, Scale 1, Porting 1; the root page (intro) is prose.
     assert {str(p.relative_to(ROOT).with_suffix("")) for p in CHAPTERS} == TOC_CHAPTERS
-    assert len(CHAPTERS) == 10
+    assert len(CHAPTERS) == 11
 
 
 def test_every_toc_entry_exists():
