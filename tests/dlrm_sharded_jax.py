@@ -105,7 +105,28 @@ def main() -> dict:
         sums = tr.table_accumulators()
         out["accumulator_rel"] = {k: rel(v, ref_state[f"sum/{k}"]) for k, v in sums.items()}
         report["meshes"][text] = out
+    report["refused"] = refusals(cfg, tr, batches[0])
     return report
+
+
+def refusals(cfg, tr, batch) -> dict[str, str]:
+    """The error each bad input gets (its type and message; "none" if it was accepted)."""
+    bad_id = dict(batch, sparse=batch["sparse"].copy())
+    bad_id["sparse"][0, 0] = cfg.table_sizes[0]  # one past table 0
+    odd = {k: v[:15] for k, v in batch.items()}  # 15 samples over 2 batch shards
+    cases = {
+        "id past its table": lambda: tr.step(bad_id),
+        "batch not split evenly": lambda: tr.step(odd),
+        "mesh of 3 on 8 devices": lambda: make_mesh(MeshShape(data=3)),
+    }
+    out = {}
+    for name, case in cases.items():
+        try:
+            case()
+            out[name] = "none"
+        except Exception as e:  # noqa: BLE001 - the report names whatever was raised
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
 
 
 if __name__ == "__main__":

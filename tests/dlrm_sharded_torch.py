@@ -91,6 +91,13 @@ def main() -> dict | None:
         f"embedding_bags.{f}.weight": ft.to_numpy(tr.full_table(f, accumulator=True))
         for f in range(cfg.num_tables)
     }
+    bad = dict(batches[0], sparse=batches[0]["sparse"].copy())
+    bad["sparse"][0, 0] = cfg.table_sizes[0]  # one past table 0
+    try:
+        tr.step({k: v[rank * local : (rank + 1) * local] for k, v in bad.items()})
+        refused = "none"
+    except Exception as e:  # noqa: BLE001 - the report names whatever was raised
+        refused = f"{type(e).__name__}: {e}"
     if rank != 0:
         return None
     ref = ft.Trainer(WL.build("torch", cfg, weights), spec, schedule)
@@ -100,6 +107,7 @@ def main() -> dict | None:
         "world": world,
         "row_wise": list(plan.row_wise),
         "layout_ok": layout_ok,
+        "refused": {"id past its table": refused},
         "untouched_rows_bit_identical": untouched_same,
         "touched_rows_updated": touched_changed,
         "loss_max_abs": float(np.abs(np.subtract(losses, ref_losses)).max()),

@@ -191,3 +191,15 @@ def test_sparse_update_touches_only_the_rows_the_batch_reads(torch_report, jax_r
 def test_each_device_holds_exactly_its_planned_rows(torch_report, jax_report):
     for name, report in _reports(torch_report, jax_report).items():
         assert report["layout_ok"], name
+
+
+@pytest.mark.requires("torch", "jax")
+def test_bad_input_gets_one_clear_error(torch_report, jax_report):
+    for refused in (torch_report["refused"], jax_report["refused"]):
+        assert refused["id past its table"].startswith("BatchError"), refused
+        assert "sparse" in refused["id past its table"]
+    refused = jax_report["refused"]
+    assert refused["batch not split evenly"].startswith("ValueError: the batch of 15 samples")
+    assert refused["mesh of 3 on 8 devices"] == (
+        "ValueError: mesh data=3,fsdp=1,tensor=1 needs 3 devices, but there are 8"
+    )

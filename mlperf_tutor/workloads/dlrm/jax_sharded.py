@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mlperf_tutor.core.batch import check_model_batch
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.frameworks import jax as fj
 from mlperf_tutor.frameworks.jax_optim import make_transformation, schedule_fn
@@ -160,25 +161,38 @@ class ShardedTrainer:
         for i, f in self._table_slot.items():
             tables[f] = values[i]
         self._tables = [
-            jax.device_put(self._padded(np.asarray(t), f), rows) for f, t in enumerate(tables)
+            self._row_wise(rows, f, lambda start, stop, t=t: np.asarray(t[start:stop]))
+            for f, t in enumerate(tables)
         ]
+        # The model keeps no copy of the tables (weights() writes them back when asked).
+        for bag in model.embedding_bags:
+            bag.embedding.set_value(jnp.zeros((0, cfg.embedding_dim), jnp.float32))
+        start = spec.initial_accumulator
         self._sums = [
-            jax.device_put(
-                np.full(
-                    (self.devices * n, cfg.embedding_dim), spec.initial_accumulator, np.float32
-                ),
-                rows,
+            self._row_wise(
+                rows, f, lambda a, b: np.full((b - a, cfg.embedding_dim), start, np.float32)
             )
-            for n in self.local_rows
+            for f in range(cfg.num_tables)
         ]
         self._step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
         self._batch_sharding = NamedSharding(mesh, P(BATCH))
         self._update = jax.jit(self._make_update(schedule), donate_argnums=(0, 1, 2, 3))
 
-    def _padded(self, table: np.ndarray, f: int) -> np.ndarray:
-        out = np.zeros((self.devices * self.local_rows[f], table.shape[1]), table.dtype)
-        out[: len(table)] = table
-        return out
+    def _row_wise(self, sharding: NamedSharding, f: int, rows) -> jax.Array:
+        """The padded table ``f`` split row-wise, each device's block made on its own from
+        ``rows(start, stop)`` (the table's real rows in that range) and zero padding: no
+        padded copy of the whole table is made."""
+        dim = self.cfg.embedding_dim
+        padded = self.devices * self.local_rows[f]
+
+        def block(index) -> np.ndarray:
+            start, stop, _ = index[0].indices(padded)
+            out = np.zeros((stop - start, dim), np.float32)
+            real = rows(min(start, self.cfg.table_sizes[f]), min(stop, self.cfg.table_sizes[f]))
+            out[: len(real)] = real
+            return out
+
+        return jax.make_array_from_callback((padded, dim), sharding, block)
 
     def _make_update(self, schedule: ScheduleSpec):
         cfg, mesh, eps = self.cfg, self.mesh, self.spec.eps
@@ -236,6 +250,13 @@ class ShardedTrainer:
     def step(self, batch: Mapping[str, np.ndarray]) -> jax.Array:
         """One update on the global ``batch`` (split over the data and fsdp axes); returns the
         loss before it (the global batch's mean)."""
+        check_model_batch(self._model, batch)  # an id past its table: one BatchError
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if len(batch["labels"]) % shards:
+            raise ValueError(
+                f"the batch of {len(batch['labels'])} samples does not split over the "
+                f"{shards} batch shards (data x fsdp) of the mesh"
+            )
         arrays = jax.device_put(dict(batch), self._batch_sharding)
         self._dense, self._dense_opt, self._tables, self._sums, self._step, loss = self._update(
             self._dense, self._dense_opt, self._tables, self._sums, self._step, arrays

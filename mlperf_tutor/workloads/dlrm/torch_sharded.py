@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
+from mlperf_tutor.core.batch import check_model_batch
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.frameworks import torch as ft
 from mlperf_tutor.workloads.dlrm.config import DlrmConfig
@@ -74,8 +75,8 @@ class ShardedTrainer:
 
     Args:
         model: a float32 DLRM built by ``wl.build("torch", cfg, weights=...)`` (every rank the
-            same weights); its tables are copied into the shards and its dense modules trained
-            in place.
+            same weights); each rank copies its blocks of the tables and then drops the model's
+            tables (they become ``meta`` tensors), and trains its dense modules in place.
         cfg: its config.
         spec: the optimizer (Adagrad without weight decay or clipping: the workload's).
         schedule: the learning-rate schedule.
@@ -107,21 +108,30 @@ class ShardedTrainer:
                 f"plan for {plan.devices} devices, mesh of {mesh.size()}, {self.world} ranks"
             )
         self.cfg, self.plan, self.mesh, self.schedule = cfg, plan, mesh, schedule
+        self.model = model
         self.device = mesh.device_type
         self.placements = [Shard(0)] * mesh.ndim
         self.sharded: dict[int, DTensor] = {}  # row-wise table -> its DTensor
         self.shards: list[nn.Parameter] = []  # this rank's block of every table (maybe empty)
         for f, bag in enumerate(model.embedding_bags):
-            weight = bag.weight.detach()
             block = plan.ranges[f][self.rank]
+            # This rank's block only (its rows, then zero padding): no rank copies a whole
+            # row-wise table.
+            local = bag.weight.new_zeros(block.local_rows, cfg.embedding_dim)
+            local[: block.real_rows] = bag.weight.detach()[block.start : block.stop]
             if f in plan.row_wise:
-                padded = torch.zeros(self.world * block.local_rows, cfg.embedding_dim)
-                padded[: cfg.table_sizes[f]] = weight
-                self.sharded[f] = distribute_tensor(padded, mesh, self.placements)
+                self.sharded[f] = DTensor.from_local(
+                    local,
+                    mesh,
+                    self.placements,
+                    run_check=False,
+                    shape=(self.world * block.local_rows, cfg.embedding_dim),
+                    stride=(cfg.embedding_dim, 1),
+                )
                 local = self.sharded[f].to_local()
-            else:
-                local = weight.clone() if block.local_rows else weight.new_zeros(0, weight.shape[1])
             self.shards.append(nn.Parameter(local.to(self.device)))
+            # The model keeps the table's shape but no longer its rows (the shards hold them).
+            bag.weight = nn.Parameter(torch.empty_like(bag.weight, device="meta"))
         self.dense = DistributedDataParallel(DenseArch(model).to(self.device))
         self.dense_optimizer = ft.make_optimizer(spec, schedule, self.dense.module)
         owned = [p for p in self.shards if p.shape[0]]
@@ -172,6 +182,7 @@ class ShardedTrainer:
 
     def step(self, batch: Mapping[str, np.ndarray]) -> torch.Tensor:
         """One update on this rank's ``batch``; returns the global batch's mean loss."""
+        check_model_batch(self.model, batch)  # an id past its table: one BatchError
         self.dense.train(True)
         self.dense_optimizer.zero_grad()
         self.sparse_optimizer.zero_grad(set_to_none=True)
