@@ -158,7 +158,7 @@ class ShardedTrainer:
             column += hot
             block = self.plan.ranges[f][self.rank]
             owned = (bags >= block.start) & (bags < block.stop)
-            offsets = torch.zeros(len(bags), dtype=torch.int64)
+            offsets = bags.new_zeros(len(bags))
             offsets[1:] = owned.sum(1).cumsum(0)[:-1]
             if self.shards[f].shape[0]:
                 partial.append(
@@ -171,7 +171,7 @@ class ShardedTrainer:
                     )
                 )
             else:
-                partial.append(torch.zeros(len(bags), self.cfg.embedding_dim))
+                partial.append(self.shards[f].new_zeros(len(bags), self.cfg.embedding_dim))
         partial = torch.cat(partial, dim=1)  # (B_global, F E): this rank's rows only
         received = funcol.all_to_all_single(partial, None, None, dist.group.WORLD)
         pooled = received.view(self.world, local, -1).sum(0)  # (B_local, F E)
@@ -186,10 +186,11 @@ class ShardedTrainer:
         self.dense.train(True)
         self.dense_optimizer.zero_grad()
         self.sparse_optimizer.zero_grad(set_to_none=True)
-        dense = torch.as_tensor(np.asarray(batch["dense"]), dtype=torch.float32)
-        sparse = torch.as_tensor(np.asarray(batch["sparse"]))
-        labels = torch.as_tensor(np.asarray(batch["labels"]), dtype=torch.float32)
-        loss = self.dense(dense, self._pooled(sparse), labels)
+        dense, sparse, labels = (
+            torch.as_tensor(np.asarray(batch[k])).to(self.device)
+            for k in ("dense", "sparse", "labels")
+        )
+        loss = self.dense(dense.float(), self._pooled(sparse), labels.float())
         loss.backward()
         self.dense_optimizer.step()
         for group in self.sparse_optimizer.param_groups:
