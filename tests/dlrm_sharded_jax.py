@@ -25,7 +25,11 @@ from mlperf_tutor.core.parity import errors  # noqa: E402
 from mlperf_tutor.parallel.plan import MeshShape  # noqa: E402
 from mlperf_tutor.workloads.dlrm import WORKLOAD as WL  # noqa: E402
 from mlperf_tutor.workloads.dlrm.data import bag_offsets  # noqa: E402
-from mlperf_tutor.workloads.dlrm.jax_sharded import ShardedTrainer, make_mesh  # noqa: E402
+from mlperf_tutor.workloads.dlrm.jax_sharded import (  # noqa: E402
+    ShardedTrainer,
+    make_mesh,
+    step_memory,
+)
 from mlperf_tutor.workloads.dlrm.sharding import row_ranges  # noqa: E402
 
 STEPS = 10
@@ -106,6 +110,10 @@ def main() -> dict:
         out["accumulator_rel"] = {k: rel(v, ref_state[f"sum/{k}"]) for k, v in sums.items()}
         report["meshes"][text] = out
     report["refused"] = refusals(cfg, tr, batches[0])
+    # The mlperf preset's step on 8 devices, compiled for abstract arrays (nothing allocated).
+    mlperf = WL.config("mlperf")
+    mesh = make_mesh(MeshShape.parse("data=8"))
+    report["mlperf_step_memory"] = step_memory(mlperf, *WL.optimizer(mlperf), mesh, 64)
     return report
 
 

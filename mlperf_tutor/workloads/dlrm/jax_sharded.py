@@ -128,19 +128,8 @@ class ShardedTrainer:
                 "the sparse row update is Adagrad without weight decay or clipping (the "
                 f"workload's optimizer); got {spec}"
             )
-        self.cfg, self.spec, self.mesh, self._model = cfg, spec, mesh, model
-        self.devices = mesh.size
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        self._graphdef, self._rest = graphdef, rest
-        flat = list(nnx.to_flat_state(params))
-        values, self._treedef = jax.tree.flatten(params)
-        paths = [path for path, _ in flat]
-        self._table_slot = {
-            i: int(path[1]) for i, path in enumerate(paths) if path[0] == "embedding_bags"
-        }
-        self._dense_names = tuple(
-            ".".join(map(str, p)) for i, p in enumerate(paths) if i not in self._table_slot
-        )
+        self._model = model
+        values = self._structure(model, cfg, spec, schedule, mesh)
         replicated = NamedSharding(mesh, P())
         self._dense = jax.device_put(
             {
@@ -153,10 +142,8 @@ class ShardedTrainer:
             },
             replicated,
         )
-        self._tx = make_transformation(spec, schedule, self._dense_names)
         self._dense_opt = jax.device_put(self._tx.init(self._dense), replicated)
         rows = NamedSharding(mesh, P(ROWS))
-        self.local_rows = tuple(rows_per_device(n, self.devices) for n in cfg.table_sizes)
         tables = [None] * cfg.num_tables
         for i, f in self._table_slot.items():
             tables[f] = values[i]
@@ -175,8 +162,28 @@ class ShardedTrainer:
             for f in range(cfg.num_tables)
         ]
         self._step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-        self._batch_sharding = NamedSharding(mesh, P(BATCH))
         self._update = jax.jit(self._make_update(schedule), donate_argnums=(0, 1, 2, 3))
+
+    def _structure(self, model, cfg, spec, schedule, mesh) -> list:
+        """Set what the step is built from (the split model, the names of the dense leaves,
+        the dense optax transformation, the row blocks); returns the model's leaves, which
+        may be abstract (:func:`step_memory`)."""
+        self.cfg, self.spec, self.mesh = cfg, spec, mesh
+        self.devices = mesh.size
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self._graphdef, self._rest = graphdef, rest
+        paths = [path for path, _ in nnx.to_flat_state(params)]
+        values, self._treedef = jax.tree.flatten(params)
+        self._table_slot = {
+            i: int(path[1]) for i, path in enumerate(paths) if path[0] == "embedding_bags"
+        }
+        self._dense_names = tuple(
+            ".".join(map(str, p)) for i, p in enumerate(paths) if i not in self._table_slot
+        )
+        self._tx = make_transformation(spec, schedule, self._dense_names)
+        self.local_rows = tuple(rows_per_device(n, self.devices) for n in cfg.table_sizes)
+        self._batch_sharding = NamedSharding(mesh, P(BATCH))
+        return values
 
     def _row_wise(self, sharding: NamedSharding, f: int, rows) -> jax.Array:
         """The padded table ``f`` split row-wise, each device's block made on its own from
@@ -291,3 +298,59 @@ class ShardedTrainer:
             f"embedding_bags.{f}.weight": np.asarray(s)[: self.cfg.table_sizes[f]]
             for f, s in enumerate(self._sums)
         }
+
+
+def step_memory(
+    cfg: DlrmConfig, spec: OptimizerSpec, schedule: ScheduleSpec, mesh: Mesh, batch_size: int
+) -> dict[str, int]:
+    """Per-device bytes of :class:`ShardedTrainer`'s compiled step for ``cfg`` on ``mesh``,
+    from XLA's memory analysis of the step compiled for abstract arrays: nothing is allocated,
+    so the ``mlperf`` preset's 40M-row tables can be checked on a laptop.
+
+    Returns:
+        ``arguments`` (tables, accumulators, MLPs, their optimizer state and the batch slice
+        one device holds), ``outputs``, ``aliased`` (outputs written into donated arguments)
+        and ``temporaries`` (the step's working memory: gathered rows, activations, gradients).
+    """
+    from mlperf_tutor.workloads.dlrm.jax_model import Dlrm
+
+    model = nnx.eval_shape(lambda: Dlrm(cfg, rngs=nnx.Rngs(0)))
+    tr = ShardedTrainer.__new__(ShardedTrainer)
+    values = tr._structure(model, cfg, spec, schedule, mesh)
+    replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(ROWS))
+
+    def abstract(x, sharding):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    dense = {
+        name: abstract(v, replicated)
+        for name, v in zip(
+            tr._dense_names,
+            (v for i, v in enumerate(values) if i not in tr._table_slot),
+            strict=True,
+        )
+    }
+    dense_opt = jax.tree.map(lambda x: abstract(x, replicated), jax.eval_shape(tr._tx.init, dense))
+    tables = [
+        jax.ShapeDtypeStruct((tr.devices * n, cfg.embedding_dim), jnp.float32, sharding=rows)
+        for n in tr.local_rows
+    ]
+    batch = {
+        "dense": jax.ShapeDtypeStruct((batch_size, cfg.num_dense), jnp.float32),
+        "sparse": jax.ShapeDtypeStruct((batch_size, sum(cfg.multi_hot_sizes)), jnp.int32),
+        "labels": jax.ShapeDtypeStruct((batch_size,), jnp.float32),
+    }
+    batch = jax.tree.map(lambda x: abstract(x, tr._batch_sharding), batch)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    compiled = (
+        jax.jit(tr._make_update(schedule), donate_argnums=(0, 1, 2, 3))
+        .lower(dense, dense_opt, tables, tables, step, batch)
+        .compile()
+    )
+    stats = compiled.memory_analysis()
+    return {
+        "arguments": int(stats.argument_size_in_bytes),
+        "outputs": int(stats.output_size_in_bytes),
+        "aliased": int(stats.alias_size_in_bytes),
+        "temporaries": int(stats.temp_size_in_bytes),
+    }
