@@ -71,7 +71,14 @@ class DlrmWorkload(Workload):
     def logical_axes(self, cfg: DlrmConfig) -> dict[str, tuple[str | None, ...]]:
         """The embedding tables' rows are ``"rows"`` (split over every device: TorchRec's
         ``ROW_WISE``); the MLPs and the interaction have no logical axes (data parallel, or
-        split over ``fsdp`` by the plan's fallback)."""
+        split over ``fsdp`` by the plan's fallback).
+
+        :func:`mlperf_tutor.parallel.plan.plan` splits a table's rows only where the device
+        count divides them; the DLRM trainers that shard tables
+        (``dlrm.torch_sharded``, ``dlrm.jax_sharded``) follow
+        :func:`~mlperf_tutor.workloads.dlrm.sharding.embedding_plan` instead, which pads every
+        row-wise table to equal blocks (:func:`~mlperf_tutor.workloads.dlrm.sharding.row_ranges`)
+        and places small tables whole on one device."""
         return {
             name: ("rows", None) if name.startswith("embedding_bags.") else (None,) * len(shape)
             for name, shape in self.canonical_shapes(cfg).items()
