@@ -119,14 +119,13 @@ def cmd_info(args) -> int:
 def _mesh_info(wl, cfg, args) -> dict:
     """Per-device memory and per-axis traffic of ``args.mesh`` (nothing allocated)."""
     from mlperf_tutor import parallel
-    from mlperf_tutor.parallel import memory
 
     plan = parallel.plan(wl, cfg, parallel.MeshShape.parse(args.mesh))
     batch = args.batch_size or getattr(cfg, "global_batch_size", None)
     if batch is None:
         raise ValueError(f"workload {wl.name!r} has no global batch size; give --batch-size")
-    held = memory.device_memory(wl, cfg, plan, batch, args.precision)
-    sent = memory.communication(wl, cfg, plan, batch, args.precision)
+    held = wl.device_memory(cfg, plan, batch, args.precision)
+    sent = wl.communication(cfg, plan, batch, args.precision)
     rows = {
         "mesh": f"{plan.mesh} ({plan.mesh.devices} devices)",
         "batch (global / per data x fsdp slice)": f"{batch} / {batch // plan.mesh.batch_shards}",
@@ -138,7 +137,7 @@ def _mesh_info(wl, cfg, args) -> dict:
         ),
         "per device: total (GB)": held.total / 1e9,
     }
-    rows.update({f"sent per step per device, {axis} (GB)": b / 1e9 for axis, b in sent.items()})
+    rows.update({f"sent per step per device, {what} (GB)": b / 1e9 for what, b in sent.items()})
     return rows
 
 

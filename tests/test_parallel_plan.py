@@ -215,6 +215,24 @@ def test_a_batch_the_mesh_cannot_split_evenly_is_refused():
         memory.device_memory(wl, cfg, plan(wl, cfg, MeshShape(data=2, fsdp=2)), 6)
 
 
+def test_dlrm_holds_its_embedding_plans_tables_and_sends_dense_gradients_and_lookups():
+    from mlperf_tutor.workloads.dlrm import sharding
+
+    wl = workloads.get("dlrm_dcnv2")
+    cfg = wl.config("mlperf")
+    p = plan(wl, cfg, MeshShape(data=8))
+    held = wl.device_memory(cfg, p, cfg.global_batch_size)
+    report = sharding.memory_report(cfg, 8)  # weights + Adagrad of tables, MLPs' 12 bytes
+    assert held.total == pytest.approx(report["largest device (GB)"] * 1e9, rel=1e-9)
+    assert held.gradients == 4 * sum(
+        math.prod(s) for n, s in p.shapes.items() if not n.startswith("embedding_bags.")
+    )
+    sent = wl.communication(cfg, p, cfg.global_batch_size)
+    lookups = cfg.global_batch_size / 8 * len(cfg.table_sizes) * cfg.embedding_dim * 4
+    assert sent["all-to-all of pooled embeddings"] == 2 * 7 / 8 * lookups
+    assert sent["all-reduce of the MLP gradients"] == 2 * 7 / 8 * held.gradients
+
+
 # --- the command -------------------------------------------------------------------------------
 def test_info_mesh_of_gpt3_175b_prints_per_device_memory_and_allocates_nothing():
     tracemalloc.start()

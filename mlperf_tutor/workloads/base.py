@@ -255,6 +255,23 @@ class Workload:
             "fp32 weights + grads + Adam state (GB)": n * 16 / 1e9,
         }
 
+    def device_memory(self, cfg: Config, plan, batch_size: int, precision: str = "fp32"):
+        """What each device holds under ``plan`` (a :class:`~mlperf_tutor.parallel.Plan`):
+        :func:`mlperf_tutor.parallel.memory.device_memory` of the plan's partitions, unless a
+        workload shards some weights by a plan of its own (DLRM's embedding tables)."""
+        from mlperf_tutor.parallel import memory
+
+        return memory.device_memory(self, cfg, plan, batch_size, precision)
+
+    def communication(
+        self, cfg: Config, plan, batch_size: int, precision: str = "fp32"
+    ) -> dict[str, float]:
+        """Bytes each device sends per step, by mesh axis (or collective): by default
+        :func:`mlperf_tutor.parallel.memory.communication` of the plan's partitions."""
+        from mlperf_tutor.parallel import memory
+
+        return memory.communication(self, cfg, plan, batch_size, precision)
+
     def activation_bytes(self, cfg: Config, tensor: int = 1) -> float | None:
         """Activation bytes of one example in mixed-precision training without recomputation,
         with tensor parallelism of size ``tensor`` (per device); None where the workload has

@@ -87,6 +87,46 @@ class DlrmWorkload(Workload):
     def canonical_shapes(self, cfg: DlrmConfig) -> dict[str, tuple[int, ...]]:
         return canonical_shapes(cfg)
 
+    def communication(
+        self, cfg: DlrmConfig, plan, batch_size: int, precision: str = "fp32"
+    ) -> dict[str, float]:
+        """Per device and step: the all-reduce of the replicated MLPs' float32 gradients over
+        every device, and the all-to-all that brings each example's pooled embeddings (one
+        float32 vector per table) to the device of its example and their gradients back (the
+        ``(n - 1) / n`` of them that live elsewhere, forward and backward)."""
+        from mlperf_tutor.parallel.memory import check_batch
+        from mlperf_tutor.workloads.dlrm.sharding import dense_bytes
+
+        check_batch(batch_size, plan)
+        n = plan.mesh.devices
+        if n == 1:
+            return {}
+        local = batch_size // plan.mesh.batch_shards
+        pooled = local * len(cfg.table_sizes) * cfg.embedding_dim * 4
+        return {
+            "all-reduce of the MLP gradients": 2 * (n - 1) / n * dense_bytes(cfg, 4),
+            "all-to-all of pooled embeddings": 2 * (n - 1) / n * pooled,
+        }
+
+    def device_memory(self, cfg: DlrmConfig, plan, batch_size: int, precision: str = "fp32"):
+        """The most loaded device of :func:`~mlperf_tutor.workloads.dlrm.sharding.
+        embedding_plan` over the plan's devices: its tables' float32 rows and Adagrad
+        accumulators, plus the replicated MLPs with their gradients and accumulators. The
+        tables' gradients are sparse (the rows a batch reads) and, like the activations, not
+        counted."""
+        from mlperf_tutor.parallel.memory import DeviceMemory, check_batch
+        from mlperf_tutor.workloads.dlrm.sharding import dense_bytes, embedding_plan
+
+        check_batch(batch_size, plan)
+        tables = max(embedding_plan(cfg, plan.mesh.devices).device_bytes)  # weights + state
+        dense = dense_bytes(cfg, bytes_per_value=4)
+        return DeviceMemory(
+            weights=tables // 2 + dense,
+            gradients=dense,
+            optimizer_state=tables // 2 + dense,
+            activations=None,
+        )
+
     def init_weight(
         self, cfg: DlrmConfig, name: str, shape: tuple[int, ...], rng: np.random.Generator
     ) -> np.ndarray:
