@@ -54,9 +54,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleOutput,
     RowwiseParallel,
     loss_parallel,
@@ -75,6 +76,7 @@ from mlperf_tutor.frameworks.torch import (
 )
 from mlperf_tutor.layers.spec import IGNORE_INDEX
 from mlperf_tutor.layers.torch.block import TransformerBlock
+from mlperf_tutor.layers.torch.lora import LoRALinear
 from mlperf_tutor.parallel.plan import AXES, MeshShape, ParallelError, Plan
 
 # --- the mesh -------------------------------------------------------------------------------
@@ -158,6 +160,14 @@ def tensor_parallel_styles(model: nn.Module, plan: Plan) -> dict[str, Any]:
     for name, parent in rows.items():
         from_column = parent in columns.values()
         styles[name] = RowwiseParallel(input_layouts=Shard(-1) if from_column else Replicate())
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and name in styles:
+            if name in columns:
+                raise ParallelError(
+                    f"{name}: a column-parallel LoRA layer has no tensor-parallel style here; "
+                    "keep its weight whole on the tensor axis"
+                )
+            styles[name] = _RowwiseLoRA(styles[name].input_layouts[0], plan, name)
     for name in embeddings:
         styles[name] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     tied_head = embeddings and not any(n.endswith("lm_head.weight") for n in plan.shapes)
@@ -166,6 +176,39 @@ def tensor_parallel_styles(model: nn.Module, plan: Plan) -> dict[str, Any]:
             output_layouts=Replicate(), desired_output_layouts=Replicate(), use_local_output=False
         )
     return styles
+
+
+class _RowwiseLoRA(ParallelStyle):
+    """``RowwiseParallel`` for a :class:`LoRALinear`: the input sliced by columns, the base
+    weight and ``lora_a`` split by columns (``Shard(1)``), ``lora_b`` and the bias whole, the
+    partial sums of both branches all-reduced once at the output. ``RowwiseParallel`` itself
+    takes a plain ``nn.Linear`` only (it would try to split the adapter's dropout)."""
+
+    def __init__(self, input_layout, plan: Plan, prefix: str):
+        super().__init__()
+        self.input_layout, self.plan, self.prefix = input_layout, plan, prefix
+
+    def _partition(self, name, module, mesh):
+        for pname, param in list(module.named_parameters(recurse=False)):
+            dim = _tensor_dim(self.plan, ".".join(p for p in (self.prefix, name, pname) if p))
+            placement = Shard(dim) if dim is not None else Replicate()
+            dist_param = distribute_tensor(param, mesh, [placement])
+            module.register_parameter(
+                pname, nn.Parameter(dist_param, requires_grad=param.requires_grad)
+            )
+
+    def _input(self, module, inputs, mesh):
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, [self.input_layout], run_check=False)
+        return (x.redistribute(mesh, [Shard(-1)]), *inputs[1:])
+
+    @staticmethod
+    def _output(module, output, mesh):
+        return output.redistribute(mesh, [Replicate()]).to_local()
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._partition, self._input, self._output)
 
 
 def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh: DeviceMesh) -> None:
@@ -363,9 +406,9 @@ class ShardedTrainer(Trainer):
         self._forward = self._model
         self.loss_weight = loss_weight
         shape = plan.mesh
-        self._slice_index = (
-            self.mesh.get_local_rank("data") * shape.fsdp + self.mesh.get_local_rank("fsdp")
-        )
+        self._slice_index = self.mesh.get_local_rank(
+            "data"
+        ) * shape.fsdp + self.mesh.get_local_rank("fsdp")
         torch.manual_seed(seed)
 
     def _local_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
