@@ -128,7 +128,9 @@ def run_workload(name, mesh_shape, dmesh, rank, report, workdir, save, load, fir
             refs[name] = (ref_losses, ref.weights(), ref.optimizer_state())
         ref_losses, ref_weights, ref_state = refs[name]
         entry["loss_max_abs"] = float(np.max(np.abs(np.array(losses) - ref_losses)))
-        entry["param_max_rel"] = max(relative(final, ref_weights).values())
+        errors = relative(final, ref_weights)
+        entry["param_max_rel"] = max(errors.values())
+        entry["param_worst"] = max(errors, key=errors.get)
         entry["param_moved_rel"] = max(relative(ref_weights, weights).values())
         entry["opt_max_rel"] = max(relative({k: state[k] for k in ref_state}, ref_state).values())
         entry["losses"] = losses

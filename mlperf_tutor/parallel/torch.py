@@ -411,7 +411,8 @@ class ShardedTrainer(Trainer):
         ) * shape.fsdp + self.mesh.get_local_rank("fsdp")
         torch.manual_seed(seed)
 
-    def _local_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def _slices(self, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+        # Every process's slice of the global batch, in slice order (data-major).
         shards = self.plan.mesh.batch_shards
         sizes = {len(v) for v in batch.values()}
         size = sizes.pop() if len(sizes) == 1 else None
@@ -421,8 +422,7 @@ class ShardedTrainer(Trainer):
                 f"size ({sorted({len(v) for v in batch.values()})}) must be one multiple of it"
             )
         per = size // shards
-        start = self._slice_index * per
-        return {k: v[start : start + per] for k, v in batch.items()}
+        return [{k: v[i * per : (i + 1) * per] for k, v in batch.items()} for i in range(shards)]
 
     def step(self, batch: Mapping[str, np.ndarray]) -> torch.Tensor:
         """One update on the global ``batch`` (every process passes the same one).
@@ -432,8 +432,16 @@ class ShardedTrainer(Trainer):
             every process).
         """
         check_model_batch(self._model, batch)
-        local = self._local_batch(batch)
-        share = self.loss_weight(local) / self.loss_weight(batch)
+        slices = self._slices(batch)
+        # Every process checks every slice, so that all of them refuse the same batch together.
+        weights = [self.loss_weight(piece) for piece in slices]
+        if min(weights) <= 0:
+            raise ParallelError(
+                f"slice {weights.index(min(weights))} of the global batch has nothing its loss "
+                f"averages over (loss weights {weights}); its mean loss would be 0/0"
+            )
+        local = slices[self._slice_index]
+        share = weights[self._slice_index] / sum(weights)
         self._model.train(True)
         self.optimizer.zero_grad()
         inputs = self._inputs(local)
