@@ -118,6 +118,7 @@ def run_workload(name, mesh_shape, dmesh, rank, report, workdir, save, load, fir
     entry["shape_mismatches"] = {f"rank{r}": w for r, w in enumerate(everyone) if w}
     entry["checked_shapes"] = len(shapes) - len(departures & set(shapes))
     entry["fsdp_departures"] = sorted(departures & set(shapes))
+    entry["engine"] = type(trainer._forward).__name__
     entry["split_shapes"] = sum(
         1 for p, s in shapes.items() if tuple(s) != tuple(the_plan.shapes[p])
     )
@@ -205,9 +206,13 @@ def bf16_check(mesh_shape, dmesh, report):
         loss_weight=ptorch.labelled_tokens(0),
         precision="bf16",
     )
+    seen = []  # the dtype fc_in computes with: FSDP2 gathers its weight in bf16
+    layer = trainer.model.blocks[0].mlp.fc_in
+    layer.register_forward_pre_hook(lambda module, args: seen.append(str(module.weight.dtype)))
     data = batches(wl, cfg, "gpt3")[:2]
     report["bf16_losses"] = [trainer.loss_value(trainer.step(b)) for b in data]
-    report["bf16_policy"] = type(trainer.model).__name__
+    report["bf16_compute_dtypes"] = sorted(set(seen))
+    report["bf16_param_dtypes"] = sorted({str(p.dtype) for p in trainer.model.parameters()})
 
 
 def worker(rank, world, mesh_text, rendezvous, out, workdir, save, load, names):

@@ -85,6 +85,12 @@ def test_every_rank_gathers_the_same_full_state(reports, mesh, workload):
     assert reports[mesh][workload]["same_on_every_rank"]
 
 
+@pytest.mark.parametrize(("mesh", "engine"), [("data=2", "DistributedDataParallel")])
+def test_data_only_mesh_runs_ddp(reports, mesh, engine):
+    assert reports[mesh]["gpt3"]["engine"] == engine
+    assert reports["fsdp=2"]["gpt3"]["engine"].startswith("FSDP")
+
+
 @pytest.mark.parametrize(("mesh", "workload"), CASES)
 def test_local_shard_shapes_follow_the_plan(reports, mesh, workload):
     entry = reports[mesh][workload]
@@ -116,7 +122,9 @@ def test_dcp_checkpoint_restores_on_another_mesh(reports, mesh):
 
 def test_bf16_mixed_precision_policy_trains(reports):
     entry = reports["fsdp=2"]
-    assert entry["bf16_policy"].startswith("FSDP")
+    # bf16 compute on gathered weights; float32 sharded parameters (and optimizer updates).
+    assert entry["bf16_compute_dtypes"] == ["torch.bfloat16"]
+    assert entry["bf16_param_dtypes"] == ["torch.float32"]
     assert len(entry["bf16_losses"]) == 2
     assert all(math.isfinite(loss) for loss in entry["bf16_losses"])
 

@@ -63,6 +63,7 @@ from torch.distributed.tensor.parallel import (
     loss_parallel,
     parallelize_module,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 from mlperf_tutor.core.batch import check_model_batch
 from mlperf_tutor.core.checkpoint import CheckpointError, Tree, check_tree
@@ -269,7 +270,8 @@ def parallelize(
     model: nn.Module, plan: Plan, mesh: DeviceMesh, *, precision: str = "fp32"
 ) -> nn.Module:
     """Shard ``model`` (a workload's torch model, canonical names) in place as ``plan`` says:
-    tensor parallelism first, then FSDP2/HSDP over (data, fsdp). See the module docstring.
+    tensor parallelism first, then FSDP2/HSDP over (data, fsdp); on a data-only mesh,
+    ``DistributedDataParallel``. See the module docstring.
 
     Args:
         model: float32, on the mesh's device type.
@@ -279,7 +281,9 @@ def parallelize(
             float32 parameters and gradient reductions).
 
     Returns:
-        The same model object.
+        The module to call: the model itself, or on a data-only mesh its
+        ``DistributedDataParallel`` wrapper (``.module`` is the model, whose parameters and
+        names are unchanged).
 
     Raises:
         ParallelError: ``mesh`` is not the plan's.
@@ -288,6 +292,14 @@ def parallelize(
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
     shape = plan.mesh
+    if shape.data > 1 and shape.fsdp == 1 and shape.tensor == 1:
+        # Whole parameters, gradients all-reduced in buckets during the backward. bf16 runs
+        # under the trainer's autocast (DDP has no mixed-precision policy of its own).
+        # find_unused_parameters: a parameter the loss never reaches (the attention's detached
+        # key bias, whose gradient is exactly zero) would otherwise stall DDP's buckets.
+        return DistributedDataParallel(
+            model, process_group=mesh["data"].get_group(), find_unused_parameters=True
+        )
     if shape.tensor > 1:
         apply_tensor_parallel(model, plan, mesh["tensor"])
     if shape.batch_shards > 1:
@@ -399,11 +411,11 @@ class ShardedTrainer(Trainer):
         self.precision = precision
         self.device = torch.device(self.mesh.device_type)
         self._bf16_frozen: set[str] = set()
-        self._model = parallelize(model.to(self.device), plan, self.mesh, precision=precision)
+        self._forward = parallelize(model.to(self.device), plan, self.mesh, precision=precision)
+        self._model = model
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer = ShardedOptimizer(spec, schedule, named)
         self.compiled = False
-        self._forward = self._model
         self.loss_weight = loss_weight
         shape = plan.mesh
         self._slice_index = self.mesh.get_local_rank(
@@ -445,24 +457,33 @@ class ShardedTrainer(Trainer):
         self._model.train(True)
         self.optimizer.zero_grad()
         inputs = self._inputs(local)
-        # loss_parallel: the cross-entropy of logits split over the vocabulary (a head that
-        # reads the vocabulary-parallel embedding, GPT's tied one) without gathering them;
-        # forward and backward both run under it. It changes nothing for plain logits.
-        with self._loss_context():
-            with self.evaluating():
+        # The backward runs under loss_parallel too (see evaluating), outside the autocast.
+        with self._loss_parallel():
+            with super().evaluating():
                 loss = self._forward(inputs)["loss"]
             if isinstance(loss, DTensor):
                 loss = loss.full_tensor()
             loss = loss.to(torch.float32)
-            # FSDP averages the gradients over the batch_shards slices: scaled so that the
-            # average is the share-weighted sum, the global mean's gradient.
+            # FSDP and DDP average the gradients over the batch_shards slices: scaled so that
+            # the average is the share-weighted sum, the global mean's gradient.
             (loss * (share * self.plan.mesh.batch_shards)).backward()
         self.optimizer.step()
         total = loss.detach() * share
         dist.all_reduce(total)  # every tensor device holds its slice's loss: divide them out
         return total / self.plan.mesh.tensor
 
-    def _loss_context(self) -> contextlib.AbstractContextManager:
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """A context for forwards outside :meth:`step` (and the step's own): the Trainer's
+        autocast under "bf16", and with a ``tensor`` axis ``loss_parallel``, the cross-entropy
+        of logits split over the vocabulary (a head that reads the vocabulary-parallel
+        embedding, GPT's tied one) without gathering them; it changes nothing for plain
+        logits."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(super().evaluating())
+        stack.enter_context(self._loss_parallel())
+        return stack
+
+    def _loss_parallel(self) -> contextlib.AbstractContextManager:
         return loss_parallel() if self.plan.mesh.tensor > 1 else contextlib.nullcontext()
 
     # --- full canonical state (gathered on every process) -----------------------------------
