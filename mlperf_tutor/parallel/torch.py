@@ -11,24 +11,33 @@ Everything here is one of torch's own engines, driven by the framework-free
   it splits: ``o_proj``, ``fc_out``; ``RowwiseParallel`` on an ``nn.Embedding`` split by rows is
   the vocabulary-parallel embedding). Llama's fused ``qkv_proj`` is whole on every ``tensor``
   device, as the plan says, so its ``o_proj`` takes a replicated input and slices it.
-  Then the ``data`` and ``fsdp`` axes through FSDP2's ``fully_shard``, per transformer block and
-  then the root, with ``shard_placement_fn`` putting each parameter's FSDP slice on the
-  dimension the plan names; with ``data`` > 1 the mesh given to ``fully_shard`` is 2-D
-  (data, fsdp): HSDP, which replicates over ``data`` and all-reduces gradients there. A
-  data-only mesh is HSDP with an fsdp axis of 1, i.e. DDP's arithmetic (whole parameters,
-  averaged gradients) through the same engine, which, unlike ``DistributedDataParallel``,
-  composes with tensor-parallel DTensors and keeps the canonical parameter names;
+  A head that reads the split embedding matrix (GPT's tied one) computes on DTensors and its
+  cross-entropy runs under ``loss_parallel``. Then the ``data`` and ``fsdp`` axes through
+  FSDP2's ``fully_shard``, per transformer block and then the root, with
+  ``shard_placement_fn`` putting each parameter's FSDP slice on the dimension the plan names;
+  with ``data`` > 1 the mesh given to ``fully_shard`` is 2-D (data, fsdp): HSDP, which
+  replicates over ``data`` and all-reduces gradients there (with fsdp=1 that is DDP's
+  arithmetic on the engine that composes with tensor-parallel DTensors). A data-only mesh is
+  ``DistributedDataParallel``. Under "bf16", ``fully_shard`` gets a ``MixedPrecisionPolicy``
+  (bf16 compute, float32 parameters and reductions);
 * :class:`ShardedTrainer`: :class:`~mlperf_tutor.frameworks.torch.Trainer`'s interface on a
-  mesh; full canonical weights and optimizer state through
+  mesh (a subclass: every state method changes, so a ``plan=`` branch in each of the Trainer's
+  would be longer); it takes the global batch, trains on its slice and reports the global
+  batch's loss; full canonical weights and optimizer state through
   ``torch.distributed.checkpoint.state_dict`` (``get_/set_model_state_dict``,
   ``get_/set_optimizer_state_dict`` with ``full_state_dict``), sharded checkpoints through
   ``torch.distributed.checkpoint`` (DCP), which reshards on load (a checkpoint written on
-  fsdp=4 reads on tensor=2).
+  fsdp=2,tensor=2 reads on fsdp=2, tensor=2 or data=2).
 
 Where FSDP2 departs from the plan: ``fully_shard`` shards *every* parameter it manages. A
 parameter the plan leaves whole on ``fsdp`` (a tensor-split bias, a dimension ``fsdp`` does not
 divide) gets FSDP2's default, dimension 0 in padded chunks; :func:`local_shard_shapes` reports
 what is really held, and the tests name these parameters (see :func:`fsdp_departures`).
+
+Limits: a column-parallel LoRA layer has no style here (Llama's adapters sit on the whole
+``qkv_proj`` and on the row-parallel ``o_proj``); a model whose code computes on the embedding
+matrix with plain-tensor operations beyond the loss (BERT's tied MLM head: ``x @ W.T + bias``,
+then a masked weighted sum) cannot take a vocabulary-split matrix, so it has no tensor mesh.
 """
 
 from __future__ import annotations
@@ -377,8 +386,8 @@ class ShardedTrainer(Trainer):
     a slice).
 
     The loss is the global batch's: each slice's mean loss is weighted by its share of
-    ``loss_weight`` (labelled tokens for a token-mean loss), so that FSDP's average of the
-    gradients over the slices is the gradient of the global mean.
+    ``loss_weight`` (labelled tokens for a token-mean loss), so that FSDP's (or DDP's) average
+    of the gradients over the slices is the gradient of the global mean.
 
     Args:
         model: a workload model (float32, CPU), as for ``Trainer``.
