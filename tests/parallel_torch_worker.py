@@ -1,15 +1,16 @@
-"""Worker of tests/test_parallel_torch.py: one group of gloo processes on one mesh, every check
-of that mesh, one JSON report.
+"""Worker of tests/test_parallel_torch.py: one group of gloo processes, every check of its
+meshes, one JSON report.
 
 ``python tests/parallel_torch_worker.py MESHES NPROC OUT WORKDIR [--save] [--load] WORKLOAD...``
 spawns NPROC processes (CPU, gloo) once; MESHES ("fsdp=2;tensor=2") are built in turn over that
-one process group. For each mesh and workload, rank 0 trains the single-device
-``frameworks.torch.Trainer`` and every rank a ``parallel.torch.ShardedTrainer`` from the same
-weights on the same global batches; the report holds the losses and weight differences (rank 0),
-each rank's local shard shapes against the plan's, whether every rank gathered the same full
-weights, and for the first workload the DCP checks: ``--save`` writes a checkpoint and its
-gathered state under WORKDIR, ``--load`` restores the one a previous launch wrote (on another
-mesh) and compares.
+one process group (a mesh written "data=2,fsdp=2@gpt3" runs only the workloads named after @).
+For each mesh and workload, rank 0 trains the single-device ``frameworks.torch.Trainer`` and
+every rank a ``parallel.torch.ShardedTrainer`` from the same weights on the same global
+batches; the report holds the losses and weight differences (rank 0), each rank's local shard
+shapes against the plan's, whether every rank gathered the same full weights, and for the first
+workload the DCP checks: ``--save`` writes a checkpoint and its gathered state under WORKDIR (on
+the first mesh), ``--load`` restores the one a previous launch wrote (on another mesh) and
+compares.
 """
 
 from __future__ import annotations
@@ -231,14 +232,18 @@ def worker(rank, world, mesh_text, rendezvous, out, workdir, save, load, names):
 
         bad_meshes(rank, report)
         refs: dict = {}
-        for text in mesh_text.split(";"):
+        for number, item in enumerate(mesh_text.split(";")):
+            text, _, only = item.partition("@")
             mesh_shape = MeshShape.parse(text)
             dmesh = ptorch.device_mesh(mesh_shape)
             entry = report.setdefault(text, {})
             for i, name in enumerate(names):
                 if name == "bert" and mesh_shape.tensor > 1:
                     continue  # see the report: BERT's tied MLM head has no tensor plan here
-                args = (rank, entry, workdir, save, load, i == 0, refs)
+                if only and name not in only.split("+"):
+                    continue
+                # The checkpoint: written on the launch's first mesh, read on every mesh.
+                args = (rank, entry, workdir, save and number == 0, load, i == 0, refs)
                 run_workload(name, mesh_shape, dmesh, *args)
             if mesh_shape.fsdp > 1 and mesh_shape.tensor == 1:
                 bf16_check(mesh_shape, dmesh, entry)

@@ -2,10 +2,10 @@
 
 Two launches of ``tests/parallel_torch_worker.py`` do every check and write JSON reports that the
 tests read: four processes on fsdp=2,tensor=2 (FSDP2 over tensor parallelism; writes a DCP
-checkpoint), then two processes on fsdp=2, tensor=2 and data=2 in turn (each restores that
-checkpoint, resharded). Each mesh trains gpt3, llama2_70b_lora and (without tensor) bert tiny
-for 10 steps from the same weights and global batches as the single-device Trainer (rank 0 runs
-it).
+checkpoint) and on data=2,fsdp=2 (HSDP; gpt3 only), then two processes on fsdp=2, tensor=2 and
+data=2 in turn (each restores that checkpoint, resharded). Each mesh trains gpt3,
+llama2_70b_lora and (without tensor) bert tiny for 10 steps from the same weights and global
+batches as the single-device Trainer (rank 0 runs it).
 """
 
 from __future__ import annotations
@@ -28,15 +28,16 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "parallel_torch_worker.py"
 WORKLOADS = ("gpt3", "llama2_70b_lora", "bert")
 WRITER = "fsdp=2,tensor=2"  # four processes; writes the checkpoint the others read
+HSDP = "data=2,fsdp=2"  # four processes too, gpt3 only
 READERS = ("fsdp=2", "tensor=2", "data=2")  # two processes
-MESHES = (WRITER, *READERS)
+MESHES = (WRITER, HSDP, *READERS)
 # BERT's tied MLM head computes on the embedding matrix with plain-tensor ops that a
 # vocabulary-split (DTensor) matrix cannot enter: no tensor meshes for it (see the worker).
 CASES = [
     (mesh, workload)
     for mesh in MESHES
     for workload in WORKLOADS
-    if not (workload == "bert" and "tensor" in mesh)
+    if not (workload == "bert" and "tensor" in mesh) and (mesh != HSDP or workload == "gpt3")
 ]
 
 
@@ -56,10 +57,10 @@ def launch(meshes: str, nproc: int, out: Path, workdir: Path, *flags: str) -> di
 def reports(tmp_path_factory) -> dict:
     """Mesh text -> the report of that mesh (workload -> checks), plus "bad_world"."""
     workdir = tmp_path_factory.mktemp("parallel_torch")
-    writer = launch(WRITER, 4, workdir / "writer.json", workdir, "--save")
+    writer = launch(f"{WRITER};{HSDP}@gpt3", 4, workdir / "writer.json", workdir, "--save")
     readers = launch(";".join(READERS), 2, workdir / "readers.json", workdir, "--load")
     merged = {mesh: readers[mesh] for mesh in READERS}
-    merged[WRITER] = writer[WRITER]
+    merged[WRITER], merged[HSDP] = writer[WRITER], writer[HSDP]
     merged["bad_world"] = [writer["bad_world"], readers["bad_world"]]
     return merged
 
@@ -85,10 +86,18 @@ def test_every_rank_gathers_the_same_full_state(reports, mesh, workload):
     assert reports[mesh][workload]["same_on_every_rank"]
 
 
-@pytest.mark.parametrize(("mesh", "engine"), [("data=2", "DistributedDataParallel")])
-def test_data_only_mesh_runs_ddp(reports, mesh, engine):
+@pytest.mark.parametrize(
+    ("mesh", "engine"),
+    [
+        (WRITER, "FSDPGptDecoder"),  # fully_shard over parallelize_module's DTensors
+        (HSDP, "FSDPGptDecoder"),
+        ("fsdp=2", "FSDPGptDecoder"),
+        ("tensor=2", "GptDecoder"),  # parallelize_module alone
+        ("data=2", "DistributedDataParallel"),
+    ],
+)
+def test_each_mesh_runs_its_engine(reports, mesh, engine):
     assert reports[mesh]["gpt3"]["engine"] == engine
-    assert reports["fsdp=2"]["gpt3"]["engine"].startswith("FSDP")
 
 
 @pytest.mark.parametrize(("mesh", "workload"), CASES)
