@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mlperf_tutor.layers.spec import CAUSAL_MASK_VALUE, KEY_MASK_VALUE, AttentionSpec
 from mlperf_tutor.layers.torch.lora import LoRALinear, make_linear
@@ -90,16 +91,18 @@ class Attention(nn.Module):
             spec.check_length(t)
         q, k, v = self._project(x, x if context is None else context)
         s = k.shape[1]
-        q = q.view(b, t, spec.num_heads, spec.head_dim)  # (B, T, N, H)
-        k = k.view(b, s, spec.kv_heads, spec.head_dim)  # (B, S, K, H)
-        v = v.view(b, s, spec.kv_heads, spec.head_dim)  # (B, S, K, H)
+        # Head counts from the widths (-1), not the spec: under tensor parallelism
+        # (mlperf_tutor.parallel.torch) each device projects only its share of the heads.
+        q = q.view(b, t, -1, spec.head_dim)  # (B, T, N, H)
+        k = k.view(b, s, -1, spec.head_dim)  # (B, S, K, H)
+        v = v.view(b, s, -1, spec.head_dim)  # (B, S, K, H)
         if spec.rotary_dim:
             q = apply_rotary(q, spec.rotary_dim, spec.rotary_base, spec.rotary_layout)
             k = apply_rotary(k, spec.rotary_dim, spec.rotary_base, spec.rotary_layout)
         if spec.fused:
             out = self._fused(q, k, v, key_mask)  # (B, T, N, H)
         else:
-            group = spec.num_heads // spec.kv_heads
+            group = q.shape[2] // k.shape[2]
             # Each kv head serves `group` consecutive query heads: (B, S, K, H) -> (B, S, N, H).
             k = k.repeat_interleave(group, dim=2)
             v = v.repeat_interleave(group, dim=2)
@@ -110,7 +113,7 @@ class Attention(nn.Module):
             probs = torch.softmax(masked_scores(scores, key_mask, spec.causal), dim=-1)
             probs = self.dropout(probs.to(v.dtype))  # (B, N, T, S)
             out = torch.einsum("BNTS,BSNH->BTNH", probs, v)  # (B, T, N, H)
-        return self.o_proj(out.reshape(b, t, spec.num_heads * spec.head_dim))  # (B, T, D)
+        return self.o_proj(out.reshape(b, t, q.shape[2] * spec.head_dim))  # (B, T, D)
 
     def _project(
         self, x: torch.Tensor, kv: torch.Tensor
@@ -127,7 +130,14 @@ class Attention(nn.Module):
         # ignores: its gradient is exactly zero. Computed through the graph it is round-off
         # (~1e-12) that differs between frameworks and that Adam (eps 1e-8) amplifies into
         # visible drift, so the bias enters the keys as a constant: same forward, exact zero.
-        if self.k_proj.bias is None or self.spec.rotary_dim or isinstance(self.k_proj, LoRALinear):
+        # A tensor-parallel k_proj (DTensor weight) must go through its module: the parallel
+        # style's hooks around its forward turn x into a DTensor and the output back.
+        if (
+            self.k_proj.bias is None
+            or self.spec.rotary_dim
+            or isinstance(self.k_proj, LoRALinear)
+            or isinstance(self.k_proj.weight, DTensor)
+        ):
             return self.k_proj(x)
         return F.linear(x, self.k_proj.weight) + self.k_proj.bias.detach()
 
