@@ -37,34 +37,22 @@ OVERRIDES = {
 
 
 def batches(wl, cfg, name: str) -> list[dict]:
-    """STEPS global batches; labels of example 0 partly ignored, so that the slices hold
-    different counts of labelled tokens (the token-weighted loss must still be the global one)."""
+    """STEPS global batches; labels (BERT: masked positions) of example 0 partly dropped, so
+    that the slices hold different counts of labelled tokens (the loss must still be the global
+    batch's)."""
     from mlperf_tutor.layers.spec import IGNORE_INDEX
 
     out = []
     for step in range(STEPS):
-        batch = wl.synthetic_batch(
-            cfg, GLOBAL_BATCH, seed=BERT_SEEDS[step] if name == "bert" else step
-        )
-        if "labels" in batch and name != "bert":
+        batch = wl.synthetic_batch(cfg, GLOBAL_BATCH, seed=step)
+        if "labels" in batch:
             batch["labels"] = batch["labels"].copy()
             batch["labels"][0, 3:] = IGNORE_INDEX
+        if "masked_lm_positions" in batch:  # position 0 ([CLS]) marks padding
+            batch["masked_lm_positions"] = batch["masked_lm_positions"].copy()
+            batch["masked_lm_positions"][0, 2:] = 0
         out.append(batch)
     return out
-
-
-# BERT's loss is a masked-token mean plus an example mean, which one weight per slice cannot
-# make global (its model would have to return the two terms): its batches are drawn so that both
-# halves hold as many masked tokens (seeds found by search), where the example weight is exact.
-BERT_SEEDS = (9, 15, 17, 19, 30, 51, 54, 57, 59, 68)
-
-
-def loss_weight(name: str):
-    from mlperf_tutor.parallel import torch as ptorch
-
-    return {"gpt3": ptorch.labelled_tokens(0), "llama2_70b_lora": ptorch.labelled_tokens(1)}.get(
-        name, ptorch.examples
-    )
 
 
 def digest(tree: dict) -> str:
@@ -103,7 +91,7 @@ def run_workload(name, mesh_shape, dmesh, rank, report, workdir, save, load, fir
 
     model = wl.build("torch", cfg, weights=weights)
     trainer = ptorch.ShardedTrainer(
-        model, spec, schedule, the_plan, dmesh, loss_weight=loss_weight(name)
+        model, spec, schedule, the_plan, dmesh, terms=wl.loss_terms(cfg)
     )
     shapes = ptorch.local_shard_shapes(trainer.model)
     departures = set(ptorch.fsdp_departures(the_plan))
@@ -163,7 +151,7 @@ def run_workload(name, mesh_shape, dmesh, rank, report, workdir, save, load, fir
             schedule,
             the_plan,
             dmesh,
-            loss_weight=loss_weight(name),
+            terms=wl.loss_terms(cfg),
         )
         other.restore(ckpt)
         restored, restored_state = other.weights(), other.optimizer_state()
@@ -204,7 +192,7 @@ def bf16_check(mesh_shape, dmesh, report):
         schedule,
         plan(wl, cfg, mesh_shape),
         dmesh,
-        loss_weight=ptorch.labelled_tokens(0),
+        terms=wl.loss_terms(cfg),
         precision="bf16",
     )
     seen = []  # the dtype fc_in computes with: FSDP2 gathers its weight in bf16

@@ -46,7 +46,7 @@ import contextlib
 import math
 import os
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -84,10 +84,10 @@ from mlperf_tutor.frameworks.torch import (
     from_numpy,
     to_numpy,
 )
-from mlperf_tutor.layers.spec import IGNORE_INDEX
 from mlperf_tutor.layers.torch.block import TransformerBlock
 from mlperf_tutor.layers.torch.lora import LoRALinear
 from mlperf_tutor.parallel.plan import AXES, MeshShape, ParallelError, Plan
+from mlperf_tutor.workloads.base import LossTerm, examples
 
 # --- the mesh -------------------------------------------------------------------------------
 
@@ -332,22 +332,6 @@ def local_shard_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 # --- the sharded trainer --------------------------------------------------------------------
 
 
-def labelled_tokens(shift: int = 0) -> Callable[[Mapping[str, Any]], float]:
-    """A loss weight for models whose loss is a mean over labelled tokens: the count of
-    ``labels[:, shift:]`` that are not ``IGNORE_INDEX`` (shift 0 for GPT, 1 for Llama, which
-    predicts ``labels[:, t + 1]``)."""
-
-    def count(batch: Mapping[str, Any]) -> float:
-        return float(np.count_nonzero(np.asarray(batch["labels"])[:, shift:] != IGNORE_INDEX))
-
-    return count
-
-
-def examples(batch: Mapping[str, Any]) -> float:
-    """The loss weight of a per-example mean loss: the number of examples."""
-    return float(len(next(iter(batch.values()))))
-
-
 class ShardedOptimizer(Optimizer):
     """:class:`~mlperf_tutor.frameworks.torch.Optimizer` over DTensor parameters: the global
     gradient norm of the clip is summed over every shard (``full_tensor``); the update is
@@ -379,23 +363,31 @@ def _clip_grad_norm(params: list[torch.Tensor], clip_norm: float) -> None:
         p.grad.mul_(scale)
 
 
+def _float32(value: torch.Tensor) -> torch.Tensor:
+    """A loss term as a plain float32 tensor (a DTensor's full value)."""
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    return value.to(torch.float32)
+
+
 class ShardedTrainer(Trainer):
     """:class:`~mlperf_tutor.frameworks.torch.Trainer` on a mesh: every process builds the same
     model, :func:`parallelize` shards it, and :meth:`step` takes the *global* batch, of which
     each process trains on its slice (the batch is split over data x fsdp; tensor devices share
     a slice).
 
-    The loss is the global batch's: each slice's mean loss is weighted by its share of
-    ``loss_weight`` (labelled tokens for a token-mean loss), so that FSDP's (or DDP's) average
-    of the gradients over the slices is the gradient of the global mean.
+    The loss is the global batch's: each mean the loss sums (the workload's
+    :meth:`~mlperf_tutor.workloads.base.Workload.loss_terms`: labelled tokens, masked positions,
+    examples) is weighted by the slice's share of its count, so that FSDP's (or DDP's) average
+    of the gradients over the slices is the gradient of the global loss.
 
     Args:
         model: a workload model (float32, CPU), as for ``Trainer``.
         spec, schedule: the optimizer and its schedule.
         plan: the model's :class:`Plan`.
         mesh: :func:`device_mesh` of ``plan.mesh`` (None: built here).
-        loss_weight: batch -> the count the model's loss averages over (:func:`labelled_tokens`,
-            :func:`examples`, the default).
+        terms: the means the model's loss sums, with their counts (``wl.loss_terms(cfg)``;
+            default: one mean over examples).
         precision: "fp32", or "bf16" (FSDP2's ``MixedPrecisionPolicy`` and the Trainer's
             autocast; frozen parameters stay float32 here).
         seed: seeds torch's generators.
@@ -409,7 +401,7 @@ class ShardedTrainer(Trainer):
         plan: Plan,
         mesh: DeviceMesh | None = None,
         *,
-        loss_weight: Callable[[Mapping[str, Any]], float] = examples,
+        terms: Sequence[LossTerm] = (LossTerm("loss", examples),),
         precision: str = "fp32",
         seed: int = 0,
     ):
@@ -425,7 +417,7 @@ class ShardedTrainer(Trainer):
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer = ShardedOptimizer(spec, schedule, named)
         self.compiled = False
-        self.loss_weight = loss_weight
+        self.terms = tuple(terms)
         shape = plan.mesh
         self._slice_index = self.mesh.get_local_rank(
             "data"
@@ -454,30 +446,32 @@ class ShardedTrainer(Trainer):
         """
         check_model_batch(self._model, batch)
         slices = self._slices(batch)
-        # Every process checks every slice, so that all of them refuse the same batch together.
-        weights = [self.loss_weight(piece) for piece in slices]
-        if min(weights) <= 0:
-            raise ParallelError(
-                f"slice {weights.index(min(weights))} of the global batch has nothing its loss "
-                f"averages over (loss weights {weights}); its mean loss would be 0/0"
-            )
-        local = slices[self._slice_index]
-        share = weights[self._slice_index] / sum(weights)
+        # Every process counts every slice, so that all of them refuse the same batch together.
+        counts = [[term.count(piece) for piece in slices] for term in self.terms]
+        for term, per_slice in zip(self.terms, counts, strict=True):
+            if min(per_slice) <= 0:
+                raise ParallelError(
+                    f"slice {per_slice.index(min(per_slice))} of the global batch has nothing "
+                    f"the loss's {term.output!r} averages over (counts per slice {per_slice}); "
+                    "its mean would be 0/0"
+                )
+        shares = [per_slice[self._slice_index] / sum(per_slice) for per_slice in counts]
         self._model.train(True)
         self.optimizer.zero_grad()
-        inputs = self._inputs(local)
+        inputs = self._inputs(slices[self._slice_index])
         # The backward runs under loss_parallel too (see evaluating), outside the autocast.
         with self._loss_parallel():
             with super().evaluating():
-                loss = self._forward(inputs)["loss"]
-            if isinstance(loss, DTensor):
-                loss = loss.full_tensor()
-            loss = loss.to(torch.float32)
+                out = self._forward(inputs)
+            loss = sum(
+                _float32(out[term.output]) * share
+                for term, share in zip(self.terms, shares, strict=True)
+            )
             # FSDP and DDP average the gradients over the batch_shards slices: scaled so that
-            # the average is the share-weighted sum, the global mean's gradient.
-            (loss * (share * self.plan.mesh.batch_shards)).backward()
+            # the average is the share-weighted sum, the global loss's gradient.
+            (loss * self.plan.mesh.batch_shards).backward()
         self.optimizer.step()
-        total = loss.detach() * share
+        total = loss.detach()
         dist.all_reduce(total)  # every tensor device holds its slice's loss: divide them out
         return total / self.plan.mesh.tensor
 

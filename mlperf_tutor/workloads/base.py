@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import math
@@ -20,6 +21,37 @@ from mlperf_tutor.core.interop import HfInterop
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.layers.spec import IGNORE_INDEX
 from mlperf_tutor.workloads.recipe import Recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class LossTerm:
+    """One mean in a model's training loss: the model output that holds it on a batch, and the
+    count it divides by, from the host batch.
+
+    A loss that is a sum of such means is the same on a global batch and, split into slices,
+    as ``sum over slices of mean(slice) * count(slice) / count(global batch)``: what a sharded
+    step computes (:meth:`Workload.loss_terms`). A mean of the slices' means is not, where
+    slices hold different counts (labelled tokens, masked positions).
+    """
+
+    output: str
+    count: Callable[[Mapping[str, np.ndarray]], float]
+
+
+def examples(batch: Mapping[str, np.ndarray]) -> float:
+    """The count of a per-example mean: the batch's examples."""
+    return float(len(next(iter(batch.values()))))
+
+
+def labelled_tokens(shift: int) -> Callable[[Mapping[str, np.ndarray]], float]:
+    """The count of a mean over labelled tokens: ``labels[:, shift:]`` that are not
+    ``IGNORE_INDEX`` (``shift`` 0 where the labels are already the next tokens, GPT; 1 where
+    the model shifts them itself, Llama)."""
+
+    def count(batch: Mapping[str, np.ndarray]) -> float:
+        return float(np.count_nonzero(np.asarray(batch["labels"])[:, shift:] != IGNORE_INDEX))
+
+    return count
 
 
 class Workload:
@@ -255,6 +287,11 @@ class Workload:
             "fp32 weights + grads + Adam state (GB)": n * 16 / 1e9,
         }
 
+    def loss_terms(self, cfg: Config) -> tuple[LossTerm, ...]:
+        """The means the training loss (the model's ``loss`` output) sums, each with the count
+        it divides by: by default one mean over examples."""
+        return (LossTerm("loss", examples),)
+
     def device_memory(self, cfg: Config, plan, batch_size: int, precision: str = "fp32"):
         """What each device holds under ``plan`` (a :class:`~mlperf_tutor.parallel.Plan`):
         :func:`mlperf_tutor.parallel.memory.device_memory` of the plan's partitions, unless a
@@ -404,9 +441,10 @@ def token_weighted_loss(
     where the model shifts them itself (Llama: ``labels[:, 1:]``).
     """
     total = count = 0.0
+    labelled = labelled_tokens(shift)
     for start in range(0, len(eval_set["input_ids"]), batch_size):
         batch = {k: v[start : start + batch_size] for k, v in eval_set.items()}
-        n = int(np.count_nonzero(batch["labels"][:, shift:] != IGNORE_INDEX))
+        n = labelled(batch)
         if n == 0:  # the model's mean over no tokens is 0/0
             continue
         loss = workload.forward(framework, model, batch, outputs=("loss",))["loss"]

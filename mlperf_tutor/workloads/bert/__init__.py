@@ -26,9 +26,15 @@ import numpy as np
 
 from mlperf_tutor.core.batch import BatchCheck, Ids
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
-from mlperf_tutor.workloads.base import Workload, endless_batches, new_data_directory
+from mlperf_tutor.workloads.base import (
+    LossTerm,
+    Workload,
+    endless_batches,
+    examples,
+    new_data_directory,
+)
 from mlperf_tutor.workloads.bert import hf
-from mlperf_tutor.workloads.bert.config import BertConfig
+from mlperf_tutor.workloads.bert.config import MLM_DENOMINATOR_EPS, BertConfig
 from mlperf_tutor.workloads.bert.data import TARGET_MLM_ACCURACY, masked_lm_counts
 from mlperf_tutor.workloads.recipe import Recipe, Target
 
@@ -97,6 +103,16 @@ class BertWorkload(Workload):
     config_class = BertConfig
     package = "mlperf_tutor.workloads.bert"
     hf = hf.INTEROP  # transformers BertForPreTraining interop (framework-free)
+
+    def loss_terms(self, cfg: BertConfig) -> tuple[LossTerm, ...]:
+        """The masked-LM mean over masked positions (position 0, [CLS], pads; the denominator
+        carries the reference's ``MLM_DENOMINATOR_EPS``) and the next-sentence mean over
+        examples."""
+
+        def masked(batch) -> float:
+            return float(np.count_nonzero(batch["masked_lm_positions"])) + MLM_DENOMINATOR_EPS
+
+        return (LossTerm("mlm_loss", masked), LossTerm("nsp_loss", examples))
 
     def flops_per_sample(self, cfg: BertConfig) -> float:
         """Three times the encoder's forward matmul FLOPs (:func:`encoder_flops_per_token`)

@@ -23,6 +23,10 @@ from mlperf_tutor.core.config import (
 )
 from mlperf_tutor.layers.spec import AttentionSpec, BlockSpec, MlpSpec
 
+# Added to the masked-LM loss's denominator (the masked positions), as the reference does: a
+# batch without masked positions gives 0, not 0/0.
+MLM_DENOMINATOR_EPS = 1e-5
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig(Config):

@@ -16,7 +16,7 @@ from flax import nnx
 
 from mlperf_tutor.frameworks.jax import init_empty
 from mlperf_tutor.layers.jax.block import TransformerBlock
-from mlperf_tutor.workloads.bert.config import BertConfig
+from mlperf_tutor.workloads.bert.config import MLM_DENOMINATOR_EPS, BertConfig
 
 
 def _norm(cfg: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -87,7 +87,9 @@ class BertMlmHead(nnx.Module):
 
 
 class BertPretraining(nnx.Module):
-    """BERT encoder with the masked-LM and next-sentence heads; returns logits and the loss.
+    """BERT encoder with the masked-LM and next-sentence heads; returns the logits, ``mlm_loss``
+    (the mean over masked positions), ``nsp_loss`` (the mean over examples) and their sum
+    ``loss`` (the two means apart, so a sharded step can weight each by its own count).
 
     Args:
         cfg: the BERT config (dropout is used for hidden and attention-probability dropout).
@@ -120,11 +122,17 @@ class BertPretraining(nnx.Module):
             mlm_logits.astype(jnp.float32), batch["masked_lm_ids"]
         )  # (B, P)
         weights = (positions != 0).astype(jnp.float32)
-        mlm_loss = jnp.sum(ce * weights) / (jnp.sum(weights) + 1e-5)  # the reference's 1e-5
+        mlm_loss = jnp.sum(ce * weights) / (jnp.sum(weights) + MLM_DENOMINATOR_EPS)
         nsp_loss = optax.softmax_cross_entropy_with_integer_labels(
             nsp_logits.astype(jnp.float32), batch["next_sentence_labels"]
         ).mean()
-        return {"mlm_logits": mlm_logits, "nsp_logits": nsp_logits, "loss": mlm_loss + nsp_loss}
+        return {
+            "mlm_logits": mlm_logits,
+            "nsp_logits": nsp_logits,
+            "mlm_loss": mlm_loss,
+            "nsp_loss": nsp_loss,
+            "loss": mlm_loss + nsp_loss,
+        }
 
 
 def build(cfg: BertConfig, *, fused: bool = False) -> BertPretraining:

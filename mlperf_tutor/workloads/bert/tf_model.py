@@ -16,7 +16,7 @@ import numpy as np
 from keras import ops
 
 from mlperf_tutor.layers.tf.block import TransformerBlock, check_input_length
-from mlperf_tutor.workloads.bert.config import BertConfig
+from mlperf_tutor.workloads.bert.config import MLM_DENOMINATOR_EPS, BertConfig
 
 
 def _embedding(n: int, dim: int, name: str, dtype) -> keras.layers.Embedding:
@@ -96,7 +96,9 @@ class BertMlmHead(keras.layers.Layer):
 
 
 class BertPretraining(keras.Model):
-    """BERT encoder with the masked-LM and next-sentence heads and their losses.
+    """BERT encoder with the masked-LM and next-sentence heads and their losses: ``mlm_loss``
+    (the mean over masked positions), ``nsp_loss`` (the mean over examples) and their sum
+    ``loss`` (the two means apart, so a sharded step can weight each by its own count).
 
     Args:
         cfg: the BERT config.
@@ -137,14 +139,19 @@ class BertPretraining(keras.Model):
             batch["masked_lm_ids"], ops.cast(mlm_logits, "float32"), from_logits=True
         )  # (B, P)
         weights = ops.cast(ops.not_equal(positions, 0), "float32")
-        # The reference's denominator: + 1e-5, so a batch without masked tokens gives 0.
-        mlm_loss = ops.sum(ce * weights) / (ops.sum(weights) + 1e-5)
+        mlm_loss = ops.sum(ce * weights) / (ops.sum(weights) + MLM_DENOMINATOR_EPS)
         nsp_loss = ops.mean(
             ops.sparse_categorical_crossentropy(
                 batch["next_sentence_labels"], ops.cast(nsp_logits, "float32"), from_logits=True
             )
         )
-        return {"mlm_logits": mlm_logits, "nsp_logits": nsp_logits, "loss": mlm_loss + nsp_loss}
+        return {
+            "mlm_logits": mlm_logits,
+            "nsp_logits": nsp_logits,
+            "mlm_loss": mlm_loss,
+            "nsp_loss": nsp_loss,
+            "loss": mlm_loss + nsp_loss,
+        }
 
     def get_config(self) -> dict:
         return {"cfg": self.cfg.to_dict(), "dtype": self.dtype_policy.name, "name": self.name}

@@ -12,10 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlperf_tutor.layers.torch.block import TransformerBlock
-from mlperf_tutor.workloads.bert.config import BertConfig
-
-# Added to the masked-LM weight sum, as the reference does (an all-padding batch gives 0 loss).
-MLM_DENOMINATOR_EPS = 1e-5
+from mlperf_tutor.workloads.bert.config import MLM_DENOMINATOR_EPS, BertConfig
 
 
 class BertEmbeddings(nn.Module):
@@ -75,7 +72,9 @@ class BertMlmHead(nn.Module):
 
 
 class BertPretraining(nn.Module):
-    """BERT encoder with the masked-LM and next-sentence heads and their losses.
+    """BERT encoder with the masked-LM and next-sentence heads and their losses: ``mlm_loss``
+    (the mean over masked positions), ``nsp_loss`` (the mean over examples) and their sum
+    ``loss`` (the two means apart, so a sharded step can weight each by its own count).
 
     Args:
         cfg: the BERT config (dropout is ``cfg.dropout``, hidden and attention alike).
@@ -109,7 +108,13 @@ class BertPretraining(nn.Module):
         mlm_loss = (ce * weights).sum() / (weights.sum() + MLM_DENOMINATOR_EPS)
         nsp_labels = batch["next_sentence_labels"].long().reshape(-1)
         nsp_loss = F.cross_entropy(_at_least_f32(nsp_logits), nsp_labels, reduction="mean")
-        return {"mlm_logits": mlm_logits, "nsp_logits": nsp_logits, "loss": mlm_loss + nsp_loss}
+        return {
+            "mlm_logits": mlm_logits,
+            "nsp_logits": nsp_logits,
+            "mlm_loss": mlm_loss,
+            "nsp_loss": nsp_loss,
+            "loss": mlm_loss + nsp_loss,
+        }
 
 
 def _at_least_f32(x: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,11 @@ import numpy as np
 from mlperf_tutor.core.batch import BatchCheck, Ids
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.workloads.base import (
+    LossTerm,
     Workload,
     endless_batches,
     epoch_rng,
+    labelled_tokens,
     new_data_directory,
     token_weighted_loss,
 )
@@ -94,6 +96,10 @@ class GptWorkload(Workload):
     """A causal language model; GPT-3 and GPT-J are instances with their own configs."""
 
     package = "mlperf_tutor.workloads.gpt"
+
+    def loss_terms(self, cfg: GptConfig) -> tuple[LossTerm, ...]:
+        """One mean over the labelled tokens (the labels are already the next tokens)."""
+        return (LossTerm("loss", labelled_tokens(0)),)
 
     def flops_per_sample(self, cfg: GptConfig) -> float:
         """:func:`flops_per_token` times the sequence's tokens."""

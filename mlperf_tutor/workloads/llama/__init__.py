@@ -30,9 +30,11 @@ from mlperf_tutor.core.checkpoint import Tree
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.layers.spec import is_adapter
 from mlperf_tutor.workloads.base import (
+    LossTerm,
     Workload,
     endless_batches,
     epoch_rng,
+    labelled_tokens,
     new_data_directory,
     token_weighted_loss,
 )
@@ -138,6 +140,11 @@ class LlamaLoraWorkload(Workload):
         if weights is not None and cfg.lora_rank and not any(is_adapter(k) for k in weights):
             weights = {**weights, **init_adapters(cfg, seed=0)}
         return super().build(framework, cfg, weights, **options)
+
+    def loss_terms(self, cfg: LlamaConfig) -> tuple[LossTerm, ...]:
+        """One mean over the labelled tokens after the first (the model predicts
+        ``labels[:, t + 1]``)."""
+        return (LossTerm("loss", labelled_tokens(1)),)
 
     def flops_per_sample(self, cfg: LlamaConfig) -> float:
         """:func:`flops_per_token` (LoRA's count when the config has adapters) times the
