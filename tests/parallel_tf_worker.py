@@ -170,6 +170,12 @@ def check(out_dir: Path, name: str) -> dict:
         errors["odd batch"] = None
     except ParallelError as e:
         errors["odd batch"] = str(e)
+    outside = wl.build("tf", cfg, weights=weights)  # not under building(plan)
+    try:
+        adapter.Trainer(outside, spec, schedule, plan=two.plan)
+        errors["built outside"] = None
+    except ParallelError as e:
+        errors["built outside"] = str(e)
     entry["errors"] = errors
     return entry
 

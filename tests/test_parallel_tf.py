@@ -123,3 +123,8 @@ def test_mesh_larger_than_devices_is_refused(report):
 def test_batch_not_divisible_by_replicas_is_refused(report):
     message = report["bert"]["errors"]["odd batch"]
     assert "3 examples" in message and "multiple of 2" in message
+
+
+def test_model_built_outside_the_strategy_is_refused(report):
+    message = report["bert"]["errors"]["built outside"]
+    assert "does not mirror" in message and "building(plan)" in message

@@ -44,6 +44,7 @@ import pathlib  # noqa: E402
 import types  # noqa: E402
 import zlib  # noqa: E402
 from collections.abc import Callable, Mapping  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -57,6 +58,9 @@ from mlperf_tutor.core.batch import check_model_batch  # noqa: E402
 from mlperf_tutor.core.checkpoint import CheckpointMismatch, Tree, check_tree  # noqa: E402
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec, state_key  # noqa: E402
 from mlperf_tutor.frameworks import tf_optim  # noqa: E402
+
+if TYPE_CHECKING:
+    from mlperf_tutor.parallel.tf import Replicas
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -672,7 +676,8 @@ class Trainer:
 
     Raises:
         ValueError: an unknown precision or device, or a model whose dtype policy does not
-            match the precision.
+            match the precision; under a plan, a model built outside its strategy's scope
+            (``mlperf_tutor.parallel.ParallelError``).
     """
 
     CHECKPOINT = "ckpt"  # the file prefix of tf.train.Checkpoint inside a save directory
@@ -686,7 +691,7 @@ class Trainer:
         precision: str = "fp32",
         device: str = "cpu",
         seed: int = 0,
-        plan=None,
+        plan: Replicas | None = None,
     ):
         if precision not in PRECISION_POLICIES:
             raise ValueError(
@@ -699,6 +704,8 @@ class Trainer:
                 f"workload's tf_model.build(cfg, dtype={want!r})); model {model.name!r} has "
                 f"the dtype policy {policy!r}"
             )
+        if plan is not None:
+            plan.check(model)
         self.precision = precision
         self.plan = plan
         self.device = _device_name(device)

@@ -33,6 +33,11 @@ path would clip each replica's gradient before its all-reduce).
 Each replica's loss is weighted so that the replicas' sum is the global-batch loss, not a mean
 of per-replica means: a language model's loss is a mean over labelled tokens, and slices hold
 different counts. :data:`LOSS_TERMS` says how for each workload family.
+
+Dropout under a strategy: a Keras ``SeedGenerator``'s state is one mirrored variable, so every
+replica draws the same masks for its slice (checked: a ``Dropout`` on two replicas gives two
+equal masks), where one device would draw independent ones for the whole batch. Replicated
+training matches single-device training without dropout (``wl.deterministic``) only.
 """
 
 from __future__ import annotations
@@ -220,6 +225,25 @@ class Replicas:
 
         return self.strategy.experimental_distribute_values_from_function(value)
 
+    def check(self, model) -> None:
+        """Refuse a model whose variables this plan's strategy does not mirror.
+
+        Raises:
+            ParallelError: naming the first such variables (the model was built outside
+                :func:`building`).
+        """
+        outside = [
+            v.path
+            for v in model.variables
+            if getattr(v.value, "_distribute_strategy", None) is not self.strategy
+        ]
+        if outside:
+            raise ParallelError(
+                f"model {model.name!r} has variables that this plan's strategy does not mirror "
+                f"({outside[:3]}{' ...' if len(outside) > 3 else ''}); build the model and "
+                "create the Trainer inside mlperf_tutor.parallel.tf.building(plan)"
+            )
+
     def compiled_update(self, model, native, variables: list, *, loss_dtype=None):
         """The data-parallel update as one ``tf.function`` of :meth:`split`'s result: each
         replica's forward and gradients of its weighted loss (``strategy.run``), the gradients
@@ -230,7 +254,12 @@ class Replicas:
             model, native, variables: as for ``frameworks.tf.compiled_update``; the model and
                 optimizer must have been made under :func:`building`.
             loss_dtype: the dtype the loss is cast to before differentiating (None: keep).
+
+        Raises:
+            ParallelError: a model variable that the strategy does not mirror (the model was
+                built outside :func:`building`).
         """
+        self.check(model)
         chosen, means = self.strategy, self.means
 
         def replica_step(inputs, weights):
