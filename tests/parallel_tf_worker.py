@@ -126,6 +126,11 @@ def check(out_dir: Path, name: str) -> dict:
             "replicas": t.plan.replicas,
             "variable_type": type(mirrored).__name__,
             "copies": len(getattr(mirrored, "values", [mirrored])),
+            # Every replica's copy of every variable (weights, slots, step) the same bits.
+            "copies_identical": all(
+                all(np.array_equal(c.numpy(), v.value.values[0].numpy()) for c in v.value.values)
+                for v in [*t.model.variables, *t._optimizer.native.variables]
+            ),
             "loss_max_abs": _max_abs(losses, single_losses),
             "param_max_rel": _max_rel(single_weights, t.weights()),
             "state_max_rel": _max_rel(

@@ -68,6 +68,7 @@ def test_replicas_hold_mirrored_copies(report, name, replicas):
     assert run["replicas"] == replicas
     assert run["variable_type"] == "MirroredVariable"
     assert run["copies"] == replicas
+    assert run["copies_identical"]
     assert run["steps"] == 10
 
 

@@ -164,7 +164,7 @@ def _bert_counts(batch) -> list[float]:
     return [masked + _BERT_EPS, float(len(batch["next_sentence_labels"]))]
 
 
-#: Workload family (the workload's ``package``) -> (local means, host counts).
+#: Workload family (the workload's ``package``) -> (local means, host denominators).
 LOSS_TERMS: dict[str, tuple[LossMeans, LossCounts]] = {
     "mlperf_tutor.workloads.bert": (_bert_means, _bert_counts),
     "mlperf_tutor.workloads.gpt": (_single_mean, _labelled(0)),  # labels are the next tokens
