@@ -44,6 +44,7 @@ import pathlib  # noqa: E402
 import types  # noqa: E402
 import zlib  # noqa: E402
 from collections.abc import Callable, Mapping  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -57,6 +58,9 @@ from mlperf_tutor.core.batch import check_model_batch  # noqa: E402
 from mlperf_tutor.core.checkpoint import CheckpointMismatch, Tree, check_tree  # noqa: E402
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec, state_key  # noqa: E402
 from mlperf_tutor.frameworks import tf_optim  # noqa: E402
+
+if TYPE_CHECKING:
+    from mlperf_tutor.parallel.tf import Replicas
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -664,10 +668,16 @@ class Trainer:
         precision: "fp32" or "bf16".
         device: what :func:`use_device` returned, or a name it accepts.
         seed: seeds every dropout stream of the model.
+        plan: data parallelism: what ``mlperf_tutor.parallel.tf.realise(wl, plan)`` returned
+            (a ``MirroredStrategy`` and the workload's loss weighting). Build the model and
+            create the Trainer inside ``mlperf_tutor.parallel.tf.building(plan)``; each step
+            then runs on every replica's slice of the global batch and applies the summed
+            gradients once (``device`` is not used: the strategy places the replicas).
 
     Raises:
         ValueError: an unknown precision or device, or a model whose dtype policy does not
-            match the precision.
+            match the precision; under a plan, a model built outside its strategy's scope
+            (``mlperf_tutor.parallel.ParallelError``).
     """
 
     CHECKPOINT = "ckpt"  # the file prefix of tf.train.Checkpoint inside a save directory
@@ -681,6 +691,7 @@ class Trainer:
         precision: str = "fp32",
         device: str = "cpu",
         seed: int = 0,
+        plan: Replicas | None = None,
     ):
         if precision not in PRECISION_POLICIES:
             raise ValueError(
@@ -693,12 +704,17 @@ class Trainer:
                 f"workload's tf_model.build(cfg, dtype={want!r})); model {model.name!r} has "
                 f"the dtype policy {policy!r}"
             )
+        if plan is not None:
+            plan.check(model)
         self.precision = precision
+        self.plan = plan
         self.device = _device_name(device)
         self._model = model
         self._leaves = leaves(model)
         self._rng = seed_generators(model)
-        with tf.device(self.device):
+        # Under a plan, the optimizer (its slots mirrored) is made in the strategy's scope.
+        placement = tf.device(self.device) if plan is None else plan.strategy.scope()
+        with placement:
             frozen = _frozen_parameters(model) if precision == "bf16" else []
             for variable in frozen:
                 _store_in_bfloat16(variable)
@@ -707,13 +723,19 @@ class Trainer:
         self._seed(seed)
         native = self._optimizer.native
         on_accelerator = tf.DeviceSpec.from_string(self.device).device_type != "CPU"
-        self._update = compiled_update(
-            model,
-            native,
-            [leaf.variable for leaf in _trainable_leaves(model)],
-            jit_compile=True if on_accelerator and getattr(model, "jit_compile", False) else None,
-            loss_dtype=tf.float32,
-        )
+        variables = [leaf.variable for leaf in _trainable_leaves(model)]
+        if plan is None:
+            self._update = compiled_update(
+                model,
+                native,
+                variables,
+                jit_compile=True
+                if on_accelerator and getattr(model, "jit_compile", False)
+                else None,
+                loss_dtype=tf.float32,
+            )
+        else:
+            self._update = plan.compiled_update(model, native, variables, loss_dtype=tf.float32)
         # What a checkpoint holds, by group and key.
         covered = {id(native.iterations)}
         slots = {"step": native.iterations}
@@ -744,6 +766,9 @@ class Trainer:
         """One update (training mode: dropout on, BatchNorm statistics updated). Returns the
         float32 loss as a tensor, without waiting for it (see :meth:`loss_value`)."""
         check_model_batch(self._model, batch)
+        if self.plan is not None:
+            with _without_memory_optimizer():
+                return self._update(self.plan.split(batch))
         with tf.device(self.device), _without_memory_optimizer():
             return self._update(_inputs(batch))
 
