@@ -895,7 +895,8 @@ class Trainer:
         """Write the training state into ``directory`` (existing, empty) as an Orbax checkpoint
         (in its folder ``state``): float32 masters, frozen parameters as stored, BatchNorm
         statistics, every RNG stream's key and counter, the optax state and the step count.
-        Returns once the checkpoint is complete."""
+        A sharded trainer's arrays are written as they lie, each device its slices. Returns
+        once the checkpoint is complete."""
         import orbax.checkpoint as ocp
 
         path = Path(directory).absolute() / CHECKPOINT_FOLDER  # Orbax refuses relative paths
@@ -906,6 +907,9 @@ class Trainer:
     def restore(self, directory: str | os.PathLike) -> None:
         """Read back what :meth:`save` wrote (a trainer of the same model, precision and
         optimizer); then :meth:`step` continues the saved run bit for bit.
+
+        The checkpoint may come from another mesh or from one device: every array is read onto
+        this trainer's own placement (its plan's shardings, or its device).
 
         Raises:
             ValueError: no checkpoint, an unreadable one, or one whose arrays differ from this

@@ -153,7 +153,9 @@ def local_shard_shapes(trainer_or_model) -> dict[str, tuple[int, ...]]:
     Raises:
         ParallelError: a parameter whose addressable shards differ in shape (an uneven split).
     """
-    model = getattr(trainer_or_model, "model", trainer_or_model)
+    model = trainer_or_model
+    if not isinstance(model, nnx.Module):  # a Trainer: its model holds its arrays
+        model = trainer_or_model.model
     out = {}
     for leaf in fj._leaves(model):
         shapes = {tuple(s.data.shape) for s in leaf.variable.get_value().addressable_shards}
