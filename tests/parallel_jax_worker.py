@@ -60,11 +60,11 @@ def initial_weights(name: str) -> dict:
     return wl.init_canonical(cfg, seed=0)
 
 
-def trainer(name: str, mesh_text: str | None, weights: dict, mesh=None):
+def trainer(name: str, mesh_text: str | None, weights: dict):
     wl, cfg = config(name)
     model = wl.build("jax", cfg, weights=weights)
     the_plan = None if mesh_text is None else plan(wl, cfg, MeshShape.parse(mesh_text))
-    return fj.Trainer(model, *wl.optimizer(cfg), plan=the_plan, mesh=mesh)
+    return fj.Trainer(model, *wl.optimizer(cfg), plan=the_plan)
 
 
 def relative(got: dict, want: dict) -> float:

@@ -21,6 +21,8 @@ pytestmark = pytest.mark.requires("jax")
 
 import jax  # noqa: E402
 
+import mlperf_tutor as mt  # noqa: E402
+from mlperf_tutor import frameworks  # noqa: E402
 from mlperf_tutor.parallel import MeshShape, ParallelError  # noqa: E402
 from mlperf_tutor.parallel import jax as pj  # noqa: E402
 
@@ -159,3 +161,12 @@ def test_device_mesh_refuses_more_devices_than_given():
     assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.devices.shape == (1, 1, 1)
     with pytest.raises(ParallelError, match="needs 2 devices, but there are 1"):
         pj.device_mesh(MeshShape(tensor=2), one)
+
+
+def test_trainer_refuses_a_mesh_without_a_plan():
+    wl = mt.workloads.get("toy")
+    cfg = wl.config("tiny")
+    model = wl.build("jax", cfg)
+    mesh = pj.device_mesh(MeshShape(), jax.devices()[:1])
+    with pytest.raises(ValueError, match="a mesh without a plan"):
+        frameworks.get("jax").Trainer(model, *wl.optimizer(cfg), mesh=mesh)

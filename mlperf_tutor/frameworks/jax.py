@@ -730,6 +730,8 @@ class Trainer:
         shardings on ``mesh``: parameters, frozen ones and BatchNorm statistics as the plan
         splits them, RNG streams replicated, batches split over ``data`` × ``fsdp``."""
         self.plan = plan
+        if plan is None and mesh is not None:
+            raise ValueError("a mesh without a plan: pass plan= (mlperf_tutor.parallel.plan)")
         if plan is None:
             self.mesh = None
             one = jax.sharding.SingleDeviceSharding(self.device)
