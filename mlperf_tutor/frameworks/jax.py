@@ -510,11 +510,26 @@ def _is_key(x) -> bool:
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _owned(tree, device: jax.Device):
-    """Copies of every leaf of ``tree`` on ``device``: buffers that no other array shares, so
-    that donating them deletes nothing else (optax's init and ``OptaxState.load_state_dict``
-    may hand one array to several slots, or a slot the parameter's own buffer)."""
-    return jax.device_put(tree, device, may_alias=False)
+def _owned(tree, placement):
+    """Copies of every leaf of ``tree`` placed by ``placement`` (a device or sharding, or a tree
+    of them matching ``tree``): buffers that no other array shares, so that donating them
+    deletes nothing else (optax's init and ``OptaxState.load_state_dict`` may hand one array to
+    several slots, or a slot the parameter's own buffer)."""
+    return jax.device_put(tree, placement, may_alias=False)
+
+
+def _like_params(opt_state, params: Mapping[str, Any], other):
+    """A tree of ``opt_state``'s structure holding, for each leaf, ``params[name]`` where the
+    leaf belongs to parameter ``name`` (optax keeps a slot of the flat parameter dict under its
+    name, e.g. ``mu[name]``) and ``other`` elsewhere (step counts)."""
+
+    def pick(path, _):
+        for key in path:
+            if isinstance(key, jax.tree_util.DictKey) and key.key in params:
+                return params[key.key]
+        return other
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
 def _leaf_name(path) -> str:
@@ -544,12 +559,32 @@ def _compiled_update(
     schedule: ScheduleSpec,
     precision: str,
 ):
-    """(optax transformation, jitted update) of :class:`Trainer`, shared by trainers of one
-    model structure, optimizer and precision (a trainer made again does not recompile).
+    """(optax transformation, jitted update) of :class:`Trainer` on one device, shared by
+    trainers of one model structure, optimizer and precision (a trainer made again does not
+    recompile).
 
-    ``names`` are the canonical names of the trainable leaves in the order of their treedef.
     The float32 masters, the optimizer state and the RNG/BatchNorm state are donated: updated
     in place, no second copy alive."""
+    tx, update = _update_function(graphdef, treedefs, names, spec, schedule, precision)
+    return tx, jax.jit(update, donate_argnums=DONATED)
+
+
+DONATED = (0, 1, 2)  # the update's params, optimizer state and rest: updated in place
+
+
+@functools.lru_cache(maxsize=64)
+def _update_function(
+    graphdef,
+    treedefs: tuple,
+    names: tuple[str, ...],
+    spec: OptimizerSpec,
+    schedule: ScheduleSpec,
+    precision: str,
+):
+    """(optax transformation, update function, not compiled) of :class:`Trainer`:
+    ``update(params, opt_state, rest, frozen, batch) -> (params, opt_state, rest, loss)``.
+
+    ``names`` are the canonical names of the trainable leaves in the order of their treedef."""
     tx = make_transformation(spec, schedule, names)
     params_def, frozen_def, rest_def = treedefs
     low = jnp.bfloat16 if precision == "bf16" else None
@@ -573,7 +608,7 @@ def _compiled_update(
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, rest, loss
 
-    return tx, jax.jit(update, donate_argnums=(0, 1, 2))
+    return tx, update
 
 
 class Trainer:
@@ -593,6 +628,16 @@ class Trainer:
     softmax and normalisation statistics are float32 (the models compute them so; the step
     casts the loss). BatchNorm statistics stay float32.
 
+    Sharded (``plan``): the trainer realises a :class:`mlperf_tutor.parallel.Plan` on a
+    ``jax.sharding.Mesh`` (see :mod:`mlperf_tutor.parallel.jax`). Parameters, frozen ones and
+    BatchNorm statistics are placed with the plan's ``NamedSharding`` (in the JAX layout), each
+    optimizer slot like its parameter, RNG streams and counters replicated, and each batch split
+    over ``data`` × ``fsdp``. The update is the same function, compiled with these input and
+    output shardings (still donating its state): XLA's partitioner adds the communication.
+    :meth:`weights` and :meth:`optimizer_state` gather canonical numpy arrays; :meth:`save`
+    writes the sharded arrays with Orbax and :meth:`restore` reads a checkpoint of any mesh onto
+    this trainer's shardings.
+
     Args:
         model: an NNX workload model (``wl.build("jax", cfg, weights=...)``), float32.
         spec: the optimizer.
@@ -601,9 +646,15 @@ class Trainer:
         device: a name :func:`use_device` accepts, or what it returned.
         seed: seeds every RNG stream of the model (dropout), keys split from
             ``jax.random.key(seed)`` as :func:`init_empty` splits them and counters at 0.
+        plan: train sharded as this plan of the model's workload says (None: on ``device``,
+            which a plan overrides).
+        mesh: the ``jax.sharding.Mesh`` for ``plan`` (None: ``device_mesh(plan.mesh)``, the
+            first devices of the default backend).
 
     Raises:
-        ValueError: an unknown precision or device.
+        ValueError: an unknown precision or device; a plan whose mesh needs more devices than
+            there are, or whose parameters are not the model's
+            (``mlperf_tutor.parallel.ParallelError``).
     """
 
     def __init__(
@@ -615,6 +666,8 @@ class Trainer:
         precision: str = "fp32",
         device: str = "cpu",
         seed: int = 0,
+        plan=None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
@@ -638,19 +691,66 @@ class Trainer:
         self._frozen_keys = [".".join(map(str, p)) for p in frozen.paths]
         self._rest_keys = [".".join(map(str, p)) for p in rest.paths]
 
+        self._place(model, leaves, plan, mesh)
         by_name = dict(zip(self._names, params.values, strict=True))
         # In _leaves order, as Optimizer has them: the canonical state's key order.
-        self._params = _owned({leaf.name: by_name[leaf.name] for leaf in trainable}, self.device)
-        self._frozen = [jax.device_put(self._stored(v), self.device) for v in frozen.values]
-        self._rest = _owned(self._seeded(rest, seed), self.device)
-        tx, self._update = _compiled_update(
-            graphdef, self._treedefs, self._names, spec, schedule, precision
+        self._params = _owned(
+            {leaf.name: by_name[leaf.name] for leaf in trainable}, self._param_shardings
         )
+        self._frozen = _owned([self._stored(v) for v in frozen.values], self._frozen_shardings)
+        self._rest = _owned(self._seeded(rest, seed), self._rest_shardings)
         perms = {leaf.name: leaf.perm for leaf in trainable}
-        self._opt = OptaxState(spec, schedule, self._params, perms, native=tx)
-        self._opt.opt_state = _owned(self._opt.opt_state, self.device)
+        if plan is None:
+            tx, self._update = _compiled_update(
+                graphdef, self._treedefs, self._names, spec, schedule, precision
+            )
+            self._opt = OptaxState(spec, schedule, self._params, perms, native=tx)
+            self._opt_shardings = self._replicated
+        else:  # compiled per trainer: the shardings are part of the program
+            tx, update = _update_function(
+                graphdef, self._treedefs, self._names, spec, schedule, precision
+            )
+            self._opt = OptaxState(spec, schedule, self._params, perms, native=tx)
+            self._opt_shardings = _like_params(
+                self._opt.opt_state, self._param_shardings, self._replicated
+            )
+            state = (self._param_shardings, self._opt_shardings, self._rest_shardings)
+            self._update = jax.jit(
+                update,
+                in_shardings=(*state, self._frozen_shardings, self._batch_sharding),
+                out_shardings=(*state, self._replicated),
+                donate_argnums=DONATED,
+            )
+        self._opt.opt_state = _owned(self._opt.opt_state, self._opt_shardings)
         self._steps = 0
         self._write_back()  # the model holds the trainer's arrays (frozen ones in bf16)
+
+    def _place(self, model: nnx.Module, leaves: list[_Leaf], plan, mesh) -> None:
+        """Decide where every array lives: on :attr:`device`, or (``plan``) with the plan's
+        shardings on ``mesh``: parameters, frozen ones and BatchNorm statistics as the plan
+        splits them, RNG streams replicated, batches split over ``data`` × ``fsdp``."""
+        self.plan = plan
+        if plan is None and mesh is not None:
+            raise ValueError("a mesh without a plan: pass plan= (mlperf_tutor.parallel.plan)")
+        if plan is None:
+            self.mesh = None
+            one = jax.sharding.SingleDeviceSharding(self.device)
+            self._replicated = self._batch_sharding = one
+            by_name = {}
+        else:  # imported here: mlperf_tutor.parallel.jax imports this module
+            from mlperf_tutor.parallel import jax as pj
+
+            self.mesh = pj.device_mesh(plan.mesh) if mesh is None else mesh
+            by_name = pj.shardings(plan, self.mesh, model)
+            self._replicated = pj.replicated(self.mesh)
+            self._batch_sharding = pj.batch_sharding(self.mesh)
+        where = {leaf.path: by_name.get(leaf.name, self._replicated) for leaf in leaves}
+        self._param_shardings = {  # keyed and ordered as the parameters' dict
+            leaf.name: where[leaf.path] for leaf in leaves if isinstance(leaf.variable, nnx.Param)
+        }
+        _, frozen_paths, rest_paths = self._paths
+        self._frozen_shardings = [where[path] for path in frozen_paths]
+        self._rest_shardings = [where.get(path, self._replicated) for path in rest_paths]
 
     def _stored(self, value: jax.Array) -> jax.Array:
         """A frozen parameter as the trainer stores it: bf16 under "bf16"."""
@@ -690,7 +790,18 @@ class Trainer:
             The loss before the update, a float32 device array (not synchronised).
         """
         check_model_batch(self._model, batch)
-        arrays = jax.device_put(dict(batch), self.device)
+        if self.plan is not None:
+            shards = self.plan.mesh.batch_shards
+            uneven = {
+                k: np.shape(v) for k, v in batch.items() if np.ndim(v) == 0 or len(v) % shards
+            }
+            if uneven:
+                raise ValueError(
+                    f"mesh {self.plan.mesh} splits the batch into {shards} (data x fsdp), but "
+                    f"these batch arrays' first dimensions are not multiples of it: {uneven}; "
+                    f"use a batch size divisible by {shards}"
+                )
+        arrays = jax.device_put(dict(batch), self._batch_sharding)
         self._params, self._opt.opt_state, self._rest, loss = self._update(
             self._params, self._opt.opt_state, self._rest, self._frozen, arrays
         )
@@ -757,15 +868,15 @@ class Trainer:
         load_canonical(model, tree)
         _, params, frozen, rest = _split(model)
         # The rest as the model now holds it: its RNG streams and the loaded BatchNorm stats.
-        self._rest = _owned(rest.values, self.device)
+        self._rest = _owned(rest.values, self._rest_shardings)
         if (params.paths, frozen.paths) != self._paths[:2]:
             raise RuntimeError("the model's structure changed since the trainer was made")
         by_name = dict(zip(self._names, params.values, strict=True))
-        self._params = _owned({name: by_name[name] for name in self._params}, self.device)
-        self._frozen = [jax.device_put(v, self.device) for v in frozen.values]
+        self._params = _owned({name: by_name[name] for name in self._params}, self._param_shardings)
+        self._frozen = _owned(frozen.values, self._frozen_shardings)
         if optimizer_state is None:
             self._opt.opt_state = self._opt.native.init(self._params)
-        self._opt.opt_state = _owned(self._opt.opt_state, self.device)
+        self._opt.opt_state = _owned(self._opt.opt_state, self._opt_shardings)
         self._steps = 0 if optimizer_state is None else int(np.asarray(optimizer_state["step"]))
         self._write_back()
 
@@ -786,7 +897,8 @@ class Trainer:
         """Write the training state into ``directory`` (existing, empty) as an Orbax checkpoint
         (in its folder ``state``): float32 masters, frozen parameters as stored, BatchNorm
         statistics, every RNG stream's key and counter, the optax state and the step count.
-        Returns once the checkpoint is complete."""
+        A sharded trainer's arrays are written as they lie, each device its slices. Returns
+        once the checkpoint is complete."""
         import orbax.checkpoint as ocp
 
         path = Path(directory).absolute() / CHECKPOINT_FOLDER  # Orbax refuses relative paths
@@ -797,6 +909,9 @@ class Trainer:
     def restore(self, directory: str | os.PathLike) -> None:
         """Read back what :meth:`save` wrote (a trainer of the same model, precision and
         optimizer); then :meth:`step` continues the saved run bit for bit.
+
+        The checkpoint may come from another mesh or from one device: every array is read onto
+        this trainer's own placement (its plan's shardings, or its device).
 
         Raises:
             ValueError: no checkpoint, an unreadable one, or one whose arrays differ from this
@@ -825,10 +940,11 @@ class Trainer:
                     hint="restore it into a trainer of the same workload, preset, precision "
                     "and optimizer",
                 )
-                sharding = jax.sharding.SingleDeviceSharding(self.device)
+                # Onto this trainer's own placement, whatever mesh wrote the checkpoint: Orbax
+                # reads each device's slice of the target sharding.
                 abstract = jax.tree.map(
                     lambda x: (
-                        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+                        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                         if isinstance(x, jax.Array)
                         else x
                     ),
