@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 
 from mlperf_tutor import frameworks, workloads
@@ -182,6 +184,8 @@ def cmd_train(args) -> int:
         args.framework = installed[0]
         print(f"--framework {args.framework} (the first installed)", file=sys.stderr)
 
+    if args.mesh is not None and args.framework == "torch" and "RANK" not in os.environ:
+        return _torchrun(args)
     if args.dry_run:
         train.dry_run(
             args.workload,
@@ -213,7 +217,10 @@ def cmd_train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         keep=args.keep,
         resume=args.resume,
+        mesh=args.mesh,
     )
+    if args.mesh is not None and args.framework == "torch" and os.environ.get("RANK") != "0":
+        return 0  # rank 0 reports
     if not result.losses:
         print(
             f"{args.workload} {args.framework}: already at step {result.start_step}; nothing to do"
@@ -240,6 +247,27 @@ def cmd_train(args) -> int:
     if args.checkpoint_dir:
         print(f"checkpoints: {args.checkpoint_dir}")
     return 0
+
+
+def _torchrun(args) -> int:
+    """Run this ``train --mesh`` command again under torchrun, one process per mesh device
+    (gloo on a CPU, NCCL on GPUs: see :func:`mlperf_tutor.train.train`); its exit status."""
+    from mlperf_tutor.parallel import MeshShape
+
+    mesh = MeshShape.parse(args.mesh)  # no -1 here: the process count must be known
+    argv = list(sys.argv[1:] if args.argv is None else args.argv)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={mesh.devices}",
+        "-m",
+        "mlperf_tutor",
+        *argv,
+    ]
+    print(f"--mesh {mesh}: {' '.join(command[1:6])} ...", file=sys.stderr)
+    return subprocess.run(command, check=False).returncode
 
 
 def cmd_convert(args) -> int:
@@ -419,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue from the newest checkpoint in --checkpoint-dir (any framework's)",
     )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="train on a device mesh, e.g. fsdp=2,tensor=2 (one axis may be -1: the rest); "
+        "torch starts one process per device with torchrun; on --device cpu, JAX and "
+        "TensorFlow simulate the devices",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -480,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what train --mesh passes on to torchrun
     from mlperf_tutor.core.checkpoint import CheckpointError
 
     try:

@@ -107,7 +107,9 @@ def check(out_dir: Path, name: str) -> dict:
         the_plan = plan(wl, cfg, MeshShape(data=replicas))
         with ptf.building(the_plan):
             model = wl.build("tf", cfg, weights=weights)
-            return adapter.Trainer(model, spec, schedule, seed=SEED, plan=ptf.realise(wl, the_plan))
+            return adapter.Trainer(
+                model, spec, schedule, seed=SEED, plan=ptf.realise(wl, cfg, the_plan)
+            )
 
     single = trainer(1)
     # The first batch's gradient norm: above clip_norm, the replicated step must clip the
@@ -166,7 +168,7 @@ def check(out_dir: Path, name: str) -> dict:
     errors = {}
     for mesh_text in ("fsdp=2", "data=2,tensor=2", f"data={LOGICAL_DEVICES + 1}"):
         try:
-            ptf.realise(wl, plan(wl, cfg, MeshShape.parse(mesh_text)))
+            ptf.realise(wl, cfg, plan(wl, cfg, MeshShape.parse(mesh_text)))
             errors[mesh_text] = None
         except ParallelError as e:
             errors[mesh_text] = str(e)

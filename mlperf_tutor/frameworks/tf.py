@@ -668,7 +668,7 @@ class Trainer:
         precision: "fp32" or "bf16".
         device: what :func:`use_device` returned, or a name it accepts.
         seed: seeds every dropout stream of the model.
-        plan: data parallelism: what ``mlperf_tutor.parallel.tf.realise(wl, plan)`` returned
+        plan: data parallelism: what ``mlperf_tutor.parallel.tf.realise(wl, cfg, plan)`` returned
             (a ``MirroredStrategy`` and the workload's loss weighting). Build the model and
             create the Trainer inside ``mlperf_tutor.parallel.tf.building(plan)``; each step
             then runs on every replica's slice of the global batch and applies the summed

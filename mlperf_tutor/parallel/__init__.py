@@ -9,8 +9,13 @@ with its own engine, in its own module (imported on use):
   for tensor parallelism, DDP for data parallelism, ``torch.distributed.checkpoint``;
 * ``mlperf_tutor.parallel.jax``: ``jax.sharding.Mesh`` and ``NamedSharding`` on the jitted step,
   Orbax with shardings;
-* ``mlperf_tutor.parallel.tf``: ``keras.distribution`` where the backend has it, and
-  ``tf.distribute.MirroredStrategy`` for data parallelism.
+* ``mlperf_tutor.parallel.tf``: data parallelism only, with ``tf.distribute.MirroredStrategy``
+  (Keras 3's ``keras.distribution`` layouts are implemented for JAX only: on the TensorFlow
+  backend variables ignore them, so fsdp and tensor meshes are refused);
+* ``mlperf_tutor.workloads.dlrm.{torch,jax}_sharded``: DLRM's row- and table-wise sharded
+  embedding tables with a sparse Adagrad, from its own embedding plan.
+
+``mlperf_tutor.train.train(..., mesh=)`` and ``mlperf-tutor train --mesh`` train on a mesh.
 """
 
 from mlperf_tutor.parallel.plan import AXES, MESH_AXES, MeshShape, ParallelError, Plan, plan

@@ -32,7 +32,8 @@ path would clip each replica's gradient before its all-reduce).
 
 Each replica's loss is weighted so that the replicas' sum is the global-batch loss, not a mean
 of per-replica means: a language model's loss is a mean over labelled tokens, and slices hold
-different counts. :data:`LOSS_TERMS` says how for each workload family.
+different counts. Each mean the loss sums (the workload's ``loss_terms``: labelled tokens,
+masked positions, examples) is weighted by the replica's share of that mean's count.
 
 Dropout under a strategy: a Keras ``SeedGenerator``'s state is one mirrored variable, so every
 replica draws the same masks for its slice (checked: a ``Dropout`` on two replicas gives two
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 # The adapter first: it sets KERAS_BACKEND (and TF's log level) before Keras is imported.
 from mlperf_tutor.frameworks import tf as _adapter  # noqa: F401
@@ -52,10 +53,9 @@ from mlperf_tutor.frameworks import tf as _adapter  # noqa: F401
 # isort: split
 import numpy as np
 import tensorflow as tf
-from keras import ops
 
-from mlperf_tutor.layers.spec import IGNORE_INDEX
 from mlperf_tutor.parallel.plan import MeshShape, ParallelError, Plan
+from mlperf_tutor.workloads.base import LossTerm
 
 _STRATEGIES: dict[tuple[str, ...], tf.distribute.MirroredStrategy] = {}
 
@@ -120,58 +120,6 @@ def building(plan: Plan) -> Iterator[tf.distribute.MirroredStrategy]:
         yield chosen
 
 
-# --- the global-batch loss as a sum over replicas ---------------------------------------------
-# A loss term is a sum over some items of a batch (labelled tokens, masked positions,
-# examples) divided by a denominator n(batch) (their count, + 1e-5 for BERT's masked LM). With
-# the sum split over replicas, the global term is sum_r mean_r * n(slice_r) / n(global batch).
-# LOSS_TERMS gives, per workload family, a function of the model's outputs (on one replica's
-# slice) returning its terms' local means, and a function of a host batch returning each
-# term's denominator.
-LossMeans = Callable[[Mapping[str, tf.Tensor], Mapping[str, tf.Tensor]], list]
-LossCounts = Callable[[Mapping[str, np.ndarray]], list[float]]
-
-
-def _labelled(shift: int) -> LossCounts:
-    def counts(batch):
-        return [float(np.count_nonzero(batch["labels"][:, shift:] != IGNORE_INDEX))]
-
-    return counts
-
-
-def _single_mean(out, inputs) -> list:
-    return [out["loss"]]
-
-
-# BERT's loss is the masked-LM mean over masked positions, with the reference's + 1e-5 in its
-# denominator, plus the next-sentence mean over examples (workloads/bert/tf_model.py). Its
-# model returns only the sum, so the next-sentence mean is computed again from its logits, as
-# the model does, and the masked-LM mean is the rest. The denominators carry the same + 1e-5:
-# sum_r mlm_r (c_r + 1e-5) / (C + 1e-5) is the global masked-LM mean.
-_BERT_EPS = 1e-5
-
-
-def _bert_means(out, inputs) -> list:
-    nsp = ops.mean(
-        ops.sparse_categorical_crossentropy(
-            inputs["next_sentence_labels"], ops.cast(out["nsp_logits"], "float32"), from_logits=True
-        )
-    )
-    return [out["loss"] - nsp, nsp]
-
-
-def _bert_counts(batch) -> list[float]:
-    masked = float(np.count_nonzero(batch["masked_lm_positions"] != 0))
-    return [masked + _BERT_EPS, float(len(batch["next_sentence_labels"]))]
-
-
-#: Workload family (the workload's ``package``) -> (local means, host denominators).
-LOSS_TERMS: dict[str, tuple[LossMeans, LossCounts]] = {
-    "mlperf_tutor.workloads.bert": (_bert_means, _bert_counts),
-    "mlperf_tutor.workloads.gpt": (_single_mean, _labelled(0)),  # labels are the next tokens
-    "mlperf_tutor.workloads.llama": (_single_mean, _labelled(1)),  # the model shifts by one
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class Replicas:
     """A plan realised for one workload: what the Trainer needs to train data-parallel.
@@ -181,13 +129,12 @@ class Replicas:
     Attributes:
         plan: the plan (its mesh is ``data=N``).
         strategy: the ``MirroredStrategy`` of the mesh (see :func:`strategy`).
-        means, counts: the workload's loss terms and their denominators (see :data:`LOSS_TERMS`).
+        terms: the means the model's loss sums, with their counts (``wl.loss_terms(cfg)``).
     """
 
     plan: Plan
     strategy: tf.distribute.MirroredStrategy
-    means: LossMeans
-    counts: LossCounts
+    terms: tuple[LossTerm, ...]
 
     @property
     def replicas(self) -> int:
@@ -225,6 +172,10 @@ class Replicas:
 
         return self.strategy.experimental_distribute_values_from_function(value)
 
+    def counts(self, batch: Mapping[str, np.ndarray]) -> list[float]:
+        """What each loss term of ``batch`` divides by."""
+        return [term.count(batch) for term in self.terms]
+
     def check(self, model) -> None:
         """Refuse a model whose variables this plan's strategy does not mirror.
 
@@ -260,12 +211,12 @@ class Replicas:
                 built outside :func:`building`).
         """
         self.check(model)
-        chosen, means = self.strategy, self.means
+        chosen, outputs = self.strategy, [term.output for term in self.terms]
 
         def replica_step(inputs, weights):
             with tf.GradientTape() as tape:
                 out = model(inputs, training=True)
-                terms = means(out, inputs)
+                terms = [out[name] for name in outputs]
                 if loss_dtype is not None:
                     terms = [tf.cast(t, loss_dtype) for t in terms]
                 loss = tf.add_n([t * tf.cast(weights[i], t.dtype) for i, t in enumerate(terms)])
@@ -290,22 +241,14 @@ class Replicas:
         return update
 
 
-def realise(wl, plan: Plan) -> Replicas:
-    """The TensorFlow realisation of ``plan`` for workload ``wl`` (data parallelism).
+def realise(wl, cfg, plan: Plan) -> Replicas:
+    """The TensorFlow realisation of ``plan`` for workload ``wl``'s model ``cfg`` (data
+    parallelism), its loss weighted by the workload's ``loss_terms(cfg)``.
 
     Raises:
-        ParallelError: a mesh TensorFlow cannot realise (see :func:`strategy`), or a workload
-            whose loss this module does not know how to split over replicas.
+        ParallelError: a mesh TensorFlow cannot realise (see :func:`strategy`).
     """
-    chosen = strategy(plan.mesh)
-    family = getattr(wl, "package", type(wl).__module__)
-    if family not in LOSS_TERMS:
-        raise ParallelError(
-            f"workload {wl.name!r}: mlperf_tutor.parallel.tf does not know how to weight its "
-            f"loss over replicas; LOSS_TERMS has {sorted(LOSS_TERMS)}"
-        )
-    means, counts = LOSS_TERMS[family]
-    return Replicas(plan, chosen, means, counts)
+    return Replicas(plan, strategy(plan.mesh), wl.loss_terms(cfg))
 
 
-__all__ = ["LOSS_TERMS", "Replicas", "building", "realise", "strategy"]
+__all__ = ["Replicas", "building", "realise", "strategy"]

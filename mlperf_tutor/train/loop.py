@@ -37,10 +37,12 @@ import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from mlperf_tutor import frameworks, workloads
+from mlperf_tutor import frameworks, parallel, workloads
 from mlperf_tutor.core.checkpoint import CheckpointError
 from mlperf_tutor.core.config import Config
 from mlperf_tutor.mlperf.mllog import RunLog, check_benchmark
+from mlperf_tutor.parallel.memory import check_batch
+from mlperf_tutor.parallel.plan import MeshShape, ParallelError
 from mlperf_tutor.train.checkpoints import RunCheckpoints, RunState
 from mlperf_tutor.train.progress import mfu, write_curve
 from mlperf_tutor.workloads.base import Workload
@@ -147,22 +149,97 @@ def _check_options(device: str, precision: str, checkpoint_every, checkpoint_dir
         raise ValueError("resume needs checkpoint_dir (where the checkpoints are)")
 
 
+def _simulate_cpu_devices(framework: str, mesh: MeshShape) -> None:
+    """Give JAX (``--xla_force_host_platform_device_count``) or TensorFlow (logical CPU
+    devices) as many CPU devices as ``mesh`` has, where the framework has not started yet."""
+    if framework == "jax" and "jax" not in sys.modules:
+        flag = f"--xla_force_host_platform_device_count={mesh.devices}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    elif framework == "tf":
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * mesh.devices
+            )
+        except RuntimeError:  # started already: parallel.tf names the devices it sees
+            pass
+
+
+def _device_count(framework: str, device_name: str) -> int:
+    """How many devices of the run's kind the framework sees (torch: its processes)."""
+    if framework == "torch":
+        import torch.distributed as dist
+
+        return dist.get_world_size() if dist.is_initialized() else 1
+    if framework == "jax":
+        import jax
+
+        return len(jax.devices("cpu" if device_name.lower().startswith("cpu") else None))
+    import tensorflow as tf
+
+    kind = "CPU" if device_name.lower().startswith("cpu") else "GPU"
+    return len(tf.config.list_logical_devices(kind))
+
+
+def _first_process(framework: str) -> bool:
+    """Whether this is the process that reports (torch: rank 0; the others train silently)."""
+    if framework != "torch":
+        return True
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _plan(wl, cfg, framework, mesh: str, device_name, batch_size, checkpoint_dir):
+    """The run's :class:`~mlperf_tutor.parallel.Plan`, after starting torch's process group
+    (gloo on a CPU, NCCL on GPUs) from torchrun's environment."""
+    if framework == "torch":
+        import torch
+        import torch.distributed as dist
+
+        if checkpoint_dir is not None:
+            raise ValueError(
+                "a torch run on a mesh does not write run checkpoints yet (its sharded DCP "
+                "checkpoints are ShardedTrainer.save/restore); drop checkpoint_dir"
+            )
+        if not dist.is_initialized():
+            if "RANK" not in os.environ:
+                raise ParallelError(
+                    f"mesh {mesh}: torch trains on a mesh with one process per device; start "
+                    "it with torchrun (mlperf-tutor train --mesh does)"
+                )
+            on_gpu = device_name.startswith("cuda")
+            if on_gpu:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if on_gpu else "gloo")
+    shape = MeshShape.parse(mesh, _device_count(framework, device_name))
+    the_plan = parallel.plan(wl, cfg, shape)
+    check_batch(batch_size, the_plan)
+    return the_plan
+
+
 class _Run:
     """What one run builds on the device: the model in a trainer, and where its batches come
     from."""
 
-    def __init__(self, wl, cfg, framework, adapter, device, precision, seed, fused):
+    def __init__(self, wl, cfg, framework, adapter, device, precision, seed, fused, plan=None):
         self.wl, self.cfg, self.framework = wl, cfg, framework
         self.adapter, self.device, self.precision, self.seed = adapter, device, precision, seed
-        self.fused = fused
+        self.fused, self.plan = fused, plan
 
     def trainer(self, cfg: Config, weights, spec=None, schedule=None):
-        """A trainer of ``cfg``'s model with ``weights`` and the workload's optimizer."""
+        """A trainer of ``cfg``'s model with ``weights`` and the workload's optimizer (on the
+        run's mesh when it has a plan; the start checkpoint's model, another config, never
+        is sharded)."""
+        if spec is None:
+            spec, schedule = self.wl.optimizer(cfg)
+        if self.plan is not None and cfg == self.cfg:
+            return _sharded_trainer(self, weights, spec, schedule)
         model = self.wl.build(
             self.framework, cfg, weights=weights, precision=self.precision, fused=self.fused
         )
-        if spec is None:
-            spec, schedule = self.wl.optimizer(cfg)
         options = {"compile": self.fused} if self.framework == "torch" else {}
         return self.adapter.Trainer(
             model,
@@ -172,6 +249,40 @@ class _Run:
             device=self.device,
             seed=self.seed,
             **options,
+        )
+
+
+def _sharded_trainer(run: _Run, weights, spec, schedule):
+    """The framework's trainer of ``run``'s model on ``run.plan``'s mesh (see
+    :mod:`mlperf_tutor.parallel`): FSDP2/tensor parallel/DDP in torch, named shardings in JAX,
+    a ``MirroredStrategy`` in TensorFlow."""
+    wl, cfg, plan = run.wl, run.cfg, run.plan
+    options = dict(precision=run.precision, seed=run.seed)
+    if run.framework == "torch":
+        from mlperf_tutor.parallel import torch as ptorch
+
+        model = wl.build("torch", cfg, weights=weights)
+        mesh = ptorch.device_mesh(plan.mesh, "cuda" if run.device.startswith("cuda") else "cpu")
+        return ptorch.ShardedTrainer(
+            model, spec, schedule, plan, mesh, terms=wl.loss_terms(cfg), **options
+        )
+    if run.framework == "jax":
+        import jax
+
+        from mlperf_tutor.parallel import jax as pjax
+
+        model = wl.build("jax", cfg, weights=weights, precision=run.precision)
+        devices = jax.devices("cpu") if run.device.lower().startswith("cpu") else None
+        mesh = pjax.device_mesh(plan.mesh, devices)
+        return run.adapter.Trainer(
+            model, spec, schedule, device=run.device, plan=plan, mesh=mesh, **options
+        )
+    from mlperf_tutor.parallel import tf as ptf
+
+    with ptf.building(plan):
+        model = wl.build("tf", cfg, weights=weights, precision=run.precision)
+        return run.adapter.Trainer(
+            model, spec, schedule, plan=ptf.realise(wl, cfg, plan), **options
         )
 
 
@@ -290,6 +401,7 @@ def train(
     keep: int = 2,
     resume: bool = False,
     log_every: int = 10,
+    mesh: str | None = None,
 ) -> TrainResult:
     """Train ``workload`` until its quality target or ``max_steps``.
 
@@ -323,6 +435,13 @@ def train(
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (written by any
             framework; from scratch if there is none).
         log_every: steps between two progress updates (each one waits for the device).
+        mesh: train on a device mesh such as ``"fsdp=2,tensor=2"`` (see
+            :mod:`mlperf_tutor.parallel`; one axis may be -1, the devices left). torch runs
+            one process per device, started by ``torchrun`` (``mlperf-tutor train --mesh``
+            starts it); JAX and TensorFlow use every device of this process. On ``device="cpu"``
+            JAX and TensorFlow simulate the mesh's devices on the CPU where the framework is
+            not started yet. Not with ``checkpoint_dir`` in torch (its sharded checkpoints are
+            the trainer's ``save``/``restore``, not the run's yet).
 
     Returns:
         A :class:`TrainResult`, with the trained model.
@@ -342,10 +461,17 @@ def train(
         check_benchmark(wl, cfg)
         if resume:
             raise ValueError("an MLPerf log records one uninterrupted run; drop mllog or resume")
+    if mesh is not None and device == "cpu":
+        _simulate_cpu_devices(framework, MeshShape.parse(mesh))
     adapter = frameworks.get(framework)  # a missing framework fails before the log is opened
     device_name = adapter.use_device(device)
     accelerated = device != "cpu" and not device_name.lower().startswith("cpu")
-    run = _Run(wl, cfg, framework, adapter, device_name, precision, seed, fused=accelerated)
+    plan = None
+    if mesh is not None:
+        plan = _plan(wl, cfg, framework, mesh, device_name, batch_size, checkpoint_dir)
+        if not _first_process(framework):
+            progress, mllog, curve = False, None, None
+    run = _Run(wl, cfg, framework, adapter, device_name, precision, seed, accelerated, plan)
     # The accelerator's model name (for its peak FLOP/s): torch names its devices "cuda:0".
     card = f"{device_name} {adapter.device_summary()}" if accelerated else device_name
     data = None if data is None else os.fspath(data)
