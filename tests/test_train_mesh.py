@@ -94,24 +94,8 @@ def test_a_mesh_tensorflow_cannot_realise_is_one_error():
 
 
 def test_torch_on_a_mesh_needs_its_processes_and_no_run_checkpoints(tmp_path):
+    run = dict(max_steps=1, batch_size=BATCH, device="cpu", progress=False, mesh="fsdp=2")
     with pytest.raises(ParallelError, match="start it with torchrun"):
-        train.train(
-            WORKLOAD,
-            "torch",
-            max_steps=1,
-            batch_size=BATCH,
-            device="cpu",
-            progress=False,
-            mesh="fsdp=2",
-        )
+        train.train(WORKLOAD, "torch", **run)
     with pytest.raises(ValueError, match="drop checkpoint_dir"):
-        train.train(
-            WORKLOAD,
-            "torch",
-            max_steps=1,
-            batch_size=BATCH,
-            device="cpu",
-            progress=False,
-            mesh="fsdp=2",
-            checkpoint_dir=tmp_path,
-        )
+        train.train(WORKLOAD, "torch", **run, checkpoint_dir=tmp_path)

@@ -42,17 +42,19 @@ from mlperf_tutor.core.batch import check_model_batch
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.frameworks import jax as fj
 from mlperf_tutor.frameworks.jax_optim import make_transformation, schedule_fn
+from mlperf_tutor.parallel.jax import device_mesh
 from mlperf_tutor.parallel.plan import AXES, MeshShape
 from mlperf_tutor.workloads.dlrm.config import DlrmConfig
 from mlperf_tutor.workloads.dlrm.data import bag_offsets
-from mlperf_tutor.workloads.dlrm.sharding import rows_per_device
+from mlperf_tutor.workloads.dlrm.sharding import check_sparse_optimizer, rows_per_device
 
 ROWS = AXES  # the mesh axes a row-wise table is split over: all of them
 BATCH = ("data", "fsdp")  # the mesh axes the batch is split over
 
 
 def make_mesh(shape: MeshShape, devices=None) -> Mesh:
-    """A ``jax.sharding.Mesh`` with the plan's axes (data, fsdp, tensor; tensor fastest).
+    """:func:`mlperf_tutor.parallel.jax.device_mesh` over exactly ``devices`` (default: all of
+    the default backend's): every device holds table rows.
 
     Raises:
         ValueError: the mesh needs another number of devices than there are.
@@ -62,7 +64,7 @@ def make_mesh(shape: MeshShape, devices=None) -> Mesh:
         raise ValueError(
             f"mesh {shape} needs {shape.devices} devices, but there are {len(devices)}"
         )
-    return Mesh(np.array(devices).reshape(shape.data, shape.fsdp, shape.tensor), AXES)
+    return device_mesh(shape, devices)
 
 
 def _gather(mesh: Mesh, tables, ids):
@@ -123,11 +125,7 @@ class ShardedTrainer:
         schedule: ScheduleSpec,
         mesh: Mesh,
     ):
-        if spec.name != "adagrad" or spec.weight_decay or spec.clip_norm is not None:
-            raise ValueError(
-                "the sparse row update is Adagrad without weight decay or clipping (the "
-                f"workload's optimizer); got {spec}"
-            )
+        check_sparse_optimizer(spec)
         self._model = model
         values = self._structure(model, cfg, spec, schedule, mesh)
         replicated = NamedSharding(mesh, P())

@@ -210,6 +210,20 @@ def embedding_plan(
     )
 
 
+def check_sparse_optimizer(spec) -> None:
+    """Refuse an optimizer the sparse row update cannot apply: it is Adagrad without weight
+    decay or clipping (the workload's), which leaves the rows a batch does not read alone.
+
+    Raises:
+        ValueError: any other optimizer ``spec`` (an OptimizerSpec).
+    """
+    if spec.name != "adagrad" or spec.weight_decay or spec.clip_norm is not None:
+        raise ValueError(
+            "the sparse row update is Adagrad without weight decay or clipping (the "
+            f"workload's optimizer); got {spec}"
+        )
+
+
 def dense_bytes(cfg: DlrmConfig, bytes_per_value: int = 12) -> int:
     """Bytes of the MLPs and cross layers on every device (data parallel: each holds all of
     them): float32 weight, gradient and Adagrad accumulator, 12 bytes per value."""

@@ -42,7 +42,7 @@ from mlperf_tutor.core.batch import check_model_batch
 from mlperf_tutor.core.optim import OptimizerSpec, ScheduleSpec
 from mlperf_tutor.frameworks import torch as ft
 from mlperf_tutor.workloads.dlrm.config import DlrmConfig
-from mlperf_tutor.workloads.dlrm.sharding import EmbeddingPlan
+from mlperf_tutor.workloads.dlrm.sharding import EmbeddingPlan, check_sparse_optimizer
 from mlperf_tutor.workloads.dlrm.torch_model import Dlrm
 
 
@@ -97,11 +97,7 @@ class ShardedTrainer:
         mesh: DeviceMesh,
         plan: EmbeddingPlan,
     ):
-        if spec.name != "adagrad" or spec.weight_decay or spec.clip_norm is not None:
-            raise ValueError(
-                "the sparse row update is Adagrad without weight decay or clipping (the "
-                f"workload's optimizer); got {spec}"
-            )
+        check_sparse_optimizer(spec)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         if plan.devices != self.world or mesh.size() != self.world:
             raise ValueError(
