@@ -37,9 +37,11 @@ lint: $(STAMP)
 # A skipped test fails the run (tests/conftest.py lists the skips and the extra each needs);
 # `make test ALLOW_SKIPS=1` lets a machine without every extra pass with skips.
 # Two pytest workers (pytest-xdist): much of a test's time is single-threaded compilation, so
-# the two cores of the CI machine are used together. The 30 slowest tests are listed at the end.
+# the two cores of the CI machine are used together. Each test file runs whole on one worker
+# (--dist loadfile), so its module-scoped fixtures (models built and compiled once per module)
+# are built once, not once per worker. The 30 slowest tests are listed at the end.
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --durations=30 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=30 tests
 
 # Execute every chapter once: the strict book build does it (kept as a name for habit).
 notebooks: book-strict

@@ -147,7 +147,12 @@ def test_every_framework_starts_from_the_same_pretrained_base(short_runs):
 
 def test_tiny_run_reaches_the_target_and_its_log_passes_the_checker(tmp_path, capsys):
     log = tmp_path / "result_0.txt"
+    # --deterministic (LoRA dropout off): with dropout, whether the 256-step schedule crosses
+    # 0.925 depends on the CPU's round-off (crossed after about 180 steps on one machine,
+    # ended at 0.944 on one without AVX2); without it the run crosses with room to spare
+    # (0.893 at step 224 there). The rules checked below do not fix the dropout.
     argv = ["train", "llama2_70b_lora", "--framework", "torch", "--max-steps", "256"]
+    argv += ["--deterministic"]
     assert cli.main([*argv, "--mllog", str(log)]) == 0
     assert "(target 0.925): success" in capsys.readouterr().out
     # mlperf-logging's v4.0 open_common.yaml leaves llama2_70b_lora out of the open division's

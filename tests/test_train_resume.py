@@ -1,8 +1,8 @@
 """Checkpoints and resume of the training path, for every workload in every framework.
 
-The uninterrupted run is a 20-step run that saves at step 10 and at step 20 (saving must not
-change what it trains). A fresh process then resumes from its step-10 checkpoint and trains to
-step 20; its losses and final weights must equal the uninterrupted run's bit for bit, with
+The uninterrupted run is a 6-step run that saves at step 3 and at step 6 (saving must not
+change what it trains). A fresh process then resumes from its step-3 checkpoint and trains to
+step 6; its losses and final weights must equal the uninterrupted run's bit for bit, with
 dropout on and batches read from the workload's real-format sample files (so the data position
 is part of what resumes).
 """
@@ -31,7 +31,8 @@ pytestmark = pytest.mark.requires("torch", "jax", "tf", "data")
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ["bert", "dlrm_dcnv2", "gpt3", "gptj", "llama2_70b_lora", "stable_diffusion", "toy"]
 BATCH = 2
-STEPS = 20
+STEPS = 6
+HALF = STEPS // 2  # where the checkpoint that a run resumes from is saved
 
 
 def config(name: str):
@@ -44,7 +45,7 @@ def config(name: str):
 
 
 def unreachable_target(name: str) -> float | None:
-    """A quality no 20-step run reaches, so that no run stops early at an evaluation."""
+    """A quality no short run reaches, so that no run stops early at an evaluation."""
     wl = workloads.get(name)
     recipe = wl.recipe(config(name))
     if not recipe.evaluated:
@@ -111,12 +112,12 @@ def runs(request, sample_data):
     uninterrupted = {}
     for name in WORKLOADS:
         kwargs = run_kwargs(name, framework, root)
-        result = train.train(**kwargs, checkpoint_every=10, keep=3)
+        result = train.train(**kwargs, checkpoint_every=HALF, keep=3)
         uninterrupted[name] = (result.losses, workloads.get(name).export(framework, result.model))
-        # The resumed run starts from step 10: drop the step-20 checkpoint.
+        # The resumed run starts from the first checkpoint: set the last one aside.
         checkpoints = RunCheckpoints(kwargs["checkpoint_dir"], keep=3)
-        assert checkpoints.steps() == [10, 20], name
-        os.rename(checkpoints.path(20), root / framework / f"{name}.step20")
+        assert checkpoints.steps() == [HALF, STEPS], name
+        os.rename(checkpoints.path(STEPS), root / framework / f"{name}.last")
     script = RESUME_SCRIPT.format(tests=str(ROOT / "tests"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-c", script, framework, str(root)], check=True, env=env)
@@ -133,8 +134,8 @@ def test_resume_in_a_fresh_process_equals_the_uninterrupted_run(runs, name):
     framework, uninterrupted, resumed = runs
     losses, weights = uninterrupted[name]
     meta, resumed_weights = resumed[name]
-    assert meta["start"] == 10 and len(losses) == STEPS
-    assert meta["losses"] == losses[10:], f"{name} {framework}: losses after the resume differ"
+    assert meta["start"] == HALF and len(losses) == STEPS
+    assert meta["losses"] == losses[HALF:], f"{name} {framework}: losses after the resume differ"
     assert set(resumed_weights) == set(weights)
     differing = [k for k in weights if not np.array_equal(weights[k], resumed_weights[k])]
     assert not differing, f"{name} {framework}: weights differ after the resume: {differing[:5]}"
@@ -158,15 +159,15 @@ def test_torch_checkpoint_resumes_in_another_framework(tmp_path, name, target):
     cfg = wl.deterministic(config(name))
     common = dict(preset=cfg, batch_size=BATCH, seed=1, progress=False, device="cpu")
     reference = train.train(
-        name, "torch", max_steps=STEPS, checkpoint_dir=tmp_path, checkpoint_every=10, **common
+        name, "torch", max_steps=STEPS, checkpoint_dir=tmp_path, checkpoint_every=HALF, **common
     )
     for leftover in RunCheckpoints(tmp_path).steps()[1:]:
         os.rename(RunCheckpoints(tmp_path).path(leftover), tmp_path / f"gone{leftover}")
     moved = train.train(
         name, target, max_steps=STEPS, checkpoint_dir=tmp_path, resume=True, **common
     )
-    assert moved.start_step == 10
-    loss_error = np.abs(np.array(moved.losses) - np.array(reference.losses[10:])).max()
+    assert moved.start_step == HALF
+    loss_error = np.abs(np.array(moved.losses) - np.array(reference.losses[HALF:])).max()
     assert loss_error <= OUTPUT_ATOL, f"losses after the move differ by {loss_error}"
     ours, theirs = wl.export(target, moved.model), wl.export("torch", reference.model)
     worst = max(errors(ours[k], theirs[k])[1] for k in theirs)
