@@ -142,8 +142,8 @@ ENTRIES = [
         ),
         # batch 8: BatchNorm over 4 images at the 1 x 1 last stage is too noisy to train.
         # 64 x 64 images, not 32 x 32: the last stages' BatchNorm then averages 2 x 2 x 8
-        # values, not 8; with 8, one step's round-off (a CPU without AVX2) moved the loss
-        # by 1.7e-4 after one step, past what the float64 referee allows.
+        # values, not 8. With 8, a CPU without AVX2 rounded the first step differently
+        # enough to move the loss by 1.7e-4, past what the float64 referee allows.
         functools.partial(images, size=64, classes=CLASSES, batch=8),
         classify,
         # MobileNetV2 paper 4.1 / torchvision's recipe: SGD momentum 0.9, weight decay 4e-5,
