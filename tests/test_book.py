@@ -448,3 +448,27 @@ def test_a_bad_include_names_the_chapter_and_the_option(chapter):
     chapter.write_text(chapter.read_text().replace("Config.double", "Config.triple"))
     with pytest.raises(twins.TwinError, match=r"chapter.md: literalinclude mod.py: :pyobject: "):
         twins.generate([chapter])
+
+
+def _load_read_order():
+    spec = importlib.util.spec_from_file_location("read_order", ROOT / "book/_ext/read_order.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parallel_build_deals_every_chapter_once_into_balanced_chunks():
+    from sphinx.util.parallel import make_chunks
+
+    read_order = _load_read_order()
+    names = sorted(TOC_CHAPTERS | {TOC["root"]})  # the documents Sphinx reads, in its order
+    order = read_order.balanced_order(names, 2)
+    assert sorted(order) == names  # a permutation: nothing dropped, nothing executed twice
+    chunks = make_chunks(order, 2)  # what Sphinx hands each process, as in its own read
+    seconds = [sum(read_order.SECONDS.get(n, 0) for n in chunk) for chunk in chunks]
+    assert len(chunks) == 2 and max(seconds) <= 1.05 * min(seconds), seconds
+    # Sorted by name, as Sphinx reads them, the workload chapters share one chunk.
+    unbalanced = [sum(read_order.SECONDS.get(n, 0) for n in c) for c in make_chunks(names, 2)]
+    assert max(unbalanced) > 1.5 * min(unbalanced)
+    # Every chapter of the table of contents has a measured time (a new one must be added).
+    assert set(read_order.SECONDS) == TOC_CHAPTERS
