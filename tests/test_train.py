@@ -1,6 +1,7 @@
 """The training loop and the `train` command."""
 
 import csv
+import sys
 
 import numpy as np
 import pytest
@@ -48,9 +49,37 @@ def test_curve_holds_the_metric_after_each_evaluation(tmp_path):
     )
 
 
-def test_train_refuses_zero_max_steps():
-    with pytest.raises(ValueError, match="max_steps must be at least 1"):
-        train.train("toy", "torch", max_steps=0, progress=False)
+@pytest.mark.parametrize("max_steps", [0, -3, 1.5, True])
+def test_train_refuses_a_step_count_that_is_not_a_positive_whole_number(max_steps):
+    with pytest.raises(ValueError, match="max_steps must be at least 1 and a whole number"):
+        train.train("toy", "torch", max_steps=max_steps, progress=False)
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 2.5, False])
+def test_train_refuses_a_batch_size_that_is_not_a_positive_whole_number(batch_size):
+    # 0 once fell back silently to the preset's batch size.
+    with pytest.raises(ValueError, match="batch_size must be at least 1 and a whole number"):
+        train.train("toy", "torch", max_steps=2, batch_size=batch_size, progress=False)
+
+
+@pytest.mark.parametrize("target", [float("nan"), float("inf"), "2.5"])
+def test_train_refuses_a_target_that_is_not_a_finite_number(target):
+    # gpt3's target is a log perplexity (lower is better): nan and inf passed its > 0 check.
+    with pytest.raises(ValueError, match="target must be a finite number"):
+        train.train("gpt3", "torch", max_steps=2, target=target, progress=False)
+
+
+def test_an_unknown_framework_is_named_before_anything_starts():
+    with pytest.raises(ValueError, match="unknown framework 'tensorflow'"):
+        train.train("toy", "tensorflow", max_steps=2, device="cpu", mesh="data=2", progress=False)
+
+
+def test_a_mesh_run_in_a_missing_framework_names_the_extra(monkeypatch):
+    # Simulating a mesh's CPU devices imported TensorFlow before the framework was checked, so
+    # where TensorFlow is missing the run ended in a bare ModuleNotFoundError.
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` fails
+    with pytest.raises(frameworks.FrameworkNotInstalled, match="pip install"):
+        train.train("toy", "tf", max_steps=2, device="cpu", mesh="data=2", progress=False)
 
 
 def test_train_returns_the_trained_model():

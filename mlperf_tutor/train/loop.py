@@ -31,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
+import numbers
 import os
 import sys
 import time
@@ -105,8 +107,16 @@ def _setup(
     cfg = wl.config(preset) if isinstance(preset, str) else preset
     if deterministic:
         cfg = wl.deterministic(cfg)
-    batch_size = batch_size or getattr(cfg, "global_batch_size", 8)
-    return wl, cfg, batch_size
+    if batch_size is None:
+        return wl, cfg, getattr(cfg, "global_batch_size", 8)
+    return wl, cfg, _positive_int("batch_size", batch_size)
+
+
+def _positive_int(name: str, value) -> int:
+    # bool is an int to Python; 0 must not fall back to a default.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be at least 1 and a whole number, got {value!r}")
+    return int(value)
 
 
 def _recipe(wl: Workload, cfg: Config, target: float | None) -> Recipe:
@@ -121,6 +131,12 @@ def _recipe(wl: Workload, cfg: Config, target: float | None) -> Recipe:
         return recipe
     if target is None:
         return recipe
+    if (
+        isinstance(target, bool)
+        or not isinstance(target, numbers.Real)
+        or not math.isfinite(target)
+    ):
+        raise ValueError(f"target must be a finite number, got {target!r}")
     first = recipe.targets[0]
     if first.higher_is_better and not 0.0 <= target <= 1.0:
         raise ValueError(
@@ -447,21 +463,22 @@ def train(
         A :class:`TrainResult`, with the trained model.
 
     Raises:
-        ValueError: ``max_steps`` below 1, an unknown device or precision, a target outside
+        ValueError: ``max_steps`` or ``batch_size`` below 1 or not a whole number, an
+            unknown framework, device or precision, a target that is not finite, outside
             [0, 1] or for a workload without evaluation, or ``mllog`` for a workload that is
             not an MLPerf benchmark or with ``resume``.
         CheckpointError: the checkpoint to resume from is corrupt or from a different run.
     """
     wl, cfg, batch_size = _setup(workload, preset, batch_size, deterministic)
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+    max_steps = _positive_int("max_steps", max_steps)
+    frameworks.check_name(framework)
     _check_options(device, precision, checkpoint_every, checkpoint_dir, resume)
     recipe = _recipe(wl, cfg, target)
     if mllog is not None:
         check_benchmark(wl, cfg)
         if resume:
             raise ValueError("an MLPerf log records one uninterrupted run; drop mllog or resume")
-    if mesh is not None and device == "cpu":
+    if mesh is not None and device == "cpu" and frameworks.available(framework):
         _simulate_cpu_devices(framework, MeshShape.parse(mesh))
     adapter = frameworks.get(framework)  # a missing framework fails before the log is opened
     device_name = adapter.use_device(device)
