@@ -106,6 +106,8 @@ def test_writer_refuses_bad_batches_and_leaves_nothing(tmp_path):
     rows = make_rows(4)
     bad = [
         ({**rows, "dense": rows["dense"].astype(np.int32)}, "floats"),
+        ({**rows, "dense": np.where(np.eye(4, 13, 2) > 0, np.nan, rows["dense"])}, r"\[0, 2\]"),
+        ({**rows, "dense": np.full_like(rows["dense"], np.inf)}, "must be finite"),
         ({**rows, "labels": rows["labels"] + 2}, "0s/1s"),
         ({**rows, "sparse": rows["sparse"] + np.int64(2**31)}, "does not fit int32"),
         ({k: v for k, v in rows.items() if k != "labels"}, "no \\['labels'\\]"),

@@ -556,16 +556,25 @@ SD_CFG = SD.config("tiny")  # C = 4, latents 8x8
 
 
 def sd_shard(directory, change=None):
-    """A shard of 4 samples through the package's writer; ``change(moments)`` edits the list of
-    moment arrays first."""
-    from mlperf_tutor.workloads.stable_diffusion.data import write_shard
+    """A shard of 4 samples as webdataset writes them (``<key>.npy`` and ``<key>.txt`` members of
+    a plain tar: the package's writer refuses the non-finite moments planted here);
+    ``change(moments)`` edits the list of moment arrays first."""
+    import io
+    import tarfile
 
     rng = np.random.default_rng(0)
     moments = [rng.standard_normal((8, 8, 8)).astype(np.float32) for _ in range(4)]
     if change is not None:
         change(moments)
     path = directory / "00000.tar"
-    write_shard(path, [(f"{i:09d}", m, f"caption {i}") for i, m in enumerate(moments)])
+    with tarfile.open(path, "w") as tar:
+        for i, m in enumerate(moments):
+            npy = io.BytesIO()
+            np.save(npy, m, allow_pickle=False)
+            for name, data in ((f"{i:09d}.npy", npy.getvalue()), (f"{i:09d}.txt", b"caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     return path
 
 

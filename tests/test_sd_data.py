@@ -197,12 +197,22 @@ def test_latent_size_is_checked_against_the_config(tmp_path):
 
 @pytest.mark.parametrize(
     "key, match",
-    [("", "non-empty"), ("a.b", "without a dot"), ("ok", "repeats"), ("bad", "must be floats")],
+    [
+        ("", "non-empty"),
+        ("a.b", "without a dot"),
+        ("ok", "repeats"),
+        ("bad", "must be floats"),
+        ("nan", "hold 2 NaN or infinite values"),
+    ],
 )
 def test_write_shard_refuses_bad_samples(tmp_path, key, match):
     samples = [("ok", _moments(0), "x"), (key, _moments(1), "y")]
     if key == "bad":
         samples[1] = ("bad", np.zeros((8, 2, 2), np.int64), "y")
+    if key == "nan":  # the reader would refuse the shard as corrupt
+        moments = _moments(1).copy()
+        moments.flat[[0, 5]] = [np.nan, -np.inf]
+        samples[1] = ("nan", moments, "y")
     with pytest.raises(ValueError, match=match):
         write_shard(tmp_path / "w.tar", samples)
     assert not list(tmp_path.iterdir())

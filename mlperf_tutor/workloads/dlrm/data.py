@@ -532,8 +532,8 @@ def write_criteo_multi_hot(
         The written paths (:func:`day_paths`).
 
     Raises:
-        DataError: a missing key, integer dense values, labels other than 0 and 1, indices
-            that do not fit int32, or arrays whose shapes do not fit together.
+        DataError: a missing key, integer or non-finite dense values, labels other than 0 and
+            1, indices that do not fit int32, or arrays whose shapes do not fit together.
     """
     paths = day_paths(directory, day)
     missing = [key for key in ("dense", "sparse", "labels") if key not in batch]
@@ -544,6 +544,12 @@ def write_criteo_multi_hot(
         raise DataError(
             f"cannot write {paths['dense']}: dense is {dense.dtype} {dense.shape}; give (N, 13) "
             "floats, the counts already transformed to log(count + 3)"
+        )
+    if not np.isfinite(dense).all():  # the reader refuses such a file as corrupt
+        row, col = (int(i) for i in np.argwhere(~np.isfinite(dense))[0])
+        raise DataError(
+            f"cannot write {paths['dense']}: dense[{row}, {col}] is {dense[row, col]}; dense "
+            "features must be finite"
         )
     labels = np.asarray(batch["labels"])
     labels = labels[:, None] if labels.ndim == 1 else labels

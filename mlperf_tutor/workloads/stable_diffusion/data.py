@@ -76,7 +76,8 @@ def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, np.ndarray
 
     Raises:
         ValueError: an empty key, a key with a dot in its base name (webdataset cuts the key
-            there), a repeated key, moments that are not a float array, or a non-string caption.
+            there), a repeated key, moments that are not a finite float array, or a non-string
+            caption.
     """
     from mlperf_tutor.core.io import atomic_file
 
@@ -89,6 +90,9 @@ def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, np.ndarray
         moments = np.asarray(moments)
         if not np.issubdtype(moments.dtype, np.floating):
             raise ValueError(f"sample {i} ({key!r}): moments must be floats, not {moments.dtype}")
+        if not np.isfinite(moments).all():  # the reader refuses such a shard as corrupt
+            bad = int(np.sum(~np.isfinite(moments)))
+            raise ValueError(f"sample {i} ({key!r}): moments hold {bad} NaN or infinite values")
         if not isinstance(caption, str):
             raise ValueError(f"sample {i} ({key!r}): the caption must be a str")
         keys.add(key)
