@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import numbers
 import os
 import sys
@@ -41,7 +40,7 @@ from typing import Any, TextIO
 
 from mlperf_tutor import frameworks, parallel, workloads
 from mlperf_tutor.core.checkpoint import CheckpointError
-from mlperf_tutor.core.config import Config
+from mlperf_tutor.core.config import ANY, Config, Invalid, check_float
 from mlperf_tutor.mlperf.mllog import RunLog, check_benchmark
 from mlperf_tutor.parallel.memory import check_batch
 from mlperf_tutor.parallel.plan import MeshShape, ParallelError
@@ -131,12 +130,10 @@ def _recipe(wl: Workload, cfg: Config, target: float | None) -> Recipe:
         return recipe
     if target is None:
         return recipe
-    if (
-        isinstance(target, bool)
-        or not isinstance(target, numbers.Real)
-        or not math.isfinite(target)
-    ):
-        raise ValueError(f"target must be a finite number, got {target!r}")
+    try:
+        check_float(target, ANY)
+    except Invalid:
+        raise ValueError(f"target must be a finite number, got {target!r}") from None
     first = recipe.targets[0]
     if first.higher_is_better and not 0.0 <= target <= 1.0:
         raise ValueError(
