@@ -316,13 +316,27 @@ class BlockSpec:
         """D, the width of the residual stream."""
         return self.attention.dim
 
-    def with_fused(self, fused: bool = True, implementation: str | None = None) -> BlockSpec:
-        """This block with its attentions on (or off) the fused kernel path (GPU benchmarks)."""
+    def with_fused(
+        self,
+        fused: bool = True,
+        implementation: str | None = None,
+        *,
+        kernel_has_dropout: bool = True,
+    ) -> BlockSpec:
+        """This block with its attentions on (or off) the fused kernel path (the training path
+        on accelerators).
+
+        ``kernel_has_dropout``: whether the framework's kernel drops attention probabilities
+        (torch's ``scaled_dot_product_attention`` does; ``jax.nn.dot_product_attention`` and
+        ``keras.ops.dot_product_attention`` do not). Without it, an attention with
+        ``dropout > 0`` stays on the explicit path, which computes the same function, so that a
+        model with attention dropout (BERT's 0.1) trains on a GPU instead of being refused."""
 
         def kernel(spec: AttentionSpec | None) -> AttentionSpec | None:
             if spec is None:
                 return None
-            return dataclasses.replace(spec, fused=fused, fused_implementation=implementation)
+            on = fused and (kernel_has_dropout or not spec.dropout)
+            return dataclasses.replace(spec, fused=on, fused_implementation=implementation)
 
         return dataclasses.replace(
             self, attention=kernel(self.attention), cross_attention=kernel(self.cross_attention)

@@ -100,7 +100,7 @@ class BertPretraining(nnx.Module):
 
     def __init__(self, cfg: BertConfig, *, fused: bool = False, rngs: nnx.Rngs):
         self.embeddings = BertEmbeddings(cfg, rngs=rngs)
-        self.spec = cfg.block_spec().with_fused(fused)
+        self.spec = cfg.block_spec().with_fused(fused, kernel_has_dropout=False)
         self.blocks = nnx.List(
             TransformerBlock(self.spec, rngs=rngs) for _ in range(cfg.num_layers)
         )

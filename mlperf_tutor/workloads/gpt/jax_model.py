@@ -68,7 +68,9 @@ class GptDecoder(nnx.Module):
     ):
         self.tie_embeddings = cfg.tie_embeddings
         self.embeddings = GptEmbeddings(cfg, rngs=rngs)
-        self.spec = cfg.block_spec().with_fused(fused, fused_implementation)
+        self.spec = cfg.block_spec().with_fused(
+            fused, fused_implementation, kernel_has_dropout=False
+        )
         self.blocks = nnx.List(
             TransformerBlock(self.spec, rngs=rngs) for _ in range(cfg.num_layers)
         )

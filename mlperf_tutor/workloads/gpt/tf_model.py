@@ -74,7 +74,7 @@ class GptDecoder(keras.Model):
     def __init__(self, cfg: GptConfig, *, fused: bool = False, dtype: str = "float32", **kwargs):
         super().__init__(dtype=dtype, **kwargs)
         self.cfg, self.fused = cfg, fused
-        self.spec = cfg.block_spec().with_fused(fused)
+        self.spec = cfg.block_spec().with_fused(fused, kernel_has_dropout=False)
         self.embeddings = GptEmbeddings(cfg, name="embeddings", dtype=dtype)
         self.blocks = [
             TransformerBlock(self.spec, name=f"blocks.{i}", dtype=dtype)

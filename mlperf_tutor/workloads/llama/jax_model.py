@@ -48,7 +48,9 @@ class LlamaDecoder(nnx.Module):
         fused_implementation: str | None = None,
         rngs: nnx.Rngs,
     ):
-        self.spec = cfg.block_spec().with_fused(fused, fused_implementation)
+        self.spec = cfg.block_spec().with_fused(
+            fused, fused_implementation, kernel_has_dropout=False
+        )
         self.word_embeddings = nnx.Embed(cfg.vocab_size, cfg.hidden, rngs=rngs)
         self.blocks = nnx.List(
             TransformerBlock(self.spec, rngs=rngs) for _ in range(cfg.num_layers)

@@ -43,7 +43,7 @@ class LlamaDecoder(keras.Model):
     def __init__(self, cfg: LlamaConfig, *, fused: bool = False, dtype: str = "float32", **kwargs):
         super().__init__(dtype=dtype, **kwargs)
         self.cfg, self.fused = cfg, fused
-        self.spec = cfg.block_spec().with_fused(fused)
+        self.spec = cfg.block_spec().with_fused(fused, kernel_has_dropout=False)
         self.word_embeddings = keras.layers.Embedding(
             cfg.vocab_size,
             cfg.hidden,

@@ -160,7 +160,9 @@ class UNet(nnx.Module):
         plan, c0 = unet_plan(cfg), cfg.model_channels
 
         def spec_of(channels: int) -> BlockSpec:
-            return cfg.block_spec(channels).with_fused(fused, fused_implementation)
+            return cfg.block_spec(channels).with_fused(
+                fused, fused_implementation, kernel_has_dropout=False
+            )
 
         self.cfg = cfg  # static: the schedule tables are built from it at trace time
         self.time_embedding = TimestepEmbedding(c0, cfg.time_dim, rngs=rngs)
