@@ -93,8 +93,9 @@ class BertPretraining(nnx.Module):
 
     Args:
         cfg: the BERT config (dropout is used for hidden and attention-probability dropout).
-        fused: fused attention (``jax.nn.dot_product_attention``), for GPU benchmarks; needs
-            ``cfg.dropout == 0``.
+        fused: fused attention (``jax.nn.dot_product_attention``), the training path on
+            accelerators; with ``cfg.dropout > 0`` the attention stays explicit (the kernel has
+            no attention-probability dropout).
         rngs: initialisers' keys and the dropout streams.
     """
 

@@ -51,8 +51,9 @@ class GptDecoder(nnx.Module):
     Args:
         cfg: the GPT config (pre-LN blocks for GPT-3, parallel blocks for GPT-J; tied or
             separate LM head).
-        fused: fused attention (``jax.nn.dot_product_attention``, causal), for GPU benchmarks;
-            needs ``cfg.dropout == 0``.
+        fused: fused attention (``jax.nn.dot_product_attention``, causal), the training path on
+            accelerators; with ``cfg.dropout > 0`` the attention stays explicit (the kernel has
+            no attention-probability dropout).
         fused_implementation: its implementation, "xla" or "cudnn"; None: cuDNN for bf16/fp16
             on GPU, XLA otherwise (see :class:`~mlperf_tutor.layers.jax.attention.Attention`).
         rngs: initialisers' keys and the dropout streams.

@@ -61,7 +61,8 @@ class GptDecoder(keras.Model):
     Args:
         cfg: the GPT config (GPT-3 or GPT-J).
         fused: the attention's fused path (``keras.ops.dot_product_attention``; see
-            ``layers/tf/attention.py``); needs ``cfg.dropout == 0``.
+            ``layers/tf/attention.py``); with ``cfg.dropout > 0`` the attention stays explicit
+            (the kernel has no attention-probability dropout).
         dtype: variable and compute dtype of every layer ("float32"; "float64" and "bfloat16"
             work too).
 
