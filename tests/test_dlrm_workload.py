@@ -8,7 +8,9 @@ import pytest
 from test_mllog import checker, read_log, records_of
 
 from mlperf_tutor import cli, frameworks, train, workloads
+from mlperf_tutor.workloads.dlrm import EVAL_BATCH
 from mlperf_tutor.workloads.dlrm.config import MULTI_HOT_SIZES, TABLE_SIZES
+from mlperf_tutor.workloads.dlrm.data import roc_auc
 
 pytestmark = pytest.mark.requires("torch", "jax", "tf")
 
@@ -107,9 +109,6 @@ def test_evaluation_runs_in_large_batches_whatever_the_training_batch(monkeypatc
     # eager forward). The forward holds no activations for a backward, so evaluation batches
     # are at least EVAL_BATCH samples; eval mode treats samples alone, so the AUC is the one of
     # any batching.
-    from mlperf_tutor.workloads.dlrm import EVAL_BATCH
-    from mlperf_tutor.workloads.dlrm.data import roc_auc
-
     wl = workloads.get("dlrm_dcnv2")
     cfg = wl.config("tiny")
     model = wl.build("torch", cfg)

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from mlperf_tutor import cli, frameworks, train
+from mlperf_tutor import cli, frameworks, train, workloads
 
 pytestmark = pytest.mark.requires("torch", "jax", "tf")
 
@@ -86,8 +86,6 @@ def test_train_returns_the_trained_model():
     result = train.train("toy", "jax", max_steps=3, progress=False, device="cpu")
     assert result.device.lower().startswith("cpu") and result.precision == "fp32"
     # The model is the trained one: a forward on the next batch is no longer the initial one's.
-    from mlperf_tutor import workloads
-
     wl = workloads.get("toy")
     initial = wl.build("jax", wl.config("tiny"))
     trained = wl.export("jax", result.model)
@@ -165,8 +163,6 @@ def test_cli_make_sample_data_then_train_from_it_with_checkpoints(tmp_path, caps
 
 
 def test_a_bad_data_path_fails_before_training(tmp_path, monkeypatch):
-    from mlperf_tutor import workloads
-
     wl = workloads.get("toy")
     trained = []
     monkeypatch.setattr(wl, "build", lambda *a, **k: trained.append(1))
@@ -183,8 +179,6 @@ def test_the_accelerator_build_of_a_model_with_attention_dropout_trains(name, fr
     # was refused with a ValueError, so `train bert --device gpu` failed in JAX at the build.
     # There the attentions with dropout keep the explicit path, so the fused build trains
     # exactly as the explicit one; torch's kernel drops the probabilities itself.
-    from mlperf_tutor import workloads
-
     wl = workloads.get(name)
     short = {"seq_len": 64} if name == "gpt3" else {}  # 2048-token sequences: seconds a step
     cfg = wl.config("tiny", dropout=0.1, **short)
